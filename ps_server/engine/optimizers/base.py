@@ -1,0 +1,138 @@
+"""The optimizer contract: per-entry state as columns, updates over whole batches.
+
+Monolith keeps each entry's optimizer state inside a packed record and updates one
+entry at a time. Here a table keeps, per segment, one array per state slot with a
+row per entry (struct-of-arrays). An optimizer declares its slots, creates their
+initial rows, and updates a batch of *distinct* rows at once.
+
+Dump layout: each optimizer maps to one member of ``SingleOptimizerDump`` (field
+``dump_field``) whose message holds the slots at the declared field numbers, so the
+checkpoint codec can write and read ``OptimizerDump`` bytes without per-entry
+protobuf objects.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+
+from ps_server.engine.types import Floats, Rows
+
+State = dict[str, npt.NDArray[Any]]
+
+
+@dataclass(frozen=True)
+class StateSlot:
+    """One column group of optimizer state, and where it lives in the dump.
+
+    :param name: the slot's name, e.g. ``"norm"``; also the dump message's field name.
+    :param width: elements per entry: the segment's dim, or 1 for a scalar.
+    :param dtype: ``float32`` or ``int64``.
+    :param field: field number inside the optimizer's dump message.
+    :param repeated: True for ``repeated float`` fields (one tag per element, unpacked);
+        False for an optional scalar (``width`` must be 1).
+    """
+
+    name: str
+    width: int
+    dtype: np.dtype[Any]
+    field: int
+    repeated: bool
+
+
+class Optimizer(abc.ABC):
+    """Update rule for one segment of an entry.
+
+    Subclasses set ``dump_field`` (the ``SingleOptimizerDump`` oneof number, or
+    ``None`` when the optimizer contributes no dump, as moving_average) and
+    implement :meth:`slots`, :meth:`init_state` and :meth:`apply`.
+    """
+
+    dump_field: ClassVar[int | None]
+
+    def __init__(self, config: Any, dim: int) -> None:
+        self.config = config
+        self.dim = dim
+
+    @abc.abstractmethod
+    def slots(self) -> tuple[StateSlot, ...]:
+        """The state slots in dump-field order."""
+
+    @abc.abstractmethod
+    def init_state(self, n: int) -> State:
+        """Initial state for ``n`` new entries: ``{slot: array[n, width]}``."""
+
+    @abc.abstractmethod
+    def apply(
+        self, params: Floats, state: State, grads: Floats, lr: float, global_step: int
+    ) -> None:
+        """One optimizer step on distinct entries, in place.
+
+        :param params: ``float32[m, dim]`` values of the segment (gathered rows).
+        :param state: ``{slot: array[m, width]}`` gathered state rows.
+        :param grads: ``float32[m, dim]`` gradients (after the retriever's backward).
+        :param lr: this segment's learning rate.
+        :param global_step: the trainer's global step.
+        """
+
+    def apply_sequential(
+        self,
+        values: Floats,
+        state: State,
+        rows: Rows,
+        grads: Floats,
+        lr: float,
+        global_step: int,
+    ) -> None:
+        """Apply one step per (row, grad) pair, in order, duplicates included.
+
+        ``values`` is the segment's storage view ``[capacity, dim]`` and ``state`` the
+        full state storage; ``rows`` may repeat. Occurrences are applied in waves:
+        wave k holds the k-th occurrence of every row, so rows inside a wave are
+        distinct and each row sees its steps in input order. Optimizers whose
+        repeated steps compose exactly (SGD) override this with a single pass.
+        """
+        if rows.size == 0:
+            return
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        starts = np.flatnonzero(np.r_[True, sorted_rows[1:] != sorted_rows[:-1]])
+        group_len = np.diff(np.r_[starts, sorted_rows.size])
+        rank = np.arange(sorted_rows.size) - np.repeat(starts, group_len)
+        max_rank = int(group_len.max())
+        if max_rank == 1:
+            self._apply_rows(values, state, rows, grads, lr, global_step)
+            return
+        for k in range(max_rank):
+            pick = order[rank == k]
+            self._apply_rows(values, state, rows[pick], grads[pick], lr, global_step)
+
+    def _apply_rows(
+        self,
+        values: Floats,
+        state: State,
+        rows: Rows,
+        grads: Floats,
+        lr: float,
+        global_step: int,
+    ) -> None:
+        params = values[rows]
+        gathered = {name: arr[rows] for name, arr in state.items()}
+        self.apply(params, gathered, grads, lr, global_step)
+        values[rows] = params
+        for name, arr in state.items():
+            arr[rows] = gathered[name]
+
+
+def float_slot(name: str, width: int, field: int) -> StateSlot:
+    """A ``repeated float`` slot of ``width`` elements per entry."""
+    return StateSlot(name, width, np.dtype(np.float32), field, repeated=True)
+
+
+def scalar_slot(name: str, field: int, dtype: Any = np.float32) -> StateSlot:
+    """An optional scalar slot (``float`` or ``int64``), one element per entry."""
+    return StateSlot(name, 1, np.dtype(dtype), field, repeated=False)
