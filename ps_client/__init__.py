@@ -1,0 +1,1 @@
+"""Client side of monolith-ps: routing, fan-out, fused ops and learning-rate functions."""
