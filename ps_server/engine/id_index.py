@@ -7,9 +7,9 @@ tables keep their columns as plain arrays indexed by row. Lookups and inserts pr
 a whole batch at once; the only Python loop is over probe distance, which stays
 short because the load factor is kept at or below one half.
 
-The slot hash is Fibonacci hashing (multiply by 2^64/phi, keep the top bits), which
-spreads structured feature ids (slot bits high, hash bits low) well enough for
-linear probing and costs two vector operations.
+The slot hash is multiply / xor-shift / multiply with splitmix64's constants, keeping
+the top bits: plain Fibonacci hashing clusters arithmetic id sequences badly under
+linear probing, and this costs only two more vector operations.
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ import numpy.typing as npt
 
 from ps_server.engine.types import Ids, Rows
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MUL1 = np.uint64(0x9E3779B97F4A7C15)
+_MUL2 = np.uint64(0xBF58476D1CE4E5B9)
 _MAX_LOAD = 0.5
 _MIN_SLOTS_LOG2 = 4
+_WINDOW = 8
 
 
 class IdIndex:
@@ -55,32 +57,81 @@ class IdIndex:
         return int(self._slots.nbytes + self._ids.nbytes)
 
     def _slot_of(self, ids: Ids) -> npt.NDArray[np.int64]:
-        h = ids.view(np.uint64) * _GOLDEN
+        h = ids.view(np.uint64) * _MUL1
+        h ^= h >> np.uint64(29)
+        h *= _MUL2
         return (h >> np.uint64(64 - self._bits)).astype(np.int64)
 
     def find(self, ids: Ids) -> Rows:
         """Rows of ``ids`` (``-1`` where absent); duplicates allowed."""
+        return self.find_slots(ids)[0]
+
+    def find_slots(self, ids: Ids) -> tuple[Rows, npt.NDArray[np.int64]]:
+        """Rows of ``ids`` (``-1`` where absent) and the slot each was found in (``-1``)."""
         n = ids.shape[0]
-        rows = np.full(n, -1, dtype=np.int64)
         if n == 0 or self._size == 0:
-            return rows
+            return np.full(n, -1, dtype=np.int64), np.full(n, -1, dtype=np.int64)
         mask = (1 << self._bits) - 1
         pos = self._slot_of(ids)
-        active = np.arange(n)
-        keys = ids
+        # First probe for everyone: most ids sit in their home slot. An empty slot
+        # (-1) reads the last id of the column, which the `occupied` test discards.
+        cand = self._slots[pos].astype(np.int64)
+        occupied = cand >= 0
+        hit = occupied & (self._ids[cand] == ids)
+        rows = np.where(hit, cand, -1)
+        where = np.where(hit, pos, -1)
+        active = np.flatnonzero(occupied & ~hit)
+        # The rest probe a window of slots per round, so rounds stay few even
+        # when a probe run is long.
+        step = np.arange(1, _WINDOW + 1, dtype=np.int64)
+        base = pos[active]
         while active.size:
-            cand = self._slots[pos].astype(np.int64)
-            occupied = cand >= 0
-            hit = occupied.copy()
-            hit[occupied] = self._ids[cand[occupied]] == keys[occupied]
-            rows[active[hit]] = cand[hit]
-            more = occupied & ~hit
-            if not more.any():
-                break
-            active = active[more]
-            keys = keys[more]
-            pos = (pos[more] + 1) & mask
-        return rows
+            win = (base[:, None] + step) & mask
+            c = self._slots[win].astype(np.int64)
+            occ = c >= 0
+            match = occ & (self._ids[c] == ids[active][:, None])
+            stop = match | ~occ
+            first = np.argmax(stop, axis=1)
+            lane = np.arange(active.size)
+            done = stop[lane, first]
+            found = done & match[lane, first]
+            idx = active[found]
+            rows[idx] = c[found, first[found]]
+            where[idx] = win[found, first[found]]
+            active = active[~done]
+            base = (base[~done] + _WINDOW) & mask
+        return rows, where
+        mask = (1 << self._bits) - 1
+        pos = self._slot_of(ids)
+        # First probe for everyone: most ids sit in their home slot.
+        cand = self._slots[pos].astype(np.int64)
+        hit = cand >= 0
+        hit[hit] = self._ids[cand[hit]] == ids[hit]
+        rows[hit] = cand[hit]
+        where[hit] = pos[hit]
+        active = np.flatnonzero(~hit & (cand >= 0))
+        # The rest probe a window of slots per round, so rounds stay few even
+        # when a probe run is long.
+        step = np.arange(1, _WINDOW + 1, dtype=np.int64)
+        base = pos[active]
+        while active.size:
+            win = (base[:, None] + step) & mask
+            c = self._slots[win].astype(np.int64)
+            occupied = c >= 0
+            match = np.zeros(c.shape, dtype=bool)
+            match[occupied] = self._ids[c[occupied]] == np.broadcast_to(
+                ids[active][:, None], c.shape
+            )[occupied]
+            stop = match | ~occupied
+            first = np.argmax(stop, axis=1)
+            done = stop[np.arange(active.size), first]
+            found = done & match[np.arange(active.size), first]
+            idx = active[found]
+            rows[idx] = c[found, first[found]]
+            where[idx] = win[found, first[found]]
+            active = active[~done]
+            base = (base[~done] + _WINDOW) & mask
+        return rows, where
 
     def insert_new(self, ids: Ids) -> Rows:
         """Append distinct ids known to be absent; return their new rows."""
