@@ -1,0 +1,62 @@
+"""Adadelta (reference §5.1).
+
+Per element, with ``g' = g + wd * w`` and ``rho = averaging_ratio``::
+
+    accum'       = rho * accum + (1 - rho) * g'^2
+    u            = sqrt(accum_update + eps) / sqrt(accum' + eps) * g'
+    w           -= lr * u
+    accum_update = rho * accum_update + (1 - rho) * u^2
+    accum        = accum'
+
+Both accumulators start at 0. The dump is ``SingleOptimizerDump.adadelta`` (field 6)
+with ``accum`` (field 1) and ``accum_update`` (field 2).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+
+from protos import optimizer_pb2 as opt_pb
+from ps_server.engine.optimizers.base import Optimizer, State, StateSlot, float_slot
+from ps_server.engine.types import Floats
+
+
+class AdadeltaOptimizer(Optimizer):
+    """Adadelta with weight decay folded into the gradient (float32).
+
+    Slots: ``accum`` [dim] (dump field 1), ``accum_update`` [dim] (dump field 2).
+    Dump: ``adadelta`` (field 6). ``warmup_steps`` is ignored.
+    """
+
+    dump_field: ClassVar[int | None] = 6
+
+    def __init__(self, config: opt_pb.AdadeltaOptimizerConfig, dim: int) -> None:
+        super().__init__(config, dim)
+        self.weight_decay = np.float32(config.weight_decay_factor)
+        self.rho = np.float32(config.averaging_ratio)
+        self.epsilon = np.float32(config.epsilon)
+
+    def slots(self) -> tuple[StateSlot, ...]:
+        return (float_slot("accum", self.dim, 1), float_slot("accum_update", self.dim, 2))
+
+    def init_state(self, n: int) -> State:
+        return {
+            "accum": np.zeros((n, self.dim), np.float32),
+            "accum_update": np.zeros((n, self.dim), np.float32),
+        }
+
+    def apply(
+        self, params: Floats, state: State, grads: Floats, lr: float, global_step: int
+    ) -> None:
+        accum, accum_update = state["accum"], state["accum_update"]
+        rho = self.rho
+        one_minus_rho = np.float32(1) - rho
+        g = grads + self.weight_decay * params
+        new_accum = accum * rho + g * g * one_minus_rho
+        with np.errstate(divide="ignore", invalid="ignore"):
+            update = np.sqrt(accum_update + self.epsilon) / np.sqrt(new_accum + self.epsilon) * g
+        params -= update * np.float32(lr)
+        accum_update[...] = accum_update * rho + update * update * one_minus_rho
+        accum[...] = new_accum
