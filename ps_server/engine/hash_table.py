@@ -34,7 +34,7 @@ import numpy.typing as npt
 from protos import embedding_hash_table_pb2 as eht
 from ps_server.engine.entry_layout import EntryLayout, Segment
 from ps_server.engine.id_index import IdIndex
-from ps_server.engine.optimizers.base import State
+from ps_server.engine.optimizers.base import State, occurrence_waves
 from ps_server.engine.types import Floats, Ids, Mask, Rows, as_ids, as_rows_matrix
 from ps_server.errors import (
     BadTensorError,
@@ -252,7 +252,7 @@ class EmbeddingHashTable:
             return
         rows = self._create_missing(ids_, rows)
         if self.layout.serving:
-            for wave in _waves(rows):
+            for wave in occurrence_waves(rows):
                 r = rows[wave]
                 self._values[r] = self._encode_serving(self._values[r] + vals[wave])
         else:
@@ -551,7 +551,7 @@ class EmbeddingHashTable:
             return
         # A transforming retriever's backward reads the current value, so each wave
         # (k-th occurrence of every row) is transformed then applied.
-        for wave in _waves(rows):
+        for wave in occurrence_waves(rows):
             r = rows[wave]
             g = seg.retriever.backward(view[r], grads[wave], step)
             seg.optimizer.apply_sequential(view, state, r, g, lr, step)
@@ -564,18 +564,6 @@ def _grow_state(state: State, n: int) -> State:
         grown[: arr.shape[0]] = arr
         out[name] = grown
     return out
-
-
-def _waves(rows: Rows) -> list[npt.NDArray[np.intp]]:
-    """Positions of the k-th occurrence of every row, for k = 0, 1, ..., in order."""
-    order = np.argsort(rows, kind="stable")
-    sorted_rows = rows[order]
-    starts = np.flatnonzero(np.r_[True, sorted_rows[1:] != sorted_rows[:-1]])
-    lengths = np.diff(np.r_[starts, sorted_rows.size])
-    rank = np.arange(sorted_rows.size) - np.repeat(starts, lengths)
-    if lengths.max() == 1:
-        return [np.arange(rows.size)]
-    return [np.sort(order[rank == k]) for k in range(int(lengths.max()))]
 
 
 def _previous_occurrence(ids: Ids) -> npt.NDArray[np.int64]:

@@ -2,8 +2,7 @@
 
 ``w -= lr * g`` per element. No state; the dump is an empty
 ``SingleOptimizerDump.sgd`` (field 2). Repeated steps on one entry compose
-exactly, so :meth:`SgdOptimizer.apply_sequential` does every occurrence in one
-unbuffered pass instead of waves.
+exactly, so :meth:`SgdOptimizer.apply_sequential` needs no waves.
 """
 
 from __future__ import annotations
@@ -13,7 +12,13 @@ from typing import ClassVar
 import numpy as np
 
 from protos import optimizer_pb2 as opt_pb
-from ps_server.engine.optimizers.base import Optimizer, State, StateSlot
+from ps_server.engine.optimizers.base import (
+    Optimizer,
+    State,
+    StateSlot,
+    first_occurrences,
+    has_duplicates,
+)
 from ps_server.engine.types import Floats, Rows
 
 
@@ -49,8 +54,21 @@ class SgdOptimizer(Optimizer):
         lr: float,
         global_step: int,
     ) -> None:
-        """One step per occurrence, in order: ``np.subtract.at`` is unbuffered, so a
-        repeated row is decremented once per occurrence in float32, like separate steps."""
+        """One step per occurrence, in order.
+
+        Distinct rows take one gather/scatter. With duplicates, each row's first
+        occurrence is applied by gather/scatter and the remaining occurrences by
+        ``np.subtract.at``, which is unbuffered and walks them in input order, so every
+        occurrence is its own float32 step as Monolith makes it.
+        """
         if rows.size == 0:
             return
-        np.subtract.at(values, rows, np.float32(lr) * grads)
+        delta = np.float32(lr) * grads
+        if not has_duplicates(rows):
+            values[rows] -= delta
+            return
+        first = first_occurrences(rows)
+        values[rows[first]] -= delta[first]
+        rest = np.ones(rows.size, dtype=bool)
+        rest[first] = False
+        np.subtract.at(values, rows[rest], delta[rest])
