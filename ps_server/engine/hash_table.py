@@ -34,7 +34,12 @@ import numpy.typing as npt
 from protos import embedding_hash_table_pb2 as eht
 from ps_server.engine.entry_layout import EntryLayout, Segment
 from ps_server.engine.id_index import IdIndex
-from ps_server.engine.optimizers.base import State, occurrence_waves
+from ps_server.engine.optimizers.base import (
+    State,
+    first_occurrences,
+    has_duplicates,
+    occurrence_waves,
+)
 from ps_server.engine.types import Floats, Ids, Mask, Rows, as_ids, as_rows_matrix
 from ps_server.errors import (
     BadTensorError,
@@ -221,18 +226,20 @@ class EmbeddingHashTable:
         self._advance_clock(req)
         rows = self._index.find(ids_)
         admitted = self._gate_each(ids_, rows)
-        ids_, vals, rows = ids_[admitted], vals[admitted], rows[admitted]
+        if not admitted.all():
+            ids_, vals, rows = ids_[admitted], vals[admitted], rows[admitted]
         if self.config.skip_zero_embedding:
             ids_, vals, rows = self._erase_zero_vectors(ids_, vals, rows)
         if ids_.size == 0:
             return
         rows = self._create_missing(ids_, rows)
-        # Keep only the last occurrence of each row.
-        rev = rows[::-1]
-        _, last_in_rev = np.unique(rev, return_index=True)
-        pick = rows.size - 1 - last_in_rev
-        stored = self._encode_serving(vals[pick])
-        self._values[rows[pick]] = stored
+        if has_duplicates(rows):
+            # Keep only the last occurrence of each row.
+            pick = rows.size - 1 - first_occurrences(rows[::-1])
+            rows_w, vals_w = rows[pick], vals[pick]
+        else:
+            rows_w, vals_w = rows, vals
+        self._values[rows_w] = self._encode_serving(vals_w)
         self._timestamps[rows] = np.uint32(req & _UINT32_MASK)
 
     def assign_add(self, ids: Any, values: Any, req_time: int = 0) -> None:
@@ -247,7 +254,8 @@ class EmbeddingHashTable:
         self._advance_clock(req)
         rows = self._index.find(ids_)
         admitted = self._gate_until_admitted(ids_, rows)
-        ids_, vals, rows = ids_[admitted], vals[admitted], rows[admitted]
+        if not admitted.all():
+            ids_, vals, rows = ids_[admitted], vals[admitted], rows[admitted]
         if ids_.size == 0:
             return
         rows = self._create_missing(ids_, rows)
@@ -300,9 +308,10 @@ class EmbeddingHashTable:
             counts = np.ones(ids_.shape[0], dtype=np.uint32)
         rows = self._index.find(ids_)
         admitted = self._gate_each(ids_, rows, counts)
-        ids_, g, rows = ids_[admitted], g[admitted], rows[admitted]
-        if ids_.size == 0:
-            return
+        if not admitted.all():
+            ids_, g, rows = ids_[admitted], g[admitted], rows[admitted]
+            if ids_.size == 0:
+                return
         rows = self._create_missing(ids_, rows)
         for seg, state, lr in zip(self.layout.segments, self._states, lrs, strict=True):
             self._optimize_segment(seg, state, rows, g[:, seg.columns], float(lr), step)

@@ -64,10 +64,16 @@ class IdIndex:
 
     def find(self, ids: Ids) -> Rows:
         """Rows of ``ids`` (``-1`` where absent); duplicates allowed."""
-        return self.find_slots(ids)[0]
+        return self._probe(ids, want_slots=False)[0]
 
     def find_slots(self, ids: Ids) -> tuple[Rows, npt.NDArray[np.int64]]:
         """Rows of ``ids`` (``-1`` where absent) and the slot each was found in (``-1``)."""
+        rows, where = self._probe(ids, want_slots=True)
+        assert where is not None
+        return rows, where
+
+    def _probe(self, ids: Ids, want_slots: bool
+               ) -> tuple[Rows, npt.NDArray[np.int64] | None]:
         n = ids.shape[0]
         if n == 0 or self._size == 0:
             return np.full(n, -1, dtype=np.int64), np.full(n, -1, dtype=np.int64)
@@ -79,7 +85,7 @@ class IdIndex:
         occupied = cand >= 0
         hit = occupied & (self._ids[cand] == ids)
         rows = np.where(hit, cand, -1)
-        where = np.where(hit, pos, -1)
+        where = np.where(hit, pos, -1) if want_slots else None
         active = np.flatnonzero(occupied & ~hit)
         # The rest probe a window of slots per round, so rounds stay few even
         # when a probe run is long.
@@ -97,7 +103,8 @@ class IdIndex:
             found = done & match[lane, first]
             idx = active[found]
             rows[idx] = c[found, first[found]]
-            where[idx] = win[found, first[found]]
+            if where is not None:
+                where[idx] = win[found, first[found]]
             active = active[~done]
             base = (base[~done] + _WINDOW) & mask
         return rows, where
@@ -128,7 +135,8 @@ class IdIndex:
             found = done & match[np.arange(active.size), first]
             idx = active[found]
             rows[idx] = c[found, first[found]]
-            where[idx] = win[found, first[found]]
+            if where is not None:
+                where[idx] = win[found, first[found]]
             active = active[~done]
             base = (base[~done] + _WINDOW) & mask
         return rows, where

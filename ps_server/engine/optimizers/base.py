@@ -149,6 +149,17 @@ def first_occurrences(rows: Rows) -> npt.NDArray[np.intp]:
     return np.minimum.reduceat(order, starts)
 
 
+def repeated_positions(rows: Rows) -> npt.NDArray[np.intp]:
+    """Positions (in input order) of every occurrence of the rows that repeat."""
+    order = np.argsort(rows)
+    s = rows[order]
+    same = s[1:] == s[:-1]
+    in_group = np.zeros(rows.size, dtype=bool)
+    in_group[1:] |= same
+    in_group[:-1] |= same
+    return np.sort(order[in_group])
+
+
 def occurrence_waves(rows: Rows) -> list[npt.NDArray[np.intp]]:
     """Positions grouped by occurrence rank: wave k holds the k-th occurrence of every
     row that has one, in input order. Rows inside a wave are distinct, and each row

@@ -16,8 +16,8 @@ from ps_server.engine.optimizers.base import (
     Optimizer,
     State,
     StateSlot,
-    first_occurrences,
     has_duplicates,
+    repeated_positions,
 )
 from ps_server.engine.types import Floats, Rows
 
@@ -56,10 +56,10 @@ class SgdOptimizer(Optimizer):
     ) -> None:
         """One step per occurrence, in order.
 
-        Distinct rows take one gather/scatter. With duplicates, each row's first
-        occurrence is applied by gather/scatter and the remaining occurrences by
-        ``np.subtract.at``, which is unbuffered and walks them in input order, so every
-        occurrence is its own float32 step as Monolith makes it.
+        All rows take one gather/scatter. Rows that repeat are then put back as they
+        were and stepped through ``np.subtract.at``, which is unbuffered and walks
+        their occurrences in input order, so every occurrence is its own float32
+        step as in Monolith.
         """
         if rows.size == 0:
             return
@@ -67,8 +67,9 @@ class SgdOptimizer(Optimizer):
         if not has_duplicates(rows):
             values[rows] -= delta
             return
-        first = first_occurrences(rows)
-        values[rows[first]] -= delta[first]
-        rest = np.ones(rows.size, dtype=bool)
-        rest[first] = False
-        np.subtract.at(values, rows[rest], delta[rest])
+        repeated = repeated_positions(rows)
+        repeated_rows = np.unique(rows[repeated])
+        before = values[repeated_rows]
+        values[rows] -= delta
+        values[repeated_rows] = before
+        np.subtract.at(values, rows[repeated], delta[repeated])
