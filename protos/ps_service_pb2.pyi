@@ -1,0 +1,377 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RequestTag(_message.Message):
+    __slots__ = ("client_id", "seq")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    seq: int
+    def __init__(self, client_id: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
+
+class Tensor(_message.Message):
+    __slots__ = ("data", "shape")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Empty(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ShardInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TableInfo(_message.Message):
+    __slots__ = ("name", "dim_size", "num_segments", "size", "config", "hash_filter", "extra_restore_names", "saver_parallel", "max_update_ts", "bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DIM_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    HASH_FILTER_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_RESTORE_NAMES_FIELD_NUMBER: _ClassVar[int]
+    SAVER_PARALLEL_FIELD_NUMBER: _ClassVar[int]
+    MAX_UPDATE_TS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dim_size: int
+    num_segments: int
+    size: int
+    config: bytes
+    hash_filter: str
+    extra_restore_names: _containers.RepeatedScalarFieldContainer[str]
+    saver_parallel: int
+    max_update_ts: int
+    bytes: int
+    def __init__(self, name: _Optional[str] = ..., dim_size: _Optional[int] = ..., num_segments: _Optional[int] = ..., size: _Optional[int] = ..., config: _Optional[bytes] = ..., hash_filter: _Optional[str] = ..., extra_restore_names: _Optional[_Iterable[str]] = ..., saver_parallel: _Optional[int] = ..., max_update_ts: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class HashFilterInfo(_message.Message):
+    __slots__ = ("name", "filter_type", "enabled", "split_num", "failure_count", "fill_ratio")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FILTER_TYPE_FIELD_NUMBER: _ClassVar[int]
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_NUM_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    FILL_RATIO_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    filter_type: str
+    enabled: bool
+    split_num: int
+    failure_count: int
+    fill_ratio: float
+    def __init__(self, name: _Optional[str] = ..., filter_type: _Optional[str] = ..., enabled: _Optional[bool] = ..., split_num: _Optional[int] = ..., failure_count: _Optional[int] = ..., fill_ratio: _Optional[float] = ...) -> None: ...
+
+class ShardInfo(_message.Message):
+    __slots__ = ("shard_index", "num_shards", "tables", "hash_filters", "version")
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    HASH_FILTERS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    shard_index: int
+    num_shards: int
+    tables: _containers.RepeatedCompositeFieldContainer[TableInfo]
+    hash_filters: _containers.RepeatedCompositeFieldContainer[HashFilterInfo]
+    version: str
+    def __init__(self, shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., hash_filters: _Optional[_Iterable[_Union[HashFilterInfo, _Mapping]]] = ..., version: _Optional[str] = ...) -> None: ...
+
+class CreateHashFilterRequest(_message.Message):
+    __slots__ = ("name", "enable_hash_filter", "occurrence_threshold_config", "capacity", "split_num", "equal_probability", "filter_type")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ENABLE_HASH_FILTER_FIELD_NUMBER: _ClassVar[int]
+    OCCURRENCE_THRESHOLD_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_NUM_FIELD_NUMBER: _ClassVar[int]
+    EQUAL_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    FILTER_TYPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    enable_hash_filter: bool
+    occurrence_threshold_config: bytes
+    capacity: int
+    split_num: int
+    equal_probability: bool
+    filter_type: str
+    def __init__(self, name: _Optional[str] = ..., enable_hash_filter: _Optional[bool] = ..., occurrence_threshold_config: _Optional[bytes] = ..., capacity: _Optional[int] = ..., split_num: _Optional[int] = ..., equal_probability: _Optional[bool] = ..., filter_type: _Optional[str] = ...) -> None: ...
+
+class CreateTableRequest(_message.Message):
+    __slots__ = ("name", "config", "hash_filter", "extra_restore_names", "saver_parallel", "allow_existing")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    HASH_FILTER_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_RESTORE_NAMES_FIELD_NUMBER: _ClassVar[int]
+    SAVER_PARALLEL_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_EXISTING_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    config: bytes
+    hash_filter: str
+    extra_restore_names: _containers.RepeatedScalarFieldContainer[str]
+    saver_parallel: int
+    allow_existing: bool
+    def __init__(self, name: _Optional[str] = ..., config: _Optional[bytes] = ..., hash_filter: _Optional[str] = ..., extra_restore_names: _Optional[_Iterable[str]] = ..., saver_parallel: _Optional[int] = ..., allow_existing: _Optional[bool] = ...) -> None: ...
+
+class CreateResponse(_message.Message):
+    __slots__ = ("created",)
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    created: bool
+    def __init__(self, created: _Optional[bool] = ...) -> None: ...
+
+class ListTablesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListTablesResponse(_message.Message):
+    __slots__ = ("names",)
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class LookupRequest(_message.Message):
+    __slots__ = ("table", "ids")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    ids: Tensor
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class LookupResponse(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: Tensor
+    def __init__(self, values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class LookupEntryRequest(_message.Message):
+    __slots__ = ("table", "ids")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    ids: Tensor
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class LookupEntryResponse(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, entries: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class AssignRequest(_message.Message):
+    __slots__ = ("table", "ids", "values", "req_time", "tag")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    REQ_TIME_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    ids: Tensor
+    values: Tensor
+    req_time: int
+    tag: RequestTag
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., req_time: _Optional[int] = ..., tag: _Optional[_Union[RequestTag, _Mapping]] = ...) -> None: ...
+
+class ApplyGradientsRequest(_message.Message):
+    __slots__ = ("table", "ids", "grads", "learning_rates", "global_step", "enable_dedup", "req_time", "tag")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    GRADS_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATES_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_STEP_FIELD_NUMBER: _ClassVar[int]
+    ENABLE_DEDUP_FIELD_NUMBER: _ClassVar[int]
+    REQ_TIME_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    ids: Tensor
+    grads: Tensor
+    learning_rates: _containers.RepeatedScalarFieldContainer[float]
+    global_step: int
+    enable_dedup: bool
+    req_time: int
+    tag: RequestTag
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., grads: _Optional[_Union[Tensor, _Mapping]] = ..., learning_rates: _Optional[_Iterable[float]] = ..., global_step: _Optional[int] = ..., enable_dedup: _Optional[bool] = ..., req_time: _Optional[int] = ..., tag: _Optional[_Union[RequestTag, _Mapping]] = ...) -> None: ...
+
+class UpdateResponse(_message.Message):
+    __slots__ = ("replayed",)
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    replayed: bool
+    def __init__(self, replayed: _Optional[bool] = ...) -> None: ...
+
+class FusedBlock(_message.Message):
+    __slots__ = ("table_index", "num_ids")
+    TABLE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    NUM_IDS_FIELD_NUMBER: _ClassVar[int]
+    table_index: int
+    num_ids: int
+    def __init__(self, table_index: _Optional[int] = ..., num_ids: _Optional[int] = ...) -> None: ...
+
+class FusedLookupRequest(_message.Message):
+    __slots__ = ("tables", "blocks", "ids")
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    tables: _containers.RepeatedScalarFieldContainer[str]
+    blocks: _containers.RepeatedCompositeFieldContainer[FusedBlock]
+    ids: Tensor
+    def __init__(self, tables: _Optional[_Iterable[str]] = ..., blocks: _Optional[_Iterable[_Union[FusedBlock, _Mapping]]] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class FusedLookupResponse(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: Tensor
+    def __init__(self, values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class FusedOptimizeRequest(_message.Message):
+    __slots__ = ("tables", "blocks", "ids", "grads", "learning_rates", "global_step", "enable_grad_accumulation", "req_time", "tag")
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    GRADS_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATES_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_STEP_FIELD_NUMBER: _ClassVar[int]
+    ENABLE_GRAD_ACCUMULATION_FIELD_NUMBER: _ClassVar[int]
+    REQ_TIME_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    tables: _containers.RepeatedScalarFieldContainer[str]
+    blocks: _containers.RepeatedCompositeFieldContainer[FusedBlock]
+    ids: Tensor
+    grads: Tensor
+    learning_rates: _containers.RepeatedScalarFieldContainer[float]
+    global_step: int
+    enable_grad_accumulation: bool
+    req_time: int
+    tag: RequestTag
+    def __init__(self, tables: _Optional[_Iterable[str]] = ..., blocks: _Optional[_Iterable[_Union[FusedBlock, _Mapping]]] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., grads: _Optional[_Union[Tensor, _Mapping]] = ..., learning_rates: _Optional[_Iterable[float]] = ..., global_step: _Optional[int] = ..., enable_grad_accumulation: _Optional[bool] = ..., req_time: _Optional[int] = ..., tag: _Optional[_Union[RequestTag, _Mapping]] = ...) -> None: ...
+
+class InterceptGradientRequest(_message.Message):
+    __slots__ = ("hash_filter", "ids", "grads", "tag")
+    HASH_FILTER_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    GRADS_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    hash_filter: str
+    ids: Tensor
+    grads: Tensor
+    tag: RequestTag
+    def __init__(self, hash_filter: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., grads: _Optional[_Union[Tensor, _Mapping]] = ..., tag: _Optional[_Union[RequestTag, _Mapping]] = ...) -> None: ...
+
+class InterceptGradientResponse(_message.Message):
+    __slots__ = ("grads",)
+    GRADS_FIELD_NUMBER: _ClassVar[int]
+    grads: Tensor
+    def __init__(self, grads: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class SizeRequest(_message.Message):
+    __slots__ = ("table",)
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    def __init__(self, table: _Optional[str] = ...) -> None: ...
+
+class SizeResponse(_message.Message):
+    __slots__ = ("size",)
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    size: int
+    def __init__(self, size: _Optional[int] = ...) -> None: ...
+
+class SaveAsTensorRequest(_message.Message):
+    __slots__ = ("table", "shard_idx", "num_shards", "limit", "offset")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    SHARD_IDX_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    shard_idx: int
+    num_shards: int
+    limit: int
+    offset: int
+    def __init__(self, table: _Optional[str] = ..., shard_idx: _Optional[int] = ..., num_shards: _Optional[int] = ..., limit: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class SaveAsTensorResponse(_message.Message):
+    __slots__ = ("offset", "entries")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    entries: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, offset: _Optional[int] = ..., entries: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class SaveRequest(_message.Message):
+    __slots__ = ("table", "basename")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    BASENAME_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    basename: str
+    def __init__(self, table: _Optional[str] = ..., basename: _Optional[str] = ...) -> None: ...
+
+class SaveResponse(_message.Message):
+    __slots__ = ("files", "entries")
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    files: _containers.RepeatedScalarFieldContainer[str]
+    entries: int
+    def __init__(self, files: _Optional[_Iterable[str]] = ..., entries: _Optional[int] = ...) -> None: ...
+
+class RestoreRequest(_message.Message):
+    __slots__ = ("table", "basename", "validate_only")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    BASENAME_FIELD_NUMBER: _ClassVar[int]
+    VALIDATE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    basename: str
+    validate_only: bool
+    def __init__(self, table: _Optional[str] = ..., basename: _Optional[str] = ..., validate_only: _Optional[bool] = ...) -> None: ...
+
+class RestoreResponse(_message.Message):
+    __slots__ = ("entries", "files")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    entries: int
+    files: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, entries: _Optional[int] = ..., files: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class HashFilterFilesRequest(_message.Message):
+    __slots__ = ("hash_filter", "basename", "validate_only")
+    HASH_FILTER_FIELD_NUMBER: _ClassVar[int]
+    BASENAME_FIELD_NUMBER: _ClassVar[int]
+    VALIDATE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    hash_filter: str
+    basename: str
+    validate_only: bool
+    def __init__(self, hash_filter: _Optional[str] = ..., basename: _Optional[str] = ..., validate_only: _Optional[bool] = ...) -> None: ...
+
+class HashFilterFilesResponse(_message.Message):
+    __slots__ = ("files",)
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    files: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, files: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class CheckpointRequest(_message.Message):
+    __slots__ = ("model_dir", "global_step", "max_to_keep", "prefix", "validate_only")
+    MODEL_DIR_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_STEP_FIELD_NUMBER: _ClassVar[int]
+    MAX_TO_KEEP_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    VALIDATE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    model_dir: str
+    global_step: int
+    max_to_keep: int
+    prefix: str
+    validate_only: bool
+    def __init__(self, model_dir: _Optional[str] = ..., global_step: _Optional[int] = ..., max_to_keep: _Optional[int] = ..., prefix: _Optional[str] = ..., validate_only: _Optional[bool] = ...) -> None: ...
+
+class CheckpointResponse(_message.Message):
+    __slots__ = ("prefix", "files", "entries", "tables")
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    prefix: str
+    files: _containers.RepeatedScalarFieldContainer[str]
+    entries: int
+    tables: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, prefix: _Optional[str] = ..., files: _Optional[_Iterable[str]] = ..., entries: _Optional[int] = ..., tables: _Optional[_Iterable[str]] = ...) -> None: ...

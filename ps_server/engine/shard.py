@@ -1,0 +1,318 @@
+"""One shard's state: named embedding tables and named hash filters.
+
+:class:`Shard` is the single facade the gRPC service calls. Every method takes and
+returns numpy arrays, validates everything before changing anything, and raises
+:mod:`ps_server.errors` types. It holds no locks: callers serialize access per
+shard (the service runs engine work on its executor one call at a time per table).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from protos import embedding_hash_table_pb2 as eht
+from ps_server.engine.filters import (
+    DummyHashFilter,
+    HashFilter,
+    ProbabilisticFilter,
+    SlidingHashFilter,
+)
+from ps_server.engine.hash_table import EmbeddingHashTable
+from ps_server.engine.types import Floats, as_ids
+from ps_server.errors import (
+    AlreadyExistsError,
+    ConfigError,
+    DimMismatchError,
+    InvalidArgumentError,
+    UnknownFilterError,
+    UnknownTableError,
+)
+
+FILTER_TYPES = ("sliding_hash_filter", "probabilistic_filter", "no_filter")
+DEFAULT_CAPACITY = 300_000_000
+DEFAULT_SPLIT_NUM = 7
+
+
+@dataclass(frozen=True)
+class FilterOptions:
+    """How a hash filter was created (compared when it is created again).
+
+    :param enable_hash_filter: False gives a dummy filter whatever the type.
+    :param filter_type: one of :data:`FILTER_TYPES`.
+    :param occurrence_threshold_config: serialized ``SlotOccurrenceThresholdConfig``.
+    :param capacity: sliding filter capacity.
+    :param split_num: sliding filter split count.
+    :param equal_probability: probabilistic filter mode.
+    """
+
+    enable_hash_filter: bool = True
+    filter_type: str = "sliding_hash_filter"
+    occurrence_threshold_config: bytes = b""
+    capacity: int = DEFAULT_CAPACITY
+    split_num: int = DEFAULT_SPLIT_NUM
+    equal_probability: bool = False
+
+    def build(self) -> HashFilter:
+        """The filter these options describe."""
+        if self.filter_type not in FILTER_TYPES:
+            raise ConfigError(
+                f"unknown filter_type {self.filter_type!r}; use one of {', '.join(FILTER_TYPES)}"
+            )
+        if not self.enable_hash_filter or self.filter_type == "no_filter":
+            return DummyHashFilter()
+        thresholds = self.occurrence_threshold_config
+        if self.filter_type == "probabilistic_filter":
+            return ProbabilisticFilter(
+                equal_probability=self.equal_probability, thresholds=thresholds
+            )
+        return SlidingHashFilter(
+            capacity=self.capacity, split_num=self.split_num, thresholds=thresholds
+        )
+
+
+@dataclass
+class TableSlot:
+    """A table and how it was declared."""
+
+    table: EmbeddingHashTable
+    config_bytes: bytes
+    hash_filter: str = ""
+    extra_restore_names: tuple[str, ...] = ()
+    saver_parallel: int = -1
+
+
+@dataclass
+class FilterSlot:
+    """A hash filter and its options."""
+
+    hash_filter: HashFilter
+    options: FilterOptions
+
+
+@dataclass
+class Shard:
+    """Tables and filters of shard ``shard_index`` of ``num_shards``."""
+
+    shard_index: int = 0
+    num_shards: int = 1
+    tables: dict[str, TableSlot] = field(default_factory=dict)
+    filters: dict[str, FilterSlot] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
+            raise ConfigError(
+                f"shard_index must be in [0, num_shards): got {self.shard_index} of "
+                f"{self.num_shards}"
+            )
+
+    # ---------------------------------------------------------------- creation
+
+    def create_hash_filter(self, name: str, options: FilterOptions) -> bool:
+        """Create filter ``name``; True if created, False if it exists with equal options.
+
+        :raises AlreadyExistsError: it exists with different options.
+        :raises ConfigError: invalid options.
+        """
+        _check_name(name, "hash filter")
+        existing = self.filters.get(name)
+        if existing is not None:
+            if existing.options != options:
+                raise AlreadyExistsError(
+                    f"hash filter {name!r} exists with different options "
+                    f"({existing.options}); requested {options}"
+                )
+            return False
+        self.filters[name] = FilterSlot(options.build(), options)
+        return True
+
+    def create_table(
+        self,
+        name: str,
+        config: eht.EmbeddingHashTableConfig | bytes,
+        *,
+        hash_filter: str = "",
+        extra_restore_names: Sequence[str] = (),
+        saver_parallel: int = -1,
+        allow_existing: bool = False,
+    ) -> bool:
+        """Create table ``name``; True if created.
+
+        :param allow_existing: an existing table with the same config is not an error
+            (returns False); without it any existing name is ``AlreadyExistsError``.
+        :raises AlreadyExistsError, ConfigError, UnknownFilterError.
+        """
+        _check_name(name, "table")
+        if isinstance(config, bytes | bytearray):
+            try:
+                msg = eht.EmbeddingHashTableConfig.FromString(bytes(config))
+            except Exception as e:
+                raise ConfigError(
+                    f"table {name!r}: config is not a serialized EmbeddingHashTableConfig: {e}"
+                ) from e
+        else:
+            msg = config
+        config_bytes = msg.SerializeToString(deterministic=True)
+        existing = self.tables.get(name)
+        if existing is not None:
+            if allow_existing and existing.config_bytes == config_bytes:
+                return False
+            raise AlreadyExistsError(
+                f"table {name!r} exists already"
+                + (" with a different config" if allow_existing else "")
+            )
+        flt = self.hash_filter(hash_filter).hash_filter if hash_filter else None
+        table = EmbeddingHashTable(msg, hash_filter=flt, name=name)
+        self.tables[name] = TableSlot(
+            table, config_bytes, hash_filter, tuple(extra_restore_names), saver_parallel
+        )
+        return True
+
+    def table(self, name: str) -> EmbeddingHashTable:
+        """The table ``name``; :class:`UnknownTableError` if absent."""
+        return self.table_slot(name).table
+
+    def table_slot(self, name: str) -> TableSlot:
+        """The table ``name`` with its declaration."""
+        slot = self.tables.get(name)
+        if slot is None:
+            known = ", ".join(sorted(self.tables)) or "none"
+            raise UnknownTableError(
+                f"no table named {name!r} on shard {self.shard_index} (tables: {known})"
+            )
+        return slot
+
+    def hash_filter(self, name: str) -> FilterSlot:
+        """The filter ``name``; :class:`UnknownFilterError` if absent."""
+        slot = self.filters.get(name)
+        if slot is None:
+            known = ", ".join(sorted(self.filters)) or "none"
+            raise UnknownFilterError(
+                f"no hash filter named {name!r} on shard {self.shard_index} (filters: {known})"
+            )
+        return slot
+
+    # ---------------------------------------------------------------- fused ops
+
+    def fused_lookup(
+        self, table_names: Sequence[str], blocks: Sequence[tuple[int, int]], ids: Any
+    ) -> Floats:
+        """Look up each block ``(table_index, num_ids)`` of ``ids`` in order.
+
+        :returns: ``float32`` of every block's ``[num_ids, dim_t]`` rows flattened, in
+            block order.
+        """
+        ids_ = as_ids(ids)
+        tables = [self.table(n) for n in table_names]
+        bounds = _block_bounds(blocks, len(tables), ids_.shape[0])
+        parts = [
+            tables[t].lookup(ids_[lo:hi]).reshape(-1) for (t, _), (lo, hi) in zip(
+                blocks, bounds, strict=True)
+        ]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+
+    def fused_optimize(
+        self,
+        table_names: Sequence[str],
+        blocks: Sequence[tuple[int, int]],
+        ids: Any,
+        grads: Any,
+        learning_rates: Any,
+        global_step: int,
+        *,
+        enable_grad_accumulation: bool = False,
+        req_time: int = 0,
+    ) -> None:
+        """Apply gradients block by block; everything is validated before the first block.
+
+        :param grads: ``float32`` of every block's ``[num_ids, dim_t]`` grads flattened.
+        :param learning_rates: concatenation of each table's per-segment rates.
+        """
+        ids_ = as_ids(ids)
+        tables = [self.table(n) for n in table_names]
+        bounds = _block_bounds(blocks, len(tables), ids_.shape[0])
+        flat = np.asarray(grads, dtype=np.float32).reshape(-1)
+        want = sum((hi - lo) * tables[t].dim for (t, _), (lo, hi) in zip(blocks, bounds,
+                                                                           strict=True))
+        if flat.shape[0] != want:
+            raise DimMismatchError(
+                f"fused grads must hold {want} floats (sum of num_ids x dim per block), "
+                f"got {flat.shape[0]}"
+            )
+        lrs = np.asarray(learning_rates, dtype=np.float32).reshape(-1)
+        segs = [t.num_segments for t in tables]
+        if lrs.shape[0] != sum(segs):
+            raise DimMismatchError(
+                f"fused learning rates must hold {sum(segs)} values (one per segment of "
+                f"each table), got {lrs.shape[0]}"
+            )
+        if req_time < 0:
+            raise InvalidArgumentError(f"req_time must be >= 0, got {req_time}")
+        lr_start = np.concatenate([[0], np.cumsum(segs)]).astype(int)
+        pos = 0
+        for (t, _), (lo, hi) in zip(blocks, bounds, strict=True):
+            n = (hi - lo) * tables[t].dim
+            tables[t].apply_gradients(
+                ids_[lo:hi],
+                flat[pos : pos + n].reshape(hi - lo, tables[t].dim),
+                lrs[lr_start[t] : lr_start[t + 1]],
+                global_step,
+                enable_dedup=enable_grad_accumulation,
+                req_time=req_time,
+            )
+            pos += n
+
+    def intercept_gradient(self, filter_name: str, ids: Any, grads: Any) -> Floats:
+        """Count each id in the filter (count 1, in order) and zero the grad rows of
+        ids not admitted yet (Monolith's forward + backward pair, reference §3.6).
+
+        :param grads: ``[len(ids), m]`` (or flat, viewed as such).
+        """
+        flt = self.hash_filter(filter_name).hash_filter
+        ids_ = as_ids(ids)
+        g = np.array(grads, dtype=np.float32)
+        n = ids_.shape[0]
+        if n == 0:
+            return g.reshape(0, 0) if g.size == 0 else _bad_grads(g.shape, n)
+        if g.size % n:
+            _bad_grads(g.shape, n)
+        g = g.reshape(n, g.size // n)
+        filtered = flt.should_be_filtered(ids_, None, with_table=False)
+        g[filtered] = 0
+        return g
+
+
+def _bad_grads(shape: tuple[int, ...], n: int) -> Floats:
+    raise DimMismatchError(
+        f"grads of shape {shape} cannot be viewed as one row per id ({n} ids)"
+    )
+
+
+def _check_name(name: str, what: str) -> None:
+    if not name or not isinstance(name, str):
+        raise InvalidArgumentError(f"{what} name must be a non-empty string, got {name!r}")
+
+
+def _block_bounds(
+    blocks: Sequence[tuple[int, int]], num_tables: int, num_ids: int
+) -> list[tuple[int, int]]:
+    bounds: list[tuple[int, int]] = []
+    pos = 0
+    for i, (t, n) in enumerate(blocks):
+        if not 0 <= t < num_tables:
+            raise InvalidArgumentError(
+                f"fused block {i} names table index {t}, but {num_tables} table(s) were given"
+            )
+        if n < 0:
+            raise InvalidArgumentError(f"fused block {i} has a negative size {n}")
+        bounds.append((pos, pos + n))
+        pos += n
+    if pos != num_ids:
+        raise DimMismatchError(
+            f"fused block sizes add up to {pos} ids but {num_ids} ids were given"
+        )
+    return bounds
+
