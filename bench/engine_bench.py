@@ -1,0 +1,169 @@
+"""Engine benchmark: one shard's table against plain numpy on the same rows.
+
+Reproduces Monolith's ``hash_table_ops_benchmark`` workloads (reference §11) and
+adds the headline measurements. Every rate is printed beside a baseline run in
+the same process on the same machine, as a ratio:
+
+* lookup of 65,536 random ids from an N x 32 table vs ``values[idx]`` on a plain
+  float32 array of the same shape (the physical limit of a gather);
+* SGD / Adagrad apply_gradients on that batch vs ``values[idx] -= lr * g``
+  (gather + scatter);
+* first-time insert of 1M new ids (ids/s, beside the lookup rate);
+* resident bytes per entry (RSS growth while filling the table / N).
+
+Usage: ``python bench/engine_bench.py [--quick] [--entries N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from collections.abc import Callable
+
+import numpy as np
+import psutil
+
+from ps_server.engine import configs
+from ps_server.engine.hash_table import EmbeddingHashTable
+
+BATCH = 65_536
+DIM = 32
+
+
+def best_of(fn: Callable[[], object], repeats: int) -> float:
+    """Smallest wall time of ``repeats`` calls (seconds)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def rss() -> int:
+    gc.collect()
+    return int(psutil.Process().memory_info().rss)
+
+
+def monolith_lookup(repeats: int) -> None:
+    """§11 test_lookup: 10,000 ids, the last 5 left at zero, verified."""
+    ids = np.arange(10_000, dtype=np.int64)
+    table = EmbeddingHashTable(configs.table_config(DIM, optimizer=configs.sgd(1.0)))
+    ones = np.ones((10_000, DIM), dtype=np.float32)
+    zeros = np.zeros((10_000, DIM), dtype=np.float32)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        table.assign_add(ids[:-5], ones[:-5])
+        table.assign_add(ids[-5:], zeros[:5])
+        out = table.lookup(ids)
+    per_run = (time.perf_counter() - t0) / repeats
+    assert (out[:-5] == repeats).all() and (out[-5:] == 0).all()
+    print(f"monolith test_lookup        10,000 ids x{repeats}: {per_run * 1e3:7.2f} ms/run "
+          f"(2 assign_add + lookup), verified rows = {repeats}.0 / 0.0")
+
+
+def monolith_optimize(dedup: bool) -> None:
+    """§11 test_basic_optimize: 1M ids (i // 4), Adagrad, lookup, grads -1, apply."""
+    ids = np.arange(1_000_000, dtype=np.int64) // 4
+    table = EmbeddingHashTable(configs.table_config(DIM, optimizer=configs.adagrad(0.1)))
+    table.assign_add(ids[:-5], np.ones((999_995, DIM), dtype=np.float32))
+    table.assign_add(ids[-5:], np.zeros((5, DIM), dtype=np.float32))
+    t0 = time.perf_counter()
+    emb = table.lookup(ids)
+    table.apply_gradients(ids, -np.ones_like(emb), [0.001], 0, enable_dedup=dedup)
+    after = table.lookup(ids)
+    dt = time.perf_counter() - t0
+    assert emb[0, 0] == 4.0 and emb[-5, 0] == 3.0 and emb[-1, 0] == 0.0
+    assert (after[:, 0] > emb[:, 0]).all()
+    label = "with dedup" if dedup else "no dedup  "
+    print(f"monolith test_basic_optimize {label} 1M ids: {dt:6.2f} s "
+          f"({1e6 / dt:,.0f} ids/s for lookup + apply + lookup)")
+
+
+def headline(entries: int, repeats: int) -> dict[str, float]:
+    rng = np.random.default_rng(0)
+    all_ids = rng.permutation(np.arange(entries, dtype=np.int64) * 2654435761 + 17)
+
+    before = rss()
+    table = EmbeddingHashTable(configs.table_config(DIM, optimizer=configs.sgd()))
+    chunk = 1 << 20
+    for s in range(0, entries, chunk):
+        part = all_ids[s : s + chunk]
+        table.assign(part, np.ones((part.size, DIM), dtype=np.float32))
+    sgd_bytes = (rss() - before) / entries
+
+    plain = np.ones((entries, DIM), dtype=np.float32)
+    pick = rng.integers(0, entries, BATCH)
+    batch_ids = all_ids[pick]
+    grads = rng.normal(size=(BATCH, DIM)).astype(np.float32)
+    lr = np.float32(0.01)
+
+    def np_gather() -> None:
+        plain[pick]
+
+    def np_update() -> None:
+        plain[pick] -= lr * grads
+
+    t_gather = best_of(np_gather, repeats)
+    t_lookup = best_of(lambda: table.lookup(batch_ids), repeats)
+    t_scatter = best_of(np_update, repeats)
+    t_sgd = best_of(lambda: table.apply_gradients(batch_ids, grads, [0.01]), repeats)
+    del plain
+
+    before = rss()
+    ada = EmbeddingHashTable(configs.table_config(DIM, optimizer=configs.adagrad()))
+    ada_n = min(entries, 1 << 21)
+    for s in range(0, ada_n, chunk):
+        part = all_ids[s : min(s + chunk, ada_n)]
+        ada.assign(part, np.ones((part.size, DIM), dtype=np.float32))
+    ada_bytes = (rss() - before) / ada_n
+    ada_ids = all_ids[rng.integers(0, ada_n, BATCH)]
+    t_ada = best_of(lambda: ada.apply_gradients(ada_ids, grads, [0.01]), repeats)
+    del ada
+
+    new_ids = np.arange(1_000_000, dtype=np.int64) * 3 + (1 << 40)
+    fresh = EmbeddingHashTable(configs.table_config(DIM, optimizer=configs.sgd()))
+    t0 = time.perf_counter()
+    fresh.apply_gradients(new_ids, np.ones((new_ids.size, DIM), dtype=np.float32), [0.01])
+    t_insert = time.perf_counter() - t0
+
+    rate = BATCH / t_lookup
+    print(f"\nheadline: {entries:,} x {DIM} table, batches of {BATCH:,} random ids")
+    print(f"  lookup        {rate:14,.0f} ids/s   numpy gather {BATCH / t_gather:14,.0f} ids/s"
+          f"   ratio {t_gather / t_lookup:.2f}x  (target >= 0.5x)")
+    print(f"  SGD apply     {BATCH / t_sgd:14,.0f} ids/s   numpy g+s    {BATCH / t_scatter:14,.0f}"
+          f" ids/s   ratio {t_scatter / t_sgd:.2f}x  (target >= 0.6x)")
+    print(f"  Adagrad apply {BATCH / t_ada:14,.0f} ids/s   numpy g+s    {BATCH / t_scatter:14,.0f}"
+          f" ids/s   ratio {t_scatter / t_ada:.2f}x")
+    print(f"  first insert  {1e6 / t_insert:14,.0f} ids/s   (1M new ids via apply_gradients;"
+          f" lookup rate {rate:,.0f} ids/s)")
+    print(f"  memory        SGD {sgd_bytes:6.1f} B/entry (target <= 160), "
+          f"Adagrad {ada_bytes:6.1f} B/entry")
+    return {
+        "lookup_ratio": t_gather / t_lookup,
+        "sgd_ratio": t_scatter / t_sgd,
+        "adagrad_ratio": t_scatter / t_ada,
+        "sgd_bytes": sgd_bytes,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, under 30 s")
+    parser.add_argument("--entries", type=int, default=None, help="table size for the headline")
+    args = parser.parse_args()
+    entries = args.entries or (1_000_000 if args.quick else 4_000_000)
+    repeats = 5 if args.quick else 20
+    monolith_lookup(10 if args.quick else 100)
+    monolith_optimize(dedup=False)
+    monolith_optimize(dedup=True)
+    r = headline(entries, repeats)
+    print(
+        f"\nsummary: lookup {r['lookup_ratio']:.2f}x gather, SGD {r['sgd_ratio']:.2f}x "
+        f"gather+scatter, Adagrad {r['adagrad_ratio']:.2f}x, {r['sgd_bytes']:.0f} B/SGD entry"
+    )
+
+
+if __name__ == "__main__":
+    main()
