@@ -1,0 +1,678 @@
+"""``EntryDump`` wire codec over columns, without a protobuf object per entry.
+
+A table keeps its entries as columns: ``values`` ``float32[n, dim]`` (all segments
+concatenated), one :data:`State` per segment and ``int64[n]`` timestamps. Saving and
+``lookup_entry`` need the very bytes Monolith writes for each entry::
+
+    EntryDump {
+      id                 1  sfixed64   (saves only)        09 <8 bytes LE>
+      num                2  rep float  (unpacked)          15 <4 bytes LE> per value
+      opt                3  OptimizerDump                  1a <len> ...   (always, maybe 1a 00)
+      last_update_ts_sec 4  int64                          20 <varint>    (always, even 0)
+    }
+    OptimizerDump { dump 1 rep SingleOptimizerDump }       0a <len> ...   per dumping segment
+    SingleOptimizerDump { <dump_field> <message> }         <tag> <len> <slots in field order>
+
+Inside a segment's dump message a float slot is one ``(field << 3) | 5`` tag and four
+bytes per element (repeated slots unpacked, scalars always present) and an int64
+scalar is a ``(field << 3) | 0`` tag and a varint (always present, negatives take ten
+bytes). Serialization is by field number, which is also the order written here.
+
+Only varints change a record's length (timestamps, int64 scalars and the length
+prefixes above them). Records are therefore grouped by the byte length of every
+varint they contain (their *layout*); all records of a layout share the position of
+every byte, so each group is written or read as a ``uint8[m, record_len]`` matrix with
+column slices — a view of the flat buffer when the group's records are consecutive,
+which is the usual case of uniform timestamps.
+
+Decoding first walks every record's framing in lockstep (tags and varints, all
+records at once), then reads the fixed-width parts per layout group and checks their
+tags. Records written any other way (packed floats, other field order, missing or
+unknown fields, fewer values than ``dim``) are parsed one by one with protobuf.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from google.protobuf.message import DecodeError
+
+from protos import embedding_hash_table_pb2 as eht
+from ps_server.engine.optimizers.base import Optimizer, State, StateSlot
+from ps_server.engine.types import Floats, Ids
+from ps_server.errors import (
+    CheckpointCorruptError,
+    ConfigError,
+    ConfigMismatchError,
+    DimMismatchError,
+)
+
+Buffer = npt.NDArray[np.uint8]
+Offsets = npt.NDArray[np.int64]
+
+_WIRE_VARINT = 0
+_WIRE_FIXED64 = 1
+_WIRE_LEN = 2
+_WIRE_FIXED32 = 5
+
+# Target bytes per group chunk: bounds temporaries while keeping numpy calls large.
+_CHUNK_BYTES = 1 << 24
+
+
+def _varint(value: int) -> bytes:
+    """Base-128 varint of a non-negative Python int."""
+    out = bytearray()
+    while True:
+        low = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def _tag(field: int, wire_type: int) -> bytes:
+    return _varint((field << 3) | wire_type)
+
+
+_ID_TAG = _tag(1, _WIRE_FIXED64)
+_NUM_TAG = _tag(2, _WIRE_FIXED32)
+_OPT_TAG = _tag(3, _WIRE_LEN)
+_TS_TAG = _tag(4, _WIRE_VARINT)
+_DUMP_TAG = _tag(1, _WIRE_LEN)
+
+
+def _varint_len(values: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
+    """Bytes of the varint of each ``uint64`` value (1..10)."""
+    length = np.ones(values.shape, np.int64)
+    for k in range(1, 10):
+        length += values >= np.uint64(1 << (7 * k))
+    return length
+
+
+def _as_u64(values: npt.NDArray[Any]) -> npt.NDArray[np.uint64]:
+    """int64 → its two's-complement uint64 (how protobuf puts a negative int64 on the wire)."""
+    return np.ascontiguousarray(values, dtype=np.int64).view(np.uint64)
+
+
+@dataclass(frozen=True)
+class _SlotCodec:
+    slot: StateSlot
+    tag: bytes
+    is_float: bool
+
+
+@dataclass(frozen=True)
+class _SegmentCodec:
+    """Wire facts of one segment, checked against the proto schema once."""
+
+    index: int
+    optimizer: Optimizer
+    dump_name: str | None  # the SingleOptimizerDump member, None: no dump
+    dump_tag: bytes
+    slots: tuple[_SlotCodec, ...]
+    fixed_inner_len: int  # bytes of the dump message that no varint affects
+
+
+def _segment_codec(index: int, optimizer: Optimizer) -> _SegmentCodec:
+    field = optimizer.dump_field
+    if field is None:
+        return _SegmentCodec(index, optimizer, None, b"", (), 0)
+    holder = eht.SingleOptimizerDump.DESCRIPTOR.fields_by_number.get(field)
+    if holder is None or holder.message_type is None:
+        raise ConfigError(
+            f"segment {index}: {type(optimizer).__name__}.dump_field {field} is not a "
+            "SingleOptimizerDump member"
+        )
+    fields = holder.message_type.fields_by_number
+    slots = []
+    fixed = 0
+    for slot in optimizer.slots():
+        fd = fields.get(slot.field)
+        where = f"segment {index}: slot {slot.name!r} (field {slot.field} of {holder.name})"
+        if fd is None or fd.name != slot.name:
+            found = "nothing" if fd is None else repr(fd.name)
+            raise ConfigError(f"{where} does not match the dump schema, which has {found} there")
+        repeated = bool(fd.is_repeated)
+        is_float = slot.dtype == np.float32
+        if is_float:
+            if fd.type != fd.TYPE_FLOAT or repeated != slot.repeated:
+                raise ConfigError(f"{where}: the schema field is not a matching float field")
+            if not slot.repeated and slot.width != 1:
+                raise ConfigError(f"{where}: a scalar slot must have width 1")
+            tag = _tag(slot.field, _WIRE_FIXED32)
+            fixed += slot.width * (len(tag) + 4)
+        elif slot.dtype == np.int64:
+            if fd.type != fd.TYPE_INT64 or repeated or slot.repeated or slot.width != 1:
+                raise ConfigError(f"{where}: only scalar int64 fields are supported")
+            tag = _tag(slot.field, _WIRE_VARINT)
+            fixed += len(tag)
+        else:
+            raise ConfigError(f"{where}: unsupported dtype {slot.dtype}")
+        slots.append(_SlotCodec(slot, tag, is_float))
+    return _SegmentCodec(index, optimizer, holder.name, _tag(field, _WIRE_LEN), tuple(slots), fixed)
+
+
+def _check_dims(optimizers: Sequence[Optimizer], dim: int) -> None:
+    total = sum(opt.dim for opt in optimizers)
+    if total != dim:
+        raise DimMismatchError(
+            f"segment dims {[opt.dim for opt in optimizers]} add up to {total}, values have "
+            f"dim {dim}"
+        )
+
+
+def _spans(offsets: Offsets, row_bytes: int) -> Iterator[tuple[int, int]]:
+    """Consecutive record ranges ``[a, b)`` of bounded size, for bounded temporaries.
+
+    A range holds at most ``_CHUNK_BYTES // row_bytes`` records and, unless it is a
+    single record, at most ``_CHUNK_BYTES`` bytes.
+    """
+    n = offsets.size - 1
+    most = max(1, _CHUNK_BYTES // max(row_bytes, 1))
+    a = 0
+    while a < n:
+        fit = int(np.searchsorted(offsets, offsets[a] + _CHUNK_BYTES, side="right")) - 1
+        b = max(a + 1, min(n, a + most, fit))
+        yield a, b
+        a = b
+
+
+def _groups(signature: npt.NDArray[np.uint8]) -> list[npt.NDArray[np.int64]]:
+    """Row indices per distinct row of ``signature`` ``[m, k]`` (one group if uniform)."""
+    m, k = signature.shape
+    if bool((signature == signature[0]).all()):
+        return [np.arange(m, dtype=np.int64)]
+    code = np.zeros(m, np.uint64)
+    for column in signature.T:  # exact up to 8 columns; wider ones are verified below
+        code = code * np.uint64(256) + column
+    _, inverse = np.unique(code, return_inverse=True)
+    groups = [np.flatnonzero(inverse == g) for g in range(int(inverse.max()) + 1)]
+    if k > 8 and not all(bool((signature[g] == signature[g[0]]).all()) for g in groups):
+        _, inverse = np.unique(signature, axis=0, return_inverse=True)
+        inverse = inverse.ravel()
+        groups = [np.flatnonzero(inverse == g) for g in range(int(inverse.max()) + 1)]
+    return groups
+
+
+def _row_mask(lens: npt.NDArray[np.int64], width: int) -> npt.NDArray[np.bool_]:
+    """``[m, width]`` True where a byte of a record padded to ``width`` is real."""
+    return np.arange(width) < lens[:, None]
+
+
+def _tagged_floats(rec: Buffer, pos: int, width: int, tag: bytes) -> npt.NDArray[np.uint8]:
+    """``rec[:, pos:...]`` as ``[m, width, len(tag) + 4]`` (a view)."""
+    step = len(tag) + 4
+    return rec[:, pos : pos + width * step].reshape(rec.shape[0], width, step, copy=False)
+
+
+def _put_floats(rec: Buffer, pos: int, tag: bytes, floats: npt.NDArray[Any]) -> int:
+    width = floats.shape[1]
+    region = _tagged_floats(rec, pos, width, tag)
+    region[:, :, : len(tag)] = np.frombuffer(tag, np.uint8)
+    raw = np.ascontiguousarray(floats, dtype="<f4").view(np.uint8)
+    region[:, :, len(tag) :] = raw.reshape(rec.shape[0], width, 4)
+    return pos + width * (len(tag) + 4)
+
+
+def _put_const(rec: Buffer, pos: int, const: bytes) -> int:
+    rec[:, pos : pos + len(const)] = np.frombuffer(const, np.uint8)
+    return pos + len(const)
+
+
+def _put_varint(rec: Buffer, pos: int, values: npt.NDArray[np.uint64], length: int) -> int:
+    for k in range(length):
+        byte = (values >> np.uint64(7 * k)) & np.uint64(0x7F)
+        if k < length - 1:
+            byte |= np.uint64(0x80)
+        rec[:, pos + k] = byte
+    return pos + length
+
+
+def encode_entry_dumps(
+    values: Floats,
+    segments: Sequence[tuple[Optimizer, State]],
+    timestamps: npt.NDArray[np.int64],
+    ids: Ids | None,
+) -> tuple[Buffer, Offsets]:
+    """Serialize ``n`` entries as ``EntryDump`` records, all in one buffer.
+
+    Record ``i`` is ``buffer[offsets[i]:offsets[i + 1]]`` and equals, byte for byte,
+    ``EntryDump.SerializeToString()`` of the message Monolith writes for the entry:
+    ``id`` (only when ``ids`` is given), every value in ``num``, ``opt`` with one
+    ``SingleOptimizerDump`` per segment whose optimizer has a ``dump_field`` (in
+    segment order, present even when empty) and ``last_update_ts_sec``.
+
+    :param values: ``float32[n, dim]``, all segments concatenated.
+    :param segments: per segment in order, its optimizer and its state rows
+        ``{slot name: array[n, width]}``.
+    :param timestamps: ``int64[n]`` last update times (seconds).
+    :param ids: ``int64[n]`` ids, or None to leave ``id`` out (``lookup_entry``).
+    :returns: ``(buffer uint8[total], offsets int64[n + 1])``.
+    :raises DimMismatchError: shapes disagree with each other or with the segments.
+    :raises ConfigError: an optimizer's slots do not match the dump schema.
+    """
+    values = np.asarray(values)
+    if values.ndim != 2:
+        raise DimMismatchError(f"values must be [n, dim], got shape {values.shape}")
+    n, dim = values.shape
+    _check_dims([opt for opt, _ in segments], dim)
+    ts = np.asarray(timestamps)
+    if ts.shape != (n,):
+        raise DimMismatchError(f"timestamps must have shape ({n},), got {ts.shape}")
+    if ids is not None:
+        ids = np.asarray(ids)
+        if ids.shape != (n,):
+            raise DimMismatchError(f"ids must have shape ({n},), got {ids.shape}")
+        ids = np.ascontiguousarray(ids, dtype="<i8")
+    codecs = [_segment_codec(k, opt) for k, (opt, _) in enumerate(segments)]
+    states = [state for _, state in segments]
+    for codec, state in zip(codecs, states, strict=True):
+        for sc in codec.slots:
+            arr = state.get(sc.slot.name)
+            if arr is None or arr.shape != (n, sc.slot.width):
+                got = None if arr is None else arr.shape
+                raise DimMismatchError(
+                    f"segment {codec.index} slot {sc.slot.name!r} must have shape "
+                    f"({n}, {sc.slot.width}), got {got}"
+                )
+
+    # Varints in record order: opt's length; per dumping segment its dump's length,
+    # its message's length and its int64 scalars; the timestamp. Lengths nest, so
+    # they are computed from the inside out.
+    opt_len = np.zeros(n, np.int64)
+    per_segment: list[list[npt.NDArray[np.uint64]]] = []
+    for codec, state in zip(codecs, states, strict=True):
+        if codec.dump_name is None:
+            continue
+        scalars = [_as_u64(state[sc.slot.name].reshape(n)) for sc in codec.slots if not sc.is_float]
+        inner_len = np.full(n, codec.fixed_inner_len, np.int64)
+        for raw in scalars:
+            inner_len += _varint_len(raw)
+        single_len = len(codec.dump_tag) + _varint_len(inner_len.view(np.uint64)) + inner_len
+        opt_len += len(_DUMP_TAG) + _varint_len(single_len.view(np.uint64)) + single_len
+        per_segment.append([single_len.view(np.uint64), inner_len.view(np.uint64), *scalars])
+    varints = [opt_len.view(np.uint64), *itertools.chain(*per_segment), _as_u64(ts)]
+    lengths = [_varint_len(v) for v in varints]
+
+    record_len = (
+        (len(_ID_TAG) + 8 if ids is not None else 0)
+        + dim * (len(_NUM_TAG) + 4)
+        + len(_OPT_TAG)
+        + lengths[0]
+        + opt_len
+        + len(_TS_TAG)
+        + lengths[-1]
+    )
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(record_len, out=offsets[1:])
+    buffer = np.empty(int(offsets[-1]), np.uint8)
+    if n == 0:
+        return buffer, offsets
+    signature = np.stack(lengths, axis=1).astype(np.uint8)
+
+    def write(rec: Buffer, sel: slice | Ids, first: int) -> None:
+        layout = [int(x) for x in signature[first]]
+        _write_records(rec, sel, layout, values, codecs, states, varints, ids)
+
+    # A uniform range is written in place; a mixed one row by row into a padded
+    # matrix, then compacted into the buffer.
+    for a, b in _spans(offsets, int(record_len.max())):
+        region = buffer[offsets[a] : offsets[b]]
+        groups = _groups(signature[a:b])
+        if len(groups) == 1:
+            write(region.reshape(b - a, -1), slice(a, b), a)
+            continue
+        lens = record_len[a:b]
+        padded = np.empty((b - a, int(lens.max())), np.uint8)
+        for local in groups:
+            size = int(lens[local[0]])
+            rec = np.empty((local.size, size), np.uint8)
+            write(rec, local + a, a + int(local[0]))
+            padded[local, :size] = rec
+        region[:] = padded[_row_mask(lens, padded.shape[1])]
+    return buffer, offsets
+
+
+def _write_records(
+    rec: Buffer,
+    sel: slice | Ids,
+    layout: list[int],
+    values: npt.NDArray[Any],
+    codecs: list[_SegmentCodec],
+    states: list[State],
+    varints: list[npt.NDArray[np.uint64]],
+    ids: Ids | None,
+) -> None:
+    """Fill ``rec`` ``[m, record_len]`` with the records ``sel``, all of one layout."""
+    pos = 0
+    if ids is not None:
+        pos = _put_const(rec, pos, _ID_TAG)
+        rec[:, pos : pos + 8] = ids[sel].view(np.uint8).reshape(-1, 8)
+        pos += 8
+    pos = _put_floats(rec, pos, _NUM_TAG, values[sel])
+    pos = _put_const(rec, pos, _OPT_TAG)
+    pos = _put_varint(rec, pos, varints[0][sel], layout[0])
+    v = 1
+    for codec, state in zip(codecs, states, strict=True):
+        if codec.dump_name is None:
+            continue
+        pos = _put_const(rec, pos, _DUMP_TAG)
+        pos = _put_varint(rec, pos, varints[v][sel], layout[v])
+        pos = _put_const(rec, pos, codec.dump_tag)
+        pos = _put_varint(rec, pos, varints[v + 1][sel], layout[v + 1])
+        v += 2
+        for sc in codec.slots:
+            if sc.is_float:
+                pos = _put_floats(rec, pos, sc.tag, state[sc.slot.name][sel])
+            else:
+                pos = _put_const(rec, pos, sc.tag)
+                pos = _put_varint(rec, pos, varints[v][sel], layout[v])
+                v += 1
+    pos = _put_const(rec, pos, _TS_TAG)
+    pos = _put_varint(rec, pos, varints[v][sel], layout[v])
+    assert pos == rec.shape[1], "layout arithmetic out of step with the writer"
+
+
+def split_records(buffer: Buffer, offsets: Offsets) -> list[bytes]:
+    """The records of ``buffer`` as separate ``bytes`` (``offsets`` ``int64[n + 1]``)."""
+    view = np.ascontiguousarray(buffer, dtype=np.uint8).data
+    bounds = np.asarray(offsets).tolist()
+    return [view[a:b].tobytes() for a, b in itertools.pairwise(bounds)]
+
+
+@dataclass
+class DecodedEntries:
+    """Columns decoded from ``n`` ``EntryDump`` records.
+
+    :param ids: ``int64[n]``; 0 where a record has no ``id``.
+    :param values: ``float32[n, dim]``; positions past a record's ``num`` count are 0.
+    :param num_lengths: ``int64[n]`` how many ``num`` floats each record carried.
+    :param states: per segment ``{slot: array[n, width]}``; rows of records whose
+        ``opt`` lacked that segment's dump keep the optimizer's ``init_state`` values.
+    :param has_state: ``bool[n]`` whether ``opt`` carried every segment's dump.
+    :param timestamps: ``int64[n]`` ``last_update_ts_sec``; 0 where absent.
+    """
+
+    ids: Ids
+    values: Floats
+    num_lengths: npt.NDArray[np.int64]
+    states: list[State]
+    has_state: npt.NDArray[np.bool_]
+    timestamps: npt.NDArray[np.int64]
+
+
+class _Walk:
+    """A cursor per record, advanced in lockstep over the expected framing.
+
+    ``ok`` turns False for a record as soon as its bytes differ from the framing
+    this module writes; such records go to the protobuf parser.
+    """
+
+    def __init__(self, buffer: Buffer, starts: Offsets, ends: Offsets) -> None:
+        self.buffer = buffer if buffer.size else np.zeros(1, np.uint8)
+        self.last = self.buffer.size - 1
+        self.pos = starts.copy()
+        self.end = ends
+        self.ok = np.ones(starts.size, np.bool_)
+
+    def byte(self, k: int = 0) -> npt.NDArray[np.uint8]:
+        return self.buffer[np.minimum(self.pos + k, self.last)]
+
+    def expect(self, const: bytes) -> None:
+        for k, b in enumerate(const):
+            self.ok &= (self.pos + k < self.end) & (self.byte(k) == b)
+        self.pos += len(const)
+
+    def varint(self) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64]]:
+        value = np.zeros(self.pos.size, np.uint64)
+        length = np.zeros(self.pos.size, np.int64)
+        going = self.ok.copy()
+        for k in range(10):
+            if not going.any():
+                break
+            inside = self.pos + k < self.end
+            self.ok &= inside | ~going
+            going &= inside
+            byte = self.byte(k)
+            value |= np.where(going, byte & 0x7F, 0).astype(np.uint64) << np.uint64(7 * k)
+            length += going
+            going &= byte >= 0x80
+        self.ok &= ~going
+        self.pos += length
+        return value, length
+
+
+@dataclass
+class _FloatPiece:
+    rel: Offsets  # per record: the piece's position relative to the record start
+    tag: bytes
+    width: int
+    target: npt.NDArray[Any]  # where the floats go, [n, width]
+
+
+def decode_entry_dumps(
+    buffer: Buffer,
+    offsets: Offsets,
+    segment_optimizers: Sequence[Optimizer],
+    dim: int,
+) -> DecodedEntries:
+    """Parse ``n`` ``EntryDump`` records into columns.
+
+    Records laid out as :func:`encode_entry_dumps` writes them (with or without
+    ``id``) are read with numpy, in groups; any other valid encoding is parsed with
+    protobuf. ``opt.dump[k]`` belongs to the k-th segment that has a ``dump_field``
+    (Monolith splits the list by position). A scalar slot missing from a dump that
+    is present reads as the proto default 0, as Monolith's restore reads it.
+
+    :param buffer: ``uint8`` bytes holding the records.
+    :param offsets: ``int64[n + 1]``; record ``i`` is ``buffer[offsets[i]:offsets[i + 1]]``.
+    :param segment_optimizers: the table's optimizers, one per segment, in order.
+    :param dim: the table's total dim.
+    :raises CheckpointCorruptError: a record is not a valid ``EntryDump``, or
+        ``offsets`` do not fit ``buffer``.
+    :raises ConfigMismatchError: a record has more than ``dim`` values, other
+        optimizer dumps than the segments, or a slot of the wrong width.
+    :raises DimMismatchError: the segment dims do not add up to ``dim``.
+    """
+    buffer = np.ascontiguousarray(buffer, dtype=np.uint8).reshape(-1)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    _check_dims(segment_optimizers, dim)
+    if (
+        offsets.ndim != 1
+        or offsets.size == 0
+        or offsets[0] < 0
+        or offsets[-1] > buffer.size
+        or bool((np.diff(offsets) < 0).any())
+    ):
+        raise CheckpointCorruptError(
+            f"record offsets do not describe a buffer of {buffer.size} bytes"
+        )
+    n = offsets.size - 1
+    codecs = [_segment_codec(k, opt) for k, opt in enumerate(segment_optimizers)]
+    out = DecodedEntries(
+        ids=np.zeros(n, np.int64),
+        values=np.zeros((n, dim), np.float32),
+        num_lengths=np.full(n, dim, np.int64),
+        states=[opt.init_state(n) for opt in segment_optimizers],
+        has_state=np.ones(n, np.bool_),
+        timestamps=np.zeros(n, np.int64),
+    )
+    if n == 0:
+        return out
+
+    starts, ends = offsets[:-1], offsets[1:]
+    walk = _Walk(buffer, starts, ends)
+    has_id = (walk.pos < walk.end) & (walk.byte() == _ID_TAG[0])
+    walk.pos += has_id * (len(_ID_TAG) + 8)
+    pieces = [_FloatPiece(walk.pos - starts, _NUM_TAG, dim, out.values)]
+    walk.pos += dim * (len(_NUM_TAG) + 4)
+    walk.expect(_OPT_TAG)
+    opt_len, opt_len_len = walk.varint()
+    lens = [opt_len_len]
+    opt_end = walk.pos + opt_len.view(np.int64)
+    int_slots: list[tuple[npt.NDArray[Any], npt.NDArray[np.uint64]]] = []
+    for codec, state in zip(codecs, out.states, strict=True):
+        if codec.dump_name is None:
+            continue
+        walk.expect(_DUMP_TAG)
+        single_len, single_len_len = walk.varint()
+        single_end = walk.pos + single_len.view(np.int64)
+        walk.expect(codec.dump_tag)
+        inner_len, inner_len_len = walk.varint()
+        inner_end = walk.pos + inner_len.view(np.int64)
+        lens += [single_len_len, inner_len_len]
+        for sc in codec.slots:
+            if sc.is_float:
+                pieces.append(
+                    _FloatPiece(walk.pos - starts, sc.tag, sc.slot.width, state[sc.slot.name])
+                )
+                walk.pos += sc.slot.width * (len(sc.tag) + 4)
+            else:
+                walk.expect(sc.tag)
+                raw, raw_len = walk.varint()
+                lens.append(raw_len)
+                int_slots.append((state[sc.slot.name], raw))
+        walk.ok &= (walk.pos == inner_end) & (walk.pos == single_end)
+    walk.ok &= walk.pos == opt_end
+    walk.expect(_TS_TAG)
+    ts_raw, ts_len = walk.varint()
+    lens.append(ts_len)
+    walk.ok &= walk.pos == walk.end
+
+    fast = walk.ok
+    signature = np.stack([has_id, *lens], axis=1).astype(np.uint8)
+    signature[~fast] = 255  # foreign records: a group of their own, left to protobuf
+    sizes = ends - starts
+
+    def read(rec: Buffer, sel: slice | Ids) -> None:
+        _read_records(rec, sel, pieces, bool(has_id[_first(sel)]), out.ids, fast)
+
+    # A uniform range is read in place; a mixed one is first spread into a matrix
+    # with one padded row per record (foreign records left out).
+    row_bytes = int(sizes[fast].max()) if fast.any() else 1
+    for a, b in _spans(offsets, row_bytes):
+        chunk_fast = fast[a:b]
+        if not chunk_fast.any():
+            continue
+        region = buffer[offsets[a] : offsets[b]]
+        groups = _groups(signature[a:b])
+        if len(groups) == 1:
+            read(region.reshape(b - a, -1), slice(a, b))
+            continue
+        row_lens = sizes[a:b]
+        if not chunk_fast.all():
+            region = region[np.repeat(chunk_fast, row_lens)]
+            row_lens = row_lens * chunk_fast
+        padded = np.zeros((b - a, int(row_lens.max())), np.uint8)
+        padded[_row_mask(row_lens, padded.shape[1])] = region
+        for local in groups:
+            if chunk_fast[local[0]]:
+                read(padded[local, : int(row_lens[local[0]])], local + a)
+    out.timestamps[fast] = ts_raw[fast].view(np.int64)
+    for target, raw in int_slots:
+        target[fast, 0] = raw[fast].view(np.int64)
+
+    slow = np.flatnonzero(~fast)
+    if slow.size:
+        out.ids[slow] = 0
+        _decode_slow(buffer, offsets, slow, codecs, dim, out)
+    return out
+
+
+def _first(sel: slice | Ids) -> int:
+    return int(sel.start) if isinstance(sel, slice) else int(sel[0])
+
+
+def _read_records(
+    rec: Buffer,
+    sel: slice | Ids,
+    pieces: list[_FloatPiece],
+    has_id: bool,
+    ids: Ids,
+    fast: npt.NDArray[np.bool_],
+) -> None:
+    """Read the float pieces (and ids) of the records ``sel``, all of one layout.
+
+    A record whose float tags differ from ours is cleared from ``fast``.
+    """
+    first = _first(sel)
+    m = rec.shape[0]
+    good = np.ones(m, np.bool_)
+    floats = []
+    for piece in pieces:
+        region = _tagged_floats(rec, int(piece.rel[first]), piece.width, piece.tag)
+        t = len(piece.tag)
+        good &= (region[:, :, :t] == np.frombuffer(piece.tag, np.uint8)).all(axis=(1, 2))
+        raw = np.ascontiguousarray(region[:, :, t:]).view("<f4")
+        floats.append(raw.reshape(m, piece.width))
+    if has_id:
+        ids[sel] = np.ascontiguousarray(rec[:, 1:9]).view("<i8").reshape(m)
+    dest: slice | Ids = sel
+    if not good.all():
+        rows = np.arange(sel.start, sel.stop) if isinstance(sel, slice) else sel
+        fast[rows[~good]] = False
+        dest = rows[good]
+        floats = [f[good] for f in floats]
+    for piece, f in zip(pieces, floats, strict=True):
+        piece.target[dest] = f
+
+
+def _decode_slow(
+    buffer: Buffer,
+    offsets: Offsets,
+    rows: Ids,
+    codecs: list[_SegmentCodec],
+    dim: int,
+    out: DecodedEntries,
+) -> None:
+    """Parse the records ``rows`` one by one with protobuf (any valid encoding)."""
+    view = buffer.data
+    dumping = [c for c in codecs if c.dump_name is not None]
+    for i in rows.tolist():
+        try:
+            msg = eht.EntryDump.FromString(view[offsets[i] : offsets[i + 1]].tobytes())
+        except DecodeError as e:
+            raise CheckpointCorruptError(f"record {i} is not a valid EntryDump: {e}") from e
+        if msg.HasField("id"):
+            out.ids[i] = msg.id
+        count = len(msg.num)
+        if count > dim:
+            raise ConfigMismatchError(f"record {i} has {count} values but the table's dim is {dim}")
+        out.values[i, :count] = msg.num
+        out.values[i, count:] = 0
+        out.num_lengths[i] = count
+        out.timestamps[i] = msg.last_update_ts_sec
+        dumps = msg.opt.dump
+        if len(dumps) > len(dumping):
+            raise ConfigMismatchError(
+                f"record {i} carries {len(dumps)} optimizer dumps, the table's segments "
+                f"have {len(dumping)}"
+            )
+        out.has_state[i] = len(dumps) == len(dumping)
+        for single, codec in zip(dumps, dumping, strict=False):
+            member = single.WhichOneof("type")
+            if member != codec.dump_name:
+                raise ConfigMismatchError(
+                    f"record {i}: optimizer dump for segment {codec.index} is "
+                    f"{member or 'empty'}, the table expects {codec.dump_name}"
+                )
+            dump = getattr(single, member)
+            state = out.states[codec.index]
+            for sc in codec.slots:
+                got = getattr(dump, sc.slot.name)
+                if sc.slot.repeated:
+                    if len(got) != sc.slot.width:
+                        raise ConfigMismatchError(
+                            f"record {i}: {member}.{sc.slot.name} has {len(got)} elements, "
+                            f"segment {codec.index} expects {sc.slot.width}"
+                        )
+                    state[sc.slot.name][i] = got
+                else:
+                    state[sc.slot.name][i, 0] = got
