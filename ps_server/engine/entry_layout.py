@@ -94,7 +94,9 @@ class EntryLayout:
                 init_cfg = seg.init_config
             # Distinct seeds per segment so two random segments do not start identical.
             seg_seed = (5489 if seed is None else seed) + k
-            initializer = _wrap(where + ".init_config", initializer_from_config, init_cfg, dim, seg_seed)
+            initializer = _wrap(
+                where + ".init_config", initializer_from_config, init_cfg, dim, seg_seed
+            )
             optimizer: Optimizer | None = None
             compressor: Compressor | None = None
             comp_cfg = seg.comp_config if seg.HasField("comp_config") else None

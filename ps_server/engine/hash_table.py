@@ -32,6 +32,8 @@ import numpy as np
 import numpy.typing as npt
 
 from protos import embedding_hash_table_pb2 as eht
+from ps_server.engine.compressors import RawRetriever
+from ps_server.engine.entry_dump import encode_entry_dumps, split_records
 from ps_server.engine.entry_layout import EntryLayout, Segment
 from ps_server.engine.id_index import IdIndex
 from ps_server.engine.optimizers.base import (
@@ -155,8 +157,6 @@ class EmbeddingHashTable:
 
         :raises ServingEntryError: SERVING tables keep no entry dumps.
         """
-        from ps_server.engine.entry_dump import encode_entry_dumps, split_records
-
         self._require_training("lookup_entry")
         ids_ = as_ids(ids)
         rows = self._index.find(ids_)
@@ -181,8 +181,6 @@ class EmbeddingHashTable:
         and serialized ``EntryDump`` records with ``id`` set; fewer than ``limit``
         records means the part is exhausted. No expiry filtering.
         """
-        from ps_server.engine.entry_dump import encode_entry_dumps, split_records
-
         self._require_training("save_as_tensor")
         if num_shards <= 0 or not 0 <= shard_idx < num_shards:
             raise InvalidArgumentError(
@@ -553,8 +551,6 @@ class EmbeddingHashTable:
     ) -> None:
         assert seg.optimizer is not None
         view = self._values[:, seg.columns]
-        from ps_server.engine.compressors import RawRetriever
-
         if isinstance(seg.retriever, RawRetriever):
             seg.optimizer.apply_sequential(view, state, rows, np.ascontiguousarray(grads), lr, step)
             return

@@ -163,7 +163,9 @@ class IdIndex:
         before = self._size
         missing = rows < 0
         if missing.any():
-            new_ids, first, inverse = np.unique(ids[missing], return_index=True, return_inverse=True)
+            new_ids, first, inverse = np.unique(
+                ids[missing], return_index=True, return_inverse=True
+            )
             order = np.argsort(first, kind="stable")  # insertion in first-occurrence order
             rank = np.empty_like(order)
             rank[order] = np.arange(order.size)
