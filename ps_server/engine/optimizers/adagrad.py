@@ -48,8 +48,12 @@ class AdagradOptimizer(Optimizer):
         self, params: Floats, state: State, grads: Floats, lr: float, global_step: int
     ) -> None:
         norm = state["norm"]
-        g = grads + self.weight_decay * params
-        norm += g * g
+        g = grads + self.weight_decay * params if self.weight_decay else grads
+        step = g * g
+        norm += step
         # A zero accumulator gives inf/NaN, as in Monolith; no warning for it.
         with np.errstate(divide="ignore", invalid="ignore"):
-            params -= (np.float32(lr) / np.sqrt(norm)) * g
+            np.sqrt(norm, out=step)
+            np.divide(np.float32(lr), step, out=step)
+        step *= g
+        params -= step
