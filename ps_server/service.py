@@ -1,0 +1,656 @@
+"""The gRPC face of one shard: ``monolith_ps.ParameterServer`` over a :class:`Shard`.
+
+Each RPC decodes its request (:mod:`ps_server.codec`), calls the engine and encodes
+the answer; there is no math here. Errors become status codes in exactly one place,
+:func:`_translate_errors`, using :data:`STATUS_BY_ERROR`.
+
+Concurrency. Engine work (numpy) runs on a thread pool, never on the event loop.
+Calls on one table are serialized by that table's lock; calls on different tables
+run side by side. A call that can count ids in a hash filter (assign, assign_add,
+apply_gradients, fused optimize, intercept_gradient) also holds the filter's lock,
+since tables may share a filter. Locks are always taken in one global order, so
+multi-table calls cannot deadlock. Creating tables or filters and saving or
+restoring whole checkpoints hold the shard exclusively. Once started, an engine
+call finishes even if its RPC is cancelled, and keeps its locks until then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import importlib
+import logging
+import os
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from typing import Any, Final, NoReturn, TypeVar
+
+import grpc
+import numpy as np
+from google.protobuf.message import Message
+
+import ps_server
+from protos import ps_service_pb2 as ps_pb2
+from protos import ps_service_pb2_grpc as ps_grpc
+from ps_server import codec
+from ps_server.config import DEFAULT_MAX_MESSAGE_BYTES
+from ps_server.engine.filters import SlidingHashFilter
+from ps_server.engine.shard import DEFAULT_CAPACITY, DEFAULT_SPLIT_NUM, FilterOptions, Shard
+from ps_server.errors import (
+    AlreadyExistsError,
+    CheckpointCorruptError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    PathOutsideRootError,
+    PsError,
+    ResourceExhaustedError,
+)
+
+__all__ = [
+    "SERVICE_NAME",
+    "STATUS_BY_ERROR",
+    "ParameterServerServicer",
+    "resolve_path",
+    "status_of",
+]
+
+_log = logging.getLogger(__name__)
+
+#: Full name of the service (health checks and reflection use it).
+SERVICE_NAME: Final = ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"].full_name
+
+#: The status code of each error family; a subclass takes its nearest listed base.
+STATUS_BY_ERROR: Final[Mapping[type[PsError], grpc.StatusCode]] = {
+    InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFoundError: grpc.StatusCode.NOT_FOUND,
+    AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
+    FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
+    CheckpointCorruptError: grpc.StatusCode.DATA_LOSS,
+    PathOutsideRootError: grpc.StatusCode.PERMISSION_DENIED,
+    ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+# Status details travel in trailers, which gRPC caps at a few KiB.
+_MAX_DETAILS_CHARS = 2000
+
+_T = TypeVar("_T")
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
+_Servicer = TypeVar("_Servicer", bound="ParameterServerServicer")
+
+
+def status_of(error: PsError) -> grpc.StatusCode:
+    """The status code :func:`_translate_errors` sends for ``error``.
+
+    A :class:`PsError` outside every listed family is ``INTERNAL``.
+    """
+    for cls in type(error).__mro__:
+        code = STATUS_BY_ERROR.get(cls)
+        if code is not None:
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def _details(message: str) -> str:
+    if len(message) <= _MAX_DETAILS_CHARS:
+        return message
+    return message[: _MAX_DETAILS_CHARS - 15] + " ... (truncated)"
+
+
+async def _abort(context: Any, code: grpc.StatusCode, message: str) -> NoReturn:
+    await context.abort(code, _details(message))
+    raise AssertionError("context.abort returned")  # abort always raises
+
+
+def _translate_errors(
+    rpc: Callable[[_Servicer, _Req, Any], Awaitable[_Resp]],
+) -> Callable[[_Servicer, _Req, Any], Awaitable[_Resp]]:
+    """The single place where exceptions become gRPC statuses.
+
+    :class:`PsError` → its :func:`status_of` code with the error's message;
+    ``MemoryError`` → ``RESOURCE_EXHAUSTED``; anything else is a bug → ``INTERNAL``
+    with an opaque message and the traceback in the shard's log.
+    """
+    name = rpc.__name__
+
+    @functools.wraps(rpc)
+    async def wrapper(self: _Servicer, request: _Req, context: Any) -> _Resp:
+        _log.debug("%s: start", name)
+        try:
+            return await rpc(self, request, context)
+        except grpc.aio.AbortError:
+            raise  # already a status; must propagate untouched
+        except PsError as e:
+            code = status_of(e)
+            _log.debug("%s: %s: %s", name, code.name, e)
+            await _abort(context, code, str(e))
+        except MemoryError:
+            _log.exception("%s: out of memory", name)
+            await _abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{name}: the shard ran out of memory; send smaller batches or add shards",
+            )
+        except Exception:
+            _log.exception("%s: internal error", name)
+            await _abort(
+                context, grpc.StatusCode.INTERNAL, f"{name}: internal error (see the shard's log)"
+            )
+
+    return wrapper
+
+
+def resolve_path(path: str, data_root: str, what: str = "path", *, prefix: bool = True) -> str:
+    """Where a save/restore ``path`` points, checked against ``data_root``.
+
+    Without a data root the path is used as given. With one, a relative path is
+    taken under the root, symlinks are resolved (``realpath``), and the result must
+    lie inside the root; for a file-name ``prefix`` (files are ``<path>_...``) it must
+    lie strictly inside, for a directory it may be the root itself.
+
+    :raises InvalidArgumentError: empty path.
+    :raises PathOutsideRootError: the resolved path escapes the root.
+    """
+    if not path:
+        raise InvalidArgumentError(f"{what} must not be empty")
+    if not data_root:
+        return path
+    root = os.path.realpath(data_root)
+    full = os.path.realpath(os.path.join(root, path))
+    inside = os.path.commonpath([root, full]) == root and not (prefix and full == root)
+    if not inside:
+        raise PathOutsideRootError(
+            f"{what} {path!r} resolves to {full!r}, which is outside the data root {root!r}; "
+            "use a path under the data root"
+        )
+    return full
+
+
+def _checkpoint_module(name: str) -> Any:
+    # Imported on first use: the service works (except these RPCs) without them.
+    return importlib.import_module(f"ps_server.checkpoint.{name}")
+
+
+class _SharedExclusiveLock:
+    """Many shared holders or one exclusive holder, on one event loop.
+
+    A waiting exclusive holder stops new shared holders from entering, so it
+    cannot starve. Release never awaits, so cancellation cannot leak a hold.
+    """
+
+    def __init__(self) -> None:
+        self._shared = 0
+        self._exclusive = False
+        self._exclusive_waiting = 0
+        self._waiters: list[asyncio.Future[None]] = []
+
+    async def _wait_until(self, ready: Callable[[], bool]) -> None:
+        while not ready():
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            try:
+                await fut
+            finally:
+                if fut in self._waiters:
+                    self._waiters.remove(fut)
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    @contextlib.asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        await self._wait_until(lambda: not self._exclusive and not self._exclusive_waiting)
+        self._shared += 1
+        try:
+            yield
+        finally:
+            self._shared -= 1
+            if not self._shared:
+                self._wake()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        self._exclusive_waiting += 1
+        try:
+            await self._wait_until(lambda: not self._exclusive and not self._shared)
+        finally:
+            self._exclusive_waiting -= 1
+            self._wake()
+        self._exclusive = True
+        try:
+            yield
+        finally:
+            self._exclusive = False
+            self._wake()
+
+
+class ParameterServerServicer(ps_grpc.ParameterServerServicer):
+    """gRPC adapter over one :class:`Shard`: decode, delegate, encode.
+
+    :param shard: the state served.
+    :param executor: where engine work runs (the caller owns and shuts it down).
+    :param data_root: save/restore paths must resolve inside it ("" = any path).
+    :param max_message_bytes: responses larger than this fail with
+        ``RESOURCE_EXHAUSTED`` naming the limit (instead of gRPC's generic failure).
+    """
+
+    def __init__(
+        self,
+        shard: Shard,
+        executor: concurrent.futures.Executor,
+        *,
+        data_root: str = "",
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self._shard = shard
+        self._executor = executor
+        self._data_root = data_root
+        self._max_message_bytes = max_message_bytes
+        self._gate = _SharedExclusiveLock()
+        self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    @property
+    def shard(self) -> Shard:
+        """The shard served."""
+        return self._shard
+
+    # ------------------------------------------------------------ machinery
+
+    async def _call(
+        self,
+        rpc: str,
+        work: Callable[[], _T],
+        *,
+        tables: Iterable[str] = (),
+        table_filters: bool = False,
+        filters: Iterable[str] = (),
+        exclusive: bool = False,
+    ) -> _T:
+        """Run ``work`` on the executor holding the locks it needs.
+
+        :param tables: tables ``work`` touches (each must exist: ``NOT_FOUND`` otherwise).
+        :param table_filters: also lock the hash filters of ``tables``.
+        :param filters: hash filters ``work`` touches.
+        :param exclusive: hold the whole shard (creation, whole checkpoints).
+        """
+        if exclusive:
+            async with self._gate.exclusive():
+                return await self._run(rpc, work)
+        async with self._gate.shared(), contextlib.AsyncExitStack() as held:
+            keys: set[tuple[str, str]] = set()
+            for name in tables:
+                slot = self._shard.table_slot(name)
+                keys.add(("table", name))
+                if table_filters and slot.hash_filter:
+                    keys.add(("filter", slot.hash_filter))
+            for name in filters:
+                self._shard.hash_filter(name)
+                keys.add(("filter", name))
+            for key in sorted(keys):
+                await held.enter_async_context(self._locks[key])
+            return await self._run(rpc, work)
+
+    async def _run(self, rpc: str, work: Callable[[], _T]) -> _T:
+        def checked() -> _T:
+            result = work()
+            if isinstance(result, Message):
+                size = result.ByteSize()
+                if size > self._max_message_bytes:
+                    raise ResourceExhaustedError(
+                        f"{rpc}: the response would be {size} bytes, over the shard's "
+                        f"max_message_bytes={self._max_message_bytes}; ask for fewer ids per "
+                        "call or raise the limit on both ends"
+                    )
+            return result
+
+        fut = asyncio.get_running_loop().run_in_executor(self._executor, checked)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            # The engine call cannot be interrupted: keep the locks until it is done.
+            while not fut.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([fut])
+            raise
+
+    def _path(self, path: str, what: str, *, prefix: bool = True) -> str:
+        return resolve_path(path, self._data_root, what, prefix=prefix)
+
+    # ------------------------------------------------------------ shard info
+
+    @_translate_errors
+    async def GetShardInfo(self, request: ps_pb2.ShardInfoRequest, context: Any
+                           ) -> ps_pb2.ShardInfo:
+        def work() -> ps_pb2.ShardInfo:
+            shard = self._shard
+            info = ps_pb2.ShardInfo(
+                shard_index=shard.shard_index,
+                num_shards=shard.num_shards,
+                version=ps_server.__version__,
+            )
+            for name, slot in sorted(shard.tables.items()):
+                t = slot.table
+                info.tables.append(ps_pb2.TableInfo(
+                    name=name,
+                    dim_size=t.dim,
+                    num_segments=t.num_segments,
+                    size=t.size(),
+                    config=slot.config_bytes,
+                    hash_filter=slot.hash_filter,
+                    extra_restore_names=slot.extra_restore_names,
+                    saver_parallel=slot.saver_parallel,
+                    max_update_ts=t.max_update_ts,
+                    bytes=t.nbytes(),
+                ))
+            for name, fslot in sorted(shard.filters.items()):
+                flt = fslot.hash_filter
+                opts = fslot.options
+                fill = 0.0
+                failures = 0
+                if isinstance(flt, SlidingHashFilter):
+                    fill = float(flt.num_elements.sum()) / flt.capacity
+                    failures = flt.failure_count
+                info.hash_filters.append(ps_pb2.HashFilterInfo(
+                    name=name,
+                    filter_type=opts.filter_type,
+                    enabled=opts.enable_hash_filter,
+                    split_num=flt.split_num,
+                    failure_count=failures,
+                    fill_ratio=fill,
+                ))
+            return info
+
+        # Reads sizes without table locks: a snapshot that may race concurrent writes.
+        return await self._call("GetShardInfo", work)
+
+    @_translate_errors
+    async def ListTables(self, request: ps_pb2.ListTablesRequest, context: Any
+                         ) -> ps_pb2.ListTablesResponse:
+        return await self._call(
+            "ListTables",
+            lambda: ps_pb2.ListTablesResponse(names=sorted(self._shard.tables)),
+        )
+
+    # ------------------------------------------------------------ creation
+
+    @_translate_errors
+    async def CreateHashFilter(self, request: ps_pb2.CreateHashFilterRequest, context: Any
+                               ) -> ps_pb2.CreateResponse:
+        # proto3 zero values stand for "unset": the client API's defaults apply.
+        options = FilterOptions(
+            enable_hash_filter=request.enable_hash_filter,
+            filter_type=request.filter_type or "sliding_hash_filter",
+            occurrence_threshold_config=request.occurrence_threshold_config,
+            capacity=request.capacity or DEFAULT_CAPACITY,
+            split_num=request.split_num or DEFAULT_SPLIT_NUM,
+            equal_probability=request.equal_probability,
+        )
+        created = await self._call(
+            "CreateHashFilter",
+            lambda: self._shard.create_hash_filter(request.name, options),
+            exclusive=True,
+        )
+        return ps_pb2.CreateResponse(created=created)
+
+    @_translate_errors
+    async def CreateTable(self, request: ps_pb2.CreateTableRequest, context: Any
+                          ) -> ps_pb2.CreateResponse:
+        created = await self._call(
+            "CreateTable",
+            lambda: self._shard.create_table(
+                request.name,
+                request.config,
+                hash_filter=request.hash_filter,
+                extra_restore_names=list(request.extra_restore_names),
+                # 0 is proto3's "unset": Monolith's automatic file count (-1).
+                saver_parallel=request.saver_parallel or -1,
+                allow_existing=request.allow_existing,
+            ),
+            exclusive=True,
+        )
+        return ps_pb2.CreateResponse(created=created)
+
+    # ------------------------------------------------------------ data plane
+
+    @_translate_errors
+    async def Lookup(self, request: ps_pb2.LookupRequest, context: Any) -> ps_pb2.LookupResponse:
+        def work() -> ps_pb2.LookupResponse:
+            ids = codec.decode_ids(request.ids)
+            values = self._shard.table(request.table).lookup(ids)
+            return ps_pb2.LookupResponse(values=codec.encode_floats(values))
+
+        return await self._call("Lookup", work, tables=[request.table])
+
+    @_translate_errors
+    async def LookupEntry(self, request: ps_pb2.LookupEntryRequest, context: Any
+                          ) -> ps_pb2.LookupEntryResponse:
+        def work() -> ps_pb2.LookupEntryResponse:
+            ids = codec.decode_ids(request.ids)
+            entries = self._shard.table(request.table).lookup_entry(ids)
+            return ps_pb2.LookupEntryResponse(entries=entries)
+
+        return await self._call("LookupEntry", work, tables=[request.table])
+
+    async def _assign(self, rpc: str, request: ps_pb2.AssignRequest, add: bool
+                      ) -> ps_pb2.UpdateResponse:
+        # request.tag is accepted and not yet used (exactly-once comes later).
+        def work() -> ps_pb2.UpdateResponse:
+            ids = codec.decode_ids(request.ids)
+            values = codec.decode_floats(request.values, "values", rows=ids.shape[0])
+            table = self._shard.table(request.table)
+            if add:
+                table.assign_add(ids, values, request.req_time)
+            else:
+                table.assign(ids, values, request.req_time)
+            return ps_pb2.UpdateResponse()
+
+        return await self._call(rpc, work, tables=[request.table], table_filters=True)
+
+    @_translate_errors
+    async def Assign(self, request: ps_pb2.AssignRequest, context: Any) -> ps_pb2.UpdateResponse:
+        return await self._assign("Assign", request, add=False)
+
+    @_translate_errors
+    async def AssignAdd(self, request: ps_pb2.AssignRequest, context: Any
+                        ) -> ps_pb2.UpdateResponse:
+        return await self._assign("AssignAdd", request, add=True)
+
+    @_translate_errors
+    async def ApplyGradients(self, request: ps_pb2.ApplyGradientsRequest, context: Any
+                             ) -> ps_pb2.UpdateResponse:
+        def work() -> ps_pb2.UpdateResponse:
+            ids = codec.decode_ids(request.ids)
+            grads = codec.decode_floats(request.grads, "grads", rows=ids.shape[0])
+            lrs = np.array(request.learning_rates, dtype=np.float32)
+            self._shard.table(request.table).apply_gradients(
+                ids,
+                grads,
+                lrs,
+                request.global_step,
+                enable_dedup=request.enable_dedup,
+                req_time=request.req_time,
+            )
+            return ps_pb2.UpdateResponse()
+
+        return await self._call(
+            "ApplyGradients", work, tables=[request.table], table_filters=True
+        )
+
+    @_translate_errors
+    async def FusedLookup(self, request: ps_pb2.FusedLookupRequest, context: Any
+                          ) -> ps_pb2.FusedLookupResponse:
+        def work() -> ps_pb2.FusedLookupResponse:
+            ids = codec.decode_ids(request.ids)
+            blocks = [(b.table_index, b.num_ids) for b in request.blocks]
+            values = self._shard.fused_lookup(list(request.tables), blocks, ids)
+            return ps_pb2.FusedLookupResponse(values=codec.encode_floats(values))
+
+        return await self._call("FusedLookup", work, tables=request.tables)
+
+    @_translate_errors
+    async def FusedOptimize(self, request: ps_pb2.FusedOptimizeRequest, context: Any
+                            ) -> ps_pb2.UpdateResponse:
+        def work() -> ps_pb2.UpdateResponse:
+            ids = codec.decode_ids(request.ids)
+            grads = codec.decode_floats(request.grads, "grads")
+            blocks = [(b.table_index, b.num_ids) for b in request.blocks]
+            self._shard.fused_optimize(
+                list(request.tables),
+                blocks,
+                ids,
+                grads,
+                np.array(request.learning_rates, dtype=np.float32),
+                request.global_step,
+                enable_grad_accumulation=request.enable_grad_accumulation,
+                req_time=request.req_time,
+            )
+            return ps_pb2.UpdateResponse()
+
+        return await self._call(
+            "FusedOptimize", work, tables=request.tables, table_filters=True
+        )
+
+    @_translate_errors
+    async def InterceptGradient(self, request: ps_pb2.InterceptGradientRequest, context: Any
+                                ) -> ps_pb2.InterceptGradientResponse:
+        def work() -> ps_pb2.InterceptGradientResponse:
+            ids = codec.decode_ids(request.ids)
+            grads = codec.decode_floats(request.grads, "grads", rows=ids.shape[0])
+            out = self._shard.intercept_gradient(request.hash_filter, ids, grads)
+            return ps_pb2.InterceptGradientResponse(grads=codec.encode_floats(out))
+
+        return await self._call("InterceptGradient", work, filters=[request.hash_filter])
+
+    @_translate_errors
+    async def Size(self, request: ps_pb2.SizeRequest, context: Any) -> ps_pb2.SizeResponse:
+        # No table lock: the count is one integer read.
+        table = self._shard.table(request.table)
+        return ps_pb2.SizeResponse(size=table.size())
+
+    @_translate_errors
+    async def SaveAsTensor(self, request: ps_pb2.SaveAsTensorRequest, context: Any
+                           ) -> ps_pb2.SaveAsTensorResponse:
+        def work() -> ps_pb2.SaveAsTensorResponse:
+            offset, entries = self._shard.table(request.table).save_as_tensor(
+                request.shard_idx, request.num_shards, request.limit, request.offset
+            )
+            return ps_pb2.SaveAsTensorResponse(offset=offset, entries=entries)
+
+        return await self._call("SaveAsTensor", work, tables=[request.table])
+
+    # ------------------------------------------------------------ files
+
+    @_translate_errors
+    async def Save(self, request: ps_pb2.SaveRequest, context: Any) -> ps_pb2.SaveResponse:
+        basename = self._path(request.basename, "basename")
+
+        def work() -> ps_pb2.SaveResponse:
+            table_files = _checkpoint_module("table_files")
+            slot = self._shard.table_slot(request.table)
+            result = table_files.save_table(
+                slot.table,
+                basename,
+                shard_index=self._shard.shard_index,
+                nshards=slot.saver_parallel,
+            )
+            return ps_pb2.SaveResponse(files=result.files, entries=result.entries)
+
+        return await self._call("Save", work, tables=[request.table])
+
+    @_translate_errors
+    async def Restore(self, request: ps_pb2.RestoreRequest, context: Any
+                      ) -> ps_pb2.RestoreResponse:
+        basename = self._path(request.basename, "basename")
+
+        def work() -> ps_pb2.RestoreResponse:
+            table_files = _checkpoint_module("table_files")
+            result = table_files.restore_table(
+                self._shard.table(request.table),
+                basename,
+                shard_index=self._shard.shard_index,
+                num_shards=self._shard.num_shards,
+                validate_only=request.validate_only,
+            )
+            return ps_pb2.RestoreResponse(entries=result.entries, files=result.files)
+
+        return await self._call("Restore", work, tables=[request.table])
+
+    @_translate_errors
+    async def SaveHashFilter(self, request: ps_pb2.HashFilterFilesRequest, context: Any
+                             ) -> ps_pb2.HashFilterFilesResponse:
+        basename = self._path(request.basename, "basename")
+
+        def work() -> ps_pb2.HashFilterFilesResponse:
+            filter_dump = _checkpoint_module("filter_dump")
+            flt = self._shard.hash_filter(request.hash_filter).hash_filter
+            return ps_pb2.HashFilterFilesResponse(files=filter_dump.save_filter(flt, basename))
+
+        return await self._call("SaveHashFilter", work, filters=[request.hash_filter])
+
+    @_translate_errors
+    async def RestoreHashFilter(self, request: ps_pb2.HashFilterFilesRequest, context: Any
+                                ) -> ps_pb2.HashFilterFilesResponse:
+        basename = self._path(request.basename, "basename")
+
+        def work() -> ps_pb2.HashFilterFilesResponse:
+            filter_dump = _checkpoint_module("filter_dump")
+            flt = self._shard.hash_filter(request.hash_filter).hash_filter
+            files = filter_dump.restore_filter(flt, basename, validate_only=request.validate_only)
+            return ps_pb2.HashFilterFilesResponse(files=files)
+
+        return await self._call("RestoreHashFilter", work, filters=[request.hash_filter])
+
+    # ------------------------------------------------------------ checkpoints
+
+    @staticmethod
+    def _checkpoint_response(result: Any) -> ps_pb2.CheckpointResponse:
+        return ps_pb2.CheckpointResponse(
+            prefix=result.prefix, files=result.files, entries=result.entries,
+            tables=result.tables,
+        )
+
+    @_translate_errors
+    async def SaveCheckpoint(self, request: ps_pb2.CheckpointRequest, context: Any
+                             ) -> ps_pb2.CheckpointResponse:
+        model_dir = self._path(request.model_dir, "model_dir", prefix=False)
+
+        def work() -> ps_pb2.CheckpointResponse:
+            checkpoints = _checkpoint_module("checkpoints")
+            return self._checkpoint_response(checkpoints.save_shard_checkpoint(
+                self._shard, model_dir, request.global_step
+            ))
+
+        return await self._call("SaveCheckpoint", work, exclusive=True)
+
+    @_translate_errors
+    async def CommitCheckpoint(self, request: ps_pb2.CheckpointRequest, context: Any
+                               ) -> ps_pb2.CheckpointResponse:
+        model_dir = self._path(request.model_dir, "model_dir", prefix=False)
+
+        def work() -> ps_pb2.CheckpointResponse:
+            checkpoints = _checkpoint_module("checkpoints")
+            return self._checkpoint_response(checkpoints.commit_checkpoint(
+                self._shard, model_dir, request.global_step, request.max_to_keep
+            ))
+
+        return await self._call("CommitCheckpoint", work, exclusive=True)
+
+    @_translate_errors
+    async def RestoreCheckpoint(self, request: ps_pb2.CheckpointRequest, context: Any
+                                ) -> ps_pb2.CheckpointResponse:
+        model_dir = self._path(request.model_dir, "model_dir", prefix=False)
+        prefix = self._path(request.prefix, "prefix") if request.prefix else None
+
+        def work() -> ps_pb2.CheckpointResponse:
+            checkpoints = _checkpoint_module("checkpoints")
+            return self._checkpoint_response(checkpoints.restore_shard_checkpoint(
+                self._shard, model_dir, prefix, request.validate_only
+            ))
+
+        return await self._call("RestoreCheckpoint", work, exclusive=True)
