@@ -1,1 +1,56 @@
-"""Client side of monolith-ps: routing, fan-out, fused ops and learning-rate functions."""
+"""Client side of monolith-ps: routing, fan-out, fused ops and learning-rate functions.
+
+:class:`PsClient` is the synchronous client of ``API.md``; :class:`AsyncPsClient` is
+the asyncio core it runs on a private thread. Errors raised by either are
+:class:`PsError` subclasses (see :mod:`ps_client.errors`).
+"""
+
+from ps_client._core import AsyncPsClient, RetryPolicy
+from ps_client._table import AsyncHashFilters, AsyncTable, TableSpec
+from ps_client.client import HashFilters, PsClient, Table
+from ps_client.errors import (
+    PsAlreadyExists,
+    PsCancelled,
+    PsDataLoss,
+    PsDeadlineExceeded,
+    PsError,
+    PsFailedPrecondition,
+    PsInternal,
+    PsInvalidArgument,
+    PsNotFound,
+    PsOutOfRange,
+    PsPermissionDenied,
+    PsResourceExhausted,
+    PsUnauthenticated,
+    PsUnavailable,
+    PsUnimplemented,
+)
+from ps_client.learning_rate_functions import LearningRateFunction, PolynomialDecay
+
+__all__ = [
+    "AsyncHashFilters",
+    "AsyncPsClient",
+    "AsyncTable",
+    "HashFilters",
+    "LearningRateFunction",
+    "PolynomialDecay",
+    "PsAlreadyExists",
+    "PsCancelled",
+    "PsClient",
+    "PsDataLoss",
+    "PsDeadlineExceeded",
+    "PsError",
+    "PsFailedPrecondition",
+    "PsInternal",
+    "PsInvalidArgument",
+    "PsNotFound",
+    "PsOutOfRange",
+    "PsPermissionDenied",
+    "PsResourceExhausted",
+    "PsUnauthenticated",
+    "PsUnavailable",
+    "PsUnimplemented",
+    "RetryPolicy",
+    "Table",
+    "TableSpec",
+]

@@ -1,0 +1,351 @@
+"""Async handles on one logical table and on one set of hash filters.
+
+Both live on every shard of the cluster; the handle routes each id to its owner
+(``floormod(id, num_shards)``), calls the shards concurrently and puts the answers
+back in the caller's order. See :class:`ps_client.client.Table` for the user-facing
+(synchronous) contract; these coroutines implement it.
+"""
+
+from __future__ import annotations
+
+import math
+import posixpath
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from protos import embedding_hash_table_pb2 as eht
+from protos import ps_service_pb2 as pb
+from ps_client._codec import decode_rows, encode_floats, encode_ids
+from ps_client.errors import PsInvalidArgument
+from ps_client.learning_rate_functions import LearningRate, evaluate_learning_rates
+from ps_client.routing import as_ids, as_rows, dedup, partition, scatter_objects, scatter_rows
+
+if TYPE_CHECKING:
+    from ps_client._core import AsyncPsClient
+
+CURSOR_SHARD_SHIFT = 40
+"""``save_as_tensor`` cursors are ``real_shard << 40 | row offset on that shard``."""
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """What the client knows of a table.
+
+    :ivar name: the table's name on every shard.
+    :ivar config: its ``EmbeddingHashTableConfig``.
+    :ivar learning_rate_fns: one learning rate (or function of the step) per segment.
+    :ivar hash_filter: name of the shards' filter it consults ("" = none).
+    :ivar extra_restore_names: other names its files may have been saved under.
+    :ivar saver_parallel: Monolith's saver parallelism hint, passed to the shards.
+    """
+
+    name: str
+    config: eht.EmbeddingHashTableConfig
+    learning_rate_fns: tuple[LearningRate, ...]
+    hash_filter: str = ""
+    extra_restore_names: tuple[str, ...] = ()
+    saver_parallel: int = -1
+    dim_size: int = field(init=False)
+    num_segments: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        segments = self.config.entry_config.segments
+        object.__setattr__(self, "dim_size", sum(int(s.dim_size) for s in segments))
+        object.__setattr__(self, "num_segments", len(segments))
+
+
+def check_learning_rate_fns(fns: Sequence[LearningRate], num_segments: int, table: str) -> None:
+    """:raises PsInvalidArgument: wrong count (one per segment) or an item that is
+    neither a number nor a callable."""
+    if len(fns) != num_segments:
+        raise PsInvalidArgument(
+            f"table {table!r} has {num_segments} segment(s), so it needs {num_segments} "
+            f"learning rate(s), got {len(fns)}"
+        )
+    for i, fn in enumerate(fns):
+        if isinstance(fn, bool) or not (isinstance(fn, int | float) or callable(fn)):
+            raise PsInvalidArgument(
+                f"table {table!r}: learning rate #{i} must be a number or a callable, "
+                f"got {fn!r}"
+            )
+
+
+class AsyncTable:
+    """One logical table spread over all shards (async twin of :class:`ps_client.Table`)."""
+
+    def __init__(self, client: AsyncPsClient, spec: TableSpec) -> None:
+        self._client = client
+        self.spec = spec
+
+    @property
+    def name(self) -> str:
+        """The table's name."""
+        return self.spec.name
+
+    @property
+    def dim_size(self) -> int:
+        """Sum of the segments' dims."""
+        return self.spec.dim_size
+
+    @property
+    def extra_restore_names(self) -> tuple[str, ...]:
+        """Other names this table's files may carry."""
+        return self.spec.extra_restore_names
+
+    def __repr__(self) -> str:
+        return f"AsyncTable({self.name!r}, dim_size={self.dim_size})"
+
+    # ------------------------------------------------------------ reads
+
+    async def lookup(self, ids: Any) -> npt.NDArray[np.float32]:
+        """``float32[len(ids), dim_size]``; missing ids read as zeros.
+
+        Ids are deduplicated before they are sent; duplicates share one row.
+        """
+        ids_ = as_ids(ids)
+        dim = self.dim_size
+        uniq, inverse = dedup(ids_)
+        positions = partition(uniq, self._client.num_shards)
+        requests = [
+            pb.LookupRequest(table=self.name, ids=encode_ids(uniq[p])) if p.size else None
+            for p in positions
+        ]
+        answers = await self._client.each("Lookup", requests)
+        parts = [
+            decode_rows(a.values, p.size, dim, f"Lookup of {self.name!r}") if a is not None
+            else np.zeros((0, dim), dtype=np.float32)
+            for a, p in zip(answers, positions, strict=True)
+        ]
+        rows = scatter_rows(parts, positions, uniq.shape[0], dim)
+        return rows[inverse] if inverse.shape[0] != uniq.shape[0] else rows
+
+    async def lookup_entry(self, ids: Any) -> list[bytes]:
+        """Serialized ``EntryDump`` per id (``id`` unset), ``b""`` where missing."""
+        ids_ = as_ids(ids)
+        uniq, inverse = dedup(ids_)
+        positions = partition(uniq, self._client.num_shards)
+        requests = [
+            pb.LookupEntryRequest(table=self.name, ids=encode_ids(uniq[p])) if p.size else None
+            for p in positions
+        ]
+        answers = await self._client.each("LookupEntry", requests)
+        parts: list[Sequence[bytes]] = []
+        for a, p in zip(answers, positions, strict=True):
+            got: Sequence[bytes] = a.entries if a is not None else []
+            if len(got) != p.size:
+                raise PsInvalidArgument(
+                    f"LookupEntry of {self.name!r}: {p.size} ids sent, {len(got)} entries back"
+                )
+            parts.append(got)
+        entries = scatter_objects(parts, positions, uniq.shape[0])
+        out: list[bytes] = entries[inverse].tolist()
+        return out
+
+    async def size(self) -> int:
+        """Number of entries over all shards."""
+        answers = await self._client.each("Size", pb.SizeRequest(table=self.name))
+        return sum(int(a.size) for a in answers)
+
+    async def save_as_tensor(
+        self, shard_idx: int, num_shards: int, limit: int, offset: int
+    ) -> tuple[int, list[bytes]]:
+        """Up to ``limit`` entries (``EntryDump`` with ``id`` set) of part ``shard_idx``.
+
+        Part ``i`` of ``num_shards`` is every entry of the *cluster* whose id has
+        ``floormod(id, num_shards) == i``, whatever real shard holds it. The cursor
+        (``offset``; 0 = start) is opaque: it encodes the real shard being read and
+        that shard's own cursor (``real_shard << 40 | shard cursor``). Real shards
+        that cannot hold part ``i`` (``(r - i) mod gcd(num_shards, cluster size) != 0``)
+        are skipped. Fewer than ``limit`` entries back means the part is exhausted
+        (exactly ``limit`` may be followed by an empty batch).
+
+        :raises PsInvalidArgument: bad part, limit, or a cursor this method did not make.
+        """
+        n_real = self._client.num_shards
+        if num_shards <= 0 or not 0 <= shard_idx < num_shards:
+            raise PsInvalidArgument(
+                f"save_as_tensor needs 0 <= shard_idx < num_shards, got {shard_idx}/{num_shards}"
+            )
+        if limit < 0 or offset < 0:
+            raise PsInvalidArgument(f"limit and offset must be >= 0, got {limit}, {offset}")
+        real, pos = divmod(int(offset), 1 << CURSOR_SHARD_SHIFT)
+        if real > n_real:
+            raise PsInvalidArgument(
+                f"save_as_tensor cursor {offset} names real shard {real}, but the cluster has "
+                f"{n_real}"
+            )
+        step = math.gcd(num_shards, n_real)
+        out: list[bytes] = []
+        while real < n_real and len(out) < limit:
+            if (real - shard_idx) % step:
+                real, pos = real + 1, 0
+                continue
+            want = limit - len(out)
+            answer = await self._client.call(
+                real,
+                "SaveAsTensor",
+                pb.SaveAsTensorRequest(
+                    table=self.name, shard_idx=shard_idx, num_shards=num_shards,
+                    limit=want, offset=pos,
+                ),
+            )
+            out.extend(answer.entries)
+            if len(answer.entries) < want:
+                real, pos = real + 1, 0
+            else:
+                pos = int(answer.offset)
+        return (real << CURSOR_SHARD_SHIFT) | pos, out
+
+    # ------------------------------------------------------------ writes
+
+    async def assign(self, ids: Any, values: Any, req_time: int = 0) -> None:
+        """Overwrite (or create) the rows of ``ids``; a later duplicate wins."""
+        await self._write("Assign", ids, values, req_time)
+
+    async def assign_add(self, ids: Any, values: Any, req_time: int = 0) -> None:
+        """Add ``values`` to the rows of ``ids`` (creating missing ones); duplicates add up."""
+        await self._write("AssignAdd", ids, values, req_time)
+
+    async def _write(self, method: str, ids: Any, values: Any, req_time: int) -> None:
+        ids_ = as_ids(ids)
+        vals = as_rows(values, ids_.shape[0], self.dim_size)
+        positions = partition(ids_, self._client.num_shards)
+        requests = [
+            pb.AssignRequest(
+                table=self.name, ids=encode_ids(ids_[p]), values=encode_floats(vals[p]),
+                req_time=req_time, tag=self._client.next_tag(),
+            )
+            if p.size or req_time > 0 else None
+            for p in positions
+        ]
+        await self._client.each(method, requests, read_only=False)
+
+    async def apply_gradients(
+        self, ids: Any, grads: Any, global_step: int, *, enable_dedup: bool = False,
+        req_time: int = 0,
+    ) -> None:
+        """Run the optimizer on every ``(id, grad)`` in order, each on its owner shard.
+
+        Learning rates are evaluated here at ``global_step``. With ``enable_dedup`` each
+        owner shard sums its duplicates and makes one step per id.
+        """
+        ids_ = as_ids(ids)
+        g = as_rows(grads, ids_.shape[0], self.dim_size, "grads")
+        lrs = evaluate_learning_rates(self.spec.learning_rate_fns, int(global_step))
+        positions = partition(ids_, self._client.num_shards)
+        requests = [
+            pb.ApplyGradientsRequest(
+                table=self.name, ids=encode_ids(ids_[p]), grads=encode_floats(g[p]),
+                learning_rates=lrs.tolist(), global_step=int(global_step),
+                enable_dedup=enable_dedup, req_time=req_time, tag=self._client.next_tag(),
+            )
+            # An empty batch still moves a shard's table clock to req_time.
+            if p.size or req_time > 0 else None
+            for p in positions
+        ]
+        await self._client.each("ApplyGradients", requests, read_only=False)
+
+    # ------------------------------------------------------------ files
+
+    async def save(self, basename: str) -> list[str]:
+        """Every shard ``i`` writes ``<basename>_<i>-%05d-of-%05d``; returns all files."""
+        answers = await self._client.each(
+            "Save", pb.SaveRequest(table=self.name, basename=basename), file_op=True
+        )
+        return [f for a in answers for f in a.files]
+
+    async def restore(self, basename: str) -> int:
+        """Replace the table with the files of ``basename`` (all-or-nothing across shards).
+
+        Every shard first checks the files without touching its table; only if all
+        agree do they restore. Returns the number of entries restored.
+        """
+        for validate_only in (True, False):
+            answers = await self._client.each(
+                "Restore",
+                pb.RestoreRequest(table=self.name, basename=basename,
+                                  validate_only=validate_only),
+                file_op=True,
+            )
+        return sum(int(a.entries) for a in answers)
+
+
+class AsyncHashFilters:
+    """The hash filters of every shard, one per shard, all named :attr:`name`.
+
+    :ivar name: the filter's name on each shard.
+    :ivar enabled: False for dummy filters (disabled or ``no_filter``).
+    :ivar filter_type: as created.
+    """
+
+    def __init__(self, client: AsyncPsClient, name: str, enabled: bool, filter_type: str) -> None:
+        self._client = client
+        self.name = name
+        self.enabled = enabled
+        self.filter_type = filter_type
+
+    def __repr__(self) -> str:
+        return f"AsyncHashFilters({self.name!r}, {self.filter_type}, enabled={self.enabled})"
+
+    async def intercept_gradient(self, ids: Any, grads: Any) -> npt.NDArray[np.float32]:
+        """Count every id (in order) on its owner shard's filter; return ``grads`` with
+        the rows of not-yet-admitted ids zeroed, in the shape given.
+
+        :param grads: ``[len(ids), m]``, or flat with a multiple of ``len(ids)`` values.
+        """
+        ids_ = as_ids(ids)
+        g = np.asarray(grads, dtype=np.float32)
+        n = ids_.shape[0]
+        if n == 0 or g.size % n:
+            if n == 0 and g.size == 0:
+                return g.copy()
+            raise PsInvalidArgument(
+                f"grads of shape {g.shape} cannot be viewed as one row per id ({n} ids)"
+            )
+        width = g.size // n
+        rows = np.ascontiguousarray(g.reshape(n, width))
+        positions = partition(ids_, self._client.num_shards)
+        requests = [
+            pb.InterceptGradientRequest(
+                hash_filter=self.name, ids=encode_ids(ids_[p]), grads=encode_floats(rows[p]),
+                tag=self._client.next_tag(),
+            )
+            if p.size else None
+            for p in positions
+        ]
+        answers = await self._client.each("InterceptGradient", requests, read_only=False)
+        parts = [
+            decode_rows(a.grads, p.size, width, "InterceptGradient") if a is not None
+            else rows[:0]
+            for a, p in zip(answers, positions, strict=True)
+        ]
+        return scatter_rows(parts, positions, n, width).reshape(g.shape)
+
+    async def save(self, asset_dir: str) -> list[str]:
+        """Shard ``i`` writes ``<asset_dir>/hash_filter_<i>-%05d-of-%05d`` (dummies: nothing)."""
+        answers = await self._client.each(
+            "SaveHashFilter", self._requests(asset_dir, validate_only=False), file_op=True
+        )
+        return [f for a in answers for f in a.files]
+
+    async def restore(self, asset_dir: str) -> None:
+        """Load every shard's filter from ``asset_dir``; if any shard's files are missing
+        or bad, no filter changes."""
+        for validate_only in (True, False):
+            await self._client.each(
+                "RestoreHashFilter", self._requests(asset_dir, validate_only), file_op=True
+            )
+
+    def _requests(self, asset_dir: str, validate_only: bool) -> list[Any]:
+        return [
+            pb.HashFilterFilesRequest(
+                hash_filter=self.name,
+                basename=posixpath.join(asset_dir, f"hash_filter_{i}"),
+                validate_only=validate_only,
+            )
+            for i in range(self._client.num_shards)
+        ]

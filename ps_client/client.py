@@ -1,0 +1,457 @@
+"""The synchronous client of ``API.md``: :class:`PsClient`, :class:`Table`, :class:`HashFilters`.
+
+A :class:`PsClient` starts one private thread running an asyncio event loop and an
+:class:`ps_client._core.AsyncPsClient` on it; every method submits the matching
+coroutine to that loop and waits for it. There is no second implementation: the
+sync classes only translate calls. A client may be shared by many threads (their
+calls run concurrently on the loop). Do not call it from inside a learning-rate
+function (that runs on the loop thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Coroutine, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+
+from protos import embedding_hash_table_pb2 as eht
+from ps_client._core import AsyncPsClient, FusedLookupResult, RetryPolicy
+from ps_client._table import AsyncHashFilters, AsyncTable, TableSpec
+from ps_client.channel import ChannelOptions
+from ps_client.errors import PsInvalidArgument
+from ps_client.graph_meta import MetaContext
+from ps_client.learning_rate_functions import LearningRate
+
+T = TypeVar("T")
+
+
+class _LoopThread:
+    """An event loop running forever on a daemon thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._main, name="ps-client-loop", daemon=True
+        )
+        self._thread.start()
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("a PsClient cannot be called from its own event-loop thread")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def stop(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+
+class PsClient:
+    """Client of a monolith-ps cluster: one logical view of all its shards.
+
+    :param addresses: ``host:port`` of shard 0, 1, ... in shard order.
+    :param timeout: deadline (s) of every data-plane call, retries included.
+    :param credentials: channel credentials for TLS; None = plaintext.
+    :param auth_token: sent as ``authorization: Bearer <token>`` on every call.
+    :param file_timeout: deadline (s) of saves, restores and checkpoints.
+    :param retry: backoff of read-only calls on ``UNAVAILABLE``.
+    :raises PsInvalidArgument: no addresses.
+
+    Use it as a context manager (``with PsClient(...) as client:``) or call
+    :meth:`close`. Inside the ``with`` block the client's metadata registry is the
+    current one for :func:`ps_client.graph_meta.get_meta`.
+    """
+
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        *,
+        timeout: float = 60.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        auth_token: str | None = None,
+        file_timeout: float = 3600.0,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        if isinstance(addresses, str) or not addresses:
+            raise PsInvalidArgument(
+                f"addresses must be a non-empty list of host:port strings, got {addresses!r}"
+            )
+        self._meta = MetaContext()
+        self._meta_scopes: list[contextlib.AbstractContextManager[MetaContext]] = []
+        self._loop = _LoopThread()
+        options = ChannelOptions(credentials=credentials, auth_token=auth_token)
+
+        async def build() -> AsyncPsClient:
+            return AsyncPsClient(
+                addresses, timeout=timeout, file_timeout=file_timeout,
+                channel_options=options, retry=retry, meta=self._meta,
+            )
+
+        try:
+            self._core = self._loop.run(build())
+        except BaseException:
+            self._loop.stop()
+            raise
+        self._closed = False
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._closed:
+            coro.close()
+            raise RuntimeError("this PsClient is closed")
+        return self._loop.run(coro)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Close the channels and stop the loop thread. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._loop.run(self._core.close())
+        finally:
+            self._loop.stop()
+
+    def __enter__(self) -> PsClient:
+        scope = self._meta.as_current()
+        scope.__enter__()
+        self._meta_scopes.append(scope)
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._meta_scopes:
+            self._meta_scopes.pop().__exit__(exc_type, exc, tb)
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"PsClient({self._core.addresses!r})"
+
+    # ------------------------------------------------------------ routing
+
+    @property
+    def addresses(self) -> list[str]:
+        """The shards' addresses in shard order."""
+        return list(self._core.addresses)
+
+    @property
+    def num_shards(self) -> int:
+        """Number of shards."""
+        return self._core.num_shards
+
+    def shard_of(self, ids: Any) -> npt.NDArray[np.int64]:
+        """Owner shard of every id: ``floormod(ids, num_shards)`` as ``int64``."""
+        return self._core.shard_of(ids)
+
+    @property
+    def meta(self) -> MetaContext:
+        """This client's metadata registry (table names under ``"hash_table_metadata"``)."""
+        return self._meta
+
+    # ------------------------------------------------------------ creation
+
+    def create_hash_filters(
+        self,
+        enable_hash_filter: bool,
+        config: Any = b"",
+        *,
+        capacity: int = 300_000_000,
+        split_num: int = 7,
+        equal_probability: bool = False,
+        filter_type: str = "sliding_hash_filter",
+        name_suffix: str = "",
+    ) -> HashFilters:
+        """One filter per shard, named ``MonolithHashFilter<name_suffix>`` on each.
+
+        :param config: ``SlotOccurrenceThresholdConfig`` or its serialized bytes.
+        :param filter_type: ``sliding_hash_filter``, ``probabilistic_filter`` or
+            ``no_filter``; ``enable_hash_filter=False`` makes dummy filters.
+        :raises PsInvalidArgument: (``ValueError``) unknown ``filter_type``.
+        :raises PsAlreadyExists: (``ValueError``) that name exists with other options.
+        """
+        core = self._run(
+            self._core.create_hash_filters(
+                enable_hash_filter, config, capacity=capacity, split_num=split_num,
+                equal_probability=equal_probability, filter_type=filter_type,
+                name_suffix=name_suffix,
+            )
+        )
+        return HashFilters(self, core)
+
+    def create_table(
+        self,
+        config: eht.EmbeddingHashTableConfig,
+        *,
+        name: str | None = None,
+        learning_rate_fns: Sequence[LearningRate] = (1.0,),
+        hash_filters: HashFilters | None = None,
+        extra_restore_names: Sequence[str] = (),
+        saver_parallel: int = -1,
+    ) -> Table:
+        """Create one logical table on every shard.
+
+        :param name: None picks a fresh ``MonolithHashTable_<n>``.
+        :param learning_rate_fns: one per segment: a number, ``lambda: lr`` or a
+            function of the global step (e.g. ``PolynomialDecay``), evaluated at each
+            ``apply_gradients``.
+        :param hash_filters: the filters consulted before creating entries.
+        :raises PsInvalidArgument: (``ValueError``) wrong number of learning rates or a
+            config the shards reject.
+        :raises PsAlreadyExists: (``ValueError``) the name is already used.
+        """
+        core = self._run(
+            self._core.create_table(
+                config, name=name, learning_rate_fns=learning_rate_fns,
+                hash_filters=hash_filters._core if hash_filters is not None else None,
+                extra_restore_names=extra_restore_names, saver_parallel=saver_parallel,
+            )
+        )
+        return Table(self, core)
+
+    def table(
+        self, name: str, *, learning_rate_fns: Sequence[LearningRate] | None = None
+    ) -> Table:
+        """Attach to table ``name`` existing on the shards.
+
+        :param learning_rate_fns: default: the ones this client created it with, else
+            1.0 per segment.
+        :raises PsNotFound: (``KeyError``) no table ``name`` on some shard.
+        """
+        return Table(self, self._run(self._core.table(name, learning_rate_fns=learning_rate_fns)))
+
+    def tables(self) -> list[str]:
+        """Sorted names of the tables on the cluster."""
+        return self._run(self._core.tables())
+
+    def shard_infos(self) -> list[Any]:
+        """Each shard's ``ShardInfo`` message (tables, filters, sizes), in shard order."""
+        return self._run(self._core.shard_infos())
+
+    # ------------------------------------------------------------ fused ops
+
+    def fused_lookup(
+        self, tables: Sequence[Table], ids: Any, fused_slot_size: Any, num_of_shards: int,
+        req_time: int = 0,
+    ) -> FusedLookupResult:
+        """Monolith's ``fused_lookup`` (reference §7), whatever shard owns each id.
+
+        Block ``i = s * K + t`` (shard-major) holds ``fused_slot_size[i]`` ids of
+        ``tables[t]``.
+
+        :returns: ``(embeddings float32, recv_splits int32[N], id_offsets int32[K*N+1],
+            emb_offsets int32[K*N+1])``.
+        :raises PsInvalidArgument: ``sum(fused_slot_size) != len(ids)`` or bad sizes.
+        """
+        return self._run(
+            self._core.fused_lookup(
+                _cores(tables), ids, fused_slot_size, num_of_shards, req_time
+            )
+        )
+
+    def fused_apply_gradient(
+        self, tables: Sequence[Table], ids: Any, indices: Any, fused_slot_size: Any,
+        id_grads: Any, id_offsets: Any, grad_offsets: Any, learning_rate_tensors: Any,
+        req_time: int, global_step: int, num_of_shards: int,
+        enable_grad_accumulation: bool = False,
+    ) -> None:
+        """Monolith's ``fused_apply_gradient`` (reference §7), whatever shard owns each id.
+
+        ``learning_rate_tensors`` is the concatenation of every table's per-segment
+        rates; ``indices`` is unused.
+
+        :raises PsInvalidArgument: offsets, sizes, grads or rates that do not fit.
+        """
+        self._run(
+            self._core.fused_apply_gradient(
+                _cores(tables), ids, indices, fused_slot_size, id_grads, id_offsets,
+                grad_offsets, learning_rate_tensors, req_time, global_step, num_of_shards,
+                enable_grad_accumulation,
+            )
+        )
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, model_dir: str, global_step: int, *, max_to_keep: int = 0) -> str:
+        """Save every table and filter of every shard to ``<model_dir>/model.ckpt-<step>``.
+
+        :param max_to_keep: keep only this many newest checkpoints (0 = all).
+        :returns: the checkpoint prefix.
+        """
+        return self._run(self._core.save_checkpoint(model_dir, global_step,
+                                                    max_to_keep=max_to_keep))
+
+    def restore_checkpoint(self, model_dir: str, *, prefix: str | None = None) -> str | None:
+        """Restore the latest checkpoint of ``model_dir`` (or ``prefix``) on every shard,
+        all-or-nothing; tables it creates become known to this client.
+
+        :returns: the restored prefix, or None when there is no checkpoint.
+        """
+        return self._run(self._core.restore_checkpoint(model_dir, prefix=prefix))
+
+
+def _cores(tables: Sequence[Table | AsyncTable]) -> list[AsyncTable]:
+    out: list[AsyncTable] = []
+    for t in tables:
+        if isinstance(t, Table):
+            out.append(t._core)
+        elif isinstance(t, AsyncTable):
+            out.append(t)
+        else:
+            raise PsInvalidArgument(f"fused ops take Table objects, got {type(t).__name__}")
+    return out
+
+
+class Table:
+    """One logical table spread over all shards (``floormod(id, num_shards)`` owns ``id``).
+
+    Mutating methods return the table itself so calls can be chained.
+    """
+
+    def __init__(self, client: PsClient, core: AsyncTable) -> None:
+        self._client = client
+        self._core = core
+
+    @property
+    def name(self) -> str:
+        """The table's name (the same on every shard)."""
+        return self._core.name
+
+    @property
+    def dim_size(self) -> int:
+        """Embedding dim (sum of the segments' dims)."""
+        return self._core.dim_size
+
+    @property
+    def extra_restore_names(self) -> tuple[str, ...]:
+        """Other names the table's files may have been saved under."""
+        return self._core.extra_restore_names
+
+    @property
+    def spec(self) -> TableSpec:
+        """Config, learning rates, filter and saver settings of the table."""
+        return self._core.spec
+
+    def __repr__(self) -> str:
+        return f"Table({self.name!r}, dim_size={self.dim_size})"
+
+    def assign(self, ids: Any, values: Any, req_time: int = 0) -> Table:
+        """Set the rows of ``ids`` to ``values`` (``[len(ids), dim_size]``), creating
+        missing entries (through the filter); a later duplicate wins.
+
+        :raises PsInvalidArgument: (``ValueError``) shapes that do not match.
+        """
+        self._client._run(self._core.assign(ids, values, req_time))
+        return self
+
+    def assign_add(self, ids: Any, values: Any, req_time: int = 0) -> Table:
+        """Add ``values`` to the rows of ``ids``; duplicates accumulate in order."""
+        self._client._run(self._core.assign_add(ids, values, req_time))
+        return self
+
+    def lookup(self, ids: Any) -> npt.NDArray[np.float32]:
+        """``float32[len(ids), dim_size]``; missing ids give zero rows (nothing is created)."""
+        return self._client._run(self._core.lookup(ids))
+
+    def lookup_entry(self, ids: Any) -> list[bytes]:
+        """One serialized ``EntryDump`` per id (``id`` unset); ``b""`` when missing."""
+        return self._client._run(self._core.lookup_entry(ids))
+
+    def apply_gradients(
+        self, ids: Any, grads: Any, global_step: int, *, enable_dedup: bool = False,
+        req_time: int = 0,
+    ) -> Table:
+        """Optimize ``(id, grad)`` pairs in order (each occurrence is one step).
+
+        Learning rates are the table's functions evaluated at ``global_step``. With
+        ``enable_dedup`` each owner shard sums duplicate ids' grads and makes one step
+        (filter count = occurrences).
+
+        :raises PsInvalidArgument: (``ValueError``) grads not ``[len(ids), dim_size]``.
+        """
+        self._client._run(
+            self._core.apply_gradients(
+                ids, grads, global_step, enable_dedup=enable_dedup, req_time=req_time
+            )
+        )
+        return self
+
+    def size(self) -> int:
+        """Number of entries over all shards."""
+        return self._client._run(self._core.size())
+
+    def save(self, basename: str) -> Table:
+        """Shard ``i`` writes ``<basename>_<i>-%05d-of-%05d`` (TFRecord of ``EntryDump``)."""
+        self._client._run(self._core.save(basename))
+        return self
+
+    def restore(self, basename: str) -> Table:
+        """Replace the table's entries with the files of ``basename`` (any shard count,
+        or Monolith's ``<basename>-…``); all-or-nothing across shards.
+
+        :raises PsNotFound: (``KeyError``) no files; other :class:`PsError` for bad files.
+        """
+        self._client._run(self._core.restore(basename))
+        return self
+
+    def save_as_tensor(
+        self, shard_idx: int, num_shards: int, limit: int, offset: int
+    ) -> tuple[int, list[bytes]]:
+        """Up to ``limit`` ``EntryDump`` (``id`` set) of the entries whose
+        ``floormod(id, num_shards) == shard_idx``, from cursor ``offset`` (0 = start).
+
+        The returned cursor is opaque (it encodes the real shard being read and that
+        shard's position); fewer than ``limit`` entries means the part is exhausted.
+        """
+        return self._client._run(self._core.save_as_tensor(shard_idx, num_shards, limit, offset))
+
+
+class HashFilters:
+    """The hash filters of all shards, one per shard, created by
+    :meth:`PsClient.create_hash_filters`."""
+
+    def __init__(self, client: PsClient, core: AsyncHashFilters) -> None:
+        self._client = client
+        self._core = core
+
+    @property
+    def name(self) -> str:
+        """The filters' name on each shard."""
+        return self._core.name
+
+    @property
+    def enabled(self) -> bool:
+        """False for dummy filters (``enable_hash_filter=False`` or ``no_filter``)."""
+        return self._core.enabled
+
+    def __repr__(self) -> str:
+        return f"HashFilters({self.name!r})"
+
+    def intercept_gradient(self, ids: Any, grads: Any) -> npt.NDArray[np.float32]:
+        """Count each id (in order) on its owner shard; ``grads`` (same shape) with the
+        rows of ids not admitted yet zeroed."""
+        return self._client._run(self._core.intercept_gradient(ids, grads))
+
+    def save(self, asset_dir: str) -> None:
+        """Shard ``i`` writes ``<asset_dir>/hash_filter_<i>-%05d-of-%05d``."""
+        self._client._run(self._core.save(asset_dir))
+
+    def restore(self, asset_dir: str) -> None:
+        """Load every shard's filter from ``asset_dir``; missing or bad files on any
+        shard raise and leave every filter untouched."""
+        self._client._run(self._core.restore(asset_dir))

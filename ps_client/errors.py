@@ -1,0 +1,180 @@
+"""Exceptions raised by the client, one per gRPC status code.
+
+Every failure a shard reports becomes a :class:`PsError` subclass that keeps the
+status ``code`` (its name, e.g. ``"INVALID_ARGUMENT"``), the server's ``details``, the
+shard ``address`` and the RPC ``method``; it is raised ``from`` the original
+``grpc.RpcError``. The client's own argument checks raise the same classes with no
+address.
+
+Where ``API.md`` promises a builtin exception the class also derives from it:
+bad arguments, a name already in use and a state that forbids the request are
+``ValueError`` (:class:`PsInvalidArgument`, :class:`PsAlreadyExists`,
+:class:`PsFailedPrecondition`); an unknown table or file is a ``KeyError``
+(:class:`PsNotFound`, so ``client.table("nope")`` raises ``KeyError``); a deadline is
+a ``TimeoutError``. Catch :class:`PsError` to catch them all.
+
+This module imports no gRPC (codes travel as names), so :mod:`ps_client.routing`
+can raise these too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class PsError(Exception):
+    """Base of every client-side monolith-ps error.
+
+    :ivar code: gRPC status code name (``"NOT_FOUND"``...), or None for client-side checks.
+    :ivar details: the message (the server's details for RPC failures).
+    :ivar address: the shard that reported it, or None.
+    :ivar method: the RPC name, or None.
+    """
+
+    default_code: str | None = None
+
+    def __init__(
+        self,
+        details: str,
+        *,
+        code: str | None = None,
+        address: str | None = None,
+        method: str | None = None,
+    ) -> None:
+        super().__init__(details)
+        self.details = details
+        self.code = code if code is not None else self.default_code
+        self.address = address
+        self.method = method
+
+    def __str__(self) -> str:
+        if self.address is None:
+            return self.details
+        return f"{self.details} [{self.code} from {self.method} on shard {self.address}]"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            _rebuild,
+            (type(self), self.details, self.code, self.address, self.method),
+        )
+
+
+def _rebuild(
+    cls: type[PsError], details: str, code: str | None, address: str | None, method: str | None
+) -> PsError:
+    return cls(details, code=code, address=address, method=method)
+
+
+class PsInvalidArgument(PsError, ValueError):
+    """The request is wrong: shapes, dtypes, values, config fields (INVALID_ARGUMENT)."""
+
+    default_code = "INVALID_ARGUMENT"
+
+
+class PsNotFound(PsError, KeyError):
+    """A table, filter, file or checkpoint named in the request does not exist (NOT_FOUND)."""
+
+    default_code = "NOT_FOUND"
+
+
+class PsAlreadyExists(PsError, ValueError):
+    """The name is used already, with another definition (ALREADY_EXISTS)."""
+
+    default_code = "ALREADY_EXISTS"
+
+
+class PsFailedPrecondition(PsError, ValueError):
+    """Well formed, but the state forbids it, e.g. checkpoint dims differ (FAILED_PRECONDITION)."""
+
+    default_code = "FAILED_PRECONDITION"
+
+
+class PsOutOfRange(PsError, ValueError):
+    """A value outside the accepted range (OUT_OF_RANGE)."""
+
+    default_code = "OUT_OF_RANGE"
+
+
+class PsDataLoss(PsError):
+    """A file is damaged: bad CRC, truncated record (DATA_LOSS)."""
+
+    default_code = "DATA_LOSS"
+
+
+class PsPermissionDenied(PsError):
+    """A path outside the shard's data root (PERMISSION_DENIED)."""
+
+    default_code = "PERMISSION_DENIED"
+
+
+class PsUnauthenticated(PsError):
+    """Missing or wrong auth token (UNAUTHENTICATED)."""
+
+    default_code = "UNAUTHENTICATED"
+
+
+class PsResourceExhausted(PsError):
+    """A limit was hit: table capacity, batch size, message size (RESOURCE_EXHAUSTED)."""
+
+    default_code = "RESOURCE_EXHAUSTED"
+
+
+class PsUnavailable(PsError, ConnectionError):
+    """The shard cannot be reached or is draining (UNAVAILABLE)."""
+
+    default_code = "UNAVAILABLE"
+
+
+class PsDeadlineExceeded(PsError, TimeoutError):
+    """The call did not finish within its deadline (DEADLINE_EXCEEDED)."""
+
+    default_code = "DEADLINE_EXCEEDED"
+
+
+class PsCancelled(PsError):
+    """The call was cancelled (CANCELLED)."""
+
+    default_code = "CANCELLED"
+
+
+class PsUnimplemented(PsError, NotImplementedError):
+    """The shard does not implement this RPC (UNIMPLEMENTED)."""
+
+    default_code = "UNIMPLEMENTED"
+
+
+class PsInternal(PsError):
+    """A bug on the shard (INTERNAL, UNKNOWN or any other code); see the shard's log."""
+
+    default_code = "INTERNAL"
+
+
+ERROR_BY_CODE: dict[str, type[PsError]] = {
+    "INVALID_ARGUMENT": PsInvalidArgument,
+    "NOT_FOUND": PsNotFound,
+    "ALREADY_EXISTS": PsAlreadyExists,
+    "FAILED_PRECONDITION": PsFailedPrecondition,
+    "OUT_OF_RANGE": PsOutOfRange,
+    "DATA_LOSS": PsDataLoss,
+    "PERMISSION_DENIED": PsPermissionDenied,
+    "UNAUTHENTICATED": PsUnauthenticated,
+    "RESOURCE_EXHAUSTED": PsResourceExhausted,
+    "UNAVAILABLE": PsUnavailable,
+    "DEADLINE_EXCEEDED": PsDeadlineExceeded,
+    "CANCELLED": PsCancelled,
+    "UNIMPLEMENTED": PsUnimplemented,
+    "INTERNAL": PsInternal,
+}
+
+
+def error_from_rpc(err: Any, *, address: str, method: str) -> PsError:
+    """The :class:`PsError` for a failed call (``grpc.RpcError``); raise it ``from err``.
+
+    Unknown codes (``UNKNOWN``, ``ABORTED``...) become :class:`PsInternal` keeping the code.
+    """
+    code_obj = err.code() if callable(getattr(err, "code", None)) else None
+    code = getattr(code_obj, "name", None) or "UNKNOWN"
+    details_fn = getattr(err, "details", None)
+    details = (details_fn() if callable(details_fn) else None) or str(err)
+    cls = ERROR_BY_CODE.get(code, PsInternal)
+    return cls(details, code=code, address=address, method=method)

@@ -1,0 +1,371 @@
+"""Where each id goes and how answers come back: pure numpy, no gRPC.
+
+Routing is Monolith's (reference §8): the owner of id ``x`` among ``n`` shards is
+``floormod(x, n)`` on int64, so negative ids land in ``[0, n)`` too
+(``-1 -> n - 1``). Every helper works on whole batches; none loops over ids.
+
+The fused ops (reference §7) describe a *logical* layout of ``N = num_of_shards``
+sending workers and ``K`` tables: block ``i = s * K + t`` holds the ids table ``t``
+received from worker ``s``. :class:`FusedLayout` computes Monolith's offsets for it
+and :class:`FusedRoute` maps its ids onto the *real* shards of a cluster, which may
+be a different number: every real shard gets its own ids of every block, in block
+order, and the answers are put back where Monolith's single process would put them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ps_client.errors import PsInvalidArgument
+
+Ids = npt.NDArray[np.int64]
+Positions = npt.NDArray[np.int64]
+Floats = npt.NDArray[np.float32]
+Int32s = npt.NDArray[np.int32]
+
+_EMPTY_POS: Positions = np.zeros(0, dtype=np.int64)
+
+
+# ---------------------------------------------------------------- conversion
+
+
+def as_ids(ids: Any, what: str = "ids") -> Ids:
+    """``ids`` as a 1-D ``int64`` array (a scalar becomes one id).
+
+    :raises PsInvalidArgument: not 1-D, not integral, or outside the int64 range.
+    """
+    try:
+        arr = np.asarray(ids)
+    except Exception as e:  # ragged nested lists and the like
+        raise PsInvalidArgument(f"{what} must be a 1-D array of int64 ids: {e}") from e
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.ndim != 1:
+        raise PsInvalidArgument(f"{what} must be 1-D, got shape {arr.shape}")
+    if arr.dtype == np.int64:
+        return arr
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    kind = arr.dtype.kind
+    if kind == "b" or kind not in "iuf":
+        raise PsInvalidArgument(f"{what} must be integers, got dtype {arr.dtype}")
+    if kind == "u" and arr.dtype.itemsize == 8 and bool((arr > np.iinfo(np.int64).max).any()):
+        raise PsInvalidArgument(f"{what} contain values above the int64 range")
+    if kind == "f":
+        if not bool(np.isfinite(arr).all()) or not bool((arr == np.trunc(arr)).all()):
+            raise PsInvalidArgument(f"{what} must be whole numbers, got non-integral floats")
+        if bool((np.abs(arr) >= 2.0**63).any()):
+            raise PsInvalidArgument(f"{what} contain values outside the int64 range")
+    return arr.astype(np.int64)
+
+
+def as_rows(values: Any, n: int, dim: int, what: str = "values") -> Floats:
+    """``values`` as C-contiguous ``float32[n, dim]``; a flat ``n * dim`` array is reshaped.
+
+    :raises PsInvalidArgument: not float32-convertible or the wrong shape (the message
+        gives the expected and the actual shape).
+    """
+    try:
+        arr = np.asarray(values, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise PsInvalidArgument(f"{what} must be float32-convertible: {e}") from e
+    if arr.ndim == 2 and arr.shape == (n, dim):
+        return np.ascontiguousarray(arr)
+    if arr.ndim == 1 and arr.size == n * dim:
+        return np.ascontiguousarray(arr.reshape(n, dim))
+    raise PsInvalidArgument(
+        f"{what} must have shape [{n}, {dim}] (one row of dim {dim} per id), got {arr.shape}"
+    )
+
+
+# ---------------------------------------------------------------- routing
+
+
+def shard_of(ids: Any, num_shards: int) -> Ids:
+    """Owner shard of every id: ``floormod(ids, num_shards)`` as ``int64[len(ids)]``.
+
+    :raises PsInvalidArgument: ``num_shards < 1`` or ids not int64-convertible.
+    """
+    if num_shards < 1:
+        raise PsInvalidArgument(f"num_shards must be >= 1, got {num_shards}")
+    return np.mod(as_ids(ids), np.int64(num_shards))
+
+
+def dedup(ids: Ids) -> tuple[Ids, Positions]:
+    """Unique ids in first-occurrence order and the inverse map.
+
+    :returns: ``(unique int64[u], inverse int64[n])`` with ``unique[inverse] == ids``
+        and ``unique`` ordered by where each id first occurs in ``ids``.
+    """
+    if ids.size == 0:
+        return ids[:0], _EMPTY_POS
+    uniq, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    return uniq[order], rank[inverse].astype(np.int64, copy=False)
+
+
+def partition(ids: Ids, num_shards: int) -> list[Positions]:
+    """Positions of each shard's ids, in their original order.
+
+    :returns: ``num_shards`` arrays; ``positions[s]`` indexes the ids owned by shard
+        ``s`` in increasing position (so a shard sees its ids in the order given).
+    """
+    if num_shards == 1:
+        return [np.arange(ids.shape[0], dtype=np.int64)]
+    owners = shard_of(ids, num_shards)
+    order = np.argsort(owners, kind="stable")
+    counts = np.bincount(owners, minlength=num_shards)
+    return list(np.split(order, np.cumsum(counts)[:-1]))
+
+
+def scatter_rows(
+    parts: Sequence[Floats], positions: Sequence[Positions], n: int, dim: int
+) -> Floats:
+    """Inverse of :func:`partition` for row answers.
+
+    :param parts: ``parts[s]`` is ``float32[len(positions[s]), dim]``.
+    :returns: ``float32[n, dim]`` with row ``positions[s][j]`` = ``parts[s][j]``.
+    """
+    if len(parts) == 1 and positions[0].shape[0] == n:
+        return np.array(parts[0], dtype=np.float32).reshape(n, dim)  # a writable copy
+    out = np.zeros((n, dim), dtype=np.float32)
+    for part, pos in zip(parts, positions, strict=True):
+        if pos.size:
+            out[pos] = part
+    return out
+
+
+def scatter_objects(
+    parts: Sequence[Sequence[bytes]], positions: Sequence[Positions], n: int
+) -> npt.NDArray[np.object_]:
+    """Inverse of :func:`partition` for per-id ``bytes`` answers (an object array)."""
+    out = np.empty(n, dtype=object)
+    for part, pos in zip(parts, positions, strict=True):
+        if pos.size:
+            column = np.empty(pos.size, dtype=object)
+            column[:] = list(part)
+            out[pos] = column
+    return out
+
+
+# ---------------------------------------------------------------- fused layout
+
+
+@dataclass(frozen=True)
+class FusedLayout:
+    """Monolith's shard-major layout of a fused request (reference §7).
+
+    For ``N`` logical shards and ``K`` tables, block ``i = s * K + t`` holds
+    ``sizes[i]`` ids of table ``t`` from shard ``s``. With ``key_off[0] = emb_off[0] = 0``::
+
+        key_off[i + 1] = key_off[i] + sizes[i]
+        emb_off[i + 1] = emb_off[i] + dims[t] * sizes[i]
+        recv_splits[s] = sum over t of dims[t] * sizes[s * K + t]
+
+    :ivar sizes: ``int64[K*N]`` ids per block.
+    :ivar dims: ``int64[K]`` embedding dim of each table.
+    :ivar key_off: ``int64[K*N+1]`` first id of each block (id offsets).
+    :ivar emb_off: ``int64[K*N+1]`` first float of each block (embedding offsets).
+    :ivar recv_splits: ``int64[N]`` floats per logical shard.
+    :ivar block_tables: ``int64[K*N]`` table index of each block (``i mod K``).
+    :ivar block_of: ``int64[num_ids]`` block of each id position.
+    :ivar within: ``int64[num_ids]`` index of each id position inside its block.
+    :ivar row_dim: ``int64[num_ids]`` dim of each id's row.
+    """
+
+    sizes: npt.NDArray[np.int64]
+    dims: npt.NDArray[np.int64]
+    key_off: npt.NDArray[np.int64]
+    emb_off: npt.NDArray[np.int64]
+    recv_splits: npt.NDArray[np.int64]
+    block_tables: npt.NDArray[np.int64]
+    block_of: npt.NDArray[np.int64]
+    within: npt.NDArray[np.int64]
+    row_dim: npt.NDArray[np.int64]
+
+    @property
+    def num_blocks(self) -> int:
+        """K * N."""
+        return int(self.sizes.shape[0])
+
+    @property
+    def num_ids(self) -> int:
+        """Sum of the block sizes."""
+        return int(self.key_off[-1])
+
+    def check_offsets(self, offsets: Any, per_id: npt.NDArray[np.int64], length: int,
+                      what: str) -> npt.NDArray[np.int64]:
+        """Validate caller-given block offsets (``K*N+1`` of them) against the layout.
+
+        :param per_id: elements per id of each block (1 for ids, ``dim_t`` for floats).
+        :param length: size of the buffer the offsets index.
+        :raises PsInvalidArgument: wrong count, a block span that disagrees with
+            ``fused_slot_size``, or a span outside the buffer.
+        """
+        off = np.asarray(offsets).reshape(-1)
+        if off.size and off.dtype.kind not in "iu":
+            raise PsInvalidArgument(f"{what} must be integers, got dtype {off.dtype}")
+        off = off.astype(np.int64)
+        if off.shape[0] != self.num_blocks + 1:
+            raise PsInvalidArgument(
+                f"{what} must have K*N+1 = {self.num_blocks + 1} entries, got {off.shape[0]}"
+            )
+        want = self.sizes * per_id
+        got = np.diff(off)
+        bad = np.flatnonzero(got != want)
+        if bad.size:
+            i = int(bad[0])
+            raise PsInvalidArgument(
+                f"{what} give block {i} a span of {int(got[i])}, but fused_slot_size and the "
+                f"table dims make it {int(want[i])}"
+            )
+        if off.size and (int(off.min()) < 0 or int(off.max()) > length):
+            raise PsInvalidArgument(
+                f"{what} reach outside the buffer of {length} elements ({off.tolist()})"
+            )
+        return off
+
+
+def fused_layout(fused_slot_size: Any, dims: Sequence[int], num_of_shards: int) -> FusedLayout:
+    """The :class:`FusedLayout` of ``fused_slot_size`` for tables of ``dims``.
+
+    :raises PsInvalidArgument: ``num_of_shards < 1``, no tables, a negative size, or
+        ``len(fused_slot_size) != len(dims) * num_of_shards``.
+    """
+    if num_of_shards < 1:
+        raise PsInvalidArgument(f"num_of_shards must be >= 1, got {num_of_shards}")
+    k = len(dims)
+    if k == 0:
+        raise PsInvalidArgument("fused ops need at least one table")
+    sizes = np.asarray(fused_slot_size).reshape(-1)
+    if sizes.size and sizes.dtype.kind not in "iu":
+        raise PsInvalidArgument(f"fused_slot_size must be integers, got dtype {sizes.dtype}")
+    sizes = sizes.astype(np.int64)
+    if sizes.shape[0] != k * num_of_shards:
+        raise PsInvalidArgument(
+            f"fused_slot_size must have K*N = {k}*{num_of_shards} = {k * num_of_shards} "
+            f"entries (one per shard and table), got {sizes.shape[0]}"
+        )
+    if bool((sizes < 0).any()):
+        raise PsInvalidArgument(f"fused_slot_size must be >= 0, got {sizes.tolist()}")
+    dims_ = np.asarray(dims, dtype=np.int64)
+    floats = sizes.reshape(num_of_shards, k) * dims_[None, :]
+    zero = np.zeros(1, dtype=np.int64)
+    key_off = np.concatenate([zero, np.cumsum(sizes)])
+    block_tables = np.tile(np.arange(k, dtype=np.int64), num_of_shards)
+    block_of = np.repeat(np.arange(sizes.shape[0], dtype=np.int64), sizes)
+    return FusedLayout(
+        sizes=sizes,
+        dims=dims_,
+        key_off=key_off,
+        emb_off=np.concatenate([zero, np.cumsum(floats.reshape(-1))]),
+        recv_splits=floats.sum(axis=1),
+        block_tables=block_tables,
+        block_of=block_of,
+        within=np.arange(block_of.shape[0], dtype=np.int64) - key_off[block_of],
+        row_dim=dims_[block_tables][block_of],
+    )
+
+
+@dataclass(frozen=True)
+class OwnerBlocks:
+    """What one real shard receives of a fused request.
+
+    :ivar shard: the real shard index.
+    :ivar positions: ``int64[m]`` logical positions (``0 .. num_ids-1``) of the ids this
+        shard owns, in block order and, within a block, in the order given.
+    :ivar blocks: ``(table_index, num_ids)`` of each non-empty sub-block, in block order.
+    :ivar floats: number of floats (``sum num_ids * dim``) of its rows.
+    """
+
+    shard: int
+    positions: Positions
+    blocks: list[tuple[int, int]]
+    floats: int
+
+
+class FusedRoute:
+    """The ids of a :class:`FusedLayout` routed to their owners among ``num_real`` shards.
+
+    A real shard's share is the concatenation, in block order, of its ids of each
+    block. A shard that applies its sub-blocks in order therefore performs, for every
+    id it owns, exactly the steps Monolith's single process would, in the same order;
+    ids owned elsewhere never interact with it.
+
+    :param ids: ``int64[num_ids]`` in logical order (block ``i`` at ``key_off[i]``).
+    :raises PsInvalidArgument: ``len(ids)`` differs from the sum of the block sizes.
+    """
+
+    def __init__(self, layout: FusedLayout, ids: Ids, num_real: int) -> None:
+        if ids.shape[0] != layout.num_ids:
+            raise PsInvalidArgument(
+                f"fused ops got {ids.shape[0]} ids but fused_slot_size adds up to "
+                f"{layout.num_ids}"
+            )
+        self.layout = layout
+        nb = layout.num_blocks
+        owners = shard_of(ids, num_real) if num_real > 1 else np.zeros_like(ids)
+        order = np.argsort(owners, kind="stable")
+        counts = np.bincount(owners * nb + layout.block_of, minlength=num_real * nb).reshape(
+            num_real, nb
+        )
+        bounds = np.concatenate([[0], np.cumsum(counts.sum(axis=1))])
+        block_dims = layout.dims[layout.block_tables]
+        self.owners: list[OwnerBlocks] = []
+        for r in range(num_real):
+            nz = np.flatnonzero(counts[r])
+            self.owners.append(
+                OwnerBlocks(
+                    shard=r,
+                    positions=order[bounds[r] : bounds[r + 1]],
+                    blocks=list(
+                        zip(layout.block_tables[nz].tolist(), counts[r, nz].tolist(),
+                            strict=True)
+                    ),
+                    floats=int((counts[r] * block_dims).sum()),
+                )
+            )
+
+    def float_index(self, positions: Positions, offsets: npt.NDArray[np.int64]) -> Positions:
+        """Flat indices of the floats of the rows at ``positions``, row after row.
+
+        :param offsets: first float of each block in the flat buffer (``K*N+1``).
+        """
+        lay = self.layout
+        d = lay.row_dim[positions]
+        total = int(d.sum())
+        if total == 0:
+            return _EMPTY_POS
+        starts = offsets[lay.block_of[positions]] + lay.within[positions] * d
+        row_first = np.concatenate([[0], np.cumsum(d)[:-1]])
+        return np.repeat(starts - row_first, d) + np.arange(total, dtype=np.int64)
+
+    def scatter_floats(self, answers: Sequence[Floats]) -> Floats:
+        """Monolith's flat embeddings from every owner's flat answer (in shard order).
+
+        :raises PsInvalidArgument: an answer has the wrong number of floats.
+        """
+        out = np.zeros(int(self.layout.emb_off[-1]), dtype=np.float32)
+        for owner, flat in zip(self.owners, answers, strict=True):
+            if flat.shape[0] != owner.floats:
+                raise PsInvalidArgument(
+                    f"shard {owner.shard} answered {flat.shape[0]} floats for a fused "
+                    f"lookup, expected {owner.floats}"
+                )
+            if owner.floats:
+                out[self.float_index(owner.positions, self.layout.emb_off)] = flat
+        return out
+
+
+def to_int32(values: npt.NDArray[np.int64], what: str) -> Int32s:
+    """``values`` as ``int32``; :class:`PsInvalidArgument` if any does not fit."""
+    if values.size and (int(values.max()) > np.iinfo(np.int32).max or int(values.min()) < 0):
+        raise PsInvalidArgument(f"{what} do not fit in int32 (largest {int(values.max())})")
+    return values.astype(np.int32)

@@ -1,0 +1,197 @@
+"""Routing, dedup, reassembly and fused layout math (pure numpy, no servers)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ps_client.errors import PsInvalidArgument
+from ps_client.routing import (
+    FusedRoute,
+    as_ids,
+    as_rows,
+    dedup,
+    fused_layout,
+    partition,
+    scatter_objects,
+    scatter_rows,
+    shard_of,
+    to_int32,
+)
+
+# ---------------------------------------------------------------- shard_of
+
+
+def test_shard_of_is_floormod_for_negative_ids() -> None:
+    # floormod(x, 3) = x - 3 * floor(x / 3): -1 -> -1 + 3 = 2, -3 -> 0, -4 -> -4 + 6 = 2,
+    # -5 -> -5 + 6 = 1; C's truncating % would give -1, 0, -1, -2.
+    got = shard_of([-1, -3, -4, -5, 0, 4, 5], 3)
+    assert got.dtype == np.int64
+    assert got.tolist() == [2, 0, 2, 1, 0, 1, 2]
+
+
+def test_shard_of_int64_extremes() -> None:
+    lo, hi = np.iinfo(np.int64).min, np.iinfo(np.int64).max
+    # -2**63 is even -> 0 mod 2; 2**63 - 1 is odd -> 1.
+    # mod 3: 2 ≡ -1, so 2**63 ≡ (-1)**63 ≡ 2; hence -2**63 ≡ -2 ≡ 1 and 2**63 - 1 ≡ 1.
+    assert shard_of([lo, hi], 2).tolist() == [0, 1]
+    assert shard_of([lo, hi], 3).tolist() == [1, 1]
+
+
+def test_shard_of_rejects_bad_counts_and_ids() -> None:
+    with pytest.raises(ValueError, match="num_shards"):
+        shard_of([1], 0)
+    with pytest.raises(PsInvalidArgument, match="whole numbers"):
+        shard_of([1.5], 2)
+    with pytest.raises(PsInvalidArgument, match="1-D"):
+        shard_of([[1, 2]], 2)
+
+
+def test_as_ids_accepts_int_like_and_rejects_bools() -> None:
+    assert as_ids(np.array([1, 2], dtype=np.uint8)).dtype == np.int64
+    assert as_ids(7).tolist() == [7]
+    assert as_ids([3.0, -2.0]).tolist() == [3, -2]
+    with pytest.raises(PsInvalidArgument, match="integers"):
+        as_ids([True, False])
+    with pytest.raises(PsInvalidArgument, match="int64 range"):
+        as_ids(np.array([2**63], dtype=np.uint64))
+
+
+def test_as_rows_checks_shape() -> None:
+    assert as_rows([1, 2, 3, 4], 2, 2).tolist() == [[1, 2], [3, 4]]
+    with pytest.raises(PsInvalidArgument, match=r"\[2, 3\].*\(2, 2\)"):
+        as_rows([[1, 2], [3, 4]], 2, 3)
+
+
+# ---------------------------------------------------------------- dedup / partition
+
+
+def test_dedup_first_occurrence_order() -> None:
+    ids = np.array([5, -1, 5, 7, -1, 2], dtype=np.int64)
+    uniq, inverse = dedup(ids)
+    # First occurrences: 5 at 0, -1 at 1, 7 at 3, 2 at 5 (not sorted order -1, 2, 5, 7).
+    assert uniq.tolist() == [5, -1, 7, 2]
+    assert inverse.tolist() == [0, 1, 0, 2, 1, 3]
+    assert np.array_equal(uniq[inverse], ids)
+
+
+def test_dedup_empty() -> None:
+    uniq, inverse = dedup(np.zeros(0, dtype=np.int64))
+    assert uniq.shape == (0,) and inverse.shape == (0,)
+
+
+def test_partition_keeps_order_per_shard() -> None:
+    ids = np.array([4, -1, 3, 2, 7, 0, -4], dtype=np.int64)
+    # owners mod 3: 4->1, -1->2, 3->0, 2->2, 7->1, 0->0, -4->2
+    pos = partition(ids, 3)
+    assert [p.tolist() for p in pos] == [[2, 5], [0, 4], [1, 3, 6]]
+    assert partition(ids, 1)[0].tolist() == list(range(7))
+
+
+def test_lookup_round_trip_dedup_partition_scatter() -> None:
+    rng = np.random.default_rng(0)
+    ids = rng.integers(-50, 50, size=200).astype(np.int64)
+    table = {int(i): np.array([i, 2 * i], dtype=np.float32) for i in range(-50, 50)}
+    uniq, inverse = dedup(ids)
+    positions = partition(uniq, 4)
+    # What each shard would answer: the rows of its unique ids, in the order sent.
+    parts = [np.stack([table[int(i)] for i in uniq[p]]) if p.size else np.zeros((0, 2))
+             for p in positions]
+    for s, p in enumerate(positions):
+        assert (np.mod(uniq[p], 4) == s).all()
+    rows = scatter_rows(parts, positions, uniq.shape[0], 2)[inverse]
+    assert rows.tolist() == [[float(i), 2.0 * i] for i in ids]
+    assert rows.flags.writeable
+
+
+def test_scatter_objects_places_bytes() -> None:
+    positions = [np.array([1], dtype=np.int64), np.array([0, 2], dtype=np.int64)]
+    out = scatter_objects([[b"b"], [b"a", b""]], positions, 3)
+    assert out.tolist() == [b"a", b"b", b""]
+
+
+# ---------------------------------------------------------------- fused layout
+
+
+def test_fused_layout_docstring_example() -> None:
+    # Reference §7: K=2 tables of dims [1, 2], N=2, sizes [1, 1, 1, 1].
+    # key_off: 0, 1, 2, 3, 4.  emb_off: 0, +1*1=1, +2*1=3, +1*1=4, +2*1=6.
+    # recv_splits: shard 0 = 1*1 + 2*1 = 3, shard 1 = 3.
+    lay = fused_layout([1, 1, 1, 1], [1, 2], 2)
+    assert lay.key_off.tolist() == [0, 1, 2, 3, 4]
+    assert lay.emb_off.tolist() == [0, 1, 3, 4, 6]
+    assert lay.recv_splits.tolist() == [3, 3]
+    assert lay.block_tables.tolist() == [0, 1, 0, 1]
+
+
+def test_fused_layout_uneven_sizes() -> None:
+    # K=2 (dims 3, 1), N=3, sizes [s0t0=2, s0t1=0, s1t0=1, s1t1=4, s2t0=0, s2t1=1].
+    # emb per block: 6, 0, 3, 4, 0, 1 -> emb_off 0, 6, 6, 9, 13, 13, 14.
+    # recv_splits: 6+0, 3+4, 0+1.
+    lay = fused_layout([2, 0, 1, 4, 0, 1], [3, 1], 3)
+    assert lay.key_off.tolist() == [0, 2, 2, 3, 7, 7, 8]
+    assert lay.emb_off.tolist() == [0, 6, 6, 9, 13, 13, 14]
+    assert lay.recv_splits.tolist() == [6, 7, 1]
+    assert lay.block_of.tolist() == [0, 0, 2, 3, 3, 3, 3, 5]
+    assert lay.within.tolist() == [0, 1, 0, 0, 1, 2, 3, 0]
+    assert lay.row_dim.tolist() == [3, 3, 3, 1, 1, 1, 1, 1]
+
+
+def test_fused_layout_validation() -> None:
+    with pytest.raises(PsInvalidArgument, match=r"K\*N = 2\*2 = 4"):
+        fused_layout([1, 1, 1], [1, 2], 2)
+    with pytest.raises(PsInvalidArgument, match=">= 0"):
+        fused_layout([1, -1], [1], 2)
+    with pytest.raises(PsInvalidArgument, match="num_of_shards"):
+        fused_layout([], [1], 0)
+
+
+def test_fused_route_rejects_id_count_mismatch() -> None:
+    lay = fused_layout([1, 1, 1, 1], [1, 2], 2)
+    with pytest.raises(PsInvalidArgument, match="3 ids but fused_slot_size adds up to 4"):
+        FusedRoute(lay, np.array([1, 2, 3], dtype=np.int64), 2)
+
+
+def test_fused_route_docstring_example_on_three_real_shards() -> None:
+    # ids [1, 3, 2, 4] in blocks 0..3 (tables 0, 1, 0, 1); owners mod 3: 1, 0, 2, 1.
+    lay = fused_layout([1, 1, 1, 1], [1, 2], 2)
+    ids = np.array([1, 3, 2, 4], dtype=np.int64)
+    route = FusedRoute(lay, ids, 3)
+    assert [o.positions.tolist() for o in route.owners] == [[1], [0, 3], [2]]
+    # Shard 0: block 1 (table 1) with one id; shard 1: block 0 (table 0), block 3 (table 1).
+    assert [o.blocks for o in route.owners] == [[(1, 1)], [(0, 1), (1, 1)], [(0, 1)]]
+    assert [o.floats for o in route.owners] == [2, 3, 1]
+    # Each shard answers its rows in its block order: shard 0 -> id 3 = [3, 3];
+    # shard 1 -> id 1 = [1], id 4 = [4, 4]; shard 2 -> id 2 = [2].
+    answers = [np.array(a, dtype=np.float32) for a in ([3, 3], [1, 4, 4], [2])]
+    assert route.scatter_floats(answers).tolist() == [1, 3, 3, 2, 4, 4]
+
+
+def test_fused_route_gathers_grads_by_given_offsets() -> None:
+    lay = fused_layout([1, 1, 1, 1], [1, 2], 2)
+    route = FusedRoute(lay, np.array([1, 3, 2, 4], dtype=np.int64), 2)
+    grads = np.array([10, 20, 21, 30, 40, 41], dtype=np.float32)
+    # Owners mod 2: ids 1, 3 -> shard 1; ids 2, 4 -> shard 0. Shard 0 gets id 2's grad [30]
+    # then id 4's [40, 41]; shard 1 gets id 1's [10] then id 3's [20, 21].
+    idx0 = route.float_index(route.owners[0].positions, lay.emb_off)
+    idx1 = route.float_index(route.owners[1].positions, lay.emb_off)
+    assert grads[idx0].tolist() == [30, 40, 41]
+    assert grads[idx1].tolist() == [10, 20, 21]
+
+
+def test_check_offsets() -> None:
+    lay = fused_layout([1, 1, 1, 1], [1, 2], 2)
+    ok = lay.check_offsets([0, 1, 3, 4, 6], lay.dims[lay.block_tables], 6, "grad_offsets")
+    assert ok.tolist() == [0, 1, 3, 4, 6]
+    with pytest.raises(PsInvalidArgument, match=r"block 1 a span of 1.*make it 2"):
+        lay.check_offsets([0, 1, 2, 3, 4], lay.dims[lay.block_tables], 6, "grad_offsets")
+    with pytest.raises(PsInvalidArgument, match=r"K\*N\+1 = 5"):
+        lay.check_offsets([0, 1, 2, 3], np.ones(4, dtype=np.int64), 4, "id_offsets")
+    with pytest.raises(PsInvalidArgument, match="outside the buffer"):
+        lay.check_offsets([1, 2, 3, 4, 5], np.ones(4, dtype=np.int64), 4, "id_offsets")
+
+
+def test_to_int32_overflow() -> None:
+    assert to_int32(np.array([0, 5], dtype=np.int64), "x").dtype == np.int32
+    with pytest.raises(PsInvalidArgument, match="int32"):
+        to_int32(np.array([2**31], dtype=np.int64), "emb_offsets")
