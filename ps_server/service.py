@@ -120,7 +120,9 @@ def _translate_errors(
     async def wrapper(self: _Servicer, request: _Req, context: Any) -> _Resp:
         _log.debug("%s: start", name)
         try:
-            return await rpc(self, request, context)
+            response = await rpc(self, request, context)
+            _log.debug("%s: done", name)
+            return response
         except grpc.aio.AbortError:
             raise  # already a status; must propagate untouched
         except PsError as e:
@@ -601,8 +603,11 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
         def work() -> ps_pb2.HashFilterFilesResponse:
             filter_dump = _checkpoint_module("filter_dump")
             flt = self._shard.hash_filter(request.hash_filter).hash_filter
-            files = filter_dump.restore_filter(flt, basename, validate_only=request.validate_only)
-            return ps_pb2.HashFilterFilesResponse(files=files)
+            # validate_only is passed only when set, so a plain restore also works with
+            # a restore_filter(hash_filter, basename) that predates the flag.
+            extra = {"validate_only": True} if request.validate_only else {}
+            files = filter_dump.restore_filter(flt, basename, **extra)
+            return ps_pb2.HashFilterFilesResponse(files=files or [])
 
         return await self._call("RestoreHashFilter", work, filters=[request.hash_filter])
 
