@@ -1,0 +1,573 @@
+"""Checkpoint directories: every table and filter of a shard under one step's prefix.
+
+Layout (reference §6.5, API.md "Files")::
+
+    <model_dir>/checkpoint                         TensorFlow CheckpointState text, names the latest
+    <model_dir>/model.ckpt-<step>.assets/
+        <P>_<i>-%05d-of-%05d                       table parts of shard i (P: name, ':' '/' -> '-')
+        hash_filter_<i>-%05d-of-%05d               the filter of shard i
+        manifest.json                              what an empty shard needs to rebuild everything
+
+A save is two steps. Every shard runs :func:`save_shard_checkpoint` (its table parts
+and its filters' files, each atomic); then one shard runs :func:`commit_checkpoint`,
+which writes ``manifest.json`` and, last, the ``checkpoint`` index. Until the index
+is replaced the previous checkpoint stays the latest, so a crash mid-save loses
+nothing. Beyond ``max_to_keep`` checkpoints the oldest are deleted whole (every
+``<prefix>.*``, assets included) after the index no longer names them.
+
+Filter files: a shard whose tables use exactly one file-saving filter writes it as
+``hash_filter_<i>`` (Monolith's name); with several, filter ``F`` is written as
+``hash_filter_<P(F)>_<i>``. The manifest records which stem each filter used.
+
+``manifest.json`` (UTF-8 JSON; bytes fields base64)::
+
+    {"format": "monolith-ps-checkpoint", "version": 1, "global_step": 12, "num_shards": 2,
+     "tables": {"<name>": {"file_stem": "<P>", "config": "<b64 EmbeddingHashTableConfig>",
+                           "hash_filter": "<filter name or ''>",
+                           "extra_restore_names": [...], "saver_parallel": -1}},
+     "hash_filters": {"<name>": {"file_stem": "hash_filter", "enable_hash_filter": true,
+                                 "filter_type": "sliding_hash_filter",
+                                 "occurrence_threshold_config": "<b64>", "capacity": 300000000,
+                                 "split_num": 7, "equal_probability": false}}}
+
+``hash_filters`` lists every filter a table uses; ``file_stem`` is null for filters
+that write no files (dummy, probabilistic).
+
+Restore (:func:`restore_shard_checkpoint`) resolves the prefix, plans every table of
+the shard and of the manifest (creating missing tables and filters from the
+manifest), validates every file (tables: all records; filters: metas and cells)
+before changing anything, then loads. Filters are restored only when the checkpoint
+was written by the same number of shards (a filter's cells are per shard and
+cannot be redistributed); table entries are redistributed to any shard count.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import glob
+import json
+import os
+import re
+import secrets
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+from protos import embedding_hash_table_pb2 as eht
+from ps_server.checkpoint import filter_dump
+from ps_server.checkpoint.table_files import (
+    list_table_parts,
+    load_table_files,
+    save_table,
+    scan_table_parts,
+    validate_table_files,
+)
+from ps_server.engine.hash_table import EmbeddingHashTable
+from ps_server.engine.shard import FilterOptions, Shard
+from ps_server.errors import (
+    CheckpointCorruptError,
+    CheckpointNotFoundError,
+    ConfigError,
+    ConfigMismatchError,
+    InvalidArgumentError,
+)
+
+__all__ = [
+    "CHECKPOINT_BASENAME",
+    "INDEX_NAME",
+    "MANIFEST_NAME",
+    "CheckpointResult",
+    "asset_dir",
+    "checkpoint_prefix",
+    "commit_checkpoint",
+    "file_stem",
+    "latest_checkpoint",
+    "read_checkpoint_index",
+    "restore_shard_checkpoint",
+    "save_shard_checkpoint",
+]
+
+CHECKPOINT_BASENAME = "model.ckpt"
+INDEX_NAME = "checkpoint"
+MANIFEST_NAME = "manifest.json"
+_FORMAT = "monolith-ps-checkpoint"
+_VERSION = 1
+_FILTER_STEM = "hash_filter"
+_INDEX_LINE = re.compile(r'\s*(\w+)\s*:\s*"((?:[^"\\]|\\.)*)"\s*')
+
+
+@dataclass(frozen=True)
+class CheckpointResult:
+    """Outcome of a checkpoint operation.
+
+    :param prefix: ``<model_dir>/model.ckpt-<step>``; ``""`` when a restore found no
+        checkpoint at all.
+    :param files: files written, or read/checked.
+    :param entries: table entries saved, or held after restore (would hold, when
+        validating).
+    :param tables: tables saved, or restored (including those created).
+    """
+
+    prefix: str
+    files: list[str]
+    entries: int
+    tables: list[str]
+
+
+def file_stem(name: str) -> str:
+    """A table or filter name as used in file names: ``:`` and ``/`` become ``-``."""
+    return name.replace(":", "-").replace("/", "-")
+
+
+def checkpoint_prefix(model_dir: str, global_step: int) -> str:
+    """``<model_dir>/model.ckpt-<global_step>``."""
+    return os.path.join(model_dir, f"{CHECKPOINT_BASENAME}-{int(global_step)}")
+
+
+def asset_dir(prefix: str) -> str:
+    """``<prefix>.assets`` (the directory holding a checkpoint's table and filter files)."""
+    return prefix + ".assets"
+
+
+# ---------------------------------------------------------------------- save
+
+
+def _filter_stems(shard: Shard) -> dict[str, str | None]:
+    """Every filter the shard's tables use -> its file stem (None: writes no files)."""
+    used = sorted({s.hash_filter for s in shard.tables.values() if s.hash_filter})
+    saving = [n for n in used if shard.hash_filter(n).hash_filter.split_num > 0]
+    stems: dict[str, str | None] = {n: None for n in used}
+    for name in saving:
+        stems[name] = _FILTER_STEM if len(saving) == 1 else f"{_FILTER_STEM}_{file_stem(name)}"
+    return stems
+
+
+def save_shard_checkpoint(shard: Shard, model_dir: str, global_step: int) -> CheckpointResult:
+    """Write this shard's part of checkpoint ``global_step``: its table parts and filters.
+
+    Each table ``T`` goes to ``<assets>/<P(T)>_<shard_index>-…`` (expired entries left
+    out, ``saver_parallel`` files) and each file-saving filter to
+    ``<assets>/<stem>_<shard_index>-…``. The checkpoint is not visible until
+    :func:`commit_checkpoint`.
+
+    :raises ServingEntryError: a table has SERVING entries.
+    :raises OSError: files cannot be written (files already renamed stay; the
+        checkpoint is not committed).
+    """
+    prefix = checkpoint_prefix(model_dir, global_step)
+    assets = asset_dir(prefix)
+    os.makedirs(assets, exist_ok=True)
+    files: list[str] = []
+    entries = 0
+    names = sorted(shard.tables)
+    for name in names:
+        slot = shard.tables[name]
+        result = save_table(
+            slot.table,
+            os.path.join(assets, file_stem(name)),
+            shard_index=shard.shard_index,
+            nshards=slot.saver_parallel,
+        )
+        files += result.files
+        entries += result.entries
+    for name, stem in sorted(_filter_stems(shard).items()):
+        if stem is not None:
+            basename = os.path.join(assets, f"{stem}_{shard.shard_index}")
+            files += filter_dump.save_filter(shard.hash_filter(name).hash_filter, basename)
+    return CheckpointResult(prefix, files, entries, names)
+
+
+def _manifest(shard: Shard, global_step: int) -> dict[str, Any]:
+    stems = _filter_stems(shard)
+    tables = {
+        name: {
+            "file_stem": file_stem(name),
+            "config": base64.b64encode(slot.config_bytes).decode("ascii"),
+            "hash_filter": slot.hash_filter,
+            "extra_restore_names": list(slot.extra_restore_names),
+            "saver_parallel": slot.saver_parallel,
+        }
+        for name, slot in sorted(shard.tables.items())
+    }
+    filters = {}
+    for name, stem in sorted(stems.items()):
+        options = shard.hash_filter(name).options
+        filters[name] = {
+            "file_stem": stem,
+            "enable_hash_filter": options.enable_hash_filter,
+            "filter_type": options.filter_type,
+            "occurrence_threshold_config": base64.b64encode(
+                options.occurrence_threshold_config
+            ).decode("ascii"),
+            "capacity": options.capacity,
+            "split_num": options.split_num,
+            "equal_probability": options.equal_probability,
+        }
+    return {
+        "format": _FORMAT,
+        "version": _VERSION,
+        "global_step": int(global_step),
+        "num_shards": shard.num_shards,
+        "tables": tables,
+        "hash_filters": filters,
+    }
+
+
+def commit_checkpoint(
+    shard: Shard, model_dir: str, global_step: int, max_to_keep: int
+) -> CheckpointResult:
+    """Make checkpoint ``global_step`` the latest: manifest, then the ``checkpoint`` index.
+
+    Run once (on one shard) after every shard's :func:`save_shard_checkpoint`. The
+    manifest describes this shard's tables and filters (every shard holds the same
+    declarations). The index lists the kept checkpoints oldest first, relative to
+    ``model_dir``; with ``max_to_keep > 0`` older ones are dropped from it and then
+    deleted (every ``<prefix>.*``).
+
+    :returns: the prefix, the manifest and index paths, 0 entries, the table names.
+    :raises OSError: the manifest or the index cannot be written.
+    """
+    if max_to_keep < 0:
+        raise InvalidArgumentError(f"max_to_keep must be >= 0 (0 keeps all), got {max_to_keep}")
+    prefix = checkpoint_prefix(model_dir, global_step)
+    assets = asset_dir(prefix)
+    os.makedirs(assets, exist_ok=True)
+    manifest_path = os.path.join(assets, MANIFEST_NAME)
+    body = json.dumps(_manifest(shard, global_step), indent=1, sort_keys=True) + "\n"
+    _write_atomic(manifest_path, body.encode("utf-8"))
+
+    name = os.path.basename(prefix)
+    _, listed = read_checkpoint_index(model_dir)
+    kept = [p for p in listed if _resolve(model_dir, p) != prefix] + [name]
+    dropped: list[str] = []
+    if max_to_keep and len(kept) > max_to_keep:
+        dropped, kept = kept[:-max_to_keep], kept[-max_to_keep:]
+    index_path = os.path.join(model_dir, INDEX_NAME)
+    _write_atomic(index_path, _index_text(name, kept).encode("utf-8"))
+    for old in dropped:
+        _delete_checkpoint(_resolve(model_dir, old))
+    return CheckpointResult(prefix, [manifest_path, index_path], 0, sorted(shard.tables))
+
+
+def _index_text(latest: str, paths: list[str]) -> str:
+    lines = [f"model_checkpoint_path: {_quote(latest)}"]
+    lines += [f"all_model_checkpoint_paths: {_quote(p)}" for p in paths]
+    return "\n".join(lines) + "\n"
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _unquote(text: str) -> str:
+    return re.sub(r"\\(.)", r"\1", text)
+
+
+def _resolve(model_dir: str, path: str) -> str:
+    return path if os.path.isabs(path) else os.path.join(model_dir, path)
+
+
+def _delete_checkpoint(prefix: str) -> None:
+    """Remove everything named ``<prefix>.*`` (TF files and the assets directory)."""
+    for path in glob.glob(glob.escape(prefix) + ".*"):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    """Write ``path`` via a temporary file, fsync, rename, directory fsync."""
+    directory = os.path.dirname(path) or "."
+    tmp = f"{path}-tmp-{secrets.randbits(64):016x}"
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------- index
+
+
+def read_checkpoint_index(model_dir: str) -> tuple[str | None, list[str]]:
+    """``(model_checkpoint_path, all_model_checkpoint_paths)`` as written in the index.
+
+    Paths are as recorded (usually relative to ``model_dir``). No index gives
+    ``(None, [])``; unknown fields are ignored.
+
+    :raises CheckpointCorruptError: a line is not ``key: "value"``.
+    """
+    path = os.path.join(model_dir, INDEX_NAME)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None, []
+    latest: str | None = None
+    listed: list[str] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        match = _INDEX_LINE.fullmatch(line)
+        if match is None:
+            if re.fullmatch(r"\s*\w+\s*:\s*[-+0-9.eE]+\s*", line):
+                continue  # numeric fields (TF's timestamps)
+            raise CheckpointCorruptError(f"{path}: line {number} is not `key: \"value\"`: {line!r}")
+        key, value = match.group(1), _unquote(match.group(2))
+        if key == "model_checkpoint_path":
+            latest = value
+        elif key == "all_model_checkpoint_paths":
+            listed.append(value)
+    return latest, listed
+
+
+def latest_checkpoint(model_dir: str) -> str | None:
+    """The latest checkpoint prefix named by ``<model_dir>/checkpoint``, or None.
+
+    A relative path in the index is taken relative to ``model_dir``.
+    """
+    latest, _ = read_checkpoint_index(model_dir)
+    if not latest:
+        return None
+    return _resolve(model_dir, latest)
+
+
+def _resolve_prefix(model_dir: str, prefix: str | None) -> str | None:
+    if prefix:
+        return prefix if os.path.dirname(prefix) else os.path.join(model_dir, prefix)
+    latest = latest_checkpoint(model_dir)
+    if latest is not None:
+        return latest
+    found = sorted(glob.glob(os.path.join(glob.escape(model_dir), "*.assets")))
+    dirs = [d for d in found if os.path.isdir(d)]
+    if len(dirs) == 1:
+        return dirs[0][: -len(".assets")]
+    return None
+
+
+# ---------------------------------------------------------------------- restore
+
+
+@dataclass
+class _TablePlan:
+    name: str
+    table: EmbeddingHashTable  # the live table, or a stand-in to validate against
+    paths: list[str]
+    declaration: dict[str, Any] | None  # manifest entry when the table must be created
+
+
+@dataclass
+class _FilterPlan:
+    name: str
+    options: FilterOptions
+    basename: str | None  # None: nothing to restore
+    create: bool
+
+
+def _read_manifest(assets: str) -> dict[str, Any] | None:
+    path = os.path.join(assets, MANIFEST_NAME)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return None
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+        if manifest.get("format") != _FORMAT or not isinstance(manifest.get("tables"), dict):
+            raise ValueError("not a monolith-ps checkpoint manifest")
+        if int(manifest.get("version", 0)) > _VERSION:
+            raise ValueError(f"version {manifest['version']} is newer than this reader")
+        int(manifest["num_shards"])
+        for name, decl in manifest["tables"].items():
+            base64.b64decode(decl["config"], validate=True)
+            missing = {"hash_filter", "extra_restore_names", "saver_parallel"} - set(decl)
+            if missing:
+                raise KeyError(f"table {name!r} lacks {', '.join(sorted(missing))}")
+        for decl in manifest.get("hash_filters", {}).values():
+            _filter_options(decl)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointCorruptError(f"{path}: unreadable manifest: {e}") from e
+    result: dict[str, Any] = manifest
+    return result
+
+
+def _filter_options(decl: dict[str, Any]) -> FilterOptions:
+    return FilterOptions(
+        enable_hash_filter=bool(decl["enable_hash_filter"]),
+        filter_type=str(decl["filter_type"]),
+        occurrence_threshold_config=base64.b64decode(
+            decl["occurrence_threshold_config"], validate=True
+        ),
+        capacity=int(decl["capacity"]),
+        split_num=int(decl["split_num"]),
+        equal_probability=bool(decl["equal_probability"]),
+    )
+
+
+def _table_paths(assets: str, name: str, candidates: list[str]) -> list[str]:
+    """Parts of the first candidate with files (``P_<i>-…`` or ``P-…``, not ``P*``)."""
+    for candidate in candidates:
+        basename = os.path.join(assets, file_stem(candidate))
+        if scan_table_parts(basename):
+            return [p.path for p in list_table_parts(basename)]
+    tried = ", ".join(repr(file_stem(c)) for c in candidates)
+    raise ConfigMismatchError(
+        f"table {name!r} has no files in checkpoint {assets} (looked for {tried} as "
+        "<P>_<i>-NNNNN-of-NNNNN or <P>-NNNNN-of-NNNNN)"
+    )
+
+
+def _plan(
+    shard: Shard, manifest: dict[str, Any] | None, assets: str
+) -> tuple[list[_TablePlan], list[_FilterPlan]]:
+    filters: dict[str, _FilterPlan] = {}
+    same_layout = manifest is not None and int(manifest["num_shards"]) == shard.num_shards
+    if manifest is not None:
+        for name, decl in manifest.get("hash_filters", {}).items():
+            options = _filter_options(decl)
+            stem = decl.get("file_stem")
+            basename = (
+                os.path.join(assets, f"{stem}_{shard.shard_index}")
+                if stem and same_layout
+                else None
+            )
+            filters[name] = _FilterPlan(name, options, basename, name not in shard.filters)
+    else:
+        # A checkpoint without manifest (Monolith's): its one filter file set, if any,
+        # belongs to the shard's one file-saving filter.
+        stems = {n: s for n, s in _filter_stems(shard).items() if s is not None}
+        basename = os.path.join(assets, f"{_FILTER_STEM}_{shard.shard_index}")
+        if len(stems) == 1 and _has_files(basename):
+            (name,) = stems
+            filters[name] = _FilterPlan(name, shard.hash_filter(name).options, basename, False)
+
+    tables: list[_TablePlan] = []
+    for name in sorted(shard.tables):
+        slot = shard.tables[name]
+        paths = _table_paths(assets, name, [name, *slot.extra_restore_names])
+        tables.append(_TablePlan(name, slot.table, paths, None))
+    declared = manifest["tables"] if manifest is not None else {}
+    for name in sorted(set(declared) - set(shard.tables)):
+        decl = declared[name]
+        flt = decl["hash_filter"]
+        if flt and flt not in shard.filters and flt not in filters:
+            raise CheckpointCorruptError(
+                f"{assets}/{MANIFEST_NAME}: table {name!r} uses hash filter {flt!r}, which "
+                "the manifest does not declare"
+            )
+        try:
+            stand_in = EmbeddingHashTable(
+                _parse_config(decl["config"]), hash_filter=None, name=name
+            )
+        except ConfigError as e:
+            raise CheckpointCorruptError(
+                f"{assets}/{MANIFEST_NAME}: table {name!r} has an unusable config: {e}"
+            ) from e
+        paths = _table_paths(assets, name, [name, *decl["extra_restore_names"]])
+        tables.append(_TablePlan(name, stand_in, paths, decl))
+    return tables, list(filters.values())
+
+
+def _has_files(basename: str) -> bool:
+    directory = os.path.dirname(basename) or "."
+    prefix = os.path.basename(basename) + "-"
+    try:
+        return any(
+            n.startswith(prefix) and re.fullmatch(r"\d{5}-of-\d{5}", n[len(prefix) :])
+            for n in os.listdir(directory)
+        )
+    except FileNotFoundError:
+        return False
+
+
+def _parse_config(b64: str) -> eht.EmbeddingHashTableConfig:
+    try:
+        return eht.EmbeddingHashTableConfig.FromString(base64.b64decode(b64, validate=True))
+    except Exception as e:
+        raise ConfigError(f"config does not parse: {e}") from e
+
+
+def restore_shard_checkpoint(
+    shard: Shard, model_dir: str, prefix: str | None = None, validate_only: bool = False
+) -> CheckpointResult:
+    """Restore every table and filter of a checkpoint into this shard, all or nothing.
+
+    :param prefix: ``<model_dir>/model.ckpt-<step>`` (a bare ``model.ckpt-<step>`` is
+        taken inside ``model_dir``); None or ``""``: the latest in the index, else the
+        only ``*.assets`` directory of ``model_dir``, else nothing.
+    :param validate_only: check every file (and the manifest) and change nothing.
+    :returns: the restored prefix (``""`` and nothing else when there is no
+        checkpoint), the files read, the entries the shard holds (would hold), and
+        the tables restored (including those created from the manifest).
+    :raises CheckpointNotFoundError: the prefix has no assets directory, or filter
+        files the manifest promises are missing.
+    :raises CheckpointCorruptError: damaged or incomplete files, unreadable manifest.
+    :raises ConfigMismatchError: a table has no files under any of its names, or files
+        do not fit a table (dims, optimizer state) or a filter (split count, metas).
+    """
+    resolved = _resolve_prefix(model_dir, prefix)
+    if resolved is None:
+        return CheckpointResult("", [], 0, [])
+    assets = asset_dir(resolved)
+    if not os.path.isdir(assets):
+        raise CheckpointNotFoundError(f"checkpoint {resolved} not found: no directory {assets}")
+    manifest = _read_manifest(assets)
+    tables, filters = _plan(shard, manifest, assets)
+
+    # Pass 1: check everything; nothing on the shard changes.
+    files: list[str] = []
+    entries = 0
+    for fp in filters:
+        if fp.basename is None:
+            continue
+        flt = shard.filters[fp.name].hash_filter if not fp.create else fp.options.build()
+        _, paths = filter_dump.read_filter(flt, fp.basename)
+        files += paths
+    for tp in tables:
+        entries += validate_table_files(
+            tp.table, tp.paths, shard_index=shard.shard_index, num_shards=shard.num_shards
+        )
+        files += tp.paths
+    names = [tp.name for tp in tables]
+    if validate_only:
+        return CheckpointResult(resolved, files, entries, names)
+
+    # Pass 2: create what is missing, then load.
+    for fp in filters:
+        if fp.create:
+            shard.create_hash_filter(fp.name, fp.options)
+    for tp in tables:
+        if tp.declaration is not None:
+            decl = tp.declaration
+            shard.create_table(
+                tp.name,
+                base64.b64decode(decl["config"]),
+                hash_filter=decl["hash_filter"],
+                extra_restore_names=tuple(decl["extra_restore_names"]),
+                saver_parallel=int(decl["saver_parallel"]),
+            )
+    for fp in filters:
+        if fp.basename is not None:
+            filter_dump.restore_filter(shard.hash_filter(fp.name).hash_filter, fp.basename)
+    entries = 0
+    for tp in tables:
+        entries += load_table_files(
+            shard.table(tp.name),
+            tp.paths,
+            shard_index=shard.shard_index,
+            num_shards=shard.num_shards,
+        )
+    return CheckpointResult(resolved, files, entries, names)

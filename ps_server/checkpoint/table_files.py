@@ -1,0 +1,445 @@
+"""Table files: one shard's embedding table as TFRecord files of ``EntryDump`` records.
+
+Saving shard ``i`` writes ``<basename>_<i>-%05d-of-%05d`` (``<basename>-%05d-of-%05d``,
+Monolith's single-table layout, when no shard index is given). Each record is
+``EntryDump{id, num, opt, last_update_ts_sec}`` with all four fields present, byte
+for byte what Monolith writes (reference §6.1, §6.2). The number of files is the
+table's ``saver_parallel`` when it is >= 0 (0 is taken as 1 so a save always leaves
+a file to find), else ``min(4, max(1, size // 1_000_000))``; file ``k`` holds the
+``k``-th contiguous range of the table's rows. Each file is written under a temporary
+name, fsynced and renamed only when every file of the save is complete; the saving
+shard's older parts with another file count are then removed.
+
+Expiry on save (§6.3): with ``clock`` the table's ``max_update_ts`` read when the save
+starts, a record is left out iff ``clock - ts >= expire_days(slot_v2(id)) * 86400``.
+The live table is not changed.
+
+Restoring ``basename`` reads every part: ``<basename>_<i>-NNNNN-of-NNNNN`` for any
+saving shard ``i`` and ``<basename>-NNNNN-of-NNNNN``; other names (``-tmp-`` files,
+``<basename>_x``) are ignored. Each saving shard's parts must agree on the file count
+and all be present. Files are read in order: the single layout first, then saving
+shard 0, 1, ... and within each its files in order; an id present in two files takes
+the later one. Restore runs in two passes over the files, so memory stays bounded by
+a chunk: the first reads and decodes everything (CRCs, framing, records, dims) without
+touching the table; only then the second clears the table and loads the entries whose
+``floormod(id, num_shards) == shard_index``. Nothing expires on restore; the table
+clock rises to the newest loaded timestamp.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from google.protobuf.message import DecodeError
+
+from protos import embedding_hash_table_pb2 as eht
+from ps_server.checkpoint.tfrecord import TFRecordWriter, frame_record_runs, read_framed_runs
+from ps_server.engine.entry_dump import DecodedEntries, decode_entry_dumps, encode_entry_dumps
+from ps_server.engine.expiry import expire_seconds_by_slot, expired_mask
+from ps_server.engine.hash_table import EmbeddingHashTable, EntryColumns
+from ps_server.engine.optimizers import optimizer_from_config
+from ps_server.engine.optimizers.base import Optimizer, State
+from ps_server.errors import (
+    CheckpointCorruptError,
+    CheckpointNotFoundError,
+    ConfigError,
+    ConfigMismatchError,
+    InvalidArgumentError,
+    ServingEntryError,
+)
+
+__all__ = [
+    "READ_CHUNK_BYTES",
+    "SAVE_CHUNK_ROWS",
+    "RestoreResult",
+    "SaveResult",
+    "TablePart",
+    "default_nshards",
+    "list_table_parts",
+    "load_table_files",
+    "part_name",
+    "restore_table",
+    "save_table",
+    "scan_table_parts",
+    "validate_table_files",
+]
+
+#: Table rows encoded and written per step of a save.
+SAVE_CHUNK_ROWS = 1 << 15
+#: File bytes read and decoded per step of a restore.
+READ_CHUNK_BYTES = 16 << 20
+
+_PART = r"-(\d{5,})-of-(\d{5,})"
+# float32's smallest normal: a squared norm below it is a zero vector (as the table does).
+_FLT_MIN = np.float32(1.17549435e-38)
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    """What a save wrote: the files (in part order) and the number of records."""
+
+    files: list[str]
+    entries: int
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    """What a restore read: the files (in reading order) and the number of entries.
+
+    ``entries`` is the table's size after a restore; with ``validate_only`` it is the
+    number of records the shard would load (an id repeated across files counts once
+    per record).
+    """
+
+    files: list[str]
+    entries: int
+
+
+@dataclass(frozen=True)
+class TablePart:
+    """One file of a saved table.
+
+    :param saving_shard: the ``i`` of ``<basename>_<i>-…``; None for ``<basename>-…``.
+    """
+
+    path: str
+    saving_shard: int | None
+    index: int
+    count: int
+
+
+def part_name(basename: str, shard_index: int | None, index: int, count: int) -> str:
+    """``<basename>_<shard_index>-%05d-of-%05d`` (``<basename>-%05d-of-%05d`` for None)."""
+    stem = basename if shard_index is None else f"{basename}_{shard_index}"
+    return f"{stem}-{index:05d}-of-{count:05d}"
+
+
+def default_nshards(size: int) -> int:
+    """Monolith's file count for ``size`` entries: ``min(4, max(1, size // 1_000_000))``."""
+    return min(4, max(1, size // 1_000_000))
+
+
+# ---------------------------------------------------------------------- save
+
+
+def save_table(
+    table: EmbeddingHashTable,
+    basename: str,
+    *,
+    shard_index: int | None,
+    nshards: int = -1,
+) -> SaveResult:
+    """Write the table's unexpired entries to ``nshards`` files (see the module docstring).
+
+    :param shard_index: the saving shard's index (``<basename>_<i>-…``), or None for
+        Monolith's single-table layout ``<basename>-…``.
+    :param nshards: the table's ``saver_parallel``: the file count when >= 0 (0 counts
+        as 1), else Monolith's rule :func:`default_nshards`.
+    :returns: the files written and the number of records in them.
+    :raises ServingEntryError: SERVING tables keep no optimizer state to save.
+    :raises ConfigError: the table's expire config names a slot >= 32768.
+    :raises OSError: a file cannot be written (every file of this save is removed and
+        existing files are unchanged).
+    """
+    if table.layout.serving:
+        raise ServingEntryError(
+            f"table {table.name!r} has SERVING entries; saving needs TRAINING entries"
+        )
+    if shard_index is not None and shard_index < 0:
+        raise InvalidArgumentError(f"shard_index must be >= 0 or None, got {shard_index}")
+    size = table.size()
+    count = max(1, nshards) if nshards >= 0 else default_nshards(size)
+    clock = table.max_update_ts
+    expire_seconds = expire_seconds_by_slot(table.config.slot_expire_time_config)
+    optimizers = _training_optimizers(table)
+    bounds = [size * k // count for k in range(count + 1)]
+    paths = [part_name(basename, shard_index, k, count) for k in range(count)]
+    writers: list[TFRecordWriter] = []
+    entries = 0
+    try:
+        for k, path in enumerate(paths):
+            writer = TFRecordWriter(path)
+            writers.append(writer)
+            for start in range(bounds[k], bounds[k + 1], SAVE_CHUNK_ROWS):
+                cols = table.export_columns(start, min(start + SAVE_CHUNK_ROWS, bounds[k + 1]))
+                expired = expired_mask(cols.ids, cols.timestamps, clock, expire_seconds)
+                if expired.any():
+                    cols = _select(cols, ~expired)
+                n = cols.ids.shape[0]
+                if n == 0:
+                    continue
+                buffer, offsets = encode_entry_dumps(
+                    cols.values,
+                    list(zip(optimizers, cols.states, strict=True)),
+                    cols.timestamps,
+                    cols.ids,
+                )
+                writer.write_frames(frame_record_runs(buffer, offsets), n)
+                entries += n
+        while writers:
+            writers[0].close()
+            writers.pop(0)
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        raise
+    _remove_stale_parts(basename, shard_index, count)
+    return SaveResult(paths, entries)
+
+
+def _training_optimizers(table: EmbeddingHashTable) -> list[Optimizer]:
+    optimizers = []
+    for seg in table.layout.segments:
+        assert seg.optimizer is not None, "TRAINING segments have optimizers"
+        optimizers.append(seg.optimizer)
+    return optimizers
+
+
+def _select(cols: EntryColumns, keep: npt.NDArray[np.bool_]) -> EntryColumns:
+    return EntryColumns(
+        ids=cols.ids[keep],
+        values=cols.values[keep],
+        states=[{k: a[keep] for k, a in st.items()} for st in cols.states],
+        timestamps=cols.timestamps[keep],
+    )
+
+
+def _remove_stale_parts(basename: str, shard_index: int | None, count: int) -> None:
+    """Delete this saving shard's parts of ``basename`` written with another file count."""
+    for part in scan_table_parts(basename):
+        if part.saving_shard == shard_index and part.count != count:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(part.path)
+
+
+# ---------------------------------------------------------------------- restore
+
+
+def scan_table_parts(basename: str) -> list[TablePart]:
+    """Files named ``<basename>_<i>-NNNNN-of-NNNNN`` or ``<basename>-NNNNN-of-NNNNN``,
+    unordered and unchecked (``[]`` when the directory does not exist)."""
+    directory = os.path.dirname(basename) or "."
+    stem = os.path.basename(basename)
+    pattern = re.compile(re.escape(stem) + r"(?:_(\d+))?" + _PART)
+    try:
+        names = os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    parts = []
+    for name in names:
+        match = pattern.fullmatch(name)
+        if match is None:
+            continue
+        shard = None if match.group(1) is None else int(match.group(1))
+        parts.append(
+            TablePart(
+                os.path.join(directory, name), shard, int(match.group(2)), int(match.group(3))
+            )
+        )
+    return parts
+
+
+def list_table_parts(basename: str) -> list[TablePart]:
+    """Every part of ``basename``, checked to form complete sets, in reading order.
+
+    Reading order: ``<basename>-…`` first, then saving shards ``0, 1, …``; files in
+    index order within each.
+
+    :raises CheckpointNotFoundError: no file of either layout (names the basename).
+    :raises CheckpointCorruptError: a saving shard's files disagree on the count, have
+        an index beyond it, or miss one (names the files).
+    """
+    parts = scan_table_parts(basename)
+    if not parts:
+        raise CheckpointNotFoundError(
+            f"no table files for {basename}: expected {basename}_<i>-NNNNN-of-NNNNN or "
+            f"{basename}-NNNNN-of-NNNNN"
+        )
+    groups: dict[int | None, list[TablePart]] = {}
+    for part in parts:
+        groups.setdefault(part.saving_shard, []).append(part)
+    ordered: list[TablePart] = []
+    for shard in sorted(groups, key=lambda s: -1 if s is None else s):
+        group = groups[shard]
+        counts = sorted({p.count for p in group})
+        if len(counts) > 1:
+            listed = ", ".join(sorted(p.path for p in group))
+            raise CheckpointCorruptError(
+                f"table files of {basename} from one saving shard disagree on the file "
+                f"count ({', '.join(map(str, counts))}): {listed}"
+            )
+        (count,) = counts
+        by_index = {p.index: p for p in group}
+        beyond = sorted(p.path for p in group if p.index >= count)
+        if beyond:
+            raise CheckpointCorruptError(f"{beyond[0]}: part index is not below {count}")
+        missing = [part_name(basename, shard, i, count) for i in range(count) if i not in by_index]
+        if missing:
+            raise CheckpointCorruptError(
+                f"table checkpoint {basename} is incomplete: missing {', '.join(missing)}"
+            )
+        ordered.extend(by_index[i] for i in range(count))
+    return ordered
+
+
+def restore_table(
+    table: EmbeddingHashTable,
+    basename: str,
+    *,
+    shard_index: int,
+    num_shards: int,
+    validate_only: bool = False,
+) -> RestoreResult:
+    """Replace the table's entries with this shard's entries of ``basename``, all or nothing.
+
+    Keeps the records with ``floormod(id, num_shards) == shard_index`` from every part
+    (any saving layout and shard count); with ``skip_zero_embedding`` records whose
+    values are all zero are skipped. Optimizer state and timestamps are restored as
+    written; the clock becomes ``max(clock, newest loaded timestamp)``. SERVING tables
+    take the values only (their optimizer dumps are parsed and dropped).
+
+    :param validate_only: only run the checking pass; the table is not touched.
+    :raises InvalidArgumentError: bad ``shard_index``/``num_shards``.
+    :raises CheckpointNotFoundError: no file for ``basename``.
+    :raises CheckpointCorruptError: incomplete file set, bad CRC, truncated or
+        unparsable record (names the file and the record's byte offset or position).
+    :raises ConfigMismatchError: a record holds more values than the table's dim or
+        optimizer state the table's segments do not have (names the file).
+    """
+    _check_shard(shard_index, num_shards)
+    paths = [p.path for p in list_table_parts(basename)]
+    kept = validate_table_files(table, paths, shard_index=shard_index, num_shards=num_shards)
+    if validate_only:
+        return RestoreResult(paths, kept)
+    entries = load_table_files(table, paths, shard_index=shard_index, num_shards=num_shards)
+    return RestoreResult(paths, entries)
+
+
+def validate_table_files(
+    table: EmbeddingHashTable, paths: Sequence[str], *, shard_index: int, num_shards: int
+) -> int:
+    """The checking pass of a restore: read and decode every record, change nothing.
+
+    For callers that check several tables before loading any (checkpoint restore).
+
+    :returns: how many records this shard would load.
+    :raises: as :func:`restore_table`.
+    """
+    _check_shard(shard_index, num_shards)
+    kept = 0
+    for path in paths:
+        for entries in _decoded_chunks(table, path):
+            kept += int(np.count_nonzero(_keep_mask(table, entries, shard_index, num_shards)))
+    return kept
+
+
+def load_table_files(
+    table: EmbeddingHashTable, paths: Sequence[str], *, shard_index: int, num_shards: int
+) -> int:
+    """The loading pass of a restore: clear the table and load this shard's records.
+
+    Call it only after :func:`validate_table_files` passed on the same files: an error
+    here (a file changed in between, an I/O error) leaves the table partly loaded.
+
+    :returns: the table's size afterwards.
+    """
+    _check_shard(shard_index, num_shards)
+    table.clear()
+    for path in paths:
+        for entries in _decoded_chunks(table, path):
+            keep = _keep_mask(table, entries, shard_index, num_shards)
+            _load(table, entries, np.flatnonzero(keep))
+    return table.size()
+
+
+def _check_shard(shard_index: int, num_shards: int) -> None:
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise InvalidArgumentError(
+            f"restore needs 0 <= shard_index < num_shards, got {shard_index} of {num_shards}"
+        )
+
+
+def _decoded_chunks(table: EmbeddingHashTable, path: str) -> Iterator[DecodedEntries]:
+    """The records of ``path`` decoded chunk by chunk; errors name the file."""
+    first = 0
+    training = None if table.layout.serving else _training_optimizers(table)
+    for buffer, offsets in read_framed_runs(path, READ_CHUNK_BYTES):
+        n = offsets.shape[0] - 1
+        where = f"{path}: records {first}..{first + n - 1}"
+        try:
+            if training is None:
+                optimizers = _serving_optimizers(table, buffer, offsets)
+            else:
+                optimizers = training
+            yield decode_entry_dumps(buffer, offsets, optimizers, table.dim)
+        except CheckpointCorruptError as e:
+            raise CheckpointCorruptError(f"{where}: {e}") from e
+        except (ConfigMismatchError, ConfigError) as e:
+            raise ConfigMismatchError(f"{where} do not fit table {table.name!r}: {e}") from e
+        first += n
+
+
+def _serving_optimizers(
+    table: EmbeddingHashTable, buffer: npt.NDArray[np.uint8], offsets: npt.NDArray[np.int64]
+) -> list[Optimizer]:
+    """Stand-in optimizers to decode a chunk into a SERVING table, whose entries have none.
+
+    Saved records carry the trainer's optimizer dumps; the first record of the chunk
+    tells which, and the decoder needs matching slots to step over them. Segments past
+    the record's dumps get a no-dump optimizer. The state read is discarded.
+    """
+    first = eht.EntryDump()
+    try:
+        first.ParseFromString(buffer[offsets[0] : offsets[1]].tobytes())
+    except DecodeError as e:
+        raise CheckpointCorruptError(f"the first record is not a valid EntryDump: {e}") from e
+    dumps = [d.WhichOneof("type") for d in first.opt.dump]
+    optimizers = []
+    for k, seg in enumerate(table.layout.segments):
+        kind = dumps[k] if k < len(dumps) and dumps[k] else "moving_average"
+        config = eht.OptimizerConfig()
+        getattr(config, kind).SetInParent()
+        optimizers.append(optimizer_from_config(config, seg.dim))
+    return optimizers
+
+
+def _keep_mask(
+    table: EmbeddingHashTable, entries: DecodedEntries, shard_index: int, num_shards: int
+) -> npt.NDArray[np.bool_]:
+    keep: npt.NDArray[np.bool_] = np.mod(entries.ids, num_shards) == shard_index
+    if table.config.skip_zero_embedding:
+        sq = np.einsum("ij,ij->i", entries.values, entries.values)
+        keep &= sq >= _FLT_MIN
+    return keep
+
+
+def _load(table: EmbeddingHashTable, entries: DecodedEntries, rows: npt.NDArray[np.int64]
+          ) -> None:
+    """Upsert the decoded records ``rows``; of equal ids the later record wins."""
+    if rows.size == 0:
+        return
+    ids = entries.ids[rows]
+    ordered = np.sort(ids)
+    if bool((ordered[1:] == ordered[:-1]).any()):
+        # Keep the last record of each id (files of one table never repeat an id).
+        _, last_in_reversed = np.unique(ids[::-1], return_index=True)
+        rows = np.sort(rows[rows.size - 1 - last_in_reversed])
+        ids = entries.ids[rows]
+    whole = rows.size == entries.ids.shape[0]
+
+    def pick(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        return a if whole else a[rows]
+
+    if table.layout.serving:
+        states: list[State] = [{} for _ in table.layout.segments]
+    else:
+        states = [{k: pick(a) for k, a in st.items()} for st in entries.states]
+    cols = EntryColumns(ids, pick(entries.values), states, pick(entries.timestamps))
+    table.upsert_columns(cols, pick(entries.num_lengths))
