@@ -208,6 +208,22 @@ def test_apply_gradients_adagrad(stub: Stub) -> None:
     np.testing.assert_allclose(lookup(stub, "t", [3])[0], w, rtol=1e-6)
 
 
+def test_apply_gradients_adagrad_dedup_makes_one_step(stub: Stub) -> None:
+    # Adagrad tells the two apart (SGD does not): grads 1 and 1 on one id.
+    adagrad = configs.adagrad(initial_accumulator_value=1.0)
+    make_table(stub, "plain", configs.table_config(1, optimizer=adagrad))
+    make_table(stub, "dedup", configs.table_config(1, optimizer=adagrad))
+    apply(stub, "plain", [-5, -5], [[1], [1]], [0.1])
+    apply(stub, "dedup", [-5, -5], [[1], [1]], [0.1], enable_dedup=True)
+    lr = f32(0.1)
+    # Two steps: norm 2, w = -lr/sqrt(2); norm 3, w -= lr/sqrt(3).
+    two_steps = (f32(0) - lr / np.sqrt(f32(2)) * f32(1)) - lr / np.sqrt(f32(3)) * f32(1)
+    # One step with the summed grad 2: norm 1 + 4 = 5, w = -lr/sqrt(5) * 2.
+    one_step = f32(0) - lr / np.sqrt(f32(5)) * f32(2)
+    np.testing.assert_allclose(lookup(stub, "plain", [-5]), [[two_steps]], rtol=1e-6)
+    np.testing.assert_allclose(lookup(stub, "dedup", [-5]), [[one_step]], rtol=1e-6)
+
+
 def test_apply_gradients_passes_global_step(stub: Stub) -> None:
     # batch_softmax (§5.1): B = (1 - lr) * B + lr * (global_step - A); A = global_step.
     opt = eht.OptimizerConfig(batch_softmax=eht.BatchSoftmaxOptimizerConfig())

@@ -26,7 +26,8 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def test_port_file_log_line_and_sigint(tmp_path: Path) -> None:
-    with start_server_process(tmp_path, "--shard_index=1", "--num_shards=2") as sp:
+    flags = ("--shard_index=1", "--num_shards=2", "--shutdown_delay_seconds=1")
+    with start_server_process(tmp_path, *flags) as sp:
         assert sp.port > 0
         assert sp.port_file.read_text() == f"{sp.port}\n"
         sp.wait_for_log(rf"serving shard 1/2 on 127\.0\.0\.1:{sp.port}$")
@@ -38,7 +39,18 @@ def test_port_file_log_line_and_sigint(tmp_path: Path) -> None:
             stub.Assign(pb.AssignRequest(table="t", ids=ids_tensor([3]),
                                          values=rows_tensor([[1.5]])))
             np.testing.assert_array_equal(lookup(stub, "t", [3]), [[1.5]])
-        sp.send_signal(signal.SIGINT)
+            health = health_pb2_grpc.HealthStub(channel)
+            check = health_pb2.HealthCheckRequest(service="")
+            assert health.Check(check).status == SERVING
+            sp.send_signal(signal.SIGINT)
+            # During shutdown_delay_seconds the shard still answers, with NOT_SERVING.
+            seen = set()
+            while NOT_SERVING not in seen and sp.proc.poll() is None:
+                try:
+                    seen.add(health.Check(check, timeout=5).status)
+                except grpc.RpcError:
+                    break
+            assert NOT_SERVING in seen
         assert sp.wait() == 0
         assert not sp.port_file.exists()  # removed on a clean exit
 
