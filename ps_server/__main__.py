@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 from collections.abc import Sequence
 
 from absl import app, flags
@@ -73,7 +74,10 @@ def _main(argv: Sequence[str]) -> None:
         config = config_from_flags()
     except ConfigError as e:
         raise app.UsageError(str(e)) from e
-    run(config)
+    try:
+        run(config)
+    except ConfigError as e:  # e.g. the port is taken
+        sys.exit(f"ps_server: {e}")
 
 
 def main() -> None:

@@ -102,3 +102,13 @@ def test_bad_flags_exit_with_usage_error(tmp_path: Path) -> None:
     )
     assert proc.returncode != 0
     assert "shard_index must be in [0, num_shards=2), got 2" in proc.stderr
+
+
+def test_taken_port_fails_clearly(tmp_path: Path) -> None:
+    with start_server_process(tmp_path) as sp:
+        proc = subprocess.run(
+            [sys.executable, "-m", "ps_server", f"--port={sp.port}", "--host=127.0.0.1"],
+            cwd=REPO, capture_output=True, text=True, timeout=60,
+        )
+        assert proc.returncode == 1
+        assert f"cannot listen on 127.0.0.1:{sp.port}" in proc.stderr
