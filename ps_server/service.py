@@ -162,11 +162,15 @@ def resolve_path(path: str, data_root: str, what: str = "path", *, prefix: bool 
         return path
     root = os.path.realpath(data_root)
     full = os.path.realpath(os.path.join(root, path))
-    inside = os.path.commonpath([root, full]) == root and not (prefix and full == root)
-    if not inside:
+    if os.path.commonpath([root, full]) != root:
         raise PathOutsideRootError(
             f"{what} {path!r} resolves to {full!r}, which is outside the data root {root!r}; "
             "use a path under the data root"
+        )
+    if prefix and full == root:
+        raise PathOutsideRootError(
+            f"{what} {path!r} is the data root {root!r} itself: its files would land outside "
+            "the data root; name a file prefix under it (e.g. 'dir/name')"
         )
     return full
 

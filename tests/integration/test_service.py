@@ -331,6 +331,24 @@ def test_concurrent_updates_serialize_per_table(server: RunningServer) -> None:
         assert stub.Size(pb.SizeRequest(table=name)).size == 1000
 
 
+def test_creation_runs_alongside_updates_and_info(server: RunningServer) -> None:
+    stub = server.stub
+
+    def worker(i: int) -> list[list[float]]:
+        # Creation holds the whole shard; updates and info calls interleave with it.
+        make_table(stub, f"x{i}", configs.table_config(2))
+        for _ in range(10):
+            stub.AssignAdd(pb.AssignRequest(table=f"x{i}", ids=ids_tensor([1, 2]),
+                                            values=rows_tensor(np.ones((2, 2)))))
+            stub.GetShardInfo(pb.ShardInfoRequest())
+        return lookup(stub, f"x{i}", [1, 2]).tolist()
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(worker, range(16)))
+    assert results == [[[10.0, 10.0], [10.0, 10.0]]] * 16
+    assert len(stub.ListTables(pb.ListTablesRequest()).names) == 16
+
+
 # ---------------------------------------------------------------- files
 
 
