@@ -31,7 +31,7 @@ class ShardInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TableInfo(_message.Message):
-    __slots__ = ("name", "dim_size", "num_segments", "size", "config", "hash_filter", "extra_restore_names", "saver_parallel", "max_update_ts", "bytes")
+    __slots__ = ("name", "dim_size", "num_segments", "size", "config", "hash_filter", "extra_restore_names", "saver_parallel", "max_update_ts", "memory_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DIM_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
@@ -41,7 +41,7 @@ class TableInfo(_message.Message):
     EXTRA_RESTORE_NAMES_FIELD_NUMBER: _ClassVar[int]
     SAVER_PARALLEL_FIELD_NUMBER: _ClassVar[int]
     MAX_UPDATE_TS_FIELD_NUMBER: _ClassVar[int]
-    BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     dim_size: int
     num_segments: int
@@ -51,8 +51,8 @@ class TableInfo(_message.Message):
     extra_restore_names: _containers.RepeatedScalarFieldContainer[str]
     saver_parallel: int
     max_update_ts: int
-    bytes: int
-    def __init__(self, name: _Optional[str] = ..., dim_size: _Optional[int] = ..., num_segments: _Optional[int] = ..., size: _Optional[int] = ..., config: _Optional[bytes] = ..., hash_filter: _Optional[str] = ..., extra_restore_names: _Optional[_Iterable[str]] = ..., saver_parallel: _Optional[int] = ..., max_update_ts: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+    memory_bytes: int
+    def __init__(self, name: _Optional[str] = ..., dim_size: _Optional[int] = ..., num_segments: _Optional[int] = ..., size: _Optional[int] = ..., config: _Optional[bytes] = ..., hash_filter: _Optional[str] = ..., extra_restore_names: _Optional[_Iterable[str]] = ..., saver_parallel: _Optional[int] = ..., max_update_ts: _Optional[int] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
 
 class HashFilterInfo(_message.Message):
     __slots__ = ("name", "filter_type", "enabled", "split_num", "failure_count", "fill_ratio")

@@ -352,7 +352,7 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
                     extra_restore_names=slot.extra_restore_names,
                     saver_parallel=slot.saver_parallel,
                     max_update_ts=t.max_update_ts,
-                    bytes=t.nbytes(),
+                    memory_bytes=t.nbytes(),
                 ))
             for name, fslot in sorted(shard.filters.items()):
                 flt = fslot.hash_filter
