@@ -116,7 +116,7 @@ def test_create_list_and_shard_info() -> None:
         assert a.saver_parallel == -1  # 0 on the wire = unset = Monolith's automatic count
         assert (b.name, b.dim_size, b.size, b.saver_parallel) == ("b", 1, 3, 3)
         assert b.max_update_ts == 1234
-        assert b.bytes > 0
+        assert b.memory_bytes > 0
         (f,) = info.hash_filters
         assert (f.name, f.filter_type, f.enabled, f.split_num) == (
             "f", "sliding_hash_filter", True, 7)
