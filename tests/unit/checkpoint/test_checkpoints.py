@@ -1,0 +1,251 @@
+"""Checkpoint directories (reference §6.5, API.md "Files"): layout, manifest, index, restore."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from protos import embedding_hash_table_pb2 as eht
+from ps_server.checkpoint.checkpoints import (
+    commit_checkpoint,
+    file_stem,
+    latest_checkpoint,
+    read_checkpoint_index,
+    restore_shard_checkpoint,
+    save_shard_checkpoint,
+)
+from ps_server.engine import configs
+from ps_server.engine.shard import FilterOptions, Shard
+from ps_server.errors import CheckpointCorruptError, ConfigMismatchError
+
+f32 = np.float32
+FILTER = "MonolithHashFilter"
+TABLE = "scope/emb:0"
+# Sliding filter admitting an id from its third occurrence (old count 2 >= threshold 2).
+THRESHOLD_2 = eht.SlotOccurrenceThresholdConfig(default_occurrence_threshold=2).SerializeToString()
+OPTIONS = FilterOptions(capacity=1000, split_num=7, occurrence_threshold_config=THRESHOLD_2)
+CONFIG = configs.table_config(2, optimizer=configs.adagrad())
+
+
+def cluster(n: int, tables: tuple[str, ...] = (TABLE,), **table_kw: object) -> list[Shard]:
+    shards = [Shard(i, n) for i in range(n)]
+    for shard in shards:
+        shard.create_hash_filter(FILTER, OPTIONS)
+        for name in tables:
+            shard.create_table(name, CONFIG, hash_filter=FILTER, **table_kw)  # type: ignore[arg-type]
+    return shards
+
+
+def assign(shards: list[Shard], name: str, ids: list[int], values: list[float], ts: int) -> None:
+    arr = np.asarray(ids, dtype=np.int64)
+    vals = np.repeat(np.asarray(values, dtype=f32)[:, None], 2, axis=1)
+    n = len(shards)
+    for shard in shards:
+        mine = np.mod(arr, n) == shard.shard_index
+        # The table's filter counts new ids; admit them by writing three times.
+        for _ in range(3):
+            shard.table(name).assign(arr[mine], vals[mine], req_time=ts)
+
+
+def lookup(shards: list[Shard], name: str, ids: list[int]) -> np.ndarray:
+    n = len(shards)
+    return np.stack([shards[i % n].table(name).lookup([i])[0] for i in ids])
+
+
+def checkpoint(shards: list[Shard], model_dir: Path, step: int, max_to_keep: int = 0) -> str:
+    for shard in shards:
+        save_shard_checkpoint(shard, str(model_dir), step)
+    return commit_checkpoint(shards[0], str(model_dir), step, max_to_keep).prefix
+
+
+IDS = [-3, -2, -1, 0, 1, 2, 3, 4]
+VALS = [0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 7.5]
+
+
+def test_layout_manifest_and_index(tmp_path: Path) -> None:
+    shards = cluster(2, saver_parallel=2, extra_restore_names=("legacy/x",))
+    assign(shards, TABLE, IDS, VALS, ts=10)
+    prefix = checkpoint(shards, tmp_path, 7)
+    assert prefix == str(tmp_path / "model.ckpt-7")
+    assert file_stem(TABLE) == "scope-emb-0"
+    assets = sorted(os.listdir(tmp_path / "model.ckpt-7.assets"))
+    expected = ["manifest.json"]
+    expected += [f"hash_filter_{i}-{k:05d}-of-00007" for i in (0, 1) for k in range(7)]
+    expected += [f"scope-emb-0_{i}-{k:05d}-of-00002" for i in (0, 1) for k in range(2)]
+    assert assets == sorted(expected)
+    assert (tmp_path / "checkpoint").read_text() == (
+        'model_checkpoint_path: "model.ckpt-7"\n'
+        'all_model_checkpoint_paths: "model.ckpt-7"\n'
+    )
+    manifest = json.loads((tmp_path / "model.ckpt-7.assets" / "manifest.json").read_text())
+    assert manifest["global_step"] == 7 and manifest["num_shards"] == 2
+    decl = manifest["tables"][TABLE]
+    assert decl["hash_filter"] == FILTER and decl["saver_parallel"] == 2
+    assert decl["extra_restore_names"] == ["legacy/x"]
+    assert manifest["hash_filters"][FILTER]["file_stem"] == "hash_filter"
+    assert manifest["hash_filters"][FILTER]["split_num"] == 7
+
+
+def test_empty_shards_rebuild_everything_from_the_checkpoint(tmp_path: Path) -> None:
+    shards = cluster(2, saver_parallel=2, extra_restore_names=("legacy/x",))
+    assign(shards, TABLE, IDS, VALS, ts=10)
+    # two occurrences of id 40 in shard 0's filter (old counts 0, 1: both filtered)
+    grads = shards[0].intercept_gradient(FILTER, [40, 40], np.ones((2, 1), dtype=f32))
+    np.testing.assert_array_equal(grads, [[0.0], [0.0]])
+    prefix = checkpoint(shards, tmp_path, 3)
+
+    fresh = [Shard(i, 2) for i in range(2)]
+    for shard in fresh:
+        result = restore_shard_checkpoint(shard, str(tmp_path), None, False)
+        assert result.prefix == prefix and result.tables == [TABLE]
+        slot = shard.table_slot(TABLE)
+        assert slot.config_bytes == CONFIG.SerializeToString(deterministic=True)
+        assert (slot.hash_filter, slot.saver_parallel) == (FILTER, 2)
+        assert slot.extra_restore_names == ("legacy/x",)
+        assert shard.hash_filter(FILTER).options == OPTIONS
+        assert result.entries == 4
+    for old, new in zip(shards, fresh, strict=True):
+        ids = old.table(TABLE).export_columns().ids.copy()
+        assert new.table(TABLE).lookup_entry(ids) == old.table(TABLE).lookup_entry(ids)
+    np.testing.assert_array_equal(lookup(fresh, TABLE, IDS)[:, 0], VALS)
+    # the filter state came back: the third occurrence of 40 passes (old count 2 >= 2)
+    grads = fresh[0].intercept_gradient(FILTER, [40], np.ones((1, 1), dtype=f32))
+    np.testing.assert_array_equal(grads, [[1.0]])
+
+
+def test_crash_between_save_and_commit_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    shards = cluster(2)
+    assign(shards, TABLE, IDS, VALS, ts=10)
+    first = checkpoint(shards, tmp_path, 1)
+    assign(shards, TABLE, IDS, [v + 100 for v in VALS], ts=20)
+    for shard in shards:  # step 2 written, but the process dies before commit
+        save_shard_checkpoint(shard, str(tmp_path), 2)
+    assert (tmp_path / "model.ckpt-2.assets").is_dir()
+    assert latest_checkpoint(str(tmp_path)) == first
+    for shard in shards:
+        result = restore_shard_checkpoint(shard, str(tmp_path), None, False)
+        assert result.prefix == first
+    np.testing.assert_array_equal(lookup(shards, TABLE, IDS)[:, 0], VALS)
+    assert all(s.table(TABLE).size() == 4 for s in shards)
+
+
+def test_max_to_keep_deletes_whole_checkpoints(tmp_path: Path) -> None:
+    shards = cluster(1)
+    assign(shards, TABLE, [1], [1.0], ts=1)
+    (tmp_path / "model.ckpt-1.index").write_text("tf")
+    (tmp_path / "model.ckpt-10.assets").mkdir()
+    for step in (1, 2, 3):
+        checkpoint(shards, tmp_path, step, max_to_keep=2)
+    assert sorted(os.listdir(tmp_path)) == [
+        "checkpoint", "model.ckpt-10.assets", "model.ckpt-2.assets", "model.ckpt-3.assets",
+    ]
+    latest, listed = read_checkpoint_index(str(tmp_path))
+    assert (latest, listed) == ("model.ckpt-3", ["model.ckpt-2", "model.ckpt-3"])
+
+
+def test_prefix_rule_matches_p_dash_or_underscore_not_p_star(tmp_path: Path) -> None:
+    shards = cluster(1, tables=("a", "ab"))
+    assign(shards, "a", [1, 2], [1.0, 2.0], ts=5)
+    assign(shards, "ab", [3, 4, 5], [3.0, 4.0, 5.0], ts=5)
+    checkpoint(shards, tmp_path, 1)
+    fresh = Shard(0, 1)
+    restore_shard_checkpoint(fresh, str(tmp_path), None, False)
+    assert fresh.table("a").size() == 2 and fresh.table("ab").size() == 3
+    np.testing.assert_array_equal(fresh.table("a").lookup([1, 2, 3])[:, 0], [1.0, 2.0, 0.0])
+
+    only_ab = cluster(1, tables=("ab",))
+    assign(only_ab, "ab", [3], [3.0], ts=5)
+    checkpoint(only_ab, tmp_path / "m2", 1)
+    live = cluster(1, tables=("a",))[0]
+    with pytest.raises(ConfigMismatchError, match="'a'"):
+        restore_shard_checkpoint(live, str(tmp_path / "m2"), None, False)
+    assert "ab" not in live.tables
+
+
+def test_restore_from_another_tables_name(tmp_path: Path) -> None:
+    old = cluster(1, tables=("old:name",))
+    assign(old, "old:name", [7, 8], [7.0, 8.0], ts=3)
+    checkpoint(old, tmp_path, 5)
+    assert os.path.exists(tmp_path / "model.ckpt-5.assets" / "old-name_0-00000-of-00001")
+    new = cluster(1, tables=())[0]
+    new.create_table("new", CONFIG, hash_filter=FILTER, extra_restore_names=("old:name",))
+    result = restore_shard_checkpoint(new, str(tmp_path), "model.ckpt-5", False)
+    assert result.tables == ["new", "old:name"]  # the manifest's table is created too
+    np.testing.assert_array_equal(new.table("new").lookup([7, 8])[:, 0], [7.0, 8.0])
+    np.testing.assert_array_equal(new.table("old:name").lookup([7, 8])[:, 0], [7.0, 8.0])
+
+
+def test_validate_only_changes_nothing(tmp_path: Path) -> None:
+    shards = cluster(2)
+    assign(shards, TABLE, IDS, VALS, ts=10)
+    prefix = checkpoint(shards, tmp_path, 1)
+    empty = Shard(1, 3)
+    result = restore_shard_checkpoint(empty, str(tmp_path), None, True)
+    # floormod(id, 3) == 1 for -2, 1, 4
+    assert (result.prefix, result.entries, result.tables) == (prefix, 3, [TABLE])
+    assert empty.tables == {} and empty.filters == {}
+
+
+def test_damaged_file_changes_nothing(tmp_path: Path) -> None:
+    shards = cluster(1, tables=("a", "b"))
+    assign(shards, "a", [1], [1.0], ts=1)
+    assign(shards, "b", [2], [2.0], ts=1)
+    checkpoint(shards, tmp_path, 1)
+    victim = tmp_path / "model.ckpt-1.assets" / "b_0-00000-of-00001"
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    assign(shards, "a", [1], [9.0], ts=2)
+    with pytest.raises(CheckpointCorruptError, match="b_0-00000-of-00001"):
+        restore_shard_checkpoint(shards[0], str(tmp_path), None, False)
+    assert shards[0].table("a").lookup([1])[0, 0] == 9.0  # "a" was not restored either
+    empty = Shard(0, 1)
+    with pytest.raises(CheckpointCorruptError):
+        restore_shard_checkpoint(empty, str(tmp_path), None, False)
+    assert empty.tables == {} and empty.filters == {}
+
+
+def test_resharded_restore_moves_entries_and_leaves_filters(tmp_path: Path) -> None:
+    shards = cluster(2)
+    assign(shards, TABLE, IDS, VALS, ts=10)
+    shards[0].intercept_gradient(FILTER, [40, 40], np.ones((2, 1), dtype=f32))
+    checkpoint(shards, tmp_path, 1)
+    fresh = [Shard(i, 3) for i in range(3)]
+    for shard in fresh:
+        restore_shard_checkpoint(shard, str(tmp_path), None, False)
+    np.testing.assert_array_equal(lookup(fresh, TABLE, IDS)[:, 0], VALS)
+    assert sum(s.table(TABLE).size() for s in fresh) == len(IDS)
+    # filter cells belong to the old shard layout: not restored, the filter starts empty
+    grads = fresh[1].intercept_gradient(FILTER, [40], np.ones((1, 1), dtype=f32))
+    np.testing.assert_array_equal(grads, [[0.0]])
+
+
+def test_resolving_the_checkpoint(tmp_path: Path) -> None:
+    assert restore_shard_checkpoint(Shard(), str(tmp_path), None, False).prefix == ""
+    assert latest_checkpoint(str(tmp_path)) is None
+    shards = cluster(1)
+    assign(shards, TABLE, [1], [1.0], ts=1)
+    for shard in shards:
+        save_shard_checkpoint(shard, str(tmp_path), 4)  # no index: the only assets dir
+    result = restore_shard_checkpoint(Shard(), str(tmp_path), None, True)
+    assert result.prefix == str(tmp_path / "model.ckpt-4")
+    save_shard_checkpoint(shards[0], str(tmp_path), 5)  # two assets dirs, no index: none
+    assert restore_shard_checkpoint(Shard(), str(tmp_path), None, True).prefix == ""
+
+
+def test_index_with_absolute_paths_and_timestamps(tmp_path: Path) -> None:
+    (tmp_path / "checkpoint").write_text(
+        f'model_checkpoint_path: "{tmp_path}/model.ckpt-9"\n'
+        f'all_model_checkpoint_paths: "{tmp_path}/model.ckpt-8"\n'
+        f'all_model_checkpoint_paths: "{tmp_path}/model.ckpt-9"\n'
+        "all_model_checkpoint_timestamps: 1700000000.5\n"
+        "last_preserved_timestamp: 1699999999.25\n"
+    )
+    assert latest_checkpoint(str(tmp_path)) == f"{tmp_path}/model.ckpt-9"
+    assert read_checkpoint_index(str(tmp_path))[1] == [
+        f"{tmp_path}/model.ckpt-8", f"{tmp_path}/model.ckpt-9",
+    ]
