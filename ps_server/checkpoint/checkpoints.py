@@ -33,10 +33,13 @@ Filter files: a shard whose tables use exactly one file-saving filter writes it 
 ``hash_filters`` lists every filter a table uses; ``file_stem`` is null for filters
 that write no files (dummy, probabilistic).
 
-Restore (:func:`restore_shard_checkpoint`) resolves the prefix, plans every table of
-the shard and of the manifest (creating missing tables and filters from the
-manifest), validates every file (tables: all records; filters: metas and cells)
-before changing anything, then loads. Filters are restored only when the checkpoint
+Restore (:func:`restore_shard_checkpoint`) resolves the prefix and plans every table
+of the shard and of the manifest. Tables and filters the shard lacks are created from
+the manifest; tables without entries are checked and loaded in one pass; every other
+file (tables: all records; filters: metas and cells) is validated before any table
+with entries or any filter changes. If anything fails, the tables loaded so far are
+emptied again (their clocks put back) and the created tables and filters removed, so
+the shard is as it was. Filters are restored only when the checkpoint
 was written by the same number of shards (a filter's cells are per shard and
 cannot be redistributed); table entries are redistributed to any shard count.
 """
@@ -527,47 +530,97 @@ def restore_shard_checkpoint(
     manifest = _read_manifest(assets)
     tables, filters = _plan(shard, manifest, assets)
 
-    # Pass 1: check everything; nothing on the shard changes.
+    names = [tp.name for tp in tables]
+    if validate_only:
+        files, entries = _check_all(shard, tables, filters)
+        return CheckpointResult(resolved, files, entries, names)
+    return _restore_all(shard, resolved, tables, filters)
+
+
+def _check_filters(shard: Shard, filters: list[_FilterPlan]) -> list[str]:
     files: list[str] = []
-    entries = 0
     for fp in filters:
         if fp.basename is None:
             continue
-        flt = shard.filters[fp.name].hash_filter if not fp.create else fp.options.build()
+        flt = fp.options.build() if fp.name not in shard.filters else (
+            shard.filters[fp.name].hash_filter
+        )
         _, paths = filter_dump.read_filter(flt, fp.basename)
         files += paths
+    return files
+
+
+def _check_all(
+    shard: Shard, tables: list[_TablePlan], filters: list[_FilterPlan]
+) -> tuple[list[str], int]:
+    """Validate every file against the live (or stand-in) tables and filters."""
+    files = _check_filters(shard, filters)
+    entries = 0
     for tp in tables:
         entries += validate_table_files(
             tp.table, tp.paths, shard_index=shard.shard_index, num_shards=shard.num_shards
         )
         files += tp.paths
-    names = [tp.name for tp in tables]
-    if validate_only:
-        return CheckpointResult(resolved, files, entries, names)
+    return files, entries
 
-    # Pass 2: create what is missing, then load.
-    for fp in filters:
-        if fp.create:
-            shard.create_hash_filter(fp.name, fp.options)
-    for tp in tables:
-        if tp.declaration is not None:
-            decl = tp.declaration
-            shard.create_table(
-                tp.name,
-                base64.b64decode(decl["config"]),
-                hash_filter=decl["hash_filter"],
-                extra_restore_names=tuple(decl["extra_restore_names"]),
-                saver_parallel=int(decl["saver_parallel"]),
+
+def _restore_all(
+    shard: Shard, resolved: str, tables: list[_TablePlan], filters: list[_FilterPlan]
+) -> CheckpointResult:
+    """Create what is missing, check everything, then load; undo everything on failure.
+
+    Tables without entries (new ones included) are checked and loaded in one pass;
+    the others are checked first and loaded only when every file passed.
+    """
+    created_filters: list[str] = []
+    created_tables: list[str] = []
+    emptied: list[tuple[EmbeddingHashTable, int]] = []  # one-pass tables and their clocks
+    try:
+        for fp in filters:
+            if fp.create:
+                shard.create_hash_filter(fp.name, fp.options)
+                created_filters.append(fp.name)
+        for tp in tables:
+            if tp.declaration is not None:
+                decl = tp.declaration
+                shard.create_table(
+                    tp.name,
+                    base64.b64decode(decl["config"]),
+                    hash_filter=decl["hash_filter"],
+                    extra_restore_names=tuple(decl["extra_restore_names"]),
+                    saver_parallel=int(decl["saver_parallel"]),
+                )
+                created_tables.append(tp.name)
+        files = _check_filters(shard, filters)
+        later: list[tuple[EmbeddingHashTable, list[str]]] = []
+        for tp in tables:
+            table = shard.table(tp.name)
+            files += tp.paths
+            if table.size() == 0:
+                emptied.append((table, table.max_update_ts))
+                load_table_files(
+                    table, tp.paths, shard_index=shard.shard_index, num_shards=shard.num_shards
+                )
+            else:
+                validate_table_files(
+                    table, tp.paths, shard_index=shard.shard_index, num_shards=shard.num_shards
+                )
+                later.append((table, tp.paths))
+        for table, paths in later:
+            load_table_files(
+                table, paths, shard_index=shard.shard_index, num_shards=shard.num_shards
             )
-    for fp in filters:
-        if fp.basename is not None:
-            filter_dump.restore_filter(shard.hash_filter(fp.name).hash_filter, fp.basename)
-    entries = 0
-    for tp in tables:
-        entries += load_table_files(
-            shard.table(tp.name),
-            tp.paths,
-            shard_index=shard.shard_index,
-            num_shards=shard.num_shards,
-        )
-    return CheckpointResult(resolved, files, entries, names)
+        for fp in filters:
+            if fp.basename is not None:
+                filter_dump.restore_filter(shard.hash_filter(fp.name).hash_filter, fp.basename)
+    except BaseException:
+        for table, clock in emptied:
+            table.clear()
+            table.max_update_ts = clock
+        for name in created_tables:
+            shard.tables.pop(name, None)
+        for name in created_filters:
+            shard.filters.pop(name, None)
+        raise
+    entries = sum(shard.table(tp.name).size() for tp in tables)
+    return CheckpointResult(resolved, files, entries, [tp.name for tp in tables])

@@ -22,18 +22,22 @@ shard 0, 1, ... and within each its files in order; an id present in two files t
 the later one. Restore runs in two passes over the files, so memory stays bounded by
 a chunk: the first reads and decodes everything (CRCs, framing, records, dims) without
 touching the table; only then the second clears the table and loads the entries whose
-``floormod(id, num_shards) == shard_index``. Nothing expires on restore; the table
-clock rises to the newest loaded timestamp.
+``floormod(id, num_shards) == shard_index``. An empty table is loaded in one pass
+instead and emptied again on any error (the same all-or-nothing outcome). Nothing
+expires on restore; the table clock rises to the newest loaded timestamp.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import re
+import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -57,12 +61,14 @@ from ps_server.errors import (
 
 __all__ = [
     "READ_CHUNK_BYTES",
+    "RESTORE_THREADS",
     "SAVE_CHUNK_ROWS",
     "RestoreResult",
     "SaveResult",
     "TablePart",
     "default_nshards",
     "list_table_parts",
+    "load_into_empty_table",
     "load_table_files",
     "part_name",
     "restore_table",
@@ -74,7 +80,9 @@ __all__ = [
 #: Table rows encoded and written per step of a save.
 SAVE_CHUNK_ROWS = 1 << 15
 #: File bytes read and decoded per step of a restore.
-READ_CHUNK_BYTES = 16 << 20
+READ_CHUNK_BYTES = 8 << 20
+#: Threads checking files in parallel during a restore's first pass.
+RESTORE_THREADS = max(1, min(2, os.cpu_count() or 1))
 
 _PART = r"-(\d{5,})-of-(\d{5,})"
 # float32's smallest normal: a squared norm below it is a zero vector (as the table does).
@@ -315,6 +323,12 @@ def restore_table(
     """
     _check_shard(shard_index, num_shards)
     paths = [p.path for p in list_table_parts(basename)]
+    if not validate_only and table.size() == 0:
+        # Nothing to protect: one pass, emptied again if anything fails.
+        entries = load_into_empty_table(
+            table, paths, shard_index=shard_index, num_shards=num_shards
+        )
+        return RestoreResult(paths, entries)
     kept = validate_table_files(table, paths, shard_index=shard_index, num_shards=num_shards)
     if validate_only:
         return RestoreResult(paths, kept)
@@ -328,16 +342,30 @@ def validate_table_files(
     """The checking pass of a restore: read and decode every record, change nothing.
 
     For callers that check several tables before loading any (checkpoint restore).
+    Files are checked on up to :data:`RESTORE_THREADS` threads; the error reported is
+    that of the first damaged file in ``paths`` order.
 
     :returns: how many records this shard would load.
     :raises: as :func:`restore_table`.
     """
     _check_shard(shard_index, num_shards)
-    kept = 0
-    for path in paths:
-        for entries in _decoded_chunks(table, path):
-            kept += int(np.count_nonzero(_keep_mask(table, entries, shard_index, num_shards)))
-    return kept
+
+    def count(path: str) -> int:
+        return sum(
+            int(np.count_nonzero(_keep_mask(table, entries, shard_index, num_shards)))
+            for entries in _decoded_chunks(table, path)
+        )
+
+    workers = min(RESTORE_THREADS, len(paths))
+    if workers <= 1:
+        return sum(count(path) for path in paths)
+    with ThreadPoolExecutor(workers, thread_name_prefix="ckpt-check") as pool:
+        futures = [pool.submit(count, path) for path in paths]
+        try:
+            return sum(f.result() for f in futures)
+        finally:
+            for f in futures:
+                f.cancel()
 
 
 def load_table_files(
@@ -347,16 +375,90 @@ def load_table_files(
 
     Call it only after :func:`validate_table_files` passed on the same files: an error
     here (a file changed in between, an I/O error) leaves the table partly loaded.
+    Reading and decoding run one chunk ahead on a helper thread; the table is written
+    by the calling thread only, in file order.
 
     :returns: the table's size afterwards.
     """
     _check_shard(shard_index, num_shards)
     table.clear()
-    for path in paths:
-        for entries in _decoded_chunks(table, path):
-            keep = _keep_mask(table, entries, shard_index, num_shards)
-            _load(table, entries, np.flatnonzero(keep))
+    chunks = (entries for path in paths for entries in _decoded_chunks(table, path))
+    for entries in _prefetched(chunks):
+        keep = _keep_mask(table, entries, shard_index, num_shards)
+        _load(table, entries, np.flatnonzero(keep))
     return table.size()
+
+
+def load_into_empty_table(
+    table: EmbeddingHashTable, paths: Sequence[str], *, shard_index: int, num_shards: int
+) -> int:
+    """Checking and loading in one pass, for a table with no entries.
+
+    On any error the table is emptied again and its clock put back, which is exactly
+    the state it had, so the restore is still all or nothing.
+
+    :returns: the table's size afterwards.
+    :raises ValueError: the table is not empty.
+    :raises: as :func:`restore_table`.
+    """
+    if table.size():
+        raise InvalidArgumentError(
+            f"table {table.name!r} holds {table.size()} entries; a one-pass load needs "
+            "an empty table"
+        )
+    clock = table.max_update_ts
+    try:
+        return load_table_files(table, paths, shard_index=shard_index, num_shards=num_shards)
+    except BaseException:
+        table.clear()
+        table.max_update_ts = clock
+        raise
+
+
+_T = TypeVar("_T")
+_DONE = object()
+
+
+def _prefetched(items: Iterator[_T], depth: int = 1) -> Iterator[_T]:
+    """Iterate ``items`` on a helper thread, at most ``depth`` items ahead.
+
+    Exceptions of the producer are re-raised here, in order; if the consumer stops
+    early the producer is stopped at its next item.
+    """
+    slots: queue.Queue[tuple[Any, BaseException | None]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: tuple[Any, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((_DONE, None))
+        except BaseException as e:  # handed to the consumer
+            put((None, e))
+
+    thread = threading.Thread(target=produce, name="ckpt-read", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = slots.get()
+            if error is not None:
+                raise error
+            if item is _DONE:
+                return
+            yield cast(_T, item)
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _check_shard(shard_index: int, num_shards: int) -> None:
@@ -378,11 +480,13 @@ def _decoded_chunks(table: EmbeddingHashTable, path: str) -> Iterator[DecodedEnt
                 optimizers = _serving_optimizers(table, buffer, offsets)
             else:
                 optimizers = training
-            yield decode_entry_dumps(buffer, offsets, optimizers, table.dim)
+            decoded = decode_entry_dumps(buffer, offsets, optimizers, table.dim)
         except CheckpointCorruptError as e:
             raise CheckpointCorruptError(f"{where}: {e}") from e
         except (ConfigMismatchError, ConfigError) as e:
             raise ConfigMismatchError(f"{where} do not fit table {table.name!r}: {e}") from e
+        del buffer, offsets
+        yield decoded
         first += n
 
 

@@ -209,6 +209,21 @@ def test_damaged_file_changes_nothing(tmp_path: Path) -> None:
     assert empty.tables == {} and empty.filters == {}
 
 
+def test_failed_restore_empties_one_pass_tables_again(tmp_path: Path) -> None:
+    shards = cluster(1, tables=("a", "b"))
+    assign(shards, "a", [1], [1.0], ts=1)
+    assign(shards, "b", [2], [2.0], ts=1)
+    checkpoint(shards, tmp_path, 1)
+    (tmp_path / "model.ckpt-1.assets" / "b_0-00000-of-00001").write_bytes(b"\x01" * 5)
+    live = cluster(1, tables=("a", "b"))[0]
+    live.table("a").max_update_ts = 77  # empty, so "a" is loaded in one pass first
+    assign([live], "b", [9], [9.0], ts=3)
+    with pytest.raises(CheckpointCorruptError, match="truncated"):
+        restore_shard_checkpoint(live, str(tmp_path), None, False)
+    assert live.table("a").size() == 0 and live.table("a").max_update_ts == 77
+    assert live.table("b").lookup([9])[0, 0] == 9.0
+
+
 def test_resharded_restore_moves_entries_and_leaves_filters(tmp_path: Path) -> None:
     shards = cluster(2)
     assign(shards, TABLE, IDS, VALS, ts=10)

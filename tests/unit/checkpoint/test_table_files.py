@@ -7,6 +7,7 @@ for other TFRecord implementations are written/read here with ``struct`` and
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 from pathlib import Path
@@ -21,6 +22,12 @@ from ps_server.checkpoint.table_files import (
     list_table_parts,
     restore_table,
     save_table,
+)
+from ps_server.checkpoint.tfrecord import (
+    frame_record_runs,
+    frame_records,
+    read_framed,
+    read_framed_runs,
 )
 from ps_server.engine import configs
 from ps_server.engine.hash_table import EmbeddingHashTable
@@ -366,6 +373,19 @@ def test_truncated_file_fails_naming_it(tmp_path: Path) -> None:
     assert_untouched(table)
 
 
+def test_failed_restore_into_an_empty_table_leaves_it_empty(tmp_path: Path) -> None:
+    basename, files = saved_three_files(tmp_path)
+    with open(files[2], "r+b") as f:  # the first two files load before the damage shows
+        f.truncate(os.path.getsize(files[2]) - 1)
+    table = sgd_table(2)
+    table.assign([1], [[1.0, 1.0]], req_time=33)
+    table.keep_rows(np.zeros(1, dtype=bool))
+    assert (table.size(), table.max_update_ts) == (0, 33)
+    with pytest.raises(CheckpointCorruptError, match="truncated"):
+        restore_table(table, basename, shard_index=0, num_shards=1)
+    assert (table.size(), table.max_update_ts) == (0, 33)
+
+
 def test_flipped_byte_fails_naming_it(tmp_path: Path) -> None:
     basename, files = saved_three_files(tmp_path)
     data = bytearray(Path(files[1]).read_bytes())
@@ -497,3 +517,64 @@ def test_serving_table_restores_values_and_skips_zero_vectors(tmp_path: Path) ->
     got = restore_table(serving, str(tmp_path / "t"), shard_index=0, num_shards=1)
     assert got.entries == 2  # id 2 has a zero vector
     np.testing.assert_array_equal(serving.lookup([1, 2, 3]), [[1.0, 2.0], [0, 0], [3.0, 0.0]])
+
+
+# ---------------------------------------------------------------- bulk framing helpers
+
+
+def framed_case(lengths: list[int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    data = np.random.default_rng(seed).integers(0, 256, int(offsets[-1]), dtype=np.uint8)
+    return data, offsets
+
+
+LENGTH_PATTERNS = [
+    [40] * 100,  # one long run (bulk CRC check)
+    [10] * 3 + [20] * 40 + [0] * 5 + [7],  # a few runs, empty records
+    [5, 6] * 30,  # length changes every record
+    [300] * 33 + [301] * 64 + [2] * 31,
+]
+
+
+@pytest.mark.parametrize("lengths", LENGTH_PATTERNS)
+def test_run_framing_matches_record_by_record_framing(tmp_path: Path, lengths: list[int]) -> None:
+    data, offsets = framed_case(lengths)
+    framed = frame_record_runs(data, offsets)
+    assert framed == frame_records(data, offsets)
+    path = tmp_path / "f"
+    path.write_bytes(framed)
+    want = [data[a:b].tobytes() for a, b in itertools.pairwise(offsets)]
+    assert read_tfrecords(str(path)) == want
+    for chunk in (12, 100, 1000, 1 << 20):
+        got = [
+            buf[a:b].tobytes()
+            for buf, offs in read_framed_runs(path, chunk)
+            for a, b in itertools.pairwise(offs)
+        ]
+        assert got == want
+        assert [o.size - 1 for _, o in read_framed_runs(path, chunk)] == [
+            o.size - 1 for _, o in read_framed(path, chunk)
+        ]
+
+
+def test_run_reader_reports_every_damaged_byte_like_the_record_reader(tmp_path: Path) -> None:
+    data, offsets = framed_case([24] * 40 + [9] * 3)  # a run long enough for the bulk check
+    framed = frame_records(data, offsets)
+    path = tmp_path / "g"
+    for pos in range(len(framed)):
+        damaged = bytearray(framed)
+        damaged[pos] ^= 0x40
+        path.write_bytes(bytes(damaged))
+        messages = []
+        for reader in (read_framed, read_framed_runs):
+            with pytest.raises(CheckpointCorruptError) as err:
+                for _ in reader(path):
+                    pass
+            messages.append(str(err.value))
+        assert messages[0] == messages[1], pos
+        assert str(path) in messages[1]
+    for cut in (1, 4, 13, len(framed) - 5):
+        path.write_bytes(framed[:-cut])
+        with pytest.raises(CheckpointCorruptError, match="truncated"):
+            list(read_framed_runs(path))
