@@ -6,9 +6,12 @@ Monolith's single-table layout, when no shard index is given). Each record is
 for byte what Monolith writes (reference §6.1, §6.2). The number of files is the
 table's ``saver_parallel`` when it is >= 0 (0 is taken as 1 so a save always leaves
 a file to find), else ``min(4, max(1, size // 1_000_000))``; file ``k`` holds the
-``k``-th contiguous range of the table's rows. Each file is written under a temporary
-name, fsynced and renamed only when every file of the save is complete; the saving
-shard's older parts with another file count are then removed.
+``k``-th contiguous range of the table's rows, encoded ``SAVE_CHUNK_ROWS`` at a time
+(a helper thread writes one chunk while the next is encoded), so a save never holds
+a second copy of the table. Each file is written under a temporary name, fsynced and
+renamed only when every file of the save is complete; the saving shard's older parts
+with another file count are then removed. Use a fresh basename per save when the
+number of saving shards changes: parts of shards that no longer exist are not removed.
 
 Expiry on save (§6.3): with ``clock`` the table's ``max_update_ts`` read when the save
 starts, a record is left out iff ``clock - ts >= expire_days(slot_v2(id)) * 86400``.
@@ -23,8 +26,15 @@ the later one. Restore runs in two passes over the files, so memory stays bounde
 a chunk: the first reads and decodes everything (CRCs, framing, records, dims) without
 touching the table; only then the second clears the table and loads the entries whose
 ``floormod(id, num_shards) == shard_index``. An empty table is loaded in one pass
-instead and emptied again on any error (the same all-or-nothing outcome). Nothing
-expires on restore; the table clock rises to the newest loaded timestamp.
+instead and emptied again on any error (the same all-or-nothing outcome). Files are
+read ``READ_CHUNK_BYTES`` at a time; the checking pass works on up to
+``RESTORE_THREADS`` files at once and the loading pass reads one chunk ahead on a
+helper thread. Nothing expires on restore; the table clock rises to the newest
+loaded timestamp (each shard's own records).
+
+Naming caveat: ``<basename>_<i>-…`` of saving shard ``i`` and Monolith's single layout
+of a table literally named ``<basename>_<i>`` look the same; restore reads both as
+parts of ``<basename>``.
 """
 
 from __future__ import annotations
@@ -171,6 +181,7 @@ def save_table(
     paths = [part_name(basename, shard_index, k, count) for k in range(count)]
     writers: list[TFRecordWriter] = []
     entries = 0
+    behind = _WriteBehind()
     try:
         for k, path in enumerate(paths):
             writer = TFRecordWriter(path)
@@ -189,17 +200,64 @@ def save_table(
                     cols.timestamps,
                     cols.ids,
                 )
-                writer.write_frames(frame_record_runs(buffer, offsets), n)
+                behind.write(writer, frame_record_runs(buffer, offsets), n)
                 entries += n
+        behind.finish()
         while writers:
             writers[0].close()
             writers.pop(0)
     except BaseException:
+        behind.abandon()
         for writer in writers:
             writer.abort()
         raise
     _remove_stale_parts(basename, shard_index, count)
     return SaveResult(paths, entries)
+
+
+class _WriteBehind:
+    """Writes framed chunks on a helper thread so encoding overlaps the file writes.
+
+    At most ``depth`` chunks wait; a write error is raised by the next :meth:`write`
+    or by :meth:`finish`.
+    """
+
+    def __init__(self, depth: int = 2) -> None:
+        self._pending: queue.Queue[tuple[TFRecordWriter, bytes, int] | None] = queue.Queue(
+            maxsize=depth
+        )
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="ckpt-write", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._pending.get()) is not None:
+            if self._error is None:
+                writer, framed, n = item
+                try:
+                    writer.write_frames(framed, n)
+                except BaseException as e:  # handed to the saving thread
+                    self._error = e
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def write(self, writer: TFRecordWriter, framed: bytes, n: int) -> None:
+        self._raise()
+        self._pending.put((writer, framed, n))
+
+    def finish(self) -> None:
+        """Wait until everything is written; raise the first write error."""
+        self._pending.put(None)
+        self._thread.join()
+        self._raise()
+
+    def abandon(self) -> None:
+        """Stop after the queued chunks (their writers are about to be aborted)."""
+        if self._thread.is_alive():
+            self._pending.put(None)
+            self._thread.join()
 
 
 def _training_optimizers(table: EmbeddingHashTable) -> list[Optimizer]:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from protos import embedding_hash_table_pb2 as eht
+from ps_server.checkpoint import table_files
 from ps_server.checkpoint.table_files import (
     default_nshards,
     list_table_parts,
@@ -131,6 +132,28 @@ def test_save_names_and_file_counts(tmp_path: Path) -> None:
     assert again.entries == 10
     # saver_parallel 0 still writes one file
     assert len(save_table(table, str(tmp_path / "z"), shard_index=0, nshards=0).files) == 1
+
+
+def test_failed_save_leaves_previous_files_and_no_temporaries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    table = sgd_table(1)
+    table.assign(np.arange(4), np.ones((4, 1), dtype=f32))
+    (first,) = save_table(table, str(tmp_path / "t"), shard_index=0).files
+    before = Path(first).read_bytes()
+    table.assign(np.arange(4), np.full((4, 1), 2.0, dtype=f32))
+    calls = []
+
+    def failing(self: object, framed: bytes, count: int) -> None:
+        calls.append(count)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(table_files.TFRecordWriter, "write_frames", failing)
+    with pytest.raises(OSError, match="disk full"):
+        save_table(table, str(tmp_path / "t"), shard_index=0, nshards=2)
+    assert calls
+    assert sorted(os.listdir(tmp_path)) == ["t_0-00000-of-00001"]
+    assert Path(first).read_bytes() == before
 
 
 def test_empty_table_writes_one_empty_file(tmp_path: Path) -> None:
