@@ -1,6 +1,14 @@
-"""numpy arrays <-> ``monolith_ps.Tensor`` (raw little-endian bytes plus a shape)."""
+"""numpy arrays <-> ``monolith_ps.Tensor`` (raw little-endian bytes plus a shape).
+
+Tensors are written *into* the request's own sub-message (``with_tensors``): passing
+a sub-message to a constructor (``Request(ids=Tensor(...))``) makes upb copy it
+through a merge, which costs milliseconds per megabyte. A decoded answer's
+``data`` is read once: every read of a ``bytes`` field copies it.
+"""
 
 from __future__ import annotations
+
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -8,18 +16,25 @@ import numpy.typing as npt
 from protos import ps_service_pb2 as pb
 from ps_client.errors import PsInternal
 
-_I64 = np.dtype("<i8")
+M = TypeVar("M")
+
+_WIRE: dict[np.dtype[Any], np.dtype[Any]] = {
+    np.dtype(np.int64): np.dtype("<i8"),
+    np.dtype(np.float32): np.dtype("<f4"),
+}
 _F32 = np.dtype("<f4")
 
 
-def encode_ids(ids: npt.NDArray[np.int64]) -> pb.Tensor:
-    """``int64[n]`` as a Tensor of shape ``[n]``."""
-    return pb.Tensor(data=ids.astype(_I64, copy=False).tobytes(), shape=[ids.shape[0]])
+def with_tensors(msg: M, **tensors: npt.NDArray[Any]) -> M:
+    """Fill ``msg``'s Tensor fields named by the keywords; returns ``msg``.
 
-
-def encode_floats(values: npt.NDArray[np.float32]) -> pb.Tensor:
-    """``float32`` of any shape as a Tensor of that shape (row-major)."""
-    return pb.Tensor(data=values.astype(_F32, copy=False).tobytes(), shape=list(values.shape))
+    Arrays must be ``int64`` (ids) or ``float32`` (values, grads); shape is kept.
+    """
+    for field, arr in tensors.items():
+        tensor: pb.Tensor = getattr(msg, field)
+        tensor.data = arr.astype(_WIRE[arr.dtype], copy=False).tobytes()
+        tensor.shape[:] = arr.shape
+    return msg
 
 
 def decode_floats(tensor: pb.Tensor, count: int, what: str) -> npt.NDArray[np.float32]:
@@ -27,12 +42,13 @@ def decode_floats(tensor: pb.Tensor, count: int, what: str) -> npt.NDArray[np.fl
 
     :raises PsInternal: the shard sent a different number of floats.
     """
-    if len(tensor.data) != count * 4:
+    data = tensor.data
+    if len(data) != count * 4:
         raise PsInternal(
             f"{what}: expected {count} float32 values ({count * 4} bytes), "
-            f"the shard sent {len(tensor.data)} bytes"
+            f"the shard sent {len(data)} bytes"
         )
-    return np.frombuffer(tensor.data, dtype=_F32).astype(np.float32, copy=False)
+    return np.frombuffer(data, dtype=_F32).astype(np.float32, copy=False)
 
 
 def decode_rows(tensor: pb.Tensor, n: int, dim: int, what: str) -> npt.NDArray[np.float32]:

@@ -33,7 +33,7 @@ import numpy.typing as npt
 from protos import embedding_hash_table_pb2 as eht
 from protos import ps_service_pb2 as pb
 from protos import ps_service_pb2_grpc as pb_grpc
-from ps_client._codec import decode_floats, encode_floats, encode_ids
+from ps_client._codec import decode_floats, with_tensors
 from ps_client._table import (
     AsyncHashFilters,
     AsyncTable,
@@ -384,10 +384,12 @@ class AsyncPsClient:
         layout = fused_layout(fused_slot_size, [t.dim_size for t in tables], num_of_shards)
         route = FusedRoute(layout, ids_, self.num_shards)
         requests = [
-            pb.FusedLookupRequest(
-                tables=names,
-                blocks=[pb.FusedBlock(table_index=t, num_ids=c) for t, c in o.blocks],
-                ids=encode_ids(ids_[o.positions]),
+            with_tensors(
+                pb.FusedLookupRequest(
+                    tables=names,
+                    blocks=[pb.FusedBlock(table_index=t, num_ids=c) for t, c in o.blocks],
+                ),
+                ids=ids_[o.positions],
             )
             if o.positions.size else None
             for o in route.owners
@@ -455,14 +457,16 @@ class AsyncPsClient:
             # apply_gradients on every (shard, table) block, empty or not.
             blocks = o.blocks if o.positions.size or req_time <= 0 else every_block
             requests.append(
-                pb.FusedOptimizeRequest(
-                    tables=names,
-                    blocks=[pb.FusedBlock(table_index=t, num_ids=c) for t, c in blocks],
-                    ids=encode_ids(logical_ids[o.positions]),
-                    grads=encode_floats(grads[route.float_index(o.positions, grad_off)]),
-                    learning_rates=lrs.tolist(), global_step=int(global_step),
-                    enable_grad_accumulation=bool(enable_grad_accumulation),
-                    req_time=int(req_time), tag=self.next_tag(),
+                with_tensors(
+                    pb.FusedOptimizeRequest(
+                        tables=names,
+                        blocks=[pb.FusedBlock(table_index=t, num_ids=c) for t, c in blocks],
+                        learning_rates=lrs.tolist(), global_step=int(global_step),
+                        enable_grad_accumulation=bool(enable_grad_accumulation),
+                        req_time=int(req_time), tag=self.next_tag(),
+                    ),
+                    ids=logical_ids[o.positions],
+                    grads=grads[route.float_index(o.positions, grad_off)],
                 )
             )
         await self.each("FusedOptimize", requests, read_only=False)

@@ -19,7 +19,7 @@ import numpy.typing as npt
 
 from protos import embedding_hash_table_pb2 as eht
 from protos import ps_service_pb2 as pb
-from ps_client._codec import decode_rows, encode_floats, encode_ids
+from ps_client._codec import decode_rows, with_tensors
 from ps_client.errors import PsInvalidArgument
 from ps_client.learning_rate_functions import LearningRate, evaluate_learning_rates
 from ps_client.routing import as_ids, as_rows, dedup, partition, scatter_objects, scatter_rows
@@ -111,7 +111,7 @@ class AsyncTable:
         uniq, inverse = dedup(ids_)
         positions = partition(uniq, self._client.num_shards)
         requests = [
-            pb.LookupRequest(table=self.name, ids=encode_ids(uniq[p])) if p.size else None
+            with_tensors(pb.LookupRequest(table=self.name), ids=uniq[p]) if p.size else None
             for p in positions
         ]
         answers = await self._client.each("Lookup", requests)
@@ -129,7 +129,8 @@ class AsyncTable:
         uniq, inverse = dedup(ids_)
         positions = partition(uniq, self._client.num_shards)
         requests = [
-            pb.LookupEntryRequest(table=self.name, ids=encode_ids(uniq[p])) if p.size else None
+            with_tensors(pb.LookupEntryRequest(table=self.name), ids=uniq[p]) if p.size
+            else None
             for p in positions
         ]
         answers = await self._client.each("LookupEntry", requests)
@@ -215,9 +216,9 @@ class AsyncTable:
         vals = as_rows(values, ids_.shape[0], self.dim_size)
         positions = partition(ids_, self._client.num_shards)
         requests = [
-            pb.AssignRequest(
-                table=self.name, ids=encode_ids(ids_[p]), values=encode_floats(vals[p]),
-                req_time=req_time, tag=self._client.next_tag(),
+            with_tensors(
+                pb.AssignRequest(table=self.name, req_time=req_time, tag=self._client.next_tag()),
+                ids=ids_[p], values=vals[p],
             )
             if p.size or req_time > 0 else None
             for p in positions
@@ -238,10 +239,12 @@ class AsyncTable:
         lrs = evaluate_learning_rates(self.spec.learning_rate_fns, int(global_step))
         positions = partition(ids_, self._client.num_shards)
         requests = [
-            pb.ApplyGradientsRequest(
-                table=self.name, ids=encode_ids(ids_[p]), grads=encode_floats(g[p]),
-                learning_rates=lrs.tolist(), global_step=int(global_step),
-                enable_dedup=enable_dedup, req_time=req_time, tag=self._client.next_tag(),
+            with_tensors(
+                pb.ApplyGradientsRequest(
+                    table=self.name, learning_rates=lrs.tolist(), global_step=int(global_step),
+                    enable_dedup=enable_dedup, req_time=req_time, tag=self._client.next_tag(),
+                ),
+                ids=ids_[p], grads=g[p],
             )
             # An empty batch still moves a shard's table clock to req_time.
             if p.size or req_time > 0 else None
@@ -310,9 +313,9 @@ class AsyncHashFilters:
         rows = np.ascontiguousarray(g.reshape(n, width))
         positions = partition(ids_, self._client.num_shards)
         requests = [
-            pb.InterceptGradientRequest(
-                hash_filter=self.name, ids=encode_ids(ids_[p]), grads=encode_floats(rows[p]),
-                tag=self._client.next_tag(),
+            with_tensors(
+                pb.InterceptGradientRequest(hash_filter=self.name, tag=self._client.next_tag()),
+                ids=ids_[p], grads=rows[p],
             )
             if p.size else None
             for p in positions

@@ -102,13 +102,23 @@ def dedup(ids: Ids) -> tuple[Ids, Positions]:
     :returns: ``(unique int64[u], inverse int64[n])`` with ``unique[inverse] == ids``
         and ``unique`` ordered by where each id first occurs in ``ids``.
     """
-    if ids.size == 0:
+    n = ids.shape[0]
+    if n == 0:
         return ids[:0], _EMPTY_POS
-    uniq, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
-    order = np.argsort(first, kind="stable")
-    rank = np.empty_like(order)
-    rank[order] = np.arange(order.size)
-    return uniq[order], rank[inverse].astype(np.int64, copy=False)
+    order = np.argsort(ids)  # unstable is fine: a group's first occurrence is its min position
+    sorted_ids = ids[order]
+    starts = np.empty(n, dtype=bool)
+    starts[0] = True
+    np.not_equal(sorted_ids[1:], sorted_ids[:-1], out=starts[1:])
+    group = np.cumsum(starts) - 1
+    heads = np.flatnonzero(starts)
+    first = np.minimum.reduceat(order, heads)
+    by_first = np.argsort(first)
+    rank = np.empty_like(by_first)
+    rank[by_first] = np.arange(by_first.shape[0])
+    inverse = np.empty(n, dtype=np.int64)
+    inverse[order] = rank[group]
+    return sorted_ids[heads][by_first], inverse
 
 
 def partition(ids: Ids, num_shards: int) -> list[Positions]:

@@ -1,0 +1,234 @@
+"""End-to-end service benchmark: PsClient against 1, 2 and 4 local shard processes.
+
+For each shard count N it measures, through the public synchronous client:
+
+* ``Table.lookup`` of 65,536 distinct ids x dim 32 (512 KiB of ids up, 8 MiB of rows down);
+* ``Table.apply_gradients`` (SGD) of the same batch (8.5 MiB up, an empty answer down);
+
+and reports ids/s, MB/s (request + response payload bytes per second), and the p50 /
+p99 latency of one call. The headline is the **ratio to a bare gRPC echo** moving
+the same bytes in the same run: N echo processes (``bench/echo_server.py``), each
+sent its 1/N share of the request bytes and asked for its 1/N share of the response
+bytes, concurrently, from an asyncio loop thread like the client's. A ratio of 1.0
+would mean the parameter server costs nothing beyond moving the bytes.
+
+Usage: ``python bench/service_bench.py [--quick] [--shards 1,2,4] [--repeats R]``.
+``--quick`` (CI) runs a few repeats per case and finishes in well under a minute.
+All processes share this machine's cores, so N shards only scale while cores last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.echo_server import MAX_MESSAGE_BYTES, METHOD, request_for
+from protos import embedding_hash_table_pb2 as eht
+from ps_client import PsClient
+from ps_client.testing import local_cluster
+
+BATCH = 65_536
+DIM = 32
+MB = 1e6
+
+
+@dataclass
+class Result:
+    name: str
+    shards: int
+    latencies: list[float]
+    bytes_per_call: int
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.latencies))
+
+    def pct(self, q: float) -> float:
+        return float(np.percentile(self.latencies, q))
+
+    @property
+    def ids_per_s(self) -> float:
+        return BATCH / self.mean
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_per_call / self.mean / MB
+
+
+def timed(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def table_config() -> eht.EmbeddingHashTableConfig:
+    cfg = eht.EmbeddingHashTableConfig()
+    cfg.cuckoo.SetInParent()
+    seg = cfg.entry_config.segments.add()
+    seg.dim_size = DIM
+    seg.init_config.zeros.SetInParent()
+    seg.opt_config.sgd.SetInParent()
+    seg.comp_config.fp32.SetInParent()
+    return cfg
+
+
+# ---------------------------------------------------------------- echo baseline
+
+
+@contextlib.contextmanager
+def echo_servers(n: int) -> Iterator[list[str]]:
+    """``n`` echo server processes on loopback; yields their addresses."""
+    script = Path(__file__).resolve().parent / "echo_server.py"
+    with tempfile.TemporaryDirectory(prefix="echo_") as tmp:
+        procs, files = [], []
+        try:
+            for i in range(n):
+                pf = os.path.join(tmp, f"echo_{i}.port")
+                files.append(pf)
+                procs.append(subprocess.Popen(
+                    [sys.executable, str(script), "--port=0", f"--port_file={pf}"],
+                    stdin=subprocess.DEVNULL,
+                ))
+            ports = []
+            for p, pf in zip(procs, files, strict=True):
+                deadline = time.monotonic() + 30
+                while not os.path.exists(pf):
+                    if p.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"echo server did not start (exit {p.poll()})")
+                    time.sleep(0.02)
+                ports.append(int(Path(pf).read_text()))
+            yield [f"127.0.0.1:{port}" for port in ports]
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                p.wait(10)
+
+
+class EchoClient:
+    """aio channels to echo servers, driven from a private loop thread (as PsClient is)."""
+
+    def __init__(self, addresses: list[str]) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        opts = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+
+        async def build() -> tuple[list[Any], list[Any]]:
+            chans = [grpc.aio.insecure_channel(a, options=opts) for a in addresses]
+            return [c.unary_unary(METHOD) for c in chans], chans
+
+        self.calls, self.channels = self._run(build())
+
+    def _run(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def round_trip(self, n: int, up: int, down: int) -> Callable[[], object]:
+        """A callable doing one concurrent echo of ``up``/``down`` bytes over ``n`` servers."""
+        requests = [request_for(up // n, down // n) for _ in range(n)]
+
+        async def once() -> None:
+            await asyncio.gather(*(self.calls[i](requests[i]) for i in range(n)))
+
+        return lambda: self._run(once())
+
+    def close(self) -> None:
+        async def close_all() -> None:
+            await asyncio.gather(*(c.close() for c in self.channels))
+
+        self._run(close_all())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+
+
+# ---------------------------------------------------------------- cases
+
+
+def bench_shards(n: int, echo: EchoClient, warmup: int, repeats: int) -> list[tuple[Result,
+                                                                                  Result]]:
+    rng = np.random.default_rng(n)
+    ids = rng.choice(np.int64(1) << 40, size=BATCH, replace=False).astype(np.int64)
+    grads = rng.standard_normal((BATCH, DIM)).astype(np.float32) * np.float32(1e-3)
+    ids_bytes, rows_bytes = BATCH * 8, BATCH * DIM * 4
+    pairs = []
+    with local_cluster(n) as cluster, PsClient(cluster.addresses) as client:
+        table = client.create_table(table_config(), learning_rate_fns=(0.01,))
+        table.assign(ids, grads)
+        assert table.lookup(ids[:4]).shape == (4, DIM)
+        lookup = Result("lookup", n, timed(lambda: table.lookup(ids), warmup, repeats),
+                        ids_bytes + rows_bytes)
+        apply = Result(
+            "apply_gradients", n,
+            timed(lambda: table.apply_gradients(ids, grads, 1), warmup, repeats),
+            ids_bytes + rows_bytes,
+        )
+    for res, up, down in ((lookup, ids_bytes, rows_bytes),
+                          (apply, ids_bytes + rows_bytes, 0)):
+        base = Result(f"echo({res.name})", n,
+                      timed(echo.round_trip(n, up, down), warmup, repeats),
+                      up + down)
+        pairs.append((res, base))
+    return pairs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few repeats (CI)")
+    parser.add_argument("--shards", default="1,2,4", help="comma-separated shard counts")
+    parser.add_argument("--repeats", type=int, default=0, help="timed calls per case")
+    args = parser.parse_args()
+    counts = [int(x) for x in args.shards.split(",")]
+    repeats = args.repeats or (8 if args.quick else 40)
+    warmup = 2 if args.quick else 5
+    print(f"batch {BATCH} ids x dim {DIM} (float32); {os.cpu_count()} CPUs; "
+          f"{repeats} timed calls per case after {warmup} warm-up")
+    rows = []
+    with echo_servers(max(counts)) as echo_addrs:
+        echo = EchoClient(echo_addrs)
+        try:
+            for n in counts:
+                rows += bench_shards(n, echo, warmup, repeats)
+        finally:
+            echo.close()
+    head = (f"{'op':<16}{'shards':>6}{'Mids/s':>9}{'MB/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
+            f"{'echo MB/s':>11}{'echo p50':>10}{'ratio':>7}")
+    print(head)
+    print("-" * len(head))
+    for res, base in rows:
+        print(f"{res.name:<16}{res.shards:>6}{res.ids_per_s / 1e6:>9.2f}{res.mb_per_s:>9.0f}"
+              f"{res.pct(50) * 1e3:>9.2f}{res.pct(99) * 1e3:>9.2f}{base.mb_per_s:>11.0f}"
+              f"{base.pct(50) * 1e3:>10.2f}{base.mean / res.mean:>7.2f}")
+    print("\nscaling (ids/s relative to 1 shard):")
+    for name in ("lookup", "apply_gradients"):
+        mine = [r for r, _ in rows if r.name == name]
+        one = next((r for r in mine if r.shards == 1), mine[0])
+        curve = "  ".join(f"{r.shards}: {r.ids_per_s / one.ids_per_s:.2f}x" for r in mine)
+        print(f"  {name:<16} {curve}")
+    print("\nratio = echo time / service time for the same bytes over the same number of "
+          "processes (1.0 = transport-bound)")
+
+
+if __name__ == "__main__":
+    main()
