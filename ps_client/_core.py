@@ -75,8 +75,8 @@ class RetryPolicy:
     inside the call's deadline.
     """
 
-    max_attempts: int = 5
-    initial_backoff: float = 0.05
+    max_attempts: int = 6
+    initial_backoff: float = 0.1
     max_backoff: float = 2.0
     multiplier: float = 2.0
 

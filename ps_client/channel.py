@@ -45,6 +45,10 @@ class ChannelOptions:
             ("grpc.keepalive_permit_without_calls", 0),
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.enable_retries", 0),
+            # Reconnect quickly to a restarted shard (gRPC's default waits 1 s and more).
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2_000),
         ]
 
     def metadata(self) -> tuple[tuple[str, str], ...]:

@@ -7,8 +7,10 @@ out by hand from the reference formulas.
 
 from __future__ import annotations
 
+import concurrent.futures
 import glob
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +18,13 @@ import numpy as np
 import pytest
 
 from protos import embedding_hash_table_pb2 as eht
-from ps_client import PolynomialDecay, PsClient, PsError, PsInvalidArgument
+from ps_client import (
+    PolynomialDecay,
+    PsClient,
+    PsError,
+    PsInvalidArgument,
+    PsUnavailable,
+)
 from ps_client.graph_meta import HASH_TABLE_METADATA, get_meta
 from ps_client.testing import local_cluster
 
@@ -450,3 +458,40 @@ def test_checkpoint_into_fresh_cluster_creates_tables(client: PsClient, tmp_path
         assert name in other.tables()
         got = other.table(name).lookup(ids)
         assert got[:, 0].tolist() == ids.astype(float).tolist()
+
+
+def test_live_table_missing_from_checkpoint_is_value_error(client: PsClient,
+                                                           tmp_path: Path) -> None:
+    model_dir = str(tmp_path / "model")
+    client.save_checkpoint(model_dir, 1)
+    late = client.create_table(table_config(), name=f"late_{client.num_shards}")
+    late.assign([1], [[1.0]])
+    with pytest.raises(ValueError, match=late.name):
+        client.restore_checkpoint(model_dir)
+    assert late.lookup([1]).tolist() == [[1.0]]
+
+
+# ---------------------------------------------------------------- faults
+
+
+def test_reads_retry_across_a_restart_and_writes_do_not() -> None:
+    with local_cluster(2) as cluster, PsClient(cluster.addresses, timeout=10) as c:
+        t = c.create_table(table_config(), name="faulty")
+        t.assign([0, 1], [[1.0], [2.0]])
+        cluster.kill(1)
+        # A write to the dead shard fails at once (never retried: it might apply twice).
+        with pytest.raises(PsUnavailable) as info:
+            t.assign([1], [[3.0]])
+        assert isinstance(info.value, ConnectionError)
+        assert info.value.address == cluster.addresses[1]
+        # A read started while shard 1 is down keeps retrying (with backoff) until the
+        # shard is back on its port; the new shard 1 is empty.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(c.shard_infos)
+            time.sleep(0.3)
+            assert not pending.done()
+            cluster.restart(1)
+            assert [len(i.tables) for i in pending.result(timeout=20)] == [1, 0]
+        assert t.lookup([0]).tolist() == [[1.0]]
+        with pytest.raises(KeyError, match="faulty"):
+            t.lookup([1])
