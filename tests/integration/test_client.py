@@ -26,7 +26,7 @@ from ps_client import (
     PsUnavailable,
 )
 from ps_client.graph_meta import HASH_TABLE_METADATA, get_meta
-from ps_client.testing import local_cluster
+from ps_client.testing import ClusterStartError, local_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -495,3 +495,9 @@ def test_reads_retry_across_a_restart_and_writes_do_not() -> None:
         assert t.lookup([0]).tolist() == [[1.0]]
         with pytest.raises(KeyError, match="faulty"):
             t.lookup([1])
+
+
+def test_local_cluster_reports_a_shard_that_cannot_start() -> None:
+    with pytest.raises(ClusterStartError, match="no_such_flag"), \
+            local_cluster(1, no_such_flag=1, start_timeout=20):
+        pass  # pragma: no cover - never reached
