@@ -1,56 +1,141 @@
-"""numpy arrays <-> ``monolith_ps.Tensor`` (raw little-endian bytes plus a shape).
+"""Bulk requests and answers as protobuf wire bytes, written and read without copies.
 
-Tensors are written *into* the request's own sub-message (``with_tensors``): passing
-a sub-message to a constructor (``Request(ids=Tensor(...))``) makes upb copy it
-through a merge, which costs milliseconds per megabyte. A decoded answer's
-``data`` is read once: every read of a ``bytes`` field copies it.
+A request with megabytes of ids and floats would be copied four times on its way
+through protobuf objects (fancy-indexed array, ``tobytes``, the message's arena,
+``SerializeToString``); each fresh buffer also costs page faults. Instead the
+scalar part of a request is serialized by protobuf and every ``Tensor`` field is
+appended by hand (protobuf allows fields in any order, and concatenated encodings
+merge), so the payload is copied once, into the final ``bytes``. Answers are read
+the same way: the float payload of a ``Tensor`` field becomes a numpy view of the
+received bytes. The bytes are exactly what the generated classes would produce and
+parse (``tests/unit/test_client_codec.py`` checks both directions).
+
+Wire reminders: a key is ``field_number << 3 | wire_type``; ``Tensor{data = 1 (bytes),
+shape = 2 (packed int64)}``; wire type 2 = length-delimited, 0 = varint,
+1 = 64-bit, 5 = 32-bit.
 """
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from google.protobuf.message import Message
 
-from protos import ps_service_pb2 as pb
 from ps_client.errors import PsInternal
-
-M = TypeVar("M")
 
 _WIRE: dict[np.dtype[Any], np.dtype[Any]] = {
     np.dtype(np.int64): np.dtype("<i8"),
     np.dtype(np.float32): np.dtype("<f4"),
 }
 _F32 = np.dtype("<f4")
+_LEN = 2
 
 
-def with_tensors(msg: M, **tensors: npt.NDArray[Any]) -> M:
-    """Fill ``msg``'s Tensor fields named by the keywords; returns ``msg``.
+def _varint(n: int) -> bytes:
+    """Protobuf varint of ``n`` (negative int64 as its 64-bit two's complement)."""
+    n &= (1 << 64) - 1
+    out = bytearray()
+    while True:
+        low = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
 
-    Arrays must be ``int64`` (ids) or ``float32`` (values, grads); shape is kept.
+
+def _read_varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise PsInternal("truncated varint in a shard's answer")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _tensor_parts(number: int, arr: npt.NDArray[Any]) -> list[bytes | memoryview]:
+    """Field ``number`` holding ``Tensor{data=arr's bytes, shape=arr.shape}``, in pieces."""
+    wire = np.ascontiguousarray(arr.astype(_WIRE[arr.dtype], copy=False))
+    dims = b"".join(_varint(d) for d in wire.shape)
+    shape_field = b"\x12" + _varint(len(dims)) + dims if dims else b""
+    data_head = b"\x0a" + _varint(wire.nbytes) if wire.nbytes else b""
+    inner = len(data_head) + wire.nbytes + len(shape_field)
+    head = _varint(number << 3 | _LEN) + _varint(inner) + data_head
+    payload = wire.data.cast("B") if wire.nbytes else b""  # a (0, dim) view cannot be cast
+    return [head, payload, shape_field]
+
+
+def encode_request(head: Message, **tensors: npt.NDArray[Any]) -> bytes:
+    """Wire bytes of ``head`` plus its ``Tensor`` fields named by the keywords.
+
+    ``head`` holds the scalar fields (its tensor fields left unset); arrays must be
+    ``int64`` (ids) or ``float32`` (values, grads) and keep their shape.
     """
-    for field, arr in tensors.items():
-        tensor: pb.Tensor = getattr(msg, field)
-        tensor.data = arr.astype(_WIRE[arr.dtype], copy=False).tobytes()
-        tensor.shape[:] = arr.shape
-    return msg
+    fields = head.DESCRIPTOR.fields_by_name
+    parts: list[bytes | memoryview] = [head.SerializeToString()]
+    for name, arr in tensors.items():
+        parts += _tensor_parts(fields[name].number, arr)
+    return b"".join(parts)
 
 
-def decode_floats(tensor: pb.Tensor, count: int, what: str) -> npt.NDArray[np.float32]:
-    """The ``float32[count]`` payload of ``tensor`` (flat, read-only view of the bytes).
+def _fields(buf: bytes | memoryview, start: int, stop: int) -> dict[int, tuple[int, int]]:
+    """``{field number: (start, stop)}`` of the length-delimited fields in ``buf[start:stop]``
+    (last occurrence wins, as protobuf's merge does for singular fields)."""
+    out: dict[int, tuple[int, int]] = {}
+    pos = start
+    while pos < stop:
+        key, pos = _read_varint(buf, pos)
+        wire_type = key & 7
+        if wire_type == _LEN:
+            length, pos = _read_varint(buf, pos)
+            out[key >> 3] = (pos, pos + length)
+            pos += length
+        elif wire_type == 0:
+            _, pos = _read_varint(buf, pos)
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 5:
+            pos += 4
+        else:
+            raise PsInternal(f"unexpected wire type {wire_type} in a shard's answer")
+    if pos != stop:
+        raise PsInternal("a shard's answer is truncated")
+    return out
 
-    :raises PsInternal: the shard sent a different number of floats.
+
+def read_floats(
+    buf: bytes, response: type[Message], name: str, count: int, what: str
+) -> npt.NDArray[np.float32]:
+    """The ``float32[count]`` payload of ``Tensor`` field ``name`` of a ``response``
+    message encoded in ``buf``: a read-only view of ``buf``, no copy.
+
+    :raises PsInternal: the field holds a different number of floats.
     """
-    data = tensor.data
-    if len(data) != count * 4:
+    number = response.DESCRIPTOR.fields_by_name[name].number
+    span = _fields(buf, 0, len(buf)).get(number)
+    lo, hi = _fields(buf, *span).get(1, (0, 0)) if span else (0, 0)
+    if hi - lo != count * 4:
         raise PsInternal(
             f"{what}: expected {count} float32 values ({count * 4} bytes), "
-            f"the shard sent {len(data)} bytes"
+            f"the shard sent {hi - lo} bytes"
         )
-    return np.frombuffer(data, dtype=_F32).astype(np.float32, copy=False)
+    return np.frombuffer(buf, dtype=_F32, count=count, offset=lo).astype(np.float32, copy=False)
 
 
-def decode_rows(tensor: pb.Tensor, n: int, dim: int, what: str) -> npt.NDArray[np.float32]:
-    """The ``float32[n, dim]`` payload of ``tensor``."""
-    return decode_floats(tensor, n * dim, what).reshape(n, dim)
+def read_rows(
+    buf: bytes, response: type[Message], name: str, n: int, dim: int, what: str
+) -> npt.NDArray[np.float32]:
+    """:func:`read_floats` viewed as ``float32[n, dim]``."""
+    return read_floats(buf, response, name, n * dim, what).reshape(n, dim)
+
+
+def take(arr: npt.NDArray[Any], positions: npt.NDArray[np.int64]) -> npt.NDArray[Any]:
+    """``arr[positions]`` for increasing ``positions``; no copy when they are all of ``arr``."""
+    return arr if positions.shape[0] == arr.shape[0] else arr[positions]

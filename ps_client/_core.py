@@ -33,7 +33,7 @@ import numpy.typing as npt
 from protos import embedding_hash_table_pb2 as eht
 from protos import ps_service_pb2 as pb
 from protos import ps_service_pb2_grpc as pb_grpc
-from ps_client._codec import decode_floats, with_tensors
+from ps_client._codec import encode_request, read_floats, take
 from ps_client._table import (
     AsyncHashFilters,
     AsyncTable,
@@ -57,6 +57,8 @@ READ_ONLY = frozenset(
      "FusedLookup"}
 )
 """RPCs that change nothing and may be retried."""
+
+SERVICE_PATH = "/monolith_ps.ParameterServer"
 
 FILTER_TYPES = ("sliding_hash_filter", "probabilistic_filter", "no_filter")
 
@@ -122,6 +124,7 @@ class AsyncPsClient:
         self._metadata = opts.metadata() or None
         self._channels = [make_channel(a, opts) for a in self.addresses]
         self._stubs = [pb_grpc.ParameterServerStub(c) for c in self._channels]
+        self._raw: list[dict[str, Callable[..., Any]]] = [{} for _ in self._channels]
         self._seq = itertools.count(1)
         self._tables: dict[str, AsyncTable] = {}
         self._fresh = itertools.count()
@@ -150,12 +153,20 @@ class AsyncPsClient:
     ) -> Any:
         """Send ``request`` to ``shard`` with a deadline; retry read-only RPCs.
 
+        :param request: a request message (the answer is the response message), or
+            request wire bytes (see :mod:`ps_client._codec`; the answer is wire bytes).
         :raises PsError: the subclass for the final status code, ``from`` the gRPC error.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.file_timeout if file_op else self.timeout)
         retryable = method in READ_ONLY
-        rpc: Callable[..., Any] = getattr(self._stubs[shard], method)
+        rpc: Callable[..., Any]
+        if isinstance(request, bytes):
+            rpc = self._raw[shard].get(method) or self._raw[shard].setdefault(
+                method, self._channels[shard].unary_unary(f"{SERVICE_PATH}/{method}")
+            )
+        else:
+            rpc = getattr(self._stubs[shard], method)
         attempt = 0
         while True:
             attempt += 1
@@ -384,19 +395,20 @@ class AsyncPsClient:
         layout = fused_layout(fused_slot_size, [t.dim_size for t in tables], num_of_shards)
         route = FusedRoute(layout, ids_, self.num_shards)
         requests = [
-            with_tensors(
+            encode_request(
                 pb.FusedLookupRequest(
                     tables=names,
                     blocks=[pb.FusedBlock(table_index=t, num_ids=c) for t, c in o.blocks],
                 ),
-                ids=ids_[o.positions],
+                ids=take(ids_, o.positions),
             )
             if o.positions.size else None
             for o in route.owners
         ]
         answers = await self.each("FusedLookup", requests)
         flats = [
-            decode_floats(a.values, o.floats, "FusedLookup") if a is not None
+            read_floats(a, pb.FusedLookupResponse, "values", o.floats, "FusedLookup")
+            if a is not None
             else np.zeros(0, dtype=np.float32)
             for a, o in zip(answers, route.owners, strict=True)
         ]
@@ -457,7 +469,7 @@ class AsyncPsClient:
             # apply_gradients on every (shard, table) block, empty or not.
             blocks = o.blocks if o.positions.size or req_time <= 0 else every_block
             requests.append(
-                with_tensors(
+                encode_request(
                     pb.FusedOptimizeRequest(
                         tables=names,
                         blocks=[pb.FusedBlock(table_index=t, num_ids=c) for t, c in blocks],
@@ -465,7 +477,7 @@ class AsyncPsClient:
                         enable_grad_accumulation=bool(enable_grad_accumulation),
                         req_time=int(req_time), tag=self.next_tag(),
                     ),
-                    ids=logical_ids[o.positions],
+                    ids=take(logical_ids, o.positions),
                     grads=grads[route.float_index(o.positions, grad_off)],
                 )
             )

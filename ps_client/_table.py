@@ -19,7 +19,7 @@ import numpy.typing as npt
 
 from protos import embedding_hash_table_pb2 as eht
 from protos import ps_service_pb2 as pb
-from ps_client._codec import decode_rows, with_tensors
+from ps_client._codec import encode_request, read_rows, take
 from ps_client.errors import PsInvalidArgument
 from ps_client.learning_rate_functions import LearningRate, evaluate_learning_rates
 from ps_client.routing import as_ids, as_rows, dedup, partition, scatter_objects, scatter_rows
@@ -111,12 +111,14 @@ class AsyncTable:
         uniq, inverse = dedup(ids_)
         positions = partition(uniq, self._client.num_shards)
         requests = [
-            with_tensors(pb.LookupRequest(table=self.name), ids=uniq[p]) if p.size else None
+            encode_request(pb.LookupRequest(table=self.name), ids=take(uniq, p)) if p.size
+            else None
             for p in positions
         ]
         answers = await self._client.each("Lookup", requests)
         parts = [
-            decode_rows(a.values, p.size, dim, f"Lookup of {self.name!r}") if a is not None
+            read_rows(a, pb.LookupResponse, "values", p.size, dim, f"Lookup of {self.name!r}")
+            if a is not None
             else np.zeros((0, dim), dtype=np.float32)
             for a, p in zip(answers, positions, strict=True)
         ]
@@ -129,14 +131,16 @@ class AsyncTable:
         uniq, inverse = dedup(ids_)
         positions = partition(uniq, self._client.num_shards)
         requests = [
-            with_tensors(pb.LookupEntryRequest(table=self.name), ids=uniq[p]) if p.size
+            encode_request(pb.LookupEntryRequest(table=self.name), ids=take(uniq, p)) if p.size
             else None
             for p in positions
         ]
         answers = await self._client.each("LookupEntry", requests)
         parts: list[Sequence[bytes]] = []
         for a, p in zip(answers, positions, strict=True):
-            got: Sequence[bytes] = a.entries if a is not None else []
+            got: Sequence[bytes] = (
+                pb.LookupEntryResponse.FromString(a).entries if a is not None else []
+            )
             if len(got) != p.size:
                 raise PsInvalidArgument(
                     f"LookupEntry of {self.name!r}: {p.size} ids sent, {len(got)} entries back"
@@ -216,9 +220,9 @@ class AsyncTable:
         vals = as_rows(values, ids_.shape[0], self.dim_size)
         positions = partition(ids_, self._client.num_shards)
         requests = [
-            with_tensors(
+            encode_request(
                 pb.AssignRequest(table=self.name, req_time=req_time, tag=self._client.next_tag()),
-                ids=ids_[p], values=vals[p],
+                ids=take(ids_, p), values=take(vals, p),
             )
             if p.size or req_time > 0 else None
             for p in positions
@@ -239,12 +243,12 @@ class AsyncTable:
         lrs = evaluate_learning_rates(self.spec.learning_rate_fns, int(global_step))
         positions = partition(ids_, self._client.num_shards)
         requests = [
-            with_tensors(
+            encode_request(
                 pb.ApplyGradientsRequest(
                     table=self.name, learning_rates=lrs.tolist(), global_step=int(global_step),
                     enable_dedup=enable_dedup, req_time=req_time, tag=self._client.next_tag(),
                 ),
-                ids=ids_[p], grads=g[p],
+                ids=take(ids_, p), grads=take(g, p),
             )
             # An empty batch still moves a shard's table clock to req_time.
             if p.size or req_time > 0 else None
@@ -313,17 +317,18 @@ class AsyncHashFilters:
         rows = np.ascontiguousarray(g.reshape(n, width))
         positions = partition(ids_, self._client.num_shards)
         requests = [
-            with_tensors(
+            encode_request(
                 pb.InterceptGradientRequest(hash_filter=self.name, tag=self._client.next_tag()),
-                ids=ids_[p], grads=rows[p],
+                ids=take(ids_, p), grads=take(rows, p),
             )
             if p.size else None
             for p in positions
         ]
         answers = await self._client.each("InterceptGradient", requests, read_only=False)
         parts = [
-            decode_rows(a.grads, p.size, width, "InterceptGradient") if a is not None
-            else rows[:0]
+            read_rows(a, pb.InterceptGradientResponse, "grads", p.size, width,
+                      "InterceptGradient")
+            if a is not None else rows[:0]
             for a, p in zip(answers, positions, strict=True)
         ]
         return scatter_rows(parts, positions, n, width).reshape(g.shape)

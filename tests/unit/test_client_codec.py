@@ -1,0 +1,59 @@
+"""The client's hand-written wire bytes equal what the generated classes produce and read."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from protos import ps_service_pb2 as pb
+from ps_client._codec import encode_request, read_floats, read_rows, take
+from ps_client.errors import PsInternal
+
+
+def test_encoded_request_parses_with_the_generated_class() -> None:
+    ids = np.array([1, -1, 2**62, -(2**63)], dtype=np.int64)
+    grads = np.arange(8, dtype=np.float32).reshape(4, 2)
+    head = pb.ApplyGradientsRequest(table="t", learning_rates=[0.5, 0.25], global_step=7,
+                                    enable_dedup=True, req_time=3,
+                                    tag=pb.RequestTag(client_id="c", seq=9))
+    msg = pb.ApplyGradientsRequest.FromString(encode_request(head, ids=ids, grads=grads))
+    assert (msg.table, list(msg.learning_rates), msg.global_step, msg.enable_dedup,
+            msg.req_time, msg.tag.seq) == ("t", [0.5, 0.25], 7, True, 3, 9)
+    assert msg.ids.data == ids.astype("<i8").tobytes() and list(msg.ids.shape) == [4]
+    assert msg.grads.data == grads.astype("<f4").tobytes()
+    assert list(msg.grads.shape) == [4, 2]
+
+
+def test_encoded_request_equals_protobuf_serialization() -> None:
+    ids = np.array([5, 6], dtype=np.int64)
+    ours = encode_request(pb.LookupRequest(table="emb"), ids=ids)
+    theirs = pb.LookupRequest(table="emb", ids=pb.Tensor(data=ids.tobytes(), shape=[2]))
+    assert ours == theirs.SerializeToString()
+
+
+def test_empty_and_non_contiguous_arrays() -> None:
+    ids = np.arange(10, dtype=np.int64)[::3]  # a strided view: 0, 3, 6, 9
+    msg = pb.LookupRequest.FromString(encode_request(pb.LookupRequest(table="x"), ids=ids))
+    assert np.frombuffer(msg.ids.data, dtype="<i8").tolist() == [0, 3, 6, 9]
+    empty = pb.LookupRequest.FromString(
+        encode_request(pb.LookupRequest(table="x"), ids=np.zeros(0, dtype=np.int64)))
+    assert empty.ids.data == b"" and list(empty.ids.shape) == [0]
+    no_rows = pb.AssignRequest.FromString(encode_request(
+        pb.AssignRequest(table="x"), values=np.zeros((0, 5), dtype=np.float32)))
+    assert no_rows.values.data == b"" and list(no_rows.values.shape) == [0, 5]
+
+
+def test_read_floats_views_the_answer() -> None:
+    rows = np.array([[1.5, -2.0], [3.0, 4.25]], dtype=np.float32)
+    buf = pb.LookupResponse(values=pb.Tensor(data=rows.tobytes(), shape=[2, 2])).SerializeToString()
+    got = read_rows(buf, pb.LookupResponse, "values", 2, 2, "Lookup")
+    assert got.tolist() == rows.tolist()
+    with pytest.raises(PsInternal, match="expected 6 float32 values"):
+        read_floats(buf, pb.LookupResponse, "values", 6, "Lookup")
+    assert read_floats(b"", pb.LookupResponse, "values", 0, "Lookup").shape == (0,)
+
+
+def test_take_skips_the_copy_for_all_positions() -> None:
+    arr = np.arange(4)
+    assert take(arr, np.arange(4)) is arr
+    assert take(arr, np.array([1, 3])).tolist() == [1, 3]
