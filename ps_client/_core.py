@@ -347,7 +347,14 @@ class AsyncPsClient:
         known = self._tables.get(name)
         if known is not None and learning_rate_fns is None:
             return known
-        infos = await self.shard_infos()
+        return self._attach(name, await self.shard_infos(), learning_rate_fns)
+
+    def _attach(
+        self, name: str, infos: Sequence[pb.ShardInfo],
+        learning_rate_fns: Sequence[LearningRate] | None,
+    ) -> AsyncTable:
+        """The handle of table ``name`` as the shards describe it in ``infos``."""
+        known = self._tables.get(name)
         found = [next((t for t in i.tables if t.name == name), None) for i in infos]
         missing = [s for s, t in enumerate(found) if t is None]
         if missing:
@@ -454,20 +461,29 @@ class AsyncPsClient:
                 f"learning_rate_tensors must hold {want_lrs} rates (one per segment of each "
                 f"table, concatenated), got {lrs.shape[0]}"
             )
+        if ids_.shape[0] != layout.num_ids:
+            raise PsInvalidArgument(
+                f"fused_apply_gradient got {ids_.shape[0]} ids but fused_slot_size adds up to "
+                f"{layout.num_ids}"
+            )
         logical_ids = (
-            ids_[: layout.num_ids] if np.array_equal(id_off, layout.key_off)
+            ids_ if np.array_equal(id_off, layout.key_off)
             else ids_[id_off[layout.block_of] + layout.within]
         )
         route = FusedRoute(layout, logical_ids, self.num_shards)
-        every_block = [(int(t), 0) for t in layout.block_tables]
+        num_tables = len(tables)
         requests: list[Any] = []
         for o in route.owners:
             if not o.positions.size and req_time <= 0:
                 requests.append(None)
                 continue
-            # With req_time > 0 every table's clock moves, as when Monolith calls
-            # apply_gradients on every (shard, table) block, empty or not.
-            blocks = o.blocks if o.positions.size or req_time <= 0 else every_block
+            # With req_time > 0 every table's clock moves on every shard, as when
+            # Monolith calls apply_gradients on every (shard, table) block, empty or not:
+            # tables this shard got no ids of get an empty block.
+            blocks = list(o.blocks)
+            if req_time > 0:
+                seen = {t for t, _ in blocks}
+                blocks += [(t, 0) for t in range(num_tables) if t not in seen]
             requests.append(
                 encode_request(
                     pb.FusedOptimizeRequest(
@@ -529,5 +545,7 @@ class AsyncPsClient:
     async def _learn_tables(self, names: set[str]) -> None:
         """Make tables restored or created on the shards known to this client."""
         todo = sorted(n for n in names if n not in self._tables)
-        for name in todo:
-            await self.table(name)
+        if todo:
+            infos = await self.shard_infos()
+            for name in todo:
+                self._attach(name, infos, None)

@@ -421,12 +421,30 @@ def test_fused_apply_gradient_accumulation_per_block(client: PsClient) -> None:
         np.testing.assert_allclose(t.lookup([9])[0, 0], want, rtol=1e-6)
 
 
+def test_fused_apply_gradient_moves_every_table_clock(client: PsClient) -> None:
+    # Monolith calls apply_gradients on every (shard, table) block, so with req_time 50
+    # both tables' clocks reach 50 on every real shard, even where a table got no ids.
+    t0 = client.create_table(table_config((1,)))
+    t1 = client.create_table(table_config((2,)))
+    client.fused_apply_gradient(
+        [t0, t1], [4], None, [1, 0], [1], [0, 1, 1], [0, 1, 1], [1, 1], 50, 0, 1,
+    )
+    clocks = [
+        [t.max_update_ts for t in info.tables if t.name in (t0.name, t1.name)]
+        for info in client.shard_infos()
+    ]
+    assert clocks == [[50, 50]] * client.num_shards
+    assert t0.lookup([4]).tolist() == [[-1.0]]  # 0 - 1.0 * 1
+
+
 def test_fused_apply_gradient_validates(client: PsClient) -> None:
     t = client.create_table(table_config((2,)))
     with pytest.raises(ValueError, match="grad_offsets"):
         client.fused_apply_gradient([t], [1], None, [1], [1, 1], [0, 1], [0, 1], [1.0], 0, 0, 1)
     with pytest.raises(ValueError, match="learning_rate_tensors"):
         client.fused_apply_gradient([t], [1], None, [1], [1, 1], [0, 1], [0, 2], [1, 1], 0, 0, 1)
+    with pytest.raises(ValueError, match="2 ids but fused_slot_size adds up to 1"):
+        client.fused_apply_gradient([t], [1, 2], None, [1], [1, 1], [0, 1], [0, 2], [1], 0, 0, 1)
     assert t.size() == 0
 
 
