@@ -186,17 +186,15 @@ class AsyncPsClient:
                 raise error_from_rpc(err, address=self.addresses[shard], method=method) from err
 
     async def each(
-        self, method: str, requests: Any, *, read_only: bool = True, file_op: bool = False
+        self, method: str, requests: Any, *, file_op: bool = False
     ) -> list[Any]:
         """Call ``method`` on every shard concurrently.
 
         :param requests: one request for all shards, or a list with one per shard
             (None = skip that shard; its answer is None).
-        :param read_only: documents intent; retries follow :data:`READ_ONLY` only.
         :returns: the answers in shard order.
         :raises PsError: the first failure in shard order, after every call ended.
         """
-        del read_only
         reqs = requests if isinstance(requests, list) else [requests] * self.num_shards
         live = [s for s, r in enumerate(reqs) if r is not None]
         results = await asyncio.gather(
@@ -266,7 +264,6 @@ class AsyncPsClient:
                 split_num=int(split_num), equal_probability=bool(equal_probability),
                 filter_type=filter_type,
             ),
-            read_only=False,
         )
         enabled = bool(enable_hash_filter) and filter_type != "no_filter"
         return AsyncHashFilters(self, name, enabled, filter_type)
@@ -324,8 +321,7 @@ class AsyncPsClient:
                     extra_restore_names=list(spec.extra_restore_names),
                     saver_parallel=spec.saver_parallel, allow_existing=True,
                 ),
-                read_only=False,
-            )
+                )
         except PsError:
             names.discard(name)
             raise
@@ -497,7 +493,7 @@ class AsyncPsClient:
                     grads=grads[route.float_index(o.positions, grad_off)],
                 )
             )
-        await self.each("FusedOptimize", requests, read_only=False)
+        await self.each("FusedOptimize", requests)
 
     # ------------------------------------------------------------ checkpoints
 
@@ -513,7 +509,7 @@ class AsyncPsClient:
         request = pb.CheckpointRequest(
             model_dir=model_dir, global_step=int(global_step), max_to_keep=int(max_to_keep)
         )
-        await self.each("SaveCheckpoint", request, read_only=False, file_op=True)
+        await self.each("SaveCheckpoint", request, file_op=True)
         answer = await self.call(0, "CommitCheckpoint", request, file_op=True)
         return str(answer.prefix)
 
@@ -537,7 +533,7 @@ class AsyncPsClient:
                 pb.CheckpointRequest(
                     model_dir=model_dir, prefix=resolved, validate_only=validate_only
                 ),
-                read_only=False, file_op=True,
+                file_op=True,
             )
         await self._learn_tables({n for a in answers for n in a.tables})
         return resolved

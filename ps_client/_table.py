@@ -227,7 +227,7 @@ class AsyncTable:
             if p.size or req_time > 0 else None
             for p in positions
         ]
-        await self._client.each(method, requests, read_only=False)
+        await self._client.each(method, requests)
 
     async def apply_gradients(
         self, ids: Any, grads: Any, global_step: int, *, enable_dedup: bool = False,
@@ -254,7 +254,7 @@ class AsyncTable:
             if p.size or req_time > 0 else None
             for p in positions
         ]
-        await self._client.each("ApplyGradients", requests, read_only=False)
+        await self._client.each("ApplyGradients", requests)
 
     # ------------------------------------------------------------ files
 
@@ -324,7 +324,7 @@ class AsyncHashFilters:
             if p.size else None
             for p in positions
         ]
-        answers = await self._client.each("InterceptGradient", requests, read_only=False)
+        answers = await self._client.each("InterceptGradient", requests)
         parts = [
             read_rows(a, pb.InterceptGradientResponse, "grads", p.size, width,
                       "InterceptGradient")
