@@ -33,6 +33,9 @@ DATA_DIR = "/data"
 UID = 10001
 #: Pod label the StatefulSet controller sets to the pod's ordinal (Kubernetes >= 1.28).
 POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"
+#: gRPC health service name that is the shard's readiness: NOT_SERVING while a restore
+#: runs, after an admin Drain and once shutdown begins ("" stays SERVING: liveness).
+READINESS_SERVICE = "monolith_ps.ParameterServer"
 CONTAINER = "ps"
 
 Doc = dict[str, Any]
@@ -82,6 +85,7 @@ def server_args(fleet: Fleet, shard_index: str, *, shutdown_delay: bool) -> list
         f"--port={fleet.grpc_port}",
         f"--data_root={DATA_DIR}",
         f"--grace_seconds={_num(fleet.grace_seconds)}",
+        f"--metrics_port={fleet.metrics_port}",
     ]
     if shutdown_delay:
         args.append(f"--shutdown_delay_seconds={_num(fleet.shutdown_delay_seconds)}")
@@ -145,9 +149,14 @@ def headless_service(fleet: Fleet) -> Doc:
     }
 
 
-def _grpc_probe(fleet: Fleet, period: int, timeout: int, failures: int) -> Doc:
+def _grpc_probe(
+    fleet: Fleet, period: int, timeout: int, failures: int, service: str = ""
+) -> Doc:
+    grpc: Doc = {"port": fleet.grpc_port}
+    if service:
+        grpc["service"] = service
     return {
-        "grpc": {"port": fleet.grpc_port},
+        "grpc": grpc,
         "periodSeconds": period,
         "timeoutSeconds": timeout,
         "failureThreshold": failures,
@@ -174,10 +183,14 @@ def statefulset(fleet: Fleet) -> Doc:
             {"name": "grpc", "containerPort": fleet.grpc_port, "protocol": "TCP"},
             {"name": "metrics", "containerPort": fleet.metrics_port, "protocol": "TCP"},
         ],
-        # grpc.health.v1.Health "" (the whole server). Startup allows 5 minutes; after
-        # that a minute without SERVING restarts the pod, 10 s takes it out of Ready.
+        # grpc.health.v1.Health: startup and liveness ask for "" (the process is up),
+        # readiness for the ParameterServer service (NOT_SERVING while restoring or
+        # drained). Startup allows 5 minutes; after that a minute without SERVING
+        # restarts the pod, 10 s takes it out of Ready.
         "startupProbe": _grpc_probe(fleet, period=5, timeout=3, failures=60),
-        "readinessProbe": _grpc_probe(fleet, period=5, timeout=3, failures=2),
+        "readinessProbe": _grpc_probe(
+            fleet, period=5, timeout=3, failures=2, service=READINESS_SERVICE
+        ),
         "livenessProbe": _grpc_probe(fleet, period=10, timeout=5, failures=6),
         # requests == limits: Guaranteed QoS, last to be evicted under node pressure.
         "resources": {"requests": dict(resources), "limits": dict(resources)},

@@ -375,3 +375,163 @@ class CheckpointResponse(_message.Message):
     entries: int
     tables: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, prefix: _Optional[str] = ..., files: _Optional[_Iterable[str]] = ..., entries: _Optional[int] = ..., tables: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AdminSaveRequest(_message.Message):
+    __slots__ = ("model_dir", "global_step", "max_to_keep")
+    MODEL_DIR_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_STEP_FIELD_NUMBER: _ClassVar[int]
+    MAX_TO_KEEP_FIELD_NUMBER: _ClassVar[int]
+    model_dir: str
+    global_step: int
+    max_to_keep: int
+    def __init__(self, model_dir: _Optional[str] = ..., global_step: _Optional[int] = ..., max_to_keep: _Optional[int] = ...) -> None: ...
+
+class AdminRestoreRequest(_message.Message):
+    __slots__ = ("model_dir", "prefix", "validate_only")
+    MODEL_DIR_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    VALIDATE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    model_dir: str
+    prefix: str
+    validate_only: bool
+    def __init__(self, model_dir: _Optional[str] = ..., prefix: _Optional[str] = ..., validate_only: _Optional[bool] = ...) -> None: ...
+
+class AdminCheckpointResponse(_message.Message):
+    __slots__ = ("prefix", "files", "entries", "bytes", "tables", "duration_seconds")
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    prefix: str
+    files: _containers.RepeatedScalarFieldContainer[str]
+    entries: int
+    bytes: int
+    tables: _containers.RepeatedScalarFieldContainer[str]
+    duration_seconds: float
+    def __init__(self, prefix: _Optional[str] = ..., files: _Optional[_Iterable[str]] = ..., entries: _Optional[int] = ..., bytes: _Optional[int] = ..., tables: _Optional[_Iterable[str]] = ..., duration_seconds: _Optional[float] = ...) -> None: ...
+
+class EvictRequest(_message.Message):
+    __slots__ = ("table",)
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    def __init__(self, table: _Optional[str] = ...) -> None: ...
+
+class TableEviction(_message.Message):
+    __slots__ = ("table", "evicted", "remaining")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    evicted: int
+    remaining: int
+    def __init__(self, table: _Optional[str] = ..., evicted: _Optional[int] = ..., remaining: _Optional[int] = ...) -> None: ...
+
+class EvictResponse(_message.Message):
+    __slots__ = ("tables", "evicted")
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_FIELD_NUMBER: _ClassVar[int]
+    tables: _containers.RepeatedCompositeFieldContainer[TableEviction]
+    evicted: int
+    def __init__(self, tables: _Optional[_Iterable[_Union[TableEviction, _Mapping]]] = ..., evicted: _Optional[int] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class OperationRecord(_message.Message):
+    __slots__ = ("op", "start_time", "duration_seconds", "prefix", "entries", "bytes", "error")
+    OP_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    op: str
+    start_time: float
+    duration_seconds: float
+    prefix: str
+    entries: int
+    bytes: int
+    error: str
+    def __init__(self, op: _Optional[str] = ..., start_time: _Optional[float] = ..., duration_seconds: _Optional[float] = ..., prefix: _Optional[str] = ..., entries: _Optional[int] = ..., bytes: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+
+class TableStats(_message.Message):
+    __slots__ = ("name", "entries", "memory_bytes", "dim_size", "hash_filter", "max_update_ts", "feature_eviction", "evicted_entries")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DIM_SIZE_FIELD_NUMBER: _ClassVar[int]
+    HASH_FILTER_FIELD_NUMBER: _ClassVar[int]
+    MAX_UPDATE_TS_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_EVICTION_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    entries: int
+    memory_bytes: int
+    dim_size: int
+    hash_filter: str
+    max_update_ts: int
+    feature_eviction: bool
+    evicted_entries: int
+    def __init__(self, name: _Optional[str] = ..., entries: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., dim_size: _Optional[int] = ..., hash_filter: _Optional[str] = ..., max_update_ts: _Optional[int] = ..., feature_eviction: _Optional[bool] = ..., evicted_entries: _Optional[int] = ...) -> None: ...
+
+class HashFilterStats(_message.Message):
+    __slots__ = ("name", "filter_type", "enabled", "fill_ratio", "failure_count", "capacity")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FILTER_TYPE_FIELD_NUMBER: _ClassVar[int]
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    FILL_RATIO_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    filter_type: str
+    enabled: bool
+    fill_ratio: float
+    failure_count: int
+    capacity: int
+    def __init__(self, name: _Optional[str] = ..., filter_type: _Optional[str] = ..., enabled: _Optional[bool] = ..., fill_ratio: _Optional[float] = ..., failure_count: _Optional[int] = ..., capacity: _Optional[int] = ...) -> None: ...
+
+class StatsResponse(_message.Message):
+    __slots__ = ("shard_index", "num_shards", "version", "uptime_seconds", "state", "entries", "memory_bytes", "tables", "hash_filters", "last_save", "last_restore", "in_flight")
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    HASH_FILTERS_FIELD_NUMBER: _ClassVar[int]
+    LAST_SAVE_FIELD_NUMBER: _ClassVar[int]
+    LAST_RESTORE_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    shard_index: int
+    num_shards: int
+    version: str
+    uptime_seconds: float
+    state: str
+    entries: int
+    memory_bytes: int
+    tables: _containers.RepeatedCompositeFieldContainer[TableStats]
+    hash_filters: _containers.RepeatedCompositeFieldContainer[HashFilterStats]
+    last_save: OperationRecord
+    last_restore: OperationRecord
+    in_flight: int
+    def __init__(self, shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., version: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., state: _Optional[str] = ..., entries: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableStats, _Mapping]]] = ..., hash_filters: _Optional[_Iterable[_Union[HashFilterStats, _Mapping]]] = ..., last_save: _Optional[_Union[OperationRecord, _Mapping]] = ..., last_restore: _Optional[_Union[OperationRecord, _Mapping]] = ..., in_flight: _Optional[int] = ...) -> None: ...
+
+class DrainRequest(_message.Message):
+    __slots__ = ("grace_seconds",)
+    GRACE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    grace_seconds: float
+    def __init__(self, grace_seconds: _Optional[float] = ...) -> None: ...
+
+class DrainResponse(_message.Message):
+    __slots__ = ("in_flight", "waited_seconds")
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    WAITED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    in_flight: int
+    waited_seconds: float
+    def __init__(self, in_flight: _Optional[int] = ..., waited_seconds: _Optional[float] = ...) -> None: ...

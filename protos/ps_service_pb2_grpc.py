@@ -955,3 +955,298 @@ class ParameterServer:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ParameterServerAdminStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Save = channel.unary_unary(
+                '/monolith_ps.ParameterServerAdmin/Save',
+                request_serializer=protos_dot_ps__service__pb2.AdminSaveRequest.SerializeToString,
+                response_deserializer=protos_dot_ps__service__pb2.AdminCheckpointResponse.FromString,
+                _registered_method=True)
+        self.Commit = channel.unary_unary(
+                '/monolith_ps.ParameterServerAdmin/Commit',
+                request_serializer=protos_dot_ps__service__pb2.AdminSaveRequest.SerializeToString,
+                response_deserializer=protos_dot_ps__service__pb2.AdminCheckpointResponse.FromString,
+                _registered_method=True)
+        self.Restore = channel.unary_unary(
+                '/monolith_ps.ParameterServerAdmin/Restore',
+                request_serializer=protos_dot_ps__service__pb2.AdminRestoreRequest.SerializeToString,
+                response_deserializer=protos_dot_ps__service__pb2.AdminCheckpointResponse.FromString,
+                _registered_method=True)
+        self.Evict = channel.unary_unary(
+                '/monolith_ps.ParameterServerAdmin/Evict',
+                request_serializer=protos_dot_ps__service__pb2.EvictRequest.SerializeToString,
+                response_deserializer=protos_dot_ps__service__pb2.EvictResponse.FromString,
+                _registered_method=True)
+        self.Stats = channel.unary_unary(
+                '/monolith_ps.ParameterServerAdmin/Stats',
+                request_serializer=protos_dot_ps__service__pb2.StatsRequest.SerializeToString,
+                response_deserializer=protos_dot_ps__service__pb2.StatsResponse.FromString,
+                _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/monolith_ps.ParameterServerAdmin/Drain',
+                request_serializer=protos_dot_ps__service__pb2.DrainRequest.SerializeToString,
+                response_deserializer=protos_dot_ps__service__pb2.DrainResponse.FromString,
+                _registered_method=True)
+
+
+class ParameterServerAdminServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Save(self, request, context):
+        """This shard writes its part of checkpoint <model_dir>/model.ckpt-<global_step>.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Commit(self, request, context):
+        """Manifest + `checkpoint` index: run on one shard after every shard's Save.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Restore(self, request, context):
+        """Restore (or validate) a checkpoint into this shard, all or nothing; tables
+        missing here are created from the manifest; entries go to floormod(id, num_shards).
+        Health of monolith_ps.ParameterServer is NOT_SERVING while it runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Evict(self, request, context):
+        """Delete expired entries now (the tables' slot_expire_time_config).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Stats(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drain(self, request, context):
+        """Health NOT_SERVING, refuse new data-plane calls (UNAVAILABLE), wait for the
+        running ones. Lasts until the process exits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ParameterServerAdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Save': grpc.unary_unary_rpc_method_handler(
+                    servicer.Save,
+                    request_deserializer=protos_dot_ps__service__pb2.AdminSaveRequest.FromString,
+                    response_serializer=protos_dot_ps__service__pb2.AdminCheckpointResponse.SerializeToString,
+            ),
+            'Commit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Commit,
+                    request_deserializer=protos_dot_ps__service__pb2.AdminSaveRequest.FromString,
+                    response_serializer=protos_dot_ps__service__pb2.AdminCheckpointResponse.SerializeToString,
+            ),
+            'Restore': grpc.unary_unary_rpc_method_handler(
+                    servicer.Restore,
+                    request_deserializer=protos_dot_ps__service__pb2.AdminRestoreRequest.FromString,
+                    response_serializer=protos_dot_ps__service__pb2.AdminCheckpointResponse.SerializeToString,
+            ),
+            'Evict': grpc.unary_unary_rpc_method_handler(
+                    servicer.Evict,
+                    request_deserializer=protos_dot_ps__service__pb2.EvictRequest.FromString,
+                    response_serializer=protos_dot_ps__service__pb2.EvictResponse.SerializeToString,
+            ),
+            'Stats': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stats,
+                    request_deserializer=protos_dot_ps__service__pb2.StatsRequest.FromString,
+                    response_serializer=protos_dot_ps__service__pb2.StatsResponse.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=protos_dot_ps__service__pb2.DrainRequest.FromString,
+                    response_serializer=protos_dot_ps__service__pb2.DrainResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'monolith_ps.ParameterServerAdmin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('monolith_ps.ParameterServerAdmin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ParameterServerAdmin:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Save(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/monolith_ps.ParameterServerAdmin/Save',
+            protos_dot_ps__service__pb2.AdminSaveRequest.SerializeToString,
+            protos_dot_ps__service__pb2.AdminCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Commit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/monolith_ps.ParameterServerAdmin/Commit',
+            protos_dot_ps__service__pb2.AdminSaveRequest.SerializeToString,
+            protos_dot_ps__service__pb2.AdminCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Restore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/monolith_ps.ParameterServerAdmin/Restore',
+            protos_dot_ps__service__pb2.AdminRestoreRequest.SerializeToString,
+            protos_dot_ps__service__pb2.AdminCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Evict(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/monolith_ps.ParameterServerAdmin/Evict',
+            protos_dot_ps__service__pb2.EvictRequest.SerializeToString,
+            protos_dot_ps__service__pb2.EvictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/monolith_ps.ParameterServerAdmin/Stats',
+            protos_dot_ps__service__pb2.StatsRequest.SerializeToString,
+            protos_dot_ps__service__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/monolith_ps.ParameterServerAdmin/Drain',
+            protos_dot_ps__service__pb2.DrainRequest.SerializeToString,
+            protos_dot_ps__service__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -1,64 +1,48 @@
 """``python -m ps_server`` / ``ps-server``: run one shard until SIGTERM or SIGINT.
 
 Every flag is a field of :class:`ps_server.config.ServerConfig` with the same name,
-default and help (taken from the dataclass docstring), e.g.::
+default and help, defined from the dataclass by
+:func:`ps_server.gflags_utils.extract_flags` (``--helpfull`` lists them), e.g.::
 
-    python -m ps_server --port=0 --shard_index=1 --num_shards=4 --port_file=/tmp/p1
+    python -m ps_server --port=0 --shard_index=1 --num_shards=4 --port_file=/tmp/p1 \\
+        --metrics_port=9100
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 import sys
 from collections.abc import Sequence
 
 from absl import app, flags
 
+from ps_server import gflags_utils
 from ps_server.config import ServerConfig
 from ps_server.errors import ConfigError
 from ps_server.server import run
 
-_PARAM = re.compile(r"^:param\s+([a-zA-Z0-9._-]+)\s*:\s*(.*)")
+__all__ = ["config_from_flags", "main"]
 
 
-def _field_help(cls: type) -> dict[str, str]:
-    """``{field: help}`` from the ``:param name: help`` lines of ``cls``'s docstring
-    (continuation lines append to the current entry)."""
-    out: dict[str, list[str]] = {}
-    current: list[str] | None = None
-    for raw in (cls.__doc__ or "").splitlines():
-        line = " ".join(raw.split())
-        if not line:
-            continue
-        m = _PARAM.match(line)
-        if m:
-            current = out.setdefault(m.group(1), [])
-            current.append(m.group(2))
-        elif current is not None:
-            current.append(line)
-    return {name: " ".join(parts) for name, parts in out.items()}
-
-
-def _define_flags(flag_values: flags.FlagValues) -> None:
-    helps = _field_help(ServerConfig)
+def _define_flags() -> None:
+    gflags_utils.extract_flags(flags, ServerConfig)
+    # extract_flags skips, silently, a field it cannot make a flag of; here that is a bug.
+    missing = [f.name for f in dataclasses.fields(ServerConfig) if f.name not in flags.FLAGS]
+    if missing:
+        raise AssertionError(
+            f"ServerConfig fields without a flag (no ':param' help line or an unsupported "
+            f"type?): {', '.join(missing)}"
+        )
     for field in dataclasses.fields(ServerConfig):
-        name, default, text = field.name, field.default, helps[field.name]
-        if isinstance(default, bool):
-            flags.DEFINE_bool(name, default, text, flag_values=flag_values)
-        elif isinstance(default, int):
-            flags.DEFINE_integer(name, default, text, flag_values=flag_values)
-        elif isinstance(default, float):
-            flags.DEFINE_float(name, default, text, flag_values=flag_values)
-        else:
-            flags.DEFINE_string(name, str(default), text, flag_values=flag_values)
+        # Listed by --helpshort / --help too, not only by --helpfull.
+        flags.declare_key_flag(field.name)
 
 
-_define_flags(flags.FLAGS)
+_define_flags()
 
 
 def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> ServerConfig:
-    """The :class:`ServerConfig` the parsed flags describe.
+    """The :class:`ServerConfig` the parsed flags describe (every field from its flag).
 
     :raises ConfigError: invalid values (names the flag).
     """

@@ -1,8 +1,10 @@
 """Configuration of one shard server process.
 
-:class:`ServerConfig` is declared once: its docstring's ``:param name: help`` lines
-are the help of the ``python -m ps_server`` flags of the same names (see
-``ps_server.__main__``), so every field must keep such a line, on one line.
+:class:`ServerConfig` is declared once: :func:`ps_server.gflags_utils.extract_flags`
+turns its fields and its docstring's ``:param name: help`` lines into the
+``python -m ps_server`` / ``ps-server`` flags of the same names, defaults and help
+(DESIGN decision 8), so every field must keep such a line (continuation lines
+are fine) and a plain ``int``/``float``/``str``/``bool`` type.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from ps_server.engine.shard import DEFAULT_CAPACITY, DEFAULT_SPLIT_NUM
 from ps_server.errors import ConfigError
 
 __all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "ServerConfig", "format_address"]
@@ -41,6 +44,24 @@ class ServerConfig:
         cancelled.
     :param shutdown_delay_seconds: on SIGTERM/SIGINT, how long to keep serving with health
         NOT_SERVING before refusing new calls (lets load balancers notice).
+    :param metrics_port: port of the Prometheus endpoint (plain HTTP, GET /metrics) on host;
+        0 = no metrics endpoint.
+    :param eviction_check_seconds: how often to look at the tables whose config sets
+        enable_feature_eviction; each is evicted of its expired entries every
+        feature_evict_every_n_hours (0 = no periodic eviction).
+    :param default_filter_capacity: capacity of a sliding hash filter whose CreateHashFilter
+        request leaves capacity at 0.
+    :param default_filter_split_num: split count of a sliding hash filter whose
+        CreateHashFilter request leaves split_num at 0.
+    :param tls_cert_file: PEM server certificate chain for TLS ("" = plaintext); needs
+        tls_key_file. Declared only: not enforced yet, the server still listens in plaintext.
+    :param tls_key_file: PEM private key of tls_cert_file. Declared only: not enforced yet.
+    :param tls_client_ca_file: PEM CA bundle; when set, clients must present a certificate
+        signed by it (mutual TLS). Declared only: not enforced yet.
+    :param data_token: bearer token callers of the ParameterServer service must send
+        ("" = none). Declared only: not enforced yet.
+    :param admin_token: bearer token callers of the ParameterServerAdmin service must send
+        ("" = none). Declared only: not enforced yet.
     """
 
     host: str = "127.0.0.1"
@@ -53,6 +74,15 @@ class ServerConfig:
     workers: int = 0
     grace_seconds: float = 20.0
     shutdown_delay_seconds: float = 0.0
+    metrics_port: int = 0
+    eviction_check_seconds: float = 10.0
+    default_filter_capacity: int = DEFAULT_CAPACITY
+    default_filter_split_num: int = DEFAULT_SPLIT_NUM
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    data_token: str = ""
+    admin_token: str = ""
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -76,11 +106,39 @@ class ServerConfig:
                 "grace_seconds and shutdown_delay_seconds must be >= 0, got "
                 f"{self.grace_seconds} and {self.shutdown_delay_seconds}"
             )
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ConfigError(
+                f"metrics_port and port must differ, both are {self.port}"
+            )
+        if self.eviction_check_seconds < 0:
+            raise ConfigError(
+                f"eviction_check_seconds must be >= 0 (0 = off), got {self.eviction_check_seconds}"
+            )
+        if self.default_filter_capacity < 1 or self.default_filter_split_num < 1:
+            raise ConfigError(
+                "default_filter_capacity and default_filter_split_num must be >= 1, got "
+                f"{self.default_filter_capacity} and {self.default_filter_split_num}"
+            )
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ConfigError("tls_cert_file and tls_key_file go together: set both or neither")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ConfigError("tls_client_ca_file (mutual TLS) needs tls_cert_file and "
+                              "tls_key_file")
 
     @property
     def address(self) -> str:
         """``host:port`` as gRPC expects it (IPv6 hosts bracketed)."""
         return format_address(self.host, self.port)
+
+    @property
+    def unenforced_security_options(self) -> list[str]:
+        """Names of the TLS/auth options that are set; the server does not enforce
+        them yet (it logs a warning naming them)."""
+        names = ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "data_token",
+                 "admin_token")
+        return [n for n in names if getattr(self, n)]
 
     @property
     def worker_threads(self) -> int:

@@ -1,9 +1,17 @@
 """Run one shard as a gRPC server: build, serve, drain on SIGTERM/SIGINT.
 
-The server carries three services: ``monolith_ps.ParameterServer``
-(:mod:`ps_server.service`), the standard ``grpc.health.v1.Health`` (SERVING while
-up, NOT_SERVING once shutdown begins; probe it with ``grpc_health_probe`` or a
-Kubernetes ``grpc`` probe) and server reflection (``grpcurl`` works without protos).
+The server carries four services: ``monolith_ps.ParameterServer``
+(:mod:`ps_server.service`), ``monolith_ps.ParameterServerAdmin``
+(:mod:`ps_server.admin`), the standard ``grpc.health.v1.Health`` and server
+reflection (``grpcurl`` works without protos). Health: ``""`` is SERVING while the
+process lives (liveness); ``monolith_ps.ParameterServer`` is readiness, NOT_SERVING
+while a restore runs, after an admin Drain and once shutdown begins (probe either
+with ``grpc_health_probe`` or a Kubernetes ``grpc`` probe).
+
+Beside the gRPC server, :class:`ShardServer` runs the Prometheus endpoint
+(``metrics_port``, :mod:`ps_server.metrics`) and periodic eviction of the tables
+whose config sets ``enable_feature_eviction`` (checked every
+``eviction_check_seconds``).
 
 Everything here must run inside a running event loop (grpc.aio binds to it).
 """
@@ -17,6 +25,8 @@ import logging
 import os
 import signal
 import tempfile
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -24,12 +34,30 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from protos import ps_service_pb2_grpc as ps_grpc
+from ps_server.admin import ADMIN_SERVICE_NAME, AdminServicer, DataPlaneGate, ShardOps
 from ps_server.config import ServerConfig, format_address
+from ps_server.engine.expiry import EvictionScheduler
 from ps_server.engine.shard import Shard
 from ps_server.errors import ConfigError
+from ps_server.locks import ShardLocks
+from ps_server.metrics import (
+    MetricsServer,
+    RpcMetricsInterceptor,
+    ShardMetrics,
+    start_metrics_server,
+)
 from ps_server.service import SERVICE_NAME, ParameterServerServicer
 
-__all__ = ["build_server", "new_executor", "run", "serve", "write_port_file"]
+__all__ = [
+    "ShardServer",
+    "build_server",
+    "build_shard_server",
+    "evict_due_tables",
+    "new_executor",
+    "run",
+    "serve",
+    "write_port_file",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -42,22 +70,82 @@ def new_executor(config: ServerConfig) -> concurrent.futures.ThreadPoolExecutor:
     )
 
 
-async def build_server(
+@dataclass
+class ShardServer:
+    """A built shard server and what runs beside it; :meth:`start`, then :meth:`stop`.
+
+    :ivar server: the bound gRPC server.
+    :ivar port: its bound port.
+    :ivar health: the ``grpc_health.v1.health.aio.HealthServicer``.
+    :ivar ops: readiness, drain gate and operation history.
+    :ivar metrics: the shard's Prometheus metrics (served only with ``metrics_port``).
+    """
+
+    config: ServerConfig
+    shard: Shard
+    server: grpc.aio.Server
+    port: int
+    health: Any
+    servicer: ParameterServerServicer
+    admin: AdminServicer
+    ops: ShardOps
+    metrics: ShardMetrics
+    metrics_server: MetricsServer | None = None
+    _eviction: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    async def start(self) -> None:
+        """Start serving gRPC, then metrics (``metrics_port``) and periodic eviction.
+
+        :raises ConfigError: the metrics port cannot be bound (gRPC is stopped again).
+        """
+        await self.server.start()
+        config = self.config
+        if config.metrics_port:
+            try:
+                self.metrics_server = start_metrics_server(
+                    self.metrics, config.host, config.metrics_port
+                )
+            except ConfigError:
+                await self.server.stop(0)
+                raise
+            _log.info("metrics on http://%s/metrics",
+                      format_address(config.host, self.metrics_server.port))
+        if config.eviction_check_seconds > 0:
+            self._eviction = asyncio.get_running_loop().create_task(
+                _periodic_eviction(self.servicer, config.eviction_check_seconds),
+                name=f"shard{config.shard_index}-eviction",
+            )
+
+    async def stop(self, grace: float | None) -> None:
+        """Stop eviction, the gRPC server (``grace`` seconds for running calls, as
+        ``grpc.aio.Server.stop``) and the metrics endpoint."""
+        if self._eviction is not None:
+            self._eviction.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._eviction
+            self._eviction = None
+        try:
+            await self.server.stop(grace)
+        finally:
+            if self.metrics_server is not None:
+                self.metrics_server.stop()
+                self.metrics_server = None
+
+
+async def build_shard_server(
     config: ServerConfig,
     shard: Shard | None = None,
     *,
     executor: concurrent.futures.Executor | None = None,
-) -> tuple[grpc.aio.Server, int, Any]:
-    """A bound, not yet started server for ``shard`` (a new empty one if None).
+) -> ShardServer:
+    """A bound, not yet started :class:`ShardServer` for ``shard`` (new if None).
 
-    Call inside the running loop, then ``await server.start()``. Health reports
-    SERVING for ``""`` and the ParameterServer service from the start.
+    Call inside the running loop, then ``await shard_server.start()``. Health
+    reports SERVING for ``""`` and both services from the start.
 
     :param executor: thread pool for engine work; the caller owns it and shuts it
-        down after ``server.stop``. None: a new pool of ``config.worker_threads``
-        threads that lives as long as the process.
-    :returns: ``(server, bound_port, health_servicer)``; the health servicer is
-        ``grpc_health.v1.health.aio.HealthServicer``.
+        down after stopping. None: a new pool of ``config.worker_threads`` threads
+        that lives as long as the process.
     :raises ConfigError: the shard does not match the config, or the address
         cannot be bound.
     """
@@ -68,8 +156,13 @@ async def build_server(
             f"shard is {shard.shard_index}/{shard.num_shards} but the config says "
             f"{config.shard_index}/{config.num_shards}"
         )
+    health_servicer = health.aio.HealthServicer()
+    metrics = ShardMetrics(shard)
+    ops = ShardOps(shard, health_servicer, metrics=metrics)
     limit = config.max_message_bytes
     server = grpc.aio.server(
+        # Metrics outermost, so calls the drain gate refuses are counted too.
+        interceptors=[RpcMetricsInterceptor(metrics), DataPlaneGate(ops)],
         options=[
             ("grpc.max_send_message_length", limit),
             ("grpc.max_receive_message_length", limit),
@@ -82,14 +175,20 @@ async def build_server(
         executor if executor is not None else new_executor(config),
         data_root=config.data_root,
         max_message_bytes=limit,
+        locks=ShardLocks(),
+        events=ops,
+        default_filter_capacity=config.default_filter_capacity,
+        default_filter_split_num=config.default_filter_split_num,
     )
+    admin = AdminServicer(servicer, ops, grace_seconds=config.grace_seconds)
     ps_grpc.add_ParameterServerServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
+    ps_grpc.add_ParameterServerAdminServicer_to_server(admin, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", SERVICE_NAME):
+    for name in ("", SERVICE_NAME, ADMIN_SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+        server,
     )
     try:
         port = server.add_insecure_port(config.address)
@@ -97,7 +196,68 @@ async def build_server(
         raise ConfigError(f"cannot listen on {config.address}: {e}") from e
     if port == 0:
         raise ConfigError(f"cannot listen on {config.address} (address in use or invalid)")
-    return server, port, health_servicer
+    return ShardServer(
+        config=config, shard=shard, server=server, port=port, health=health_servicer,
+        servicer=servicer, admin=admin, ops=ops, metrics=metrics,
+    )
+
+
+async def build_server(
+    config: ServerConfig,
+    shard: Shard | None = None,
+    *,
+    executor: concurrent.futures.Executor | None = None,
+) -> tuple[grpc.aio.Server, int, Any]:
+    """The gRPC part of :func:`build_shard_server` (no metrics endpoint, no periodic
+    eviction): ``(server, bound_port, health_servicer)``; ``await server.start()``.
+    """
+    built = await build_shard_server(config, shard, executor=executor)
+    return built.server, built.port, built.health
+
+
+# ---------------------------------------------------------------- eviction
+
+
+async def evict_due_tables(
+    servicer: ParameterServerServicer,
+    schedulers: dict[tuple[str, int], EvictionScheduler],
+    now: float,
+) -> list[str]:
+    """One periodic-eviction check: evict the tables whose schedule says so.
+
+    A table gets an :class:`EvictionScheduler` (kept in ``schedulers``, keyed by name
+    and table identity) when its config sets ``enable_feature_eviction``; its first
+    check only starts its period. Schedulers of tables gone are dropped.
+
+    :returns: the tables evicted.
+    """
+    live: dict[tuple[str, int], EvictionScheduler] = {}
+    due: list[str] = []
+    for name, slot in sorted(list(servicer.shard.tables.items())):
+        key = (name, id(slot.table))
+        scheduler = schedulers.get(key) or EvictionScheduler.for_table(slot.table.config)
+        if scheduler is None:
+            continue
+        live[key] = scheduler
+        if scheduler.tick(now):
+            due.append(name)
+    schedulers.clear()
+    schedulers.update(live)
+    if due:
+        await servicer.evict(due, "periodic")
+    return due
+
+
+async def _periodic_eviction(servicer: ParameterServerServicer, every_seconds: float) -> None:
+    schedulers: dict[tuple[str, int], EvictionScheduler] = {}
+    while True:
+        try:
+            await evict_due_tables(servicer, schedulers, time.time())
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # keep checking; the next period may succeed
+            _log.exception("periodic eviction failed")
+        await asyncio.sleep(every_seconds)
 
 
 def write_port_file(path: str, port: int) -> None:
@@ -121,7 +281,8 @@ async def serve(config: ServerConfig, shard: Shard | None = None) -> None:
 
     On a signal: health turns NOT_SERVING; after ``shutdown_delay_seconds`` new
     calls are refused while in-flight ones get ``grace_seconds`` to finish (then
-    they are cancelled); the port file is removed.
+    they are cancelled); periodic eviction and the metrics endpoint stop; the port
+    file is removed.
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -129,23 +290,28 @@ async def serve(config: ServerConfig, shard: Shard | None = None) -> None:
         loop.add_signal_handler(sig, stop.set)
     executor = new_executor(config)
     try:
-        server, port, health_servicer = await build_server(config, shard, executor=executor)
-        await server.start()
+        built = await build_shard_server(config, shard, executor=executor)
+        await built.start()
         if config.port_file:
-            write_port_file(config.port_file, port)
+            write_port_file(config.port_file, built.port)
+        if config.unenforced_security_options:
+            _log.warning(
+                "%s set but not enforced yet: the server listens in plaintext and "
+                "checks no token", ", ".join(config.unenforced_security_options),
+            )
         _log.info(
             "serving shard %d/%d on %s",
-            config.shard_index, config.num_shards, format_address(config.host, port),
+            config.shard_index, config.num_shards, format_address(config.host, built.port),
         )
         await stop.wait()
         _log.info(
             "shutting down: health NOT_SERVING, draining in-flight calls (grace %.1fs)",
             config.grace_seconds,
         )
-        await health_servicer.enter_graceful_shutdown()
+        await built.health.enter_graceful_shutdown()
         if config.shutdown_delay_seconds:
             await asyncio.sleep(config.shutdown_delay_seconds)
-        await server.stop(config.grace_seconds)
+        await built.stop(config.grace_seconds)
         _log.info("stopped")
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):

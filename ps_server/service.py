@@ -11,7 +11,13 @@ apply_gradients, fused optimize, intercept_gradient) also holds the filter's loc
 since tables may share a filter. Locks are always taken in one global order, so
 multi-table calls cannot deadlock. Creating tables or filters and saving or
 restoring whole checkpoints hold the shard exclusively. Once started, an engine
-call finishes even if its RPC is cancelled, and keeps its locks until then.
+call finishes even if its RPC is cancelled, and keeps its locks until then. The
+locks live in a :class:`~ps_server.locks.ShardLocks` shared with the admin service
+(:mod:`ps_server.admin`) and periodic eviction, so those never interleave with data
+RPCs either.
+
+Checkpoint operations and evictions are reported to an optional
+:class:`ShardEvents` (readiness during restores, metrics, the admin Stats history).
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ import functools
 import importlib
 import logging
 import os
-from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from typing import Any, Final, NoReturn, TypeVar
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, NoReturn, Protocol, TypeVar
 
 import grpc
 import numpy as np
@@ -36,7 +43,8 @@ from protos import ps_service_pb2 as ps_pb2
 from protos import ps_service_pb2_grpc as ps_grpc
 from ps_server import codec
 from ps_server.config import DEFAULT_MAX_MESSAGE_BYTES
-from ps_server.engine.filters import SlidingHashFilter
+from ps_server.engine.expiry import evict_expired
+from ps_server.engine.filters import HashFilter, SlidingHashFilter
 from ps_server.engine.shard import DEFAULT_CAPACITY, DEFAULT_SPLIT_NUM, FilterOptions, Shard
 from ps_server.errors import (
     AlreadyExistsError,
@@ -48,13 +56,19 @@ from ps_server.errors import (
     PsError,
     ResourceExhaustedError,
 )
+from ps_server.locks import ShardLocks
 
 __all__ = [
     "SERVICE_NAME",
     "STATUS_BY_ERROR",
+    "CheckpointOutcome",
     "ParameterServerServicer",
+    "ShardEvents",
+    "TableEvicted",
+    "filter_stats",
     "resolve_path",
     "status_of",
+    "translate_errors",
 ]
 
 _log = logging.getLogger(__name__)
@@ -79,7 +93,7 @@ _MAX_DETAILS_CHARS = 2000
 _T = TypeVar("_T")
 _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")
-_Servicer = TypeVar("_Servicer", bound="ParameterServerServicer")
+_Servicer = TypeVar("_Servicer")
 
 
 def status_of(error: PsError) -> grpc.StatusCode:
@@ -105,10 +119,11 @@ async def _abort(context: Any, code: grpc.StatusCode, message: str) -> NoReturn:
     raise AssertionError("context.abort returned")  # abort always raises
 
 
-def _translate_errors(
+def translate_errors(
     rpc: Callable[[_Servicer, _Req, Any], Awaitable[_Resp]],
 ) -> Callable[[_Servicer, _Req, Any], Awaitable[_Resp]]:
-    """The single place where exceptions become gRPC statuses.
+    """The single place where exceptions become gRPC statuses (decorates every RPC
+    method of every servicer of the shard: data plane and admin).
 
     :class:`PsError` → its :func:`status_of` code with the error's message;
     ``MemoryError`` → ``RESOURCE_EXHAUSTED``; anything else is a bug → ``INTERNAL``
@@ -143,6 +158,9 @@ def _translate_errors(
             )
 
     return wrapper
+
+
+_translate_errors = translate_errors
 
 
 def resolve_path(path: str, data_root: str, what: str = "path", *, prefix: bool = True) -> str:
@@ -180,60 +198,71 @@ def _checkpoint_module(name: str) -> Any:
     return importlib.import_module(f"ps_server.checkpoint.{name}")
 
 
-class _SharedExclusiveLock:
-    """Many shared holders or one exclusive holder, on one event loop.
+def filter_stats(hash_filter: HashFilter) -> tuple[float, int, int]:
+    """``(fill_ratio, failure_count, capacity)`` of a hash filter.
 
-    A waiting exclusive holder stops new shared holders from entering, so it
-    cannot starve. Release never awaits, so cancellation cannot leak a hold.
+    Only a sliding filter counts into cells: its fill ratio is its elements over its
+    capacity (Monolith's ``fill_rate``). Other filters report ``(0.0, 0, 0)``.
+    """
+    if isinstance(hash_filter, SlidingHashFilter):
+        fill = float(hash_filter.num_elements.sum()) / hash_filter.capacity
+        return fill, int(hash_filter.failure_count), int(hash_filter.capacity)
+    return 0.0, 0, 0
+
+
+@dataclass(frozen=True)
+class CheckpointOutcome:
+    """One finished checkpoint operation, as reported to :class:`ShardEvents`.
+
+    :param op: ``save`` | ``commit`` | ``restore`` | ``validate``.
+    :param start_time: unix seconds when it started (after the locks were taken).
+    :param seconds: how long it ran.
+    :param result: the :class:`~ps_server.checkpoint.checkpoints.CheckpointResult`;
+        None when it failed.
+    :param nbytes: total size of ``result.files`` (0 when it failed).
+    :param error: what failed (None when it succeeded).
     """
 
-    def __init__(self) -> None:
-        self._shared = 0
-        self._exclusive = False
-        self._exclusive_waiting = 0
-        self._waiters: list[asyncio.Future[None]] = []
+    op: str
+    start_time: float
+    seconds: float
+    result: Any | None
+    nbytes: int
+    error: BaseException | None
 
-    async def _wait_until(self, ready: Callable[[], bool]) -> None:
-        while not ready():
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiters.append(fut)
-            try:
-                await fut
-            finally:
-                if fut in self._waiters:
-                    self._waiters.remove(fut)
 
-    def _wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
+@dataclass(frozen=True)
+class TableEvicted:
+    """Outcome of evicting one table: entries deleted and entries left."""
 
-    @contextlib.asynccontextmanager
-    async def shared(self) -> AsyncIterator[None]:
-        await self._wait_until(lambda: not self._exclusive and not self._exclusive_waiting)
-        self._shared += 1
-        try:
-            yield
-        finally:
-            self._shared -= 1
-            if not self._shared:
-                self._wake()
+    table: str
+    evicted: int
+    remaining: int
 
-    @contextlib.asynccontextmanager
-    async def exclusive(self) -> AsyncIterator[None]:
-        self._exclusive_waiting += 1
-        try:
-            await self._wait_until(lambda: not self._exclusive and not self._shared)
-        finally:
-            self._exclusive_waiting -= 1
-            self._wake()
-        self._exclusive = True
-        try:
-            yield
-        finally:
-            self._exclusive = False
-            self._wake()
+
+class ShardEvents(Protocol):
+    """What a servicer reports besides its answers (``ps_server.admin.ShardOps``)."""
+
+    def restoring(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Held while a restore changes the shard (readiness is NOT_SERVING)."""
+        ...
+
+    def checkpoint_done(self, outcome: CheckpointOutcome) -> None:
+        """A checkpoint operation finished (successfully or not)."""
+        ...
+
+    def evicted(self, table: str, count: int, trigger: str) -> None:
+        """``count`` expired entries were deleted from ``table`` (``trigger``:
+        ``admin`` or ``periodic``)."""
+        ...
+
+
+def _files_size(files: Iterable[str]) -> int:
+    total = 0
+    for path in files:
+        with contextlib.suppress(OSError):
+            total += os.stat(path).st_size
+    return total
 
 
 class ParameterServerServicer(ps_grpc.ParameterServerServicer):
@@ -244,6 +273,11 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
     :param data_root: save/restore paths must resolve inside it ("" = any path).
     :param max_message_bytes: responses larger than this fail with
         ``RESOURCE_EXHAUSTED`` naming the limit (instead of gRPC's generic failure).
+    :param locks: the shard's locks (shared with the admin service); None: new ones.
+    :param events: told about checkpoint operations and evictions (None: nobody).
+    :param default_filter_capacity: sliding filter capacity when a CreateHashFilter
+        request leaves it 0.
+    :param default_filter_split_num: split count when a request leaves it 0.
     """
 
     def __init__(
@@ -253,13 +287,19 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
         *,
         data_root: str = "",
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        locks: ShardLocks | None = None,
+        events: ShardEvents | None = None,
+        default_filter_capacity: int = DEFAULT_CAPACITY,
+        default_filter_split_num: int = DEFAULT_SPLIT_NUM,
     ) -> None:
         self._shard = shard
         self._executor = executor
         self._data_root = data_root
         self._max_message_bytes = max_message_bytes
-        self._gate = _SharedExclusiveLock()
-        self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._locks = locks if locks is not None else ShardLocks()
+        self._events = events
+        self._default_filter_capacity = default_filter_capacity
+        self._default_filter_split_num = default_filter_split_num
 
     @property
     def shard(self) -> Shard:
@@ -268,7 +308,17 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
 
     # ------------------------------------------------------------ machinery
 
-    async def _call(
+    @property
+    def locks(self) -> ShardLocks:
+        """The shard's locks (shared with the admin service and periodic eviction)."""
+        return self._locks
+
+    @property
+    def data_root(self) -> str:
+        """Save/restore paths must resolve inside it ("" = any path)."""
+        return self._data_root
+
+    async def call(
         self,
         rpc: str,
         work: Callable[[], _T],
@@ -280,27 +330,22 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
     ) -> _T:
         """Run ``work`` on the executor holding the locks it needs.
 
+        :param rpc: name used in errors (e.g. an oversized response).
         :param tables: tables ``work`` touches (each must exist: ``NOT_FOUND`` otherwise).
         :param table_filters: also lock the hash filters of ``tables``.
         :param filters: hash filters ``work`` touches.
         :param exclusive: hold the whole shard (creation, whole checkpoints).
         """
-        if exclusive:
-            async with self._gate.exclusive():
-                return await self._run(rpc, work)
-        async with self._gate.shared(), contextlib.AsyncExitStack() as held:
-            keys: set[tuple[str, str]] = set()
-            for name in tables:
-                slot = self._shard.table_slot(name)
-                keys.add(("table", name))
-                if table_filters and slot.hash_filter:
-                    keys.add(("filter", slot.hash_filter))
-            for name in filters:
-                self._shard.hash_filter(name)
-                keys.add(("filter", name))
-            for key in sorted(keys):
-                await held.enter_async_context(self._locks[key])
+        async with self._locks.hold(
+            self._shard,
+            tables=tables,
+            table_filters=table_filters,
+            filters=filters,
+            exclusive=exclusive,
+        ):
             return await self._run(rpc, work)
+
+    _call = call
 
     async def _run(self, rpc: str, work: Callable[[], _T]) -> _T:
         def checked() -> _T:
@@ -357,11 +402,7 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
             for name, fslot in sorted(shard.filters.items()):
                 flt = fslot.hash_filter
                 opts = fslot.options
-                fill = 0.0
-                failures = 0
-                if isinstance(flt, SlidingHashFilter):
-                    fill = float(flt.num_elements.sum()) / flt.capacity
-                    failures = flt.failure_count
+                fill, failures, _ = filter_stats(flt)
                 info.hash_filters.append(ps_pb2.HashFilterInfo(
                     name=name,
                     filter_type=opts.filter_type,
@@ -393,8 +434,8 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
             enable_hash_filter=request.enable_hash_filter,
             filter_type=request.filter_type or "sliding_hash_filter",
             occurrence_threshold_config=request.occurrence_threshold_config,
-            capacity=request.capacity or DEFAULT_CAPACITY,
-            split_num=request.split_num or DEFAULT_SPLIT_NUM,
+            capacity=request.capacity or self._default_filter_capacity,
+            split_num=request.split_num or self._default_filter_split_num,
             equal_probability=request.equal_probability,
         )
         created = await self._call(
@@ -617,6 +658,97 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
 
     # ------------------------------------------------------------ checkpoints
 
+    async def _checkpoint(
+        self, op: str, work: Callable[[], Any], *, restoring: bool = False
+    ) -> tuple[Any, int]:
+        """Run a whole-checkpoint ``work`` exclusively; report it to the events.
+
+        :returns: ``(CheckpointResult, total bytes of its files)``.
+        """
+        events = self._events
+        started = time.time()
+        t0 = time.perf_counter()
+
+        def measured() -> tuple[Any, int]:
+            result = work()
+            return result, _files_size(result.files)
+
+        async with (
+            events.restoring() if restoring and events is not None
+            else contextlib.nullcontext()
+        ):
+            try:
+                result, nbytes = await self.call(op, measured, exclusive=True)
+            except BaseException as e:
+                if events is not None:
+                    events.checkpoint_done(CheckpointOutcome(
+                        op, started, time.perf_counter() - t0, None, 0, e))
+                raise
+        if events is not None:
+            events.checkpoint_done(CheckpointOutcome(
+                op, started, time.perf_counter() - t0, result, nbytes, None))
+        return result, nbytes
+
+    async def save_checkpoint(self, model_dir: str, global_step: int) -> tuple[Any, int]:
+        """This shard's part of checkpoint ``global_step`` (see
+        :func:`~ps_server.checkpoint.checkpoints.save_shard_checkpoint`).
+
+        :returns: ``(CheckpointResult, bytes written)``.
+        :raises InvalidArgumentError: empty ``model_dir`` or a negative step.
+        :raises PathOutsideRootError: ``model_dir`` is outside the data root.
+        """
+        path = self._path(model_dir, "model_dir", prefix=False)
+        _check_step(global_step)
+
+        def work() -> Any:
+            return _checkpoint_module("checkpoints").save_shard_checkpoint(
+                self._shard, path, global_step
+            )
+
+        return await self._checkpoint("save", work)
+
+    async def commit_checkpoint(
+        self, model_dir: str, global_step: int, max_to_keep: int
+    ) -> tuple[Any, int]:
+        """Manifest and ``checkpoint`` index of checkpoint ``global_step`` (see
+        :func:`~ps_server.checkpoint.checkpoints.commit_checkpoint`).
+
+        :raises InvalidArgumentError: empty ``model_dir``, a negative step or
+            ``max_to_keep``.
+        """
+        path = self._path(model_dir, "model_dir", prefix=False)
+        _check_step(global_step)
+
+        def work() -> Any:
+            return _checkpoint_module("checkpoints").commit_checkpoint(
+                self._shard, path, global_step, max_to_keep
+            )
+
+        return await self._checkpoint("commit", work)
+
+    async def restore_checkpoint(
+        self, model_dir: str, prefix: str, validate_only: bool
+    ) -> tuple[Any, int]:
+        """Restore (or validate) a checkpoint into this shard, all or nothing (see
+        :func:`~ps_server.checkpoint.checkpoints.restore_shard_checkpoint`).
+
+        While a real restore runs, :meth:`ShardEvents.restoring` is held.
+
+        :param prefix: ``""`` = the latest.
+        :returns: ``(CheckpointResult, bytes read)``; the result's prefix is ``""``
+            when ``model_dir`` holds no checkpoint.
+        """
+        path = self._path(model_dir, "model_dir", prefix=False)
+        resolved = self._path(prefix, "prefix") if prefix else None
+
+        def work() -> Any:
+            return _checkpoint_module("checkpoints").restore_shard_checkpoint(
+                self._shard, path, resolved, validate_only
+            )
+
+        op = "validate" if validate_only else "restore"
+        return await self._checkpoint(op, work, restoring=not validate_only)
+
     @staticmethod
     def _checkpoint_response(result: Any) -> ps_pb2.CheckpointResponse:
         return ps_pb2.CheckpointResponse(
@@ -627,39 +759,66 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
     @_translate_errors
     async def SaveCheckpoint(self, request: ps_pb2.CheckpointRequest, context: Any
                              ) -> ps_pb2.CheckpointResponse:
-        model_dir = self._path(request.model_dir, "model_dir", prefix=False)
-
-        def work() -> ps_pb2.CheckpointResponse:
-            checkpoints = _checkpoint_module("checkpoints")
-            return self._checkpoint_response(checkpoints.save_shard_checkpoint(
-                self._shard, model_dir, request.global_step
-            ))
-
-        return await self._call("SaveCheckpoint", work, exclusive=True)
+        result, _ = await self.save_checkpoint(request.model_dir, request.global_step)
+        return self._checkpoint_response(result)
 
     @_translate_errors
     async def CommitCheckpoint(self, request: ps_pb2.CheckpointRequest, context: Any
                                ) -> ps_pb2.CheckpointResponse:
-        model_dir = self._path(request.model_dir, "model_dir", prefix=False)
-
-        def work() -> ps_pb2.CheckpointResponse:
-            checkpoints = _checkpoint_module("checkpoints")
-            return self._checkpoint_response(checkpoints.commit_checkpoint(
-                self._shard, model_dir, request.global_step, request.max_to_keep
-            ))
-
-        return await self._call("CommitCheckpoint", work, exclusive=True)
+        result, _ = await self.commit_checkpoint(
+            request.model_dir, request.global_step, request.max_to_keep
+        )
+        return self._checkpoint_response(result)
 
     @_translate_errors
     async def RestoreCheckpoint(self, request: ps_pb2.CheckpointRequest, context: Any
                                 ) -> ps_pb2.CheckpointResponse:
-        model_dir = self._path(request.model_dir, "model_dir", prefix=False)
-        prefix = self._path(request.prefix, "prefix") if request.prefix else None
+        result, _ = await self.restore_checkpoint(
+            request.model_dir, request.prefix, request.validate_only
+        )
+        return self._checkpoint_response(result)
 
-        def work() -> ps_pb2.CheckpointResponse:
-            checkpoints = _checkpoint_module("checkpoints")
-            return self._checkpoint_response(checkpoints.restore_shard_checkpoint(
-                self._shard, model_dir, prefix, request.validate_only
-            ))
+    # ------------------------------------------------------------ eviction
 
-        return await self._call("RestoreCheckpoint", work, exclusive=True)
+    async def evict(self, tables: Sequence[str] | None, trigger: str) -> list[TableEvicted]:
+        """Delete the expired entries of ``tables`` (None: every table) now.
+
+        Expiry follows each table's ``slot_expire_time_config`` against its own clock
+        (:func:`~ps_server.engine.expiry.evict_expired`), whatever its
+        ``enable_feature_eviction`` says (that only schedules periodic runs). Each
+        table is evicted under its own lock, one after the other.
+
+        :param trigger: ``admin`` or ``periodic`` (reported to the events).
+        :raises UnknownTableError: a named table does not exist (nothing evicted).
+        """
+        if tables is None:
+            names = sorted(self._shard.tables)
+        else:
+            names = list(tables)
+            for name in names:
+                self._shard.table_slot(name)
+        out: list[TableEvicted] = []
+        for name in names:
+            def work(name: str = name) -> TableEvicted:
+                table = self._shard.table(name)
+                evicted = evict_expired(table)
+                return TableEvicted(name, evicted, table.size())
+
+            try:
+                done = await self.call("Evict", work, tables=[name])
+            except NotFoundError:
+                if tables is None:
+                    continue  # dropped meanwhile (a failed restore's rollback)
+                raise
+            if done.evicted:
+                _log.info("evicted %d expired entries of table %r (%s)",
+                          done.evicted, name, trigger)
+            if self._events is not None:
+                self._events.evicted(name, done.evicted, trigger)
+            out.append(done)
+        return out
+
+
+def _check_step(global_step: int) -> None:
+    if global_step < 0:
+        raise InvalidArgumentError(f"global_step must be >= 0, got {global_step}")

@@ -294,8 +294,13 @@ def test_probes_speak_grpc_health_on_the_serving_port() -> None:
     container = _container(_k8s_objects()["StatefulSet"])
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"grpc": GRPC_PORT, "metrics": METRICS_PORT}
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    # Startup and liveness: the process (""); readiness: the data-plane service, which
+    # is NOT_SERVING while a restore runs or after a drain.
+    for probe in ("startupProbe", "livenessProbe"):
         assert container[probe]["grpc"] == {"port": ports["grpc"]}, probe
+    assert container["readinessProbe"]["grpc"] == {
+        "port": ports["grpc"], "service": "monolith_ps.ParameterServer"
+    }
     # Liveness must tolerate more than readiness before it restarts a shard.
     live, ready = container["livenessProbe"], container["readinessProbe"]
     assert (
@@ -366,6 +371,15 @@ def test_service_monitor_scrapes_the_metrics_port() -> None:
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["port"] in {p["name"] for p in svc["spec"]["ports"]}
     assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+
+
+def test_shards_serve_metrics_on_the_scraped_port() -> None:
+    container = _container(_k8s_objects()["StatefulSet"])
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert int(_flag_values(container["args"])["metrics_port"]) == ports["metrics"]
+    for name, svc in _compose()["services"].items():
+        assert int(_flag_values(svc["command"])["metrics_port"]) == METRICS_PORT, name
+        assert f"127.0.0.1:{METRICS_PORT + int(name[3:])}:{METRICS_PORT}" in svc["ports"]
 
 
 def test_trainer_addresses_follow_the_pod_dns_names() -> None:

@@ -1,0 +1,445 @@
+"""``ps-admin``: operate a monolith-ps cluster through every shard's admin service.
+
+    ps-admin --addresses=HOST:PORT,HOST:PORT,... [--timeout=SECONDS] COMMAND ...
+
+    save     --model_dir=DIR --global_step=N [--max_to_keep=K]
+    restore  --model_dir=DIR [--prefix=model.ckpt-N] [--validate_only]
+    evict    [--table=NAME]
+    stats    [--json]
+    drain    [--grace_seconds=S]
+
+The addresses are the shards in shard order (address ``i`` is shard ``i``), as the
+trainers list them. Every command calls ``monolith_ps.ParameterServerAdmin`` on all
+shards at once:
+
+* ``save``: every shard writes its part of ``<model_dir>/model.ckpt-<global_step>``;
+  when all succeeded, shard 0 writes the manifest and the ``checkpoint`` index, which
+  makes the checkpoint the latest (``max_to_keep`` > 0 deletes older ones).
+* ``restore``: every shard validates the checkpoint (the latest, or ``--prefix``)
+  first; only when all passed does every shard restore it, so a damaged checkpoint
+  changes nothing anywhere. Tables missing on a shard are created from the
+  manifest; a checkpoint saved by any number of shards can be restored.
+* ``evict``: delete expired entries now; ``stats``: sizes, filters, last
+  save/restore per shard (``--json``: machine-readable); ``drain``: take the shards
+  out of service before maintenance (see the Drain RPC).
+
+While shards work, one status line per shard shows what it is doing and how long it
+has taken, updated in place on a terminal; otherwise a plain line is printed as each
+shard finishes. Exit status: 0 when every shard succeeded; 1 otherwise, with the
+failing shard, its address and the gRPC status on stderr; 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from protos import ps_service_pb2 as pb
+from protos import ps_service_pb2_grpc as ps_grpc
+
+__all__ = ["AdminCommandError", "main"]
+
+_T = TypeVar("_T")
+
+#: Large enough for a Stats answer of many tables.
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+
+
+class AdminCommandError(Exception):
+    """A command failed on at least one shard (the message says where and why)."""
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def _size(nbytes: int) -> str:
+    value = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _rpc_error(err: grpc.RpcError) -> str:
+    if isinstance(err, grpc.Call):
+        return f"{err.code().name}: {err.details()}"
+    return str(err)
+
+
+def plain(message: Message) -> dict[str, Any]:
+    """A message as JSON-ready Python values, every field present, numbers as numbers
+    (``json_format`` would write 64-bit integers as strings)."""
+    out: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
+        if field.message_type is not None:
+            if field.is_repeated:
+                out[field.name] = [plain(v) for v in value]
+            else:
+                out[field.name] = plain(value) if message.HasField(field.name) else None
+        elif field.is_repeated:
+            out[field.name] = list(value)
+        else:
+            out[field.name] = value
+    return out
+
+
+# ---------------------------------------------------------------- progress
+
+
+class Progress:
+    """One status line per shard, redrawn in place on a terminal.
+
+    Off a terminal nothing is redrawn: :meth:`finish` prints the shard's final line
+    as soon as it is known.
+    """
+
+    def __init__(self, stream: TextIO, addresses: Sequence[str], *, tty: bool,
+                 quiet: bool = False) -> None:
+        self._stream = stream
+        self._addresses = list(addresses)
+        self._tty = tty
+        self._quiet = quiet
+        self._width = max(len(a) for a in addresses)
+        self._status = ["waiting"] * len(addresses)
+        self._started = [0.0] * len(addresses)
+        self._done = [True] * len(addresses)
+        self._drawn = 0
+
+    def _line(self, i: int) -> str:
+        status = self._status[i]
+        if not self._done[i]:
+            status += f" {time.monotonic() - self._started[i]:.1f}s"
+        return f"shard {i} {self._addresses[i]:<{self._width}}  {status}"
+
+    def begin(self, i: int, status: str) -> None:
+        """Shard ``i`` started ``status`` (e.g. ``saving``)."""
+        self._status[i] = status + "..."
+        self._started[i] = time.monotonic()
+        self._done[i] = False
+
+    def finish(self, i: int, status: str) -> None:
+        """Shard ``i`` ended with ``status``."""
+        self._status[i] = status
+        self._done[i] = True
+        if not self._tty and not self._quiet:
+            self._stream.write(self._line(i) + "\n")
+            self._stream.flush()
+
+    def draw(self) -> None:
+        """Redraw every line (terminal only)."""
+        if not self._tty or self._quiet:
+            return
+        out = []
+        if self._drawn:
+            out.append(f"\x1b[{self._drawn}F")  # back to the first line drawn
+        out += ["\x1b[2K" + self._line(i) + "\n" for i in range(len(self._addresses))]
+        self._drawn = len(self._addresses)
+        self._stream.write("".join(out))
+        self._stream.flush()
+
+    def end_phase(self) -> None:
+        """Keep the lines drawn so far; the next phase draws below them."""
+        self.draw()
+        self._drawn = 0
+
+
+@dataclass
+class Cluster:
+    """Blocking admin stubs for every shard, in shard order."""
+
+    addresses: list[str]
+    timeout: float
+    out: TextIO
+    err: TextIO
+    tty: bool
+
+    def __post_init__(self) -> None:
+        self._channels = [
+            grpc.insecure_channel(a, options=_CHANNEL_OPTIONS) for a in self.addresses
+        ]
+        self.stubs = [ps_grpc.ParameterServerAdminStub(c) for c in self._channels]
+
+    def close(self) -> None:
+        for channel in self._channels:
+            channel.close()
+
+    def each(
+        self,
+        verb: str,
+        call: Callable[[int, ps_grpc.ParameterServerAdminStub], _T],
+        describe: Callable[[_T], str],
+        shards: Sequence[int] | None = None,
+        *,
+        quiet: bool = False,
+    ) -> list[_T]:
+        """Run ``call(i, stub)`` on every shard (or ``shards``) concurrently, showing
+        progress (none with ``quiet``).
+
+        :returns: the results in shard order.
+        :raises AdminCommandError: any shard failed (all are waited for first); the
+            message names every failed shard with its status.
+        """
+        indexes = list(range(len(self.stubs))) if shards is None else list(shards)
+        progress = Progress(self.out, [self.addresses[i] for i in indexes], tty=self.tty,
+                            quiet=quiet)
+        results: dict[int, _T] = {}
+        failures: list[str] = []
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(indexes)) as pool:
+            futures = {}
+            for row, i in enumerate(indexes):
+                progress.begin(row, verb)
+                futures[pool.submit(call, i, self.stubs[i])] = row
+            pending = set(futures)
+            while pending:
+                progress.draw()
+                done, pending = concurrent.futures.wait(
+                    pending, timeout=0.2, return_when=concurrent.futures.FIRST_COMPLETED
+                )
+                for fut in done:
+                    row = futures[fut]
+                    i = indexes[row]
+                    try:
+                        result = fut.result()
+                    except grpc.RpcError as e:
+                        progress.finish(row, f"FAILED {_rpc_error(e)}")
+                        failures.append(
+                            f"shard {i} ({self.addresses[i]}) failed: {_rpc_error(e)}"
+                        )
+                    else:
+                        results[i] = result
+                        progress.finish(row, describe(result))
+        progress.end_phase()
+        if failures:
+            raise AdminCommandError("\n".join(failures))
+        return [results[i] for i in indexes]
+
+
+# ---------------------------------------------------------------- commands
+
+
+def _saved(r: pb.AdminCheckpointResponse) -> str:
+    return (f"{r.entries} entries, {len(r.files)} files, {_size(r.bytes)} in "
+            f"{r.duration_seconds:.1f}s")
+
+
+def cmd_save(cluster: Cluster, args: argparse.Namespace) -> None:
+    request = pb.AdminSaveRequest(
+        model_dir=args.model_dir, global_step=args.global_step, max_to_keep=args.max_to_keep
+    )
+    t0 = time.monotonic()
+    print(f"saving {args.model_dir} step {args.global_step} on {len(cluster.addresses)} "
+          "shards", file=cluster.out)
+    try:
+        parts = cluster.each(
+            "saving", lambda i, s: s.Save(request, timeout=cluster.timeout), _saved
+        )
+    except AdminCommandError as e:
+        raise AdminCommandError(f"{e}\nsave: not committed; the previous checkpoint "
+                                "stays the latest") from e
+    try:
+        cluster.each(
+            "committing", lambda i, s: s.Commit(request, timeout=cluster.timeout),
+            lambda r: f"committed {r.prefix}", shards=[0],
+        )
+    except AdminCommandError as e:
+        raise AdminCommandError(f"{e}\nsave: every shard wrote its part but the commit "
+                                "failed; the previous checkpoint stays the latest") from e
+    entries = sum(p.entries for p in parts)
+    nbytes = sum(p.bytes for p in parts)
+    print(f"saved {parts[0].prefix}: {entries} entries, {_size(nbytes)} on "
+          f"{len(parts)} shards in {time.monotonic() - t0:.1f}s", file=cluster.out)
+
+
+def cmd_restore(cluster: Cluster, args: argparse.Namespace) -> None:
+    t0 = time.monotonic()
+    validate = pb.AdminRestoreRequest(
+        model_dir=args.model_dir, prefix=args.prefix, validate_only=True
+    )
+    print(f"validating {args.prefix or 'the latest checkpoint'} of {args.model_dir} on "
+          f"{len(cluster.addresses)} shards", file=cluster.out)
+    try:
+        checked = cluster.each(
+            "validating", lambda i, s: s.Restore(validate, timeout=cluster.timeout),
+            lambda r: f"ok {r.entries} entries would be held ({_size(r.bytes)} read)",
+        )
+    except AdminCommandError as e:
+        raise AdminCommandError(f"{e}\nrestore: validation failed; nothing was "
+                                "restored on any shard") from e
+    prefixes = sorted({r.prefix for r in checked})
+    if len(prefixes) != 1:
+        raise AdminCommandError(
+            f"restore: shards resolved different checkpoints ({', '.join(prefixes)}); "
+            "pass --prefix; nothing was restored"
+        )
+    if args.validate_only:
+        print(f"valid: {prefixes[0]} ({sum(r.entries for r in checked)} entries)",
+              file=cluster.out)
+        return
+    restore = pb.AdminRestoreRequest(model_dir=args.model_dir, prefix=prefixes[0])
+    print(f"restoring {prefixes[0]}", file=cluster.out)
+    try:
+        done = cluster.each(
+            "restoring", lambda i, s: s.Restore(restore, timeout=cluster.timeout),
+            lambda r: f"restored {r.entries} entries, {len(r.tables)} tables in "
+                      f"{r.duration_seconds:.1f}s",
+        )
+    except AdminCommandError as e:
+        raise AdminCommandError(
+            f"{e}\nrestore: the failed shards are unchanged, the others hold "
+            f"{prefixes[0]}; fix the cause and restore again"
+        ) from e
+    print(f"restored {prefixes[0]}: {sum(r.entries for r in done)} entries on "
+          f"{len(done)} shards in {time.monotonic() - t0:.1f}s", file=cluster.out)
+
+
+def cmd_evict(cluster: Cluster, args: argparse.Namespace) -> None:
+    request = pb.EvictRequest(table=args.table)
+
+    def describe(r: pb.EvictResponse) -> str:
+        per_table = ", ".join(f"{t.table}: -{t.evicted} ({t.remaining} left)"
+                              for t in r.tables)
+        return f"evicted {r.evicted}" + (f" [{per_table}]" if per_table else "")
+
+    done = cluster.each(
+        "evicting", lambda i, s: s.Evict(request, timeout=cluster.timeout), describe
+    )
+    print(f"evicted {sum(r.evicted for r in done)} expired entries", file=cluster.out)
+
+
+def cmd_stats(cluster: Cluster, args: argparse.Namespace) -> None:
+    request = pb.StatsRequest()
+
+    def call(i: int, stub: ps_grpc.ParameterServerAdminStub) -> pb.StatsResponse:
+        return stub.Stats(request, timeout=cluster.timeout)
+
+    if args.json:
+        results = cluster.each("asking", call, lambda r: r.state, quiet=True)
+        shards = [{"address": a, **plain(r)} for a, r in
+                  zip(cluster.addresses, results, strict=True)]
+        json.dump({"shards": shards}, cluster.out, indent=1, sort_keys=True)
+        cluster.out.write("\n")
+        return
+    results = cluster.each("asking", call, lambda r: r.state)
+    for address, r in zip(cluster.addresses, results, strict=True):
+        print(f"\nshard {r.shard_index}/{r.num_shards} {address}  {r.state}  up "
+              f"{r.uptime_seconds:.0f}s  version {r.version}  in flight {r.in_flight}",
+              file=cluster.out)
+        print(f"  entries {r.entries}  memory {_size(r.memory_bytes)}", file=cluster.out)
+        for t in r.tables:
+            print(f"  table {t.name}: {t.entries} entries, {_size(t.memory_bytes)}, dim "
+                  f"{t.dim_size}, evicted {t.evicted_entries}", file=cluster.out)
+        for f in r.hash_filters:
+            print(f"  filter {f.name} ({f.filter_type}): fill {f.fill_ratio:.4f}, "
+                  f"failures {f.failure_count}", file=cluster.out)
+        for label, rec in (("last save", r.last_save), ("last restore", r.last_restore)):
+            if rec.op:
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec.start_time))
+                what = f"FAILED {rec.error}" if rec.error else (
+                    f"{rec.entries} entries, {_size(rec.bytes)}")
+                print(f"  {label}: {rec.prefix} at {when}, {rec.duration_seconds:.1f}s, "
+                      f"{what}", file=cluster.out)
+
+
+def cmd_drain(cluster: Cluster, args: argparse.Namespace) -> None:
+    request = pb.DrainRequest(grace_seconds=args.grace_seconds)
+
+    def describe(r: pb.DrainResponse) -> str:
+        if r.in_flight:
+            return f"drained; {r.in_flight} calls still running after {r.waited_seconds:.1f}s"
+        return f"drained (waited {r.waited_seconds:.1f}s)"
+
+    cluster.each("draining", lambda i, s: s.Drain(request, timeout=cluster.timeout), describe)
+    print("drained: the shards refuse data-plane calls until restarted", file=cluster.out)
+
+
+# ---------------------------------------------------------------- main
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ps-admin",
+        description="Operate a monolith-ps cluster: save, restore, evict, stats, drain.",
+    )
+    parser.add_argument(
+        "--addresses", required=True,
+        help="comma-separated host:port of every shard, in shard order",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=3600.0,
+        help="seconds allowed for each shard's call (default 3600: restores of big "
+             "tables take a while)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("save", help="save a checkpoint of every shard and commit it")
+    p.add_argument("--model_dir", required=True)
+    p.add_argument("--global_step", type=int, required=True)
+    p.add_argument("--max_to_keep", type=int, default=0,
+                   help="keep this many checkpoints, deleting older ones (0 = all)")
+    p = sub.add_parser("restore", help="validate on every shard, then restore everywhere")
+    p.add_argument("--model_dir", required=True)
+    p.add_argument("--prefix", default="",
+                   help="model.ckpt-<step> or its full path (default: the latest)")
+    p.add_argument("--validate_only", action="store_true",
+                   help="only check every file on every shard")
+    p = sub.add_parser("evict", help="delete expired entries now")
+    p.add_argument("--table", default="", help="one table (default: every table)")
+    p = sub.add_parser("stats", help="sizes, filters, last save/restore of every shard")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = sub.add_parser("drain", help="stop accepting data-plane calls (until restart)")
+    p.add_argument("--grace_seconds", type=float, default=0.0,
+                   help="wait this long for running calls (0 = each shard's --grace_seconds)")
+    return parser
+
+
+_COMMANDS: dict[str, Callable[[Cluster, argparse.Namespace], None]] = {
+    "save": cmd_save,
+    "restore": cmd_restore,
+    "evict": cmd_evict,
+    "stats": cmd_stats,
+    "drain": cmd_drain,
+}
+
+
+def run(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
+        err: TextIO | None = None) -> int:
+    """Run ``ps-admin`` with ``argv`` (without the program name); return the exit status."""
+    out = out if out is not None else sys.stdout
+    err = err if err is not None else sys.stderr
+    parser = _parser()
+    args = parser.parse_args(argv)
+    addresses = [a.strip() for a in args.addresses.split(",") if a.strip()]
+    if not addresses:
+        parser.error("--addresses names no shard")
+    if args.timeout <= 0:
+        parser.error(f"--timeout must be > 0, got {args.timeout}")
+    tty = bool(getattr(out, "isatty", lambda: False)())
+    cluster = Cluster(addresses, args.timeout, out, err, tty)
+    try:
+        _COMMANDS[args.command](cluster, args)
+    except AdminCommandError as e:
+        out.flush()
+        print(f"ps-admin {args.command}: {e}", file=err)
+        return 1
+    finally:
+        cluster.close()
+    return 0
+
+
+def main() -> None:
+    """Entry point of the ``ps-admin`` console script."""
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

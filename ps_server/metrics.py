@@ -1,0 +1,337 @@
+"""Prometheus metrics of one shard (``prometheus-client``), served on ``--metrics_port``.
+
+Every series is prefixed ``monolith_ps_``. Each shard process has its own
+:class:`~prometheus_client.CollectorRegistry` (in-process test servers do not mix),
+holding:
+
+RPCs (:class:`RpcMetricsInterceptor`, every unary RPC of every service):
+    ``monolith_ps_rpcs_total{service, method, code}``                 counter
+    ``monolith_ps_rpc_duration_seconds{service, method, code}``        histogram
+    ``monolith_ps_rpcs_in_flight{service}``                            gauge
+Tables and filters (read from the :class:`Shard` at scrape time, no locks, like
+``GetShardInfo``):
+    ``monolith_ps_table_entries{table}``, ``monolith_ps_table_memory_bytes{table}``,
+    ``monolith_ps_hash_filter_fill_ratio{hash_filter}``,
+    ``monolith_ps_hash_filter_failures{hash_filter}`` (a gauge: a restored filter
+    brings its own count), ``monolith_ps_shard_info{shard_index, num_shards, version}``
+Operations (pushed by :class:`ps_server.admin.ShardOps`):
+    ``monolith_ps_evicted_entries_total{table, trigger}``             counter
+    ``monolith_ps_checkpoint_duration_seconds{op}``                    histogram
+    ``monolith_ps_checkpoint_size_bytes{op}``                          histogram
+    ``monolith_ps_checkpoint_entries{op}``                             histogram
+    ``monolith_ps_checkpoint_failures_total{op}``                      counter
+    ``monolith_ps_last_checkpoint_timestamp_seconds{op}``              gauge (last success)
+    ``monolith_ps_restoring``, ``monolith_ps_draining``                gauges (0/1)
+plus the library's ``process_*``, ``python_gc_*`` and ``python_info`` series.
+``op`` is ``save`` | ``commit`` | ``restore`` | ``validate``; ``trigger`` is
+``admin`` | ``periodic``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import grpc
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+import ps_server
+from ps_server.config import format_address
+from ps_server.engine.shard import Shard
+from ps_server.errors import ConfigError
+
+__all__ = [
+    "CHECKPOINT_OPS",
+    "MetricsServer",
+    "RpcMetricsInterceptor",
+    "ShardCollector",
+    "ShardMetrics",
+    "start_metrics_server",
+]
+
+_log = logging.getLogger(__name__)
+
+CHECKPOINT_OPS = ("save", "commit", "restore", "validate")
+
+# Engine calls take from well under a millisecond (small lookups) to minutes (huge
+# batches, whole checkpoints over gRPC).
+_RPC_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0, 60.0, 300.0,
+)
+_CHECKPOINT_SECONDS = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0)
+_CHECKPOINT_BYTES = tuple(float(1 << k) for k in range(10, 42, 3))  # 1 KiB .. 2 TiB
+_CHECKPOINT_ENTRIES = tuple(float(10**k) for k in range(0, 11))
+
+
+class ShardCollector(Collector):
+    """Table and filter gauges read from a :class:`Shard` when Prometheus scrapes.
+
+    Runs on the HTTP server's thread while the engine works on others: the values
+    are a snapshot that may race concurrent writes (sizes are single reads).
+    """
+
+    def __init__(self, shard: Shard) -> None:
+        self._shard = shard
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        # Local import: ps_server.service imports grpc-side code this module need not load.
+        from ps_server.service import filter_stats
+
+        info, entries, memory, fill, failures = self._families()
+        shard = self._shard
+        info.add_metric(
+            [str(shard.shard_index), str(shard.num_shards), ps_server.__version__], 1.0
+        )
+        for name, slot in sorted(list(shard.tables.items())):
+            entries.add_metric([name], float(slot.table.size()))
+            memory.add_metric([name], float(slot.table.nbytes()))
+        for name, fslot in sorted(list(shard.filters.items())):
+            ratio, count, _ = filter_stats(fslot.hash_filter)
+            fill.add_metric([name], ratio)
+            failures.add_metric([name], float(count))
+        yield from (info, entries, memory, fill, failures)
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, ...]:
+        return (
+            GaugeMetricFamily(
+                "monolith_ps_shard_info", "This shard's place in the cluster (value 1).",
+                labels=["shard_index", "num_shards", "version"],
+            ),
+            GaugeMetricFamily(
+                "monolith_ps_table_entries", "Entries held by a table on this shard.",
+                labels=["table"],
+            ),
+            GaugeMetricFamily(
+                "monolith_ps_table_memory_bytes",
+                "Bytes of storage held by a table on this shard (values, optimizer state, "
+                "timestamps, index).",
+                labels=["table"],
+            ),
+            GaugeMetricFamily(
+                "monolith_ps_hash_filter_fill_ratio",
+                "Occupied cells over capacity of a sliding hash filter (0 for other kinds).",
+                labels=["hash_filter"],
+            ),
+            GaugeMetricFamily(
+                "monolith_ps_hash_filter_failures",
+                "Ids a sliding hash filter could not place (Monolith's failure_count).",
+                labels=["hash_filter"],
+            ),
+        )
+
+
+class ShardMetrics:
+    """Every metric of one shard, in its own registry.
+
+    :param shard: read at scrape time by a :class:`ShardCollector`.
+    :param process_metrics: also register the process / GC / platform collectors.
+    """
+
+    def __init__(self, shard: Shard, *, process_metrics: bool = True) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        self.rpcs = Counter(
+            "monolith_ps_rpcs", "RPCs handled, by service, method and status code.",
+            ["service", "method", "code"], registry=reg,
+        )
+        self.rpc_seconds = Histogram(
+            "monolith_ps_rpc_duration_seconds",
+            "Time from receiving a request to its answer, by service, method and code.",
+            ["service", "method", "code"], buckets=_RPC_BUCKETS, registry=reg,
+        )
+        self.rpcs_in_flight = Gauge(
+            "monolith_ps_rpcs_in_flight", "RPCs being handled now, by service.",
+            ["service"], registry=reg,
+        )
+        self.evicted_entries = Counter(
+            "monolith_ps_evicted_entries",
+            "Expired entries deleted from memory, by table and trigger (admin, periodic).",
+            ["table", "trigger"], registry=reg,
+        )
+        self.checkpoint_seconds = Histogram(
+            "monolith_ps_checkpoint_duration_seconds",
+            "Duration of successful checkpoint operations on this shard, by op.",
+            ["op"], buckets=_CHECKPOINT_SECONDS, registry=reg,
+        )
+        self.checkpoint_bytes = Histogram(
+            "monolith_ps_checkpoint_size_bytes",
+            "Bytes of the files a successful checkpoint operation wrote or read, by op.",
+            ["op"], buckets=_CHECKPOINT_BYTES, registry=reg,
+        )
+        self.checkpoint_entries = Histogram(
+            "monolith_ps_checkpoint_entries",
+            "Table entries saved, or held after a restore, by op.",
+            ["op"], buckets=_CHECKPOINT_ENTRIES, registry=reg,
+        )
+        self.checkpoint_failures = Counter(
+            "monolith_ps_checkpoint_failures", "Checkpoint operations that failed, by op.",
+            ["op"], registry=reg,
+        )
+        self.last_checkpoint = Gauge(
+            "monolith_ps_last_checkpoint_timestamp_seconds",
+            "Unix time when the last successful checkpoint operation of each op ended.",
+            ["op"], registry=reg,
+        )
+        self.restoring = Gauge(
+            "monolith_ps_restoring", "1 while a restore runs (readiness NOT_SERVING).",
+            registry=reg,
+        )
+        self.draining = Gauge(
+            "monolith_ps_draining", "1 once an admin Drain was received.", registry=reg,
+        )
+        # Labelled children of rpcs / rpc_seconds, looked up once per label set.
+        self._rpc_children: dict[tuple[str, str, grpc.StatusCode], tuple[Any, Any]] = {}
+        reg.register(ShardCollector(shard))
+        if process_metrics:
+            ProcessCollector(registry=reg)
+            PlatformCollector(registry=reg)
+            GCCollector(registry=reg)
+
+    def observe_rpc(self, service: str, method: str, code: grpc.StatusCode,
+                    seconds: float) -> None:
+        """Count one handled RPC and its latency."""
+        key = (service, method, code)
+        children = self._rpc_children.get(key)
+        if children is None:
+            labels = (service, method, code.name)
+            children = (self.rpcs.labels(*labels), self.rpc_seconds.labels(*labels))
+            self._rpc_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def observe_checkpoint(self, op: str, *, seconds: float, nbytes: int, entries: int,
+                           ok: bool) -> None:
+        """One checkpoint operation ended (``ok`` False: only the failure is counted)."""
+        if not ok:
+            self.checkpoint_failures.labels(op).inc()
+            return
+        self.checkpoint_seconds.labels(op).observe(seconds)
+        self.checkpoint_bytes.labels(op).observe(nbytes)
+        self.checkpoint_entries.labels(op).observe(entries)
+        self.last_checkpoint.labels(op).set(time.time())
+
+    def observe_eviction(self, table: str, trigger: str, count: int) -> None:
+        """``count`` entries were evicted from ``table``."""
+        self.evicted_entries.labels(table, trigger).inc(count)
+
+    def set_state(self, *, restoring: bool, draining: bool) -> None:
+        """The shard's readiness inputs."""
+        self.restoring.set(1.0 if restoring else 0.0)
+        self.draining.set(1.0 if draining else 0.0)
+
+
+_Handler = Callable[[Any, Any], Awaitable[Any]]
+
+
+class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts and times every unary RPC by ``service``, ``method`` and status ``code``.
+
+    The code is what the handler ended with: ``OK``, the code it aborted with, or
+    ``CANCELLED`` / ``UNKNOWN`` when it was cancelled or raised. Streaming RPCs
+    (health Watch, reflection) pass through uncounted.
+    """
+
+    def __init__(self, metrics: ShardMetrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        inner: _Handler = handler.unary_unary
+        metrics = self._metrics
+        in_flight = metrics.rpcs_in_flight.labels(service)
+
+        async def counted(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            t0 = time.perf_counter()
+            code = grpc.StatusCode.UNKNOWN
+            in_flight.inc()
+            try:
+                response = await inner(request, context)
+                code = _code_of(context, default=grpc.StatusCode.OK)
+                return response
+            except grpc.aio.AbortError:
+                code = _code_of(context, default=grpc.StatusCode.UNKNOWN)
+                raise
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            finally:
+                in_flight.dec()
+                metrics.observe_rpc(service, method, code, time.perf_counter() - t0)
+
+        return grpc.unary_unary_rpc_method_handler(
+            counted,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def _code_of(context: Any, default: grpc.StatusCode) -> grpc.StatusCode:
+    code = context.code()
+    if code is None:
+        return default
+    if isinstance(code, grpc.StatusCode):
+        return code
+    for candidate in grpc.StatusCode:  # some grpc versions give the integer value
+        if candidate.value[0] == code:
+            return candidate
+    return default
+
+
+class MetricsServer:
+    """A running ``/metrics`` HTTP endpoint (prometheus-client's WSGI server thread)."""
+
+    def __init__(self, httpd: Any, thread: threading.Thread) -> None:
+        self._httpd = httpd
+        self._thread = thread
+
+    @property
+    def port(self) -> int:
+        """The bound port."""
+        return int(self._httpd.server_port)
+
+    def stop(self) -> None:
+        """Stop serving and close the socket."""
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(5.0)
+
+
+def start_metrics_server(metrics: ShardMetrics, host: str, port: int) -> MetricsServer:
+    """Serve ``metrics`` on ``http://host:port/metrics`` from a daemon thread.
+
+    :raises ConfigError: the address cannot be bound.
+    """
+    try:
+        httpd, thread = start_http_server(port, addr=host, registry=metrics.registry)
+    except OSError as e:
+        raise ConfigError(
+            f"cannot serve metrics on {format_address(host, port)}: {e}"
+        ) from e
+    return MetricsServer(httpd, thread)
