@@ -2,8 +2,9 @@
 
 ``python -m ps_client.demo`` starts a local cluster (unless ``--addresses`` is given),
 trains a small CTR model whose sparse part lives on the parameter server, saves a
-checkpoint half-way, kills one shard, brings it back, restores the cluster from the
-checkpoint and finishes training, printing loss and AUC as it goes.
+checkpoint half-way, kills one shard with SIGKILL, restarts it empty, restores that
+shard from the checkpoint with ``ps-admin restore`` (the other shards keep their newer
+state, as after a real crash) and finishes training, printing loss and AUC as it goes.
 
 The data has a known ground truth: each feature id has a true weight, clicks are
 drawn from ``sigmoid(bias + sum of the true weights of the example's features)``,
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import subprocess
 import sys
 import tempfile
 import time
@@ -142,6 +144,14 @@ def cluster_for(args: argparse.Namespace) -> Iterator[LocalCluster | None]:
         yield cluster
 
 
+def restore_with_ps_admin(address: str, model_dir: str) -> None:
+    """Restore one shard from the latest checkpoint the way an operator would."""
+    cmd = [sys.executable, "-m", "ps_server.admin_cli", f"--addresses={address}", "restore",
+           f"--model_dir={model_dir}"]
+    print("$ ps-admin --addresses=" + address + " restore --model_dir=" + model_dir, flush=True)
+    subprocess.run(cmd, check=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=int, default=2, help="local shards to start")
@@ -185,7 +195,6 @@ def main(argv: list[str] | None = None) -> int:
                 return loss, auc(eval_labels, logits)
 
             ckpt_step = args.steps // 2
-            saved_bias = 0.0
             step = 0
             drilled = args.no_fault or cluster is None
             while step < args.steps:
@@ -200,7 +209,6 @@ def main(argv: list[str] | None = None) -> int:
                     progress(step, args.steps, *evaluate())
                 if step == ckpt_step:
                     prefix = client.save_checkpoint(model_dir, step)
-                    saved_bias = model.bias
                     print(f"checkpoint saved: {prefix} ({table.size():,} entries)")
                 if cluster is not None and not drilled and step == ckpt_step + 25:
                     drilled = True
@@ -208,12 +216,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"killing shard {victim} (SIGKILL) at step {step}...")
                     cluster.kill(victim)
                     cluster.restart(victim)
-                    print(f"shard {victim} restarted empty; restoring the cluster from "
-                          f"{model_dir}")
-                    restored = client.restore_checkpoint(model_dir)
-                    model.bias = saved_bias
-                    step = ckpt_step
-                    print(f"restored {restored}; resuming from step {step} "
+                    restore_with_ps_admin(cluster.addresses[victim], model_dir)
+                    print(f"shard {victim} is back at checkpoint step {ckpt_step}; the "
+                          f"other shards kept their newer state; training continues "
                           f"({table.size():,} entries)")
             loss, final = evaluate()
     elapsed = time.perf_counter() - started
