@@ -7,14 +7,25 @@ as the engine does). Decoding is ``np.frombuffer`` over the message's bytes: no
 copy, no Python list, and the result is read-only. Every mismatch between bytes
 and shape raises :class:`~ps_server.errors.BadTensorError` naming the field, so a
 malformed request never reaches the engine.
+
+The bulk RPCs skip protobuf objects for their tensors (a generated message would
+copy megabytes of payload several times: parse, ``.data``, building and sizing the
+answer). :class:`BulkRequestParser` splits a request's wire bytes into a message of
+its small fields and :class:`WireTensor` views of its tensors (no copy), and
+:func:`encode_message` writes an answer with its tensors appended by hand (one
+copy of the payload). Both produce and accept exactly the bytes protobuf would
+(``tests/unit/test_codec.py`` checks it).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 import numpy as np
+from google.protobuf.message import Message
 
 from protos import ps_service_pb2 as ps_pb2
 from ps_server.engine.types import Floats, Ids
@@ -23,10 +34,16 @@ from ps_server.errors import BadTensorError, DimMismatchError
 __all__ = [
     "FLOAT32",
     "INT64",
+    "BulkRequest",
+    "BulkRequestParser",
+    "TensorLike",
+    "WireTensor",
     "decode_floats",
     "decode_ids",
     "encode_floats",
     "encode_ids",
+    "encode_message",
+    "to_wire",
 ]
 
 #: Wire dtypes: little-endian whatever the host.
@@ -34,7 +51,17 @@ INT64 = np.dtype("<i8")
 FLOAT32 = np.dtype("<f4")
 
 
-def _shape_of(tensor: ps_pb2.Tensor, what: str) -> tuple[int, ...]:
+class TensorLike(Protocol):
+    """What the decoders read: a ``Tensor`` message or a :class:`WireTensor`."""
+
+    @property
+    def data(self) -> bytes | memoryview: ...
+
+    @property
+    def shape(self) -> Sequence[int]: ...
+
+
+def _shape_of(tensor: TensorLike, what: str) -> tuple[int, ...]:
     shape = tuple(int(d) for d in tensor.shape)
     if any(d < 0 for d in shape):
         raise BadTensorError(f"{what}: shape {list(shape)} has a negative dimension")
@@ -45,7 +72,7 @@ def _shape_of(tensor: ps_pb2.Tensor, what: str) -> tuple[int, ...]:
     return shape
 
 
-def _frombuffer(tensor: ps_pb2.Tensor, shape: tuple[int, ...], dtype: np.dtype[Any],
+def _frombuffer(tensor: TensorLike, shape: tuple[int, ...], dtype: np.dtype[Any],
                 what: str) -> np.ndarray[Any, Any]:
     count = math.prod(shape)
     data = tensor.data
@@ -59,7 +86,7 @@ def _frombuffer(tensor: ps_pb2.Tensor, shape: tuple[int, ...], dtype: np.dtype[A
     return np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
 
 
-def decode_ids(tensor: ps_pb2.Tensor, what: str = "ids") -> Ids:
+def decode_ids(tensor: TensorLike, what: str = "ids") -> Ids:
     """``int64[n]`` from a Tensor of shape ``[n]`` (an unset Tensor is ``[0]``).
 
     :raises BadTensorError: shape not 1-D, or byte length != ``8 * n``.
@@ -73,7 +100,7 @@ def decode_ids(tensor: ps_pb2.Tensor, what: str = "ids") -> Ids:
 
 
 def decode_floats(
-    tensor: ps_pb2.Tensor,
+    tensor: TensorLike,
     what: str = "values",
     *,
     rows: int | None = None,
@@ -120,3 +147,227 @@ def encode_floats(values: Any) -> ps_pb2.Tensor:
     """Tensor of ``values``' shape holding little-endian float32 (row-major)."""
     arr = np.ascontiguousarray(values, dtype=FLOAT32)
     return ps_pb2.Tensor(data=arr.tobytes(), shape=list(arr.shape))
+
+
+# ---------------------------------------------------------------- wire level
+#
+# A key is ``field_number << 3 | wire_type``; wire type 0 = varint, 1 = 64-bit,
+# 2 = length-delimited, 5 = 32-bit (3 and 4, groups, are left to protobuf).
+# ``Tensor{data = 1 (bytes), shape = 2 (repeated int64, packed or not)}``.
+
+_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+_TENSOR_NAME = ps_pb2.Tensor.DESCRIPTOR.full_name
+_M = TypeVar("_M", bound=Message)
+
+
+class WireTensor(NamedTuple):
+    """A ``Tensor`` read from request bytes: ``data`` is a view of them, not a copy."""
+
+    data: memoryview
+    shape: tuple[int, ...]
+
+
+_NO_TENSOR = WireTensor(memoryview(b""), ())
+
+
+class _Malformed(Exception):
+    """Bytes the fast path does not take; protobuf parses (or rejects) them instead."""
+
+
+def _varint(n: int) -> bytes:
+    """Protobuf varint of ``n`` (a negative int64 as its 64-bit two's complement)."""
+    n &= (1 << 64) - 1
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+    result = shift = 0
+    while shift < 70:
+        if pos >= end:
+            raise _Malformed
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result & ((1 << 64) - 1), pos
+        shift += 7
+    raise _Malformed  # longer than 10 bytes
+
+
+def _skip(buf: memoryview, wire_type: int, pos: int, end: int) -> int:
+    """Position after a field's value of ``wire_type`` starting at ``pos``."""
+    if wire_type == _VARINT:
+        return _read_varint(buf, pos, end)[1]
+    if wire_type == _LEN:
+        length, pos = _read_varint(buf, pos, end)
+        pos += length
+    elif wire_type == _I64:
+        pos += 8
+    elif wire_type == _I32:
+        pos += 4
+    else:
+        raise _Malformed  # groups
+    if pos > end:
+        raise _Malformed
+    return pos
+
+
+def _signed64(v: int) -> int:
+    return v - (1 << 64) if v >> 63 else v
+
+
+def _merge_tensor(buf: memoryview, start: int, end: int,
+                  data: memoryview, shape: list[int]) -> memoryview:
+    """Merge the ``Tensor`` encoded in ``buf[start:end]`` into ``(data, shape)`` as
+    protobuf merges a repeated occurrence (``data`` replaced, ``shape`` appended)."""
+    pos = start
+    while pos < end:
+        key, pos = _read_varint(buf, pos, end)
+        number, wire_type = key >> 3, key & 7
+        if number == 1 and wire_type == _LEN:
+            length, pos = _read_varint(buf, pos, end)
+            if pos + length > end:
+                raise _Malformed
+            data = buf[pos:pos + length]
+            pos += length
+        elif number == 2 and wire_type == _LEN:  # packed
+            length, pos = _read_varint(buf, pos, end)
+            stop = pos + length
+            if stop > end:
+                raise _Malformed
+            while pos < stop:
+                v, pos = _read_varint(buf, pos, stop)
+                shape.append(_signed64(v))
+        elif number == 2 and wire_type == _VARINT:
+            v, pos = _read_varint(buf, pos, end)
+            shape.append(_signed64(v))
+        else:
+            pos = _skip(buf, wire_type, pos, end)
+    return data
+
+
+@dataclass(frozen=True)
+class BulkRequest(Generic[_M]):
+    """A bulk request as received: its small fields and views of its tensors.
+
+    :ivar head: the request message with every field except the tensors (left unset).
+    :ivar tensors: field name → :class:`WireTensor`, for the tensor fields present.
+    """
+
+    head: _M
+    tensors: Mapping[str, WireTensor]
+
+    def tensor(self, name: str) -> WireTensor:
+        """Tensor field ``name`` (an empty ``WireTensor`` when it is unset)."""
+        return self.tensors.get(name, _NO_TENSOR)
+
+
+class BulkRequestParser(Generic[_M]):
+    """Parses wire bytes of ``message_type`` into a :class:`BulkRequest` (a gRPC
+    request deserializer).
+
+    The fields of type ``Tensor`` become views of the bytes; all other fields are
+    parsed by protobuf from a copy of their (small) encodings. Bytes with groups or
+    a malformed structure go through protobuf whole, so they fail (``DecodeError``)
+    or parse exactly as ``message_type.FromString`` would.
+    """
+
+    def __init__(self, message_type: type[_M]) -> None:
+        self.message_type = message_type
+        self._tensor_fields = {
+            f.number: f.name
+            for f in message_type.DESCRIPTOR.fields
+            if f.message_type is not None and f.message_type.full_name == _TENSOR_NAME
+        }
+
+    def __call__(self, buf: bytes) -> BulkRequest[_M]:
+        try:
+            return self._parse(memoryview(buf))
+        except _Malformed:
+            return self._slow(buf)
+
+    def _parse(self, buf: memoryview) -> BulkRequest[_M]:
+        end = len(buf)
+        rest: list[memoryview] = []
+        spans: dict[int, list[tuple[int, int]]] = {}
+        pos = 0
+        while pos < end:
+            start = pos
+            key, pos = _read_varint(buf, pos, end)
+            number, wire_type = key >> 3, key & 7
+            if wire_type == _LEN and number in self._tensor_fields:
+                length, pos = _read_varint(buf, pos, end)
+                if pos + length > end:
+                    raise _Malformed
+                spans.setdefault(number, []).append((pos, pos + length))
+                pos += length
+                continue
+            pos = _skip(buf, wire_type, pos, end)
+            rest.append(buf[start:pos])
+        tensors: dict[str, WireTensor] = {}
+        for number, parts in spans.items():
+            data, shape = memoryview(b""), list[int]()
+            for lo, hi in parts:
+                data = _merge_tensor(buf, lo, hi, data, shape)
+            tensors[self._tensor_fields[number]] = WireTensor(data, tuple(shape))
+        return BulkRequest(self.message_type.FromString(b"".join(rest)), tensors)
+
+    def _slow(self, buf: bytes) -> BulkRequest[_M]:
+        message = self.message_type.FromString(buf)
+        tensors: dict[str, WireTensor] = {}
+        for name in self._tensor_fields.values():
+            if message.HasField(name):
+                t = getattr(message, name)
+                tensors[name] = WireTensor(memoryview(t.data), tuple(t.shape))
+                message.ClearField(name)
+        return BulkRequest(message, tensors)
+
+
+_WIRE_DTYPES: dict[np.dtype[Any], np.dtype[Any]] = {
+    np.dtype(np.int64): INT64,
+    np.dtype(np.float32): FLOAT32,
+}
+
+
+def _wire_array(arr: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    wire = _WIRE_DTYPES.get(arr.dtype, FLOAT32)
+    return np.ascontiguousarray(arr, dtype=wire)  # no copy when it already is
+
+
+def _tensor_field(number: int, arr: np.ndarray[Any, Any]) -> list[bytes | memoryview]:
+    """Field ``number`` holding ``Tensor{data=arr's bytes, shape=arr.shape}``, in pieces."""
+    dims = b"".join(_varint(d) for d in arr.shape)
+    shape_field = b"\x12" + _varint(len(dims)) + dims if dims else b""
+    data_head = b"\x0a" + _varint(arr.nbytes) if arr.nbytes else b""
+    inner = len(data_head) + arr.nbytes + len(shape_field)
+    head = _varint(number << 3 | _LEN) + _varint(inner) + data_head
+    payload: bytes | memoryview = arr.data.cast("B") if arr.nbytes else b""
+    return [head, payload, shape_field]
+
+
+def encode_message(head: Message, **tensors: np.ndarray[Any, Any]) -> bytes:
+    """Wire bytes of ``head`` plus the ``Tensor`` fields named by the keywords.
+
+    ``head`` holds the other fields (its tensor fields unset). Each array is written
+    once, straight into the result: int64 as little-endian int64, anything else as
+    little-endian float32, keeping its shape. ``Msg.FromString`` of the result equals
+    ``head`` with the tensors set (``encode_floats`` / ``encode_ids``).
+    """
+    fields = head.DESCRIPTOR.fields_by_name
+    parts: list[bytes | memoryview] = [head.SerializeToString()]
+    for name, arr in tensors.items():
+        parts += _tensor_field(fields[name].number, _wire_array(arr))
+    return b"".join(parts)
+
+
+def to_wire(response: Message | bytes) -> bytes:
+    """A gRPC response serializer taking answers already encoded (``bytes``) as they
+    are and serializing messages."""
+    if isinstance(response, bytes):
+        return response
+    return response.SerializeToString()

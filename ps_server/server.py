@@ -46,7 +46,7 @@ from ps_server.metrics import (
     ShardMetrics,
     start_metrics_server,
 )
-from ps_server.service import SERVICE_NAME, ParameterServerServicer
+from ps_server.service import SERVICE_NAME, ParameterServerServicer, add_servicer_to_server
 
 __all__ = [
     "ShardServer",
@@ -181,7 +181,7 @@ async def build_shard_server(
         default_filter_split_num=config.default_filter_split_num,
     )
     admin = AdminServicer(servicer, ops, grace_seconds=config.grace_seconds)
-    ps_grpc.add_ParameterServerServicer_to_server(servicer, server)
+    add_servicer_to_server(servicer, server)
     ps_grpc.add_ParameterServerAdminServicer_to_server(admin, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME, ADMIN_SERVICE_NAME):

@@ -16,6 +16,12 @@ locks live in a :class:`~ps_server.locks.ShardLocks` shared with the admin servi
 (:mod:`ps_server.admin`) and periodic eviction, so those never interleave with data
 RPCs either.
 
+Wire. :func:`add_servicer_to_server` registers the service. The bulk RPCs
+(:data:`BULK_RPCS`) receive a :class:`~ps_server.codec.BulkRequest` (tensors are
+views of the received bytes) and every data-plane answer leaves the worker thread
+already encoded (tensors written once, by :func:`~ps_server.codec.encode_message`),
+so the event loop only hands bytes to gRPC.
+
 Checkpoint operations and evictions are reported to an optional
 :class:`ShardEvents` (readiness during restores, metrics, the admin Stats history).
 """
@@ -59,12 +65,14 @@ from ps_server.errors import (
 from ps_server.locks import ShardLocks
 
 __all__ = [
+    "BULK_RPCS",
     "SERVICE_NAME",
     "STATUS_BY_ERROR",
     "CheckpointOutcome",
     "ParameterServerServicer",
     "ShardEvents",
     "TableEvicted",
+    "add_servicer_to_server",
     "filter_stats",
     "resolve_path",
     "status_of",
@@ -75,6 +83,12 @@ _log = logging.getLogger(__name__)
 
 #: Full name of the service (health checks and reflection use it).
 SERVICE_NAME: Final = ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"].full_name
+
+#: RPCs whose requests carry tensors: their handlers get a ``codec.BulkRequest``.
+BULK_RPCS: Final = frozenset({
+    "Lookup", "LookupEntry", "Assign", "AssignAdd", "ApplyGradients", "FusedLookup",
+    "FusedOptimize", "InterceptGradient",
+})
 
 #: The status code of each error family; a subclass takes its nearest listed base.
 STATUS_BY_ERROR: Final[Mapping[type[PsError], grpc.StatusCode]] = {
@@ -347,17 +361,25 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
 
     _call = call
 
+    def _check_size(self, rpc: str, result: object) -> None:
+        """Refuse an answer (encoded ``bytes`` or a message) over ``max_message_bytes``."""
+        if isinstance(result, bytes):
+            size = len(result)
+        elif isinstance(result, Message):
+            size = result.ByteSize()
+        else:
+            return
+        if size > self._max_message_bytes:
+            raise ResourceExhaustedError(
+                f"{rpc}: the response would be {size} bytes, over the shard's "
+                f"max_message_bytes={self._max_message_bytes}; ask for fewer ids per "
+                "call or raise the limit on both ends"
+            )
+
     async def _run(self, rpc: str, work: Callable[[], _T]) -> _T:
         def checked() -> _T:
             result = work()
-            if isinstance(result, Message):
-                size = result.ByteSize()
-                if size > self._max_message_bytes:
-                    raise ResourceExhaustedError(
-                        f"{rpc}: the response would be {size} bytes, over the shard's "
-                        f"max_message_bytes={self._max_message_bytes}; ask for fewer ids per "
-                        "call or raise the limit on both ends"
-                    )
+            self._check_size(rpc, result)
             return result
 
         fut = asyncio.get_running_loop().run_in_executor(self._executor, checked)
@@ -465,114 +487,131 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
 
     # ------------------------------------------------------------ data plane
 
-    @_translate_errors
-    async def Lookup(self, request: ps_pb2.LookupRequest, context: Any) -> ps_pb2.LookupResponse:
-        def work() -> ps_pb2.LookupResponse:
-            ids = codec.decode_ids(request.ids)
-            values = self._shard.table(request.table).lookup(ids)
-            return ps_pb2.LookupResponse(values=codec.encode_floats(values))
-
-        return await self._call("Lookup", work, tables=[request.table])
+    # Bulk RPCs (BULK_RPCS): ``request.head`` is the message without its tensors,
+    # ``request.tensor(name)`` a view of a tensor's bytes. Answers with tensors are
+    # encoded on the worker thread (codec.encode_message), so they travel as bytes.
 
     @_translate_errors
-    async def LookupEntry(self, request: ps_pb2.LookupEntryRequest, context: Any
-                          ) -> ps_pb2.LookupEntryResponse:
+    async def Lookup(self, request: codec.BulkRequest[ps_pb2.LookupRequest], context: Any
+                     ) -> bytes:
+        head = request.head
+
+        def work() -> bytes:
+            ids = codec.decode_ids(request.tensor("ids"))
+            values = self._shard.table(head.table).lookup(ids)
+            return codec.encode_message(ps_pb2.LookupResponse(), values=values)
+
+        return await self._call("Lookup", work, tables=[head.table])
+
+    @_translate_errors
+    async def LookupEntry(self, request: codec.BulkRequest[ps_pb2.LookupEntryRequest],
+                          context: Any) -> ps_pb2.LookupEntryResponse:
+        head = request.head
+
         def work() -> ps_pb2.LookupEntryResponse:
-            ids = codec.decode_ids(request.ids)
-            entries = self._shard.table(request.table).lookup_entry(ids)
+            ids = codec.decode_ids(request.tensor("ids"))
+            entries = self._shard.table(head.table).lookup_entry(ids)
             return ps_pb2.LookupEntryResponse(entries=entries)
 
-        return await self._call("LookupEntry", work, tables=[request.table])
+        return await self._call("LookupEntry", work, tables=[head.table])
 
-    async def _assign(self, rpc: str, request: ps_pb2.AssignRequest, add: bool
-                      ) -> ps_pb2.UpdateResponse:
-        # request.tag is accepted and not yet used (exactly-once comes later).
+    async def _assign(self, rpc: str, request: codec.BulkRequest[ps_pb2.AssignRequest],
+                      add: bool) -> ps_pb2.UpdateResponse:
+        # head.tag is accepted and not yet used (exactly-once comes later).
+        head = request.head
+
         def work() -> ps_pb2.UpdateResponse:
-            ids = codec.decode_ids(request.ids)
-            values = codec.decode_floats(request.values, "values", rows=ids.shape[0])
-            table = self._shard.table(request.table)
+            ids = codec.decode_ids(request.tensor("ids"))
+            values = codec.decode_floats(request.tensor("values"), "values", rows=ids.shape[0])
+            table = self._shard.table(head.table)
             if add:
-                table.assign_add(ids, values, request.req_time)
+                table.assign_add(ids, values, head.req_time)
             else:
-                table.assign(ids, values, request.req_time)
+                table.assign(ids, values, head.req_time)
             return ps_pb2.UpdateResponse()
 
-        return await self._call(rpc, work, tables=[request.table], table_filters=True)
+        return await self._call(rpc, work, tables=[head.table], table_filters=True)
 
     @_translate_errors
-    async def Assign(self, request: ps_pb2.AssignRequest, context: Any) -> ps_pb2.UpdateResponse:
+    async def Assign(self, request: codec.BulkRequest[ps_pb2.AssignRequest], context: Any
+                     ) -> ps_pb2.UpdateResponse:
         return await self._assign("Assign", request, add=False)
 
     @_translate_errors
-    async def AssignAdd(self, request: ps_pb2.AssignRequest, context: Any
+    async def AssignAdd(self, request: codec.BulkRequest[ps_pb2.AssignRequest], context: Any
                         ) -> ps_pb2.UpdateResponse:
         return await self._assign("AssignAdd", request, add=True)
 
     @_translate_errors
-    async def ApplyGradients(self, request: ps_pb2.ApplyGradientsRequest, context: Any
-                             ) -> ps_pb2.UpdateResponse:
+    async def ApplyGradients(self, request: codec.BulkRequest[ps_pb2.ApplyGradientsRequest],
+                             context: Any) -> ps_pb2.UpdateResponse:
+        head = request.head
+
         def work() -> ps_pb2.UpdateResponse:
-            ids = codec.decode_ids(request.ids)
-            grads = codec.decode_floats(request.grads, "grads", rows=ids.shape[0])
-            lrs = np.array(request.learning_rates, dtype=np.float32)
-            self._shard.table(request.table).apply_gradients(
+            ids = codec.decode_ids(request.tensor("ids"))
+            grads = codec.decode_floats(request.tensor("grads"), "grads", rows=ids.shape[0])
+            lrs = np.array(head.learning_rates, dtype=np.float32)
+            self._shard.table(head.table).apply_gradients(
                 ids,
                 grads,
                 lrs,
-                request.global_step,
-                enable_dedup=request.enable_dedup,
-                req_time=request.req_time,
+                head.global_step,
+                enable_dedup=head.enable_dedup,
+                req_time=head.req_time,
             )
             return ps_pb2.UpdateResponse()
 
-        return await self._call(
-            "ApplyGradients", work, tables=[request.table], table_filters=True
-        )
+        return await self._call("ApplyGradients", work, tables=[head.table], table_filters=True)
 
     @_translate_errors
-    async def FusedLookup(self, request: ps_pb2.FusedLookupRequest, context: Any
-                          ) -> ps_pb2.FusedLookupResponse:
-        def work() -> ps_pb2.FusedLookupResponse:
-            ids = codec.decode_ids(request.ids)
-            blocks = [(b.table_index, b.num_ids) for b in request.blocks]
-            values = self._shard.fused_lookup(list(request.tables), blocks, ids)
-            return ps_pb2.FusedLookupResponse(values=codec.encode_floats(values))
+    async def FusedLookup(self, request: codec.BulkRequest[ps_pb2.FusedLookupRequest],
+                          context: Any) -> bytes:
+        head = request.head
 
-        return await self._call("FusedLookup", work, tables=request.tables)
+        def work() -> bytes:
+            ids = codec.decode_ids(request.tensor("ids"))
+            blocks = [(b.table_index, b.num_ids) for b in head.blocks]
+            values = self._shard.fused_lookup(list(head.tables), blocks, ids)
+            return codec.encode_message(ps_pb2.FusedLookupResponse(), values=values)
+
+        return await self._call("FusedLookup", work, tables=head.tables)
 
     @_translate_errors
-    async def FusedOptimize(self, request: ps_pb2.FusedOptimizeRequest, context: Any
-                            ) -> ps_pb2.UpdateResponse:
+    async def FusedOptimize(self, request: codec.BulkRequest[ps_pb2.FusedOptimizeRequest],
+                            context: Any) -> ps_pb2.UpdateResponse:
+        head = request.head
+
         def work() -> ps_pb2.UpdateResponse:
-            ids = codec.decode_ids(request.ids)
-            grads = codec.decode_floats(request.grads, "grads")
-            blocks = [(b.table_index, b.num_ids) for b in request.blocks]
+            ids = codec.decode_ids(request.tensor("ids"))
+            grads = codec.decode_floats(request.tensor("grads"), "grads")
+            blocks = [(b.table_index, b.num_ids) for b in head.blocks]
             self._shard.fused_optimize(
-                list(request.tables),
+                list(head.tables),
                 blocks,
                 ids,
                 grads,
-                np.array(request.learning_rates, dtype=np.float32),
-                request.global_step,
-                enable_grad_accumulation=request.enable_grad_accumulation,
-                req_time=request.req_time,
+                np.array(head.learning_rates, dtype=np.float32),
+                head.global_step,
+                enable_grad_accumulation=head.enable_grad_accumulation,
+                req_time=head.req_time,
             )
             return ps_pb2.UpdateResponse()
 
-        return await self._call(
-            "FusedOptimize", work, tables=request.tables, table_filters=True
-        )
+        return await self._call("FusedOptimize", work, tables=head.tables, table_filters=True)
 
     @_translate_errors
-    async def InterceptGradient(self, request: ps_pb2.InterceptGradientRequest, context: Any
-                                ) -> ps_pb2.InterceptGradientResponse:
-        def work() -> ps_pb2.InterceptGradientResponse:
-            ids = codec.decode_ids(request.ids)
-            grads = codec.decode_floats(request.grads, "grads", rows=ids.shape[0])
-            out = self._shard.intercept_gradient(request.hash_filter, ids, grads)
-            return ps_pb2.InterceptGradientResponse(grads=codec.encode_floats(out))
+    async def InterceptGradient(
+        self, request: codec.BulkRequest[ps_pb2.InterceptGradientRequest], context: Any
+    ) -> bytes:
+        head = request.head
 
-        return await self._call("InterceptGradient", work, filters=[request.hash_filter])
+        def work() -> bytes:
+            ids = codec.decode_ids(request.tensor("ids"))
+            grads = codec.decode_floats(request.tensor("grads"), "grads", rows=ids.shape[0])
+            out = self._shard.intercept_gradient(head.hash_filter, ids, grads)
+            return codec.encode_message(ps_pb2.InterceptGradientResponse(), grads=out)
+
+        return await self._call("InterceptGradient", work, filters=[head.hash_filter])
 
     @_translate_errors
     async def Size(self, request: ps_pb2.SizeRequest, context: Any) -> ps_pb2.SizeResponse:
@@ -817,6 +856,32 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
                 self._events.evicted(name, done.evicted, trigger)
             out.append(done)
         return out
+
+
+def add_servicer_to_server(servicer: ParameterServerServicer, server: Any) -> None:
+    """Register ``servicer`` as ``monolith_ps.ParameterServer`` on ``server``.
+
+    Like the generated ``add_ParameterServerServicer_to_server``, except that the
+    :data:`BULK_RPCS` parse their requests with :class:`~ps_server.codec.BulkRequestParser`
+    and every answer may be pre-encoded ``bytes`` (:func:`~ps_server.codec.to_wire`).
+    """
+    service = ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"]
+    handlers = {}
+    for method in service.methods:
+        request_type = getattr(ps_pb2, method.input_type.name)
+        deserializer: Callable[[bytes], Any] = (
+            codec.BulkRequestParser(request_type) if method.name in BULK_RPCS
+            else request_type.FromString
+        )
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=deserializer,
+            response_serializer=codec.to_wire,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
+    )
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 def _check_step(global_step: int) -> None:
