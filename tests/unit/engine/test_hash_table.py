@@ -11,6 +11,7 @@ import pytest
 from protos import embedding_hash_table_pb2 as eht
 from ps_client.learning_rate_functions import PolynomialDecay, evaluate_learning_rates
 from ps_server.engine import configs
+from ps_server.engine.filters import SlidingHashFilter
 from ps_server.engine.hash_table import EmbeddingHashTable
 from ps_server.errors import (
     BadTensorError,
@@ -304,3 +305,65 @@ def test_unknown_optimizer_and_missing_parts_are_config_errors() -> None:
     empty = eht.EmbeddingHashTableConfig(entry_config=eht.EntryConfig())
     with pytest.raises(ConfigError, match="no segments"):
         EmbeddingHashTable(empty)
+
+
+# ------------------------------------------------------------ filter gating
+
+
+def _filtered_table(threshold: int, dim: int = 1) -> EmbeddingHashTable:
+    thresholds = eht.SlotOccurrenceThresholdConfig(default_occurrence_threshold=threshold)
+    flt = SlidingHashFilter(capacity=100, split_num=7, thresholds=thresholds)
+    return EmbeddingHashTable(configs.table_config(dim), hash_filter=flt)
+
+
+def test_gradients_with_hash_filter_threshold_3() -> None:
+    # ids [0, 0, 1], grad -1, SGD lr 0.1, threshold 3 (reference §3.7): every
+    # occurrence of a missing id is counted against the table as it was before the
+    # batch; an occurrence passes once the count before it is >= 3.
+    t = _filtered_table(3)
+    expected = [[[0.0], [0.0]], [[0.1], [0.0]], [[0.3], [0.0]], [[0.5], [0.1]]]
+    for want in expected:
+        t.apply_gradients([0, 0, 1], minus_ones(3, 1), [0.1])
+        np.testing.assert_allclose(t.lookup([0, 1]), want, rtol=1e-6)
+
+
+def test_present_ids_bypass_the_filter() -> None:
+    t = _filtered_table(3)
+    t.hash_filter = None
+    t.assign([5], [[1.0]])
+    flt = SlidingHashFilter(capacity=100, split_num=7, thresholds=eht.SlotOccurrenceThresholdConfig(
+        default_occurrence_threshold=3))
+    t.hash_filter = flt
+    t.apply_gradients([5, 5], minus_ones(2, 1), [0.1])
+    np.testing.assert_allclose(t.lookup([5]), [[1.2]], rtol=1e-6)
+    assert flt.peek(np.array([5]))[0] == 0  # never counted
+
+
+def test_dedup_counts_occurrences_in_one_filter_call() -> None:
+    # Five occurrences in one deduped batch are one call with count 5: the count
+    # before it is 0 < 3, so the whole batch is filtered; the next batch passes.
+    t = _filtered_table(3)
+    t.apply_gradients([9] * 5, minus_ones(5, 1), [0.1], enable_dedup=True)
+    assert t.size() == 0
+    t.apply_gradients([9] * 5, minus_ones(5, 1), [0.1], enable_dedup=True)
+    np.testing.assert_allclose(t.lookup([9]), [[0.5]], rtol=1e-6)
+
+
+def test_assign_add_stops_counting_once_admitted() -> None:
+    # threshold 1: the first occurrence is filtered (count before 0), the second
+    # passes and creates the entry, the third finds it present and is not counted.
+    t = _filtered_table(1)
+    t.assign_add([7, 7, 7], [[1.0], [2.0], [4.0]])
+    np.testing.assert_array_equal(t.lookup([7]), [[6.0]])
+    assert t.hash_filter is not None
+    assert isinstance(t.hash_filter, SlidingHashFilter)
+    assert t.hash_filter.peek(np.array([7]))[0] == 2
+
+
+def test_assign_counts_every_missing_occurrence() -> None:
+    t = _filtered_table(1)
+    t.assign([4, 4, 4], [[1.0], [2.0], [3.0]])
+    # Counts before: 0 (filtered), 1 (pass), 2 (pass): the last admitted write wins.
+    np.testing.assert_array_equal(t.lookup([4]), [[3.0]])
+    assert isinstance(t.hash_filter, SlidingHashFilter)
+    assert t.hash_filter.peek(np.array([4]))[0] == 3
