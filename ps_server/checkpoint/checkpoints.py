@@ -311,7 +311,7 @@ def read_checkpoint_index(model_dir: str) -> tuple[str | None, list[str]]:
     Paths are as recorded (usually relative to ``model_dir``). No index gives
     ``(None, [])``; unknown fields are ignored.
 
-    :raises CheckpointCorruptError: a line is not ``key: "value"``.
+    :raises CheckpointCorruptError: a line is not ``key: "value"``, or the file is not UTF-8.
     """
     path = os.path.join(model_dir, INDEX_NAME)
     try:
@@ -319,6 +319,8 @@ def read_checkpoint_index(model_dir: str) -> tuple[str | None, list[str]]:
             text = f.read()
     except FileNotFoundError:
         return None, []
+    except UnicodeDecodeError as e:
+        raise CheckpointCorruptError(f"{path}: the checkpoint index is not UTF-8 text: {e}") from e
     latest: str | None = None
     listed: list[str] = []
     for number, line in enumerate(text.splitlines(), 1):
@@ -420,12 +422,30 @@ def _filter_options(decl: dict[str, Any]) -> FilterOptions:
     )
 
 
-def _table_paths(assets: str, name: str, candidates: list[str]) -> list[str]:
-    """Parts of the first candidate with files (``P_<i>-…`` or ``P-…``, not ``P*``)."""
+def _table_paths(
+    assets: str, name: str, candidates: list[str], saving_shards: int | None = None
+) -> list[str]:
+    """Parts of the first candidate with files (``P_<i>-…`` or ``P-…``, not ``P*``).
+
+    :param saving_shards: the manifest's shard count: parts of every saving shard
+        ``0 .. saving_shards - 1`` must be there (a shard whose whole part is gone
+        would otherwise be restored as if it had no entries).
+    """
     for candidate in candidates:
         basename = os.path.join(assets, file_stem(candidate))
         if scan_table_parts(basename):
-            return [p.path for p in list_table_parts(basename)]
+            parts = list_table_parts(basename)
+            present = {p.saving_shard for p in parts}
+            if saving_shards is not None and present != {None}:
+                missing = [i for i in range(saving_shards) if i not in present]
+                if missing:
+                    expected = ", ".join(f"{basename}_{i}-NNNNN-of-NNNNN" for i in missing)
+                    raise CheckpointCorruptError(
+                        f"table {name!r} in checkpoint {assets} is incomplete: it was saved "
+                        f"by {saving_shards} shards but the files of saving shard(s) "
+                        f"{', '.join(map(str, missing))} are missing (expected {expected})"
+                    )
+            return [p.path for p in parts]
     tried = ", ".join(repr(file_stem(c)) for c in candidates)
     raise ConfigMismatchError(
         f"table {name!r} has no files in checkpoint {assets} (looked for {tried} as "
@@ -457,10 +477,11 @@ def _plan(
             (name,) = stems
             filters[name] = _FilterPlan(name, shard.hash_filter(name).options, basename, False)
 
+    saving_shards = int(manifest["num_shards"]) if manifest is not None else None
     tables: list[_TablePlan] = []
     for name in sorted(shard.tables):
         slot = shard.tables[name]
-        paths = _table_paths(assets, name, [name, *slot.extra_restore_names])
+        paths = _table_paths(assets, name, [name, *slot.extra_restore_names], saving_shards)
         tables.append(_TablePlan(name, slot.table, paths, None))
     declared = manifest["tables"] if manifest is not None else {}
     for name in sorted(set(declared) - set(shard.tables)):
@@ -479,7 +500,7 @@ def _plan(
             raise CheckpointCorruptError(
                 f"{assets}/{MANIFEST_NAME}: table {name!r} has an unusable config: {e}"
             ) from e
-        paths = _table_paths(assets, name, [name, *decl["extra_restore_names"]])
+        paths = _table_paths(assets, name, [name, *decl["extra_restore_names"]], saving_shards)
         tables.append(_TablePlan(name, stand_in, paths, decl))
     return tables, list(filters.values())
 
