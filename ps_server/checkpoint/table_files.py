@@ -23,13 +23,15 @@ saving shard ``i`` and ``<basename>-NNNNN-of-NNNNN``; other names (``-tmp-`` fil
 and all be present. Files are read in order: the single layout first, then saving
 shard 0, 1, ... and within each its files in order; an id present in two files takes
 the later one. Restore runs in two passes over the files, so memory stays bounded by
-a chunk: the first reads and decodes everything (CRCs, framing, records, dims) without
-touching the table; only then the second clears the table and loads the entries whose
+a chunk: the first checks everything (CRCs, framing, every record's encoding, dims)
+without building columns or touching the table; only then the second clears the
+table, sizes its storage for the checked record count and loads the entries whose
 ``floormod(id, num_shards) == shard_index``. An empty table is loaded in one pass
-instead and emptied again on any error (the same all-or-nothing outcome). Files are
-read ``READ_CHUNK_BYTES`` at a time; the checking pass works on up to
-``RESTORE_THREADS`` files at once and the loading pass reads one chunk ahead on a
-helper thread. Nothing expires on restore; the table clock rises to the newest
+instead (storage sized from the file sizes) and emptied again on any error (the same
+all-or-nothing outcome). Files are read ``READ_CHUNK_BYTES`` at a time; the checking
+pass works on up to ``RESTORE_THREADS`` files at once and the loading pass reads,
+decodes and selects one chunk ahead on a helper thread while the calling thread
+writes the table. Nothing expires on restore; the table clock rises to the newest
 loaded timestamp (each shard's own records).
 
 Naming caveat: ``<basename>_<i>-…`` of saving shard ``i`` and Monolith's single layout
@@ -55,11 +57,17 @@ from google.protobuf.message import DecodeError
 
 from protos import embedding_hash_table_pb2 as eht
 from ps_server.checkpoint.tfrecord import TFRecordWriter, frame_record_runs, read_framed_runs
-from ps_server.engine.entry_dump import DecodedEntries, decode_entry_dumps, encode_entry_dumps
+from ps_server.engine.entry_dump import (
+    DecodedEntries,
+    check_entry_dumps,
+    decode_entry_dumps,
+    encode_entry_dumps,
+)
 from ps_server.engine.expiry import expire_seconds_by_slot, expired_mask
 from ps_server.engine.hash_table import EmbeddingHashTable, EntryColumns
 from ps_server.engine.optimizers import optimizer_from_config
 from ps_server.engine.optimizers.base import Optimizer, State
+from ps_server.engine.types import Ids
 from ps_server.errors import (
     CheckpointCorruptError,
     CheckpointNotFoundError,
@@ -95,6 +103,8 @@ READ_CHUNK_BYTES = 8 << 20
 RESTORE_THREADS = max(1, min(2, os.cpu_count() or 1))
 
 _PART = r"-(\d{5,})-of-(\d{5,})"
+# TFRecord framing around each record: length, its CRC, the data's CRC.
+_FRAMING_BYTES = 16
 # float32's smallest normal: a squared norm below it is a zero vector (as the table does).
 _FLT_MIN = np.float32(1.17549435e-38)
 
@@ -390,29 +400,37 @@ def restore_table(
     kept = validate_table_files(table, paths, shard_index=shard_index, num_shards=num_shards)
     if validate_only:
         return RestoreResult(paths, kept)
-    entries = load_table_files(table, paths, shard_index=shard_index, num_shards=num_shards)
+    entries = load_table_files(
+        table, paths, shard_index=shard_index, num_shards=num_shards, expected=kept
+    )
     return RestoreResult(paths, entries)
 
 
 def validate_table_files(
     table: EmbeddingHashTable, paths: Sequence[str], *, shard_index: int, num_shards: int
 ) -> int:
-    """The checking pass of a restore: read and decode every record, change nothing.
+    """The checking pass of a restore: check every record, change nothing.
 
-    For callers that check several tables before loading any (checkpoint restore).
-    Files are checked on up to :data:`RESTORE_THREADS` threads; the error reported is
-    that of the first damaged file in ``paths`` order.
+    Checks what loading would (CRCs, framing, every record's encoding, dims and
+    optimizer dumps) without building the records' columns. For callers that check
+    several tables before loading any (checkpoint restore). Files are checked on up
+    to :data:`RESTORE_THREADS` threads; the error reported is that of the first
+    damaged file in ``paths`` order.
 
     :returns: how many records this shard would load.
     :raises: as :func:`restore_table`.
     """
     _check_shard(shard_index, num_shards)
+    need_values = bool(table.config.skip_zero_embedding)
 
     def count(path: str) -> int:
-        return sum(
-            int(np.count_nonzero(_keep_mask(table, entries, shard_index, num_shards)))
-            for entries in _decoded_chunks(table, path)
-        )
+        kept = 0
+        for ids, entries in _file_chunks(table, path, columns=need_values):
+            keep = np.mod(ids, num_shards) == shard_index
+            if entries is not None:
+                keep &= _nonzero_values(entries.values)
+            kept += int(np.count_nonzero(keep))
+        return kept
 
     workers = min(RESTORE_THREADS, len(paths))
     if workers <= 1:
@@ -427,23 +445,30 @@ def validate_table_files(
 
 
 def load_table_files(
-    table: EmbeddingHashTable, paths: Sequence[str], *, shard_index: int, num_shards: int
+    table: EmbeddingHashTable,
+    paths: Sequence[str],
+    *,
+    shard_index: int,
+    num_shards: int,
+    expected: int | None = None,
 ) -> int:
     """The loading pass of a restore: clear the table and load this shard's records.
 
     Call it only after :func:`validate_table_files` passed on the same files: an error
     here (a file changed in between, an I/O error) leaves the table partly loaded.
-    Reading and decoding run one chunk ahead on a helper thread; the table is written
-    by the calling thread only, in file order.
+    Reading, decoding and picking this shard's records run on a helper thread, one
+    chunk ahead; the table is written by the calling thread only, in file order.
 
+    :param expected: the number of records to load if known (what
+        :func:`validate_table_files` returned); storage is sized for it up front.
+        Otherwise it is estimated from the file sizes.
     :returns: the table's size afterwards.
     """
     _check_shard(shard_index, num_shards)
     table.clear()
-    chunks = (entries for path in paths for entries in _decoded_chunks(table, path))
-    for entries in _prefetched(chunks):
-        keep = _keep_mask(table, entries, shard_index, num_shards)
-        _load(table, entries, np.flatnonzero(keep))
+    table.reserve(expected if expected is not None else _estimate(table, paths, num_shards))
+    for cols, num_lengths in _prefetched(_loadable(table, paths, shard_index, num_shards)):
+        table.upsert_columns(cols, num_lengths)
     return table.size()
 
 
@@ -456,7 +481,7 @@ def load_into_empty_table(
     the state it had, so the restore is still all or nothing.
 
     :returns: the table's size afterwards.
-    :raises ValueError: the table is not empty.
+    :raises InvalidArgumentError: the table is not empty.
     :raises: as :func:`restore_table`.
     """
     if table.size():
@@ -526,25 +551,60 @@ def _check_shard(shard_index: int, num_shards: int) -> None:
         )
 
 
-def _decoded_chunks(table: EmbeddingHashTable, path: str) -> Iterator[DecodedEntries]:
-    """The records of ``path`` decoded chunk by chunk; errors name the file."""
+def _estimate(table: EmbeddingHashTable, paths: Sequence[str], num_shards: int) -> int:
+    """About how many records of ``paths`` this shard keeps, from the files' sizes.
+
+    Each file is taken to hold records as long as its first one, but no shorter than
+    a record of the table's own with its values only (so a short foreign first
+    record cannot inflate the estimate), and floormod to spread ids evenly (plus
+    three standard deviations, so a slightly uneven spread does not regrow storage).
+    """
+    least = table.dim * (len(b"\x15") + 4) + len(b"\x1a\x00\x20\x00")
+    records = 0
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                head = f.read(8)
+        except OSError:
+            continue  # reported by the reading itself
+        if len(head) < 8:
+            continue
+        length = max(int.from_bytes(head, "little"), least)
+        records += size // (length + _FRAMING_BYTES)
+    if num_shards == 1:
+        return records
+    mean = records / num_shards
+    return min(records, int(mean + 3 * np.sqrt(mean)) + 1)
+
+
+def _file_chunks(
+    table: EmbeddingHashTable, path: str, *, columns: bool
+) -> Iterator[tuple[Ids, DecodedEntries | None]]:
+    """The records of ``path`` chunk by chunk: their ids and, with ``columns``, all of
+    them decoded (else only checked); errors name the file."""
     first = 0
     training = None if table.layout.serving else _training_optimizers(table)
     for buffer, offsets in read_framed_runs(path, READ_CHUNK_BYTES):
         n = offsets.shape[0] - 1
         where = f"{path}: records {first}..{first + n - 1}"
+        entries = None
         try:
             if training is None:
                 optimizers = _serving_optimizers(table, buffer, offsets)
             else:
                 optimizers = training
-            decoded = decode_entry_dumps(buffer, offsets, optimizers, table.dim)
+            if columns:
+                entries = decode_entry_dumps(buffer, offsets, optimizers, table.dim)
+                ids = entries.ids
+            else:
+                ids = check_entry_dumps(buffer, offsets, optimizers, table.dim)
         except CheckpointCorruptError as e:
             raise CheckpointCorruptError(f"{where}: {e}") from e
         except (ConfigMismatchError, ConfigError) as e:
             raise ConfigMismatchError(f"{where} do not fit table {table.name!r}: {e}") from e
         del buffer, offsets
-        yield decoded
+        yield ids, entries
         first += n
 
 
@@ -572,21 +632,32 @@ def _serving_optimizers(
     return optimizers
 
 
-def _keep_mask(
-    table: EmbeddingHashTable, entries: DecodedEntries, shard_index: int, num_shards: int
-) -> npt.NDArray[np.bool_]:
-    keep: npt.NDArray[np.bool_] = np.mod(entries.ids, num_shards) == shard_index
-    if table.config.skip_zero_embedding:
-        sq = np.einsum("ij,ij->i", entries.values, entries.values)
-        keep &= sq >= _FLT_MIN
+def _nonzero_values(values: npt.NDArray[np.float32]) -> npt.NDArray[np.bool_]:
+    """skip_zero_embedding's test, as the table applies it: squared norm >= FLT_MIN."""
+    sq = np.einsum("ij,ij->i", values, values)
+    keep: npt.NDArray[np.bool_] = sq >= _FLT_MIN
     return keep
 
 
-def _load(table: EmbeddingHashTable, entries: DecodedEntries, rows: npt.NDArray[np.int64]
-          ) -> None:
-    """Upsert the decoded records ``rows``; of equal ids the later record wins."""
-    if rows.size == 0:
-        return
+def _loadable(
+    table: EmbeddingHashTable, paths: Sequence[str], shard_index: int, num_shards: int
+) -> Iterator[tuple[EntryColumns, npt.NDArray[np.int64]]]:
+    """Per chunk of the files, in order: this shard's records as distinct-id columns
+    ready for ``upsert_columns`` (of equal ids in a chunk the later record wins)."""
+    for path in paths:
+        for ids, entries in _file_chunks(table, path, columns=True):
+            assert entries is not None
+            keep = np.mod(ids, num_shards) == shard_index
+            if table.config.skip_zero_embedding:
+                keep &= _nonzero_values(entries.values)
+            rows = np.flatnonzero(keep)
+            if rows.size:
+                yield _distinct(table, entries, rows)
+
+
+def _distinct(table: EmbeddingHashTable, entries: DecodedEntries, rows: Ids
+              ) -> tuple[EntryColumns, npt.NDArray[np.int64]]:
+    """Columns of the records ``rows``, keeping the last record of each id."""
     ids = entries.ids[rows]
     ordered = np.sort(ids)
     if bool((ordered[1:] == ordered[:-1]).any()):
@@ -604,4 +675,4 @@ def _load(table: EmbeddingHashTable, entries: DecodedEntries, rows: npt.NDArray[
     else:
         states = [{k: pick(a) for k, a in st.items()} for st in entries.states]
     cols = EntryColumns(ids, pick(entries.values), states, pick(entries.timestamps))
-    table.upsert_columns(cols, pick(entries.num_lengths))
+    return cols, pick(entries.num_lengths)

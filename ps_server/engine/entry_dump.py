@@ -21,14 +21,21 @@ bytes). Serialization is by field number, which is also the order written here.
 Only varints change a record's length (timestamps, int64 scalars and the length
 prefixes above them). Records are therefore grouped by the byte length of every
 varint they contain (their *layout*); all records of a layout share the position of
-every byte, so each group is written or read as a ``uint8[m, record_len]`` matrix with
-column slices — a view of the flat buffer when the group's records are consecutive,
-which is the usual case of uniform timestamps.
+every byte, so each group is written or read as a ``uint8[m, record_len]`` matrix —
+a view of the flat buffer when the group's records are consecutive, which is the
+usual case of uniform timestamps. Tagged floats are moved through unaligned strided
+views of that matrix (``float32[m, width]`` with strides ``(record_len, tag + 4)``),
+one copy per piece, no byte gathers.
 
-Decoding first walks every record's framing in lockstep (tags and varints, all
+Decoding reads long runs of consecutive equal-length records through a *template*:
+the first record of the run is walked, and every byte that is not payload (tags,
+length prefixes, continuation bits of the value varints) must equal the template's;
+records that fit are read with strided views, the others are left for the walk. The
+walk follows every remaining record's framing in lockstep (tags and varints, all
 records at once), then reads the fixed-width parts per layout group and checks their
 tags. Records written any other way (packed floats, other field order, missing or
 unknown fields, fewer values than ``dim``) are parsed one by one with protobuf.
+:func:`check_entry_dumps` runs the same checks without building value columns.
 """
 
 from __future__ import annotations
@@ -62,6 +69,8 @@ _WIRE_FIXED32 = 5
 
 # Target bytes per group chunk: bounds temporaries while keeping numpy calls large.
 _CHUNK_BYTES = 1 << 24
+# Runs of at least this many equal-length records are read through a template.
+_MIN_RUN = 128
 
 
 def _varint(value: int) -> bytes:
@@ -206,19 +215,23 @@ def _row_mask(lens: npt.NDArray[np.int64], width: int) -> npt.NDArray[np.bool_]:
     return np.arange(width) < lens[:, None]
 
 
-def _tagged_floats(rec: Buffer, pos: int, width: int, tag: bytes) -> npt.NDArray[np.uint8]:
-    """``rec[:, pos:...]`` as ``[m, width, len(tag) + 4]`` (a view)."""
-    step = len(tag) + 4
-    return rec[:, pos : pos + width * step].reshape(rec.shape[0], width, step, copy=False)
+def _strided(rec: Buffer, pos: int, width: int, step: int, dtype: str) -> npt.NDArray[Any]:
+    """``[m, width]`` elements of ``dtype`` at byte ``pos + step * j`` of each row of ``rec``.
+
+    A view (writable if ``rec`` is); ``rec`` is a C-contiguous ``uint8[m, record_len]``
+    with at least one row. Elements need not be aligned.
+    """
+    m, length = rec.shape
+    return np.ndarray((m, width), dtype, buffer=rec, offset=pos, strides=(length, step))
 
 
 def _put_floats(rec: Buffer, pos: int, tag: bytes, floats: npt.NDArray[Any]) -> int:
     width = floats.shape[1]
-    region = _tagged_floats(rec, pos, width, tag)
-    region[:, :, : len(tag)] = np.frombuffer(tag, np.uint8)
-    raw = np.ascontiguousarray(floats, dtype="<f4").view(np.uint8)
-    region[:, :, len(tag) :] = raw.reshape(rec.shape[0], width, 4)
-    return pos + width * (len(tag) + 4)
+    step = len(tag) + 4
+    for j, byte in enumerate(tag):
+        _strided(rec, pos + j, width, step, "u1")[...] = byte
+    _strided(rec, pos + len(tag), width, step, "<f4")[...] = floats
+    return pos + width * step
 
 
 def _put_const(rec: Buffer, pos: int, const: bytes) -> int:
@@ -450,11 +463,245 @@ class _Walk:
 
 
 @dataclass
-class _FloatPiece:
-    rel: Offsets  # per record: the piece's position relative to the record start
-    tag: bytes
-    width: int
-    target: npt.NDArray[Any]  # where the floats go, [n, width]
+class _Framing:
+    """What a lockstep walk found in each of ``k`` records.
+
+    :param ok: the record has exactly the framing this module writes.
+    :param lens: byte length of every varint, in record order (the record's layout).
+    :param floats: per float piece (``num`` first, then the float slots in segment
+        and field order): its start relative to the record, its tag and its width.
+    :param values: per value varint (the int64 slots in order, then the timestamp):
+        its start relative to the record, its raw value and its byte length.
+    """
+
+    ok: npt.NDArray[np.bool_]
+    has_id: npt.NDArray[np.bool_]
+    lens: list[npt.NDArray[np.int64]]
+    floats: list[tuple[Offsets, bytes, int]]
+    values: list[tuple[Offsets, npt.NDArray[np.uint64], npt.NDArray[np.int64]]]
+
+
+def _walk(
+    buffer: Buffer, starts: Offsets, ends: Offsets, codecs: list[_SegmentCodec], dim: int
+) -> _Framing:
+    """Walk the records ``buffer[starts[i]:ends[i]]`` over our framing, all at once."""
+    walk = _Walk(buffer, starts, ends)
+    has_id = (walk.pos < walk.end) & (walk.byte() == _ID_TAG[0])
+    walk.pos += has_id * (len(_ID_TAG) + 8)
+    floats = [(walk.pos - starts, _NUM_TAG, dim)]
+    walk.pos += dim * (len(_NUM_TAG) + 4)
+    walk.expect(_OPT_TAG)
+    opt_len, opt_len_len = walk.varint()
+    lens = [opt_len_len]
+    opt_end = walk.pos + opt_len.view(np.int64)
+    values = []
+    for codec in codecs:
+        if codec.dump_name is None:
+            continue
+        walk.expect(_DUMP_TAG)
+        single_len, single_len_len = walk.varint()
+        single_end = walk.pos + single_len.view(np.int64)
+        walk.expect(codec.dump_tag)
+        inner_len, inner_len_len = walk.varint()
+        inner_end = walk.pos + inner_len.view(np.int64)
+        lens += [single_len_len, inner_len_len]
+        for sc in codec.slots:
+            if sc.is_float:
+                floats.append((walk.pos - starts, sc.tag, sc.slot.width))
+                walk.pos += sc.slot.width * (len(sc.tag) + 4)
+            else:
+                walk.expect(sc.tag)
+                at = walk.pos - starts
+                raw, raw_len = walk.varint()
+                lens.append(raw_len)
+                values.append((at, raw, raw_len))
+        walk.ok &= (walk.pos == inner_end) & (walk.pos == single_end)
+    walk.ok &= walk.pos == opt_end
+    walk.expect(_TS_TAG)
+    at = walk.pos - starts
+    ts_raw, ts_len = walk.varint()
+    lens.append(ts_len)
+    values.append((at, ts_raw, ts_len))
+    walk.ok &= walk.pos == walk.end
+    return _Framing(walk.ok, has_id, lens, floats, values)
+
+
+@dataclass
+class _Sinks:
+    """Where decoded fields go, by record index (None: check only, not kept).
+
+    ``floats`` matches :attr:`_Framing.floats` and ``ints`` :attr:`_Framing.values`.
+    """
+
+    ids: Ids
+    floats: list[npt.NDArray[Any]] | None
+    ints: list[npt.NDArray[Any]] | None
+
+
+def _sinks(codecs: list[_SegmentCodec], ids: Ids, out: DecodedEntries | None) -> _Sinks:
+    if out is None:
+        return _Sinks(ids, None, None)
+    floats = [out.values]
+    ints = []
+    for codec in codecs:
+        if codec.dump_name is None:
+            continue
+        state = out.states[codec.index]
+        for sc in codec.slots:
+            if sc.is_float:
+                floats.append(state[sc.slot.name])
+            else:
+                ints.append(state[sc.slot.name][:, 0])
+    ints.append(out.timestamps)
+    return _Sinks(ids, floats, ints)
+
+
+def _varint_columns(raw: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint64]:
+    """Values of ``[m, k]`` varint bytes (continuation bits already checked)."""
+    value = (raw[:, 0] & 0x7F).astype(np.uint64)
+    for k in range(1, raw.shape[1]):
+        value |= (raw[:, k] & 0x7F).astype(np.uint64) << np.uint64(7 * k)
+    return value
+
+
+@dataclass(frozen=True)
+class _Template:
+    """The byte layout shared by records of one length and one set of varint lengths.
+
+    Taken from one record that walked cleanly. A record of the same length fits
+    iff its bytes under ``mask`` equal ``expected``: every tag and length prefix is
+    the same byte, and each value varint (timestamp, int64 slots) has its
+    continuation bits where the template's has them. Those bytes are compared as
+    8-byte words (``words``: start, mask, expected); float tags are compared apart,
+    through strided views (they are ``mask`` 0, like every payload byte).
+    """
+
+    length: int
+    has_id: bool
+    mask: Buffer
+    expected: Buffer
+    words: tuple[tuple[int, np.uint64, np.uint64], ...]
+    floats: tuple[tuple[int, bytes, int], ...]  # (start, tag, width) per float piece
+    values: tuple[tuple[int, int], ...]  # (start, byte length) per value varint
+
+
+def _template(
+    buffer: Buffer, start: int, length: int, codecs: list[_SegmentCodec], dim: int
+) -> _Template | None:
+    """The template of the record ``buffer[start:start + length]``; None if it is foreign."""
+    framing = _walk(
+        buffer, np.array([start], np.int64), np.array([start + length], np.int64), codecs, dim
+    )
+    if not framing.ok[0]:
+        return None
+    mask = np.full(length, 0xFF, np.uint8)
+    has_id = bool(framing.has_id[0])
+    if has_id:
+        mask[len(_ID_TAG) : len(_ID_TAG) + 8] = 0
+    floats = []
+    for rel, tag, width in framing.floats:
+        at = int(rel[0])
+        floats.append((at, tag, width))
+        mask[at : at + width * (len(tag) + 4)] = 0
+    values = []
+    for rel, _, nbytes in framing.values:
+        at, k = int(rel[0]), int(nbytes[0])
+        values.append((at, k))
+        mask[at : at + k] = 0x80
+    expected = buffer[start : start + length] & mask
+    # Cover the masked bytes with 8-byte windows (a short record is padded to one).
+    padded_mask = np.zeros(max(length, 8), np.uint8)
+    padded_mask[:length] = mask
+    padded_expected = np.zeros(max(length, 8), np.uint8)
+    padded_expected[:length] = expected
+    words = []
+    pos = 0
+    for at in np.flatnonzero(padded_mask).tolist():
+        if at < pos:
+            continue
+        pos = min(at, padded_mask.size - 8)
+        window = slice(pos, pos + 8)
+        words.append(
+            (pos, padded_mask[window].view("<u8")[0], padded_expected[window].view("<u8")[0])
+        )
+        pos += 8
+    return _Template(
+        length, has_id, mask, expected, tuple(words), tuple(floats), tuple(values)
+    )
+
+
+def _fitting(tpl: _Template, rec: Buffer) -> npt.NDArray[np.bool_] | None:
+    """Which rows of ``rec`` ``[m, tpl.length]`` fit the template; None if all do."""
+    if tpl.length < 8:  # too short for words: compare bytes
+        eq = (rec & tpl.mask) == tpl.expected
+        return None if eq.all() else eq.all(axis=1)
+    good: npt.NDArray[np.bool_] | None = None
+    checks: list[npt.NDArray[np.bool_]] = []
+    for at, word_mask, word in tpl.words:
+        checks.append((_strided(rec, at, 1, 8, "<u8")[:, 0] & word_mask) == word)
+    for at, tag, width in tpl.floats:
+        step = len(tag) + 4
+        for j, byte in enumerate(tag):
+            checks.append(_strided(rec, at + j, width, step, "u1") == byte)
+    for eq in checks:
+        if not eq.all():
+            rows = eq if eq.ndim == 1 else np.all(eq, axis=1)
+            good = rows if good is None else good & rows
+    return good
+
+
+def _read_runs(
+    buffer: Buffer, offsets: Offsets, codecs: list[_SegmentCodec], dim: int, sinks: _Sinks
+) -> npt.NDArray[np.bool_]:
+    """Decode long runs of equal-length records through templates, in place.
+
+    Returns the records left for the walk (short runs, records not fitting).
+    """
+    n = offsets.size - 1
+    todo = np.ones(n, np.bool_)
+    lengths = np.diff(offsets)
+    cuts = np.flatnonzero(lengths[1:] != lengths[:-1]) + 1
+    run_starts = np.concatenate(([0], cuts))
+    run_stops = np.concatenate((cuts, [n]))
+    long = np.flatnonzero(run_stops - run_starts >= _MIN_RUN)
+    templates: dict[int, _Template | None] = {}
+    for r in long.tolist():
+        a, b = int(run_starts[r]), int(run_stops[r])
+        length = int(lengths[a])
+        first = buffer[offsets[a] : offsets[a] + length].reshape(1, length)
+        tpl = templates.get(length)
+        if length == 0 or tpl is None or _fitting(tpl, first) is not None:
+            tpl = _template(buffer, int(offsets[a]), length, codecs, dim) if length else None
+            templates[length] = tpl
+        if tpl is None:
+            continue
+        most = max(1, _CHUNK_BYTES // length)
+        for c in range(a, b, most):
+            d = min(b, c + most)
+            rec = buffer[offsets[c] : offsets[d]].reshape(d - c, length)
+            good = _fitting(tpl, rec)
+            if good is None:
+                _take(tpl, rec, slice(None), slice(c, d), sinks)
+                todo[c:d] = False
+            else:
+                rows = np.flatnonzero(good)
+                if rows.size:
+                    _take(tpl, rec, rows, c + rows, sinks)
+                todo[c:d] = ~good
+    return todo
+
+
+def _take(tpl: _Template, rec: Buffer, rows: slice | Ids, dest: slice | Ids, sinks: _Sinks
+          ) -> None:
+    """Copy the fields of the fitting rows ``rows`` of ``rec`` to records ``dest``."""
+    if tpl.has_id:
+        sinks.ids[dest] = _strided(rec, len(_ID_TAG), 1, 8, "<i8")[rows, 0]
+    if sinks.floats is None or sinks.ints is None:
+        return
+    for (at, tag, width), target in zip(tpl.floats, sinks.floats, strict=True):
+        target[dest] = _strided(rec, at + len(tag), width, len(tag) + 4, "<f4")[rows]
+    for (at, k), target in zip(tpl.values, sinks.ints, strict=True):
+        target[dest] = _varint_columns(rec[rows, at : at + k]).view(np.int64)
 
 
 def decode_entry_dumps(
@@ -481,6 +728,54 @@ def decode_entry_dumps(
         optimizer dumps than the segments, or a slot of the wrong width.
     :raises DimMismatchError: the segment dims do not add up to ``dim``.
     """
+    n = max(0, np.asarray(offsets).size - 1)
+    # Values and dumped state are left uninitialized: every record's are written,
+    # the protobuf path starting from init_state (see _decode_walked).
+    out = DecodedEntries(
+        ids=np.zeros(n, np.int64),
+        values=np.empty((n, dim), np.float32),
+        num_lengths=np.full(n, dim, np.int64),
+        states=[
+            _empty_state(opt, n) if opt.dump_field is not None else opt.init_state(n)
+            for opt in segment_optimizers
+        ],
+        has_state=np.ones(n, np.bool_),
+        timestamps=np.empty(n, np.int64),
+    )
+    _decode(buffer, offsets, segment_optimizers, dim, out)
+    return out
+
+
+def _empty_state(opt: Optimizer, n: int) -> State:
+    return {k: np.empty((n, *a.shape[1:]), a.dtype) for k, a in opt.init_state(0).items()}
+
+
+def check_entry_dumps(
+    buffer: Buffer,
+    offsets: Offsets,
+    segment_optimizers: Sequence[Optimizer],
+    dim: int,
+) -> Ids:
+    """Check ``n`` records as :func:`decode_entry_dumps` would, keeping only their ids.
+
+    Raises exactly what decoding the same records raises, but reads no values,
+    state or timestamps of records in our own layout (foreign records are still
+    parsed with protobuf), so it is several times faster.
+
+    :returns: ``int64[n]`` ids, 0 where a record has no ``id``.
+    :raises: as :func:`decode_entry_dumps`.
+    """
+    return _decode(buffer, offsets, segment_optimizers, dim, None)
+
+
+def _decode(
+    buffer: Buffer,
+    offsets: Offsets,
+    segment_optimizers: Sequence[Optimizer],
+    dim: int,
+    out: DecodedEntries | None,
+) -> Ids:
+    """Decode into ``out`` (None: only check and return the ids)."""
     buffer = np.ascontiguousarray(buffer, dtype=np.uint8).reshape(-1)
     offsets = np.asarray(offsets, dtype=np.int64)
     _check_dims(segment_optimizers, dim)
@@ -496,66 +791,51 @@ def decode_entry_dumps(
         )
     n = offsets.size - 1
     codecs = [_segment_codec(k, opt) for k, opt in enumerate(segment_optimizers)]
-    out = DecodedEntries(
-        ids=np.zeros(n, np.int64),
-        values=np.zeros((n, dim), np.float32),
-        num_lengths=np.full(n, dim, np.int64),
-        states=[opt.init_state(n) for opt in segment_optimizers],
-        has_state=np.ones(n, np.bool_),
-        timestamps=np.zeros(n, np.int64),
-    )
+    ids = out.ids if out is not None else np.zeros(n, np.int64)
     if n == 0:
-        return out
+        return ids
+    sinks = _sinks(codecs, ids, out)
+    todo = _read_runs(buffer, offsets, codecs, dim, sinks)
+    rest = np.flatnonzero(todo)
+    if rest.size:
+        _decode_walked(buffer, offsets, rest, codecs, dim, sinks, out)
+    return ids
 
-    starts, ends = offsets[:-1], offsets[1:]
-    walk = _Walk(buffer, starts, ends)
-    has_id = (walk.pos < walk.end) & (walk.byte() == _ID_TAG[0])
-    walk.pos += has_id * (len(_ID_TAG) + 8)
-    pieces = [_FloatPiece(walk.pos - starts, _NUM_TAG, dim, out.values)]
-    walk.pos += dim * (len(_NUM_TAG) + 4)
-    walk.expect(_OPT_TAG)
-    opt_len, opt_len_len = walk.varint()
-    lens = [opt_len_len]
-    opt_end = walk.pos + opt_len.view(np.int64)
-    int_slots: list[tuple[npt.NDArray[Any], npt.NDArray[np.uint64]]] = []
-    for codec, state in zip(codecs, out.states, strict=True):
-        if codec.dump_name is None:
-            continue
-        walk.expect(_DUMP_TAG)
-        single_len, single_len_len = walk.varint()
-        single_end = walk.pos + single_len.view(np.int64)
-        walk.expect(codec.dump_tag)
-        inner_len, inner_len_len = walk.varint()
-        inner_end = walk.pos + inner_len.view(np.int64)
-        lens += [single_len_len, inner_len_len]
-        for sc in codec.slots:
-            if sc.is_float:
-                pieces.append(
-                    _FloatPiece(walk.pos - starts, sc.tag, sc.slot.width, state[sc.slot.name])
-                )
-                walk.pos += sc.slot.width * (len(sc.tag) + 4)
-            else:
-                walk.expect(sc.tag)
-                raw, raw_len = walk.varint()
-                lens.append(raw_len)
-                int_slots.append((state[sc.slot.name], raw))
-        walk.ok &= (walk.pos == inner_end) & (walk.pos == single_end)
-    walk.ok &= walk.pos == opt_end
-    walk.expect(_TS_TAG)
-    ts_raw, ts_len = walk.varint()
-    lens.append(ts_len)
-    walk.ok &= walk.pos == walk.end
 
-    fast = walk.ok
-    signature = np.stack([has_id, *lens], axis=1).astype(np.uint8)
-    signature[~fast] = 255  # foreign records: a group of their own, left to protobuf
-    sizes = ends - starts
+def _decode_walked(
+    buffer: Buffer,
+    offsets: Offsets,
+    rest: Ids,
+    codecs: list[_SegmentCodec],
+    dim: int,
+    sinks: _Sinks,
+    out: DecodedEntries | None,
+) -> None:
+    """Decode the records ``rest`` by walking their framing; foreign ones go to protobuf."""
+    n = offsets.size - 1
+    framing = _walk(buffer, offsets[rest], offsets[rest + 1], codecs, dim)
+    # Per record of the batch (records outside `rest` are never fast here).
+    fast = np.zeros(n, np.bool_)
+    fast[rest] = framing.ok
+    has_id = np.zeros(n, np.bool_)
+    has_id[rest] = framing.has_id
+    local = np.stack([framing.has_id, *framing.lens], axis=1).astype(np.uint8)
+    local[~framing.ok] = 255  # not walked or foreign: a group of their own, not read here
+    signature = np.full((n, local.shape[1]), 255, np.uint8)
+    signature[rest] = local
+    pieces = []
+    for k, (rel, tag, width) in enumerate(framing.floats):
+        at = np.zeros(n, np.int64)
+        at[rest] = rel
+        target = None if sinks.floats is None else sinks.floats[k]
+        pieces.append(_FloatPiece(at, tag, width, target))
+    sizes = np.diff(offsets)
 
     def read(rec: Buffer, sel: slice | Ids) -> None:
-        _read_records(rec, sel, pieces, bool(has_id[_first(sel)]), out.ids, fast)
+        _read_records(rec, sel, pieces, bool(has_id[_first(sel)]), sinks.ids, fast)
 
     # A uniform range is read in place; a mixed one is first spread into a matrix
-    # with one padded row per record (foreign records left out).
+    # with one padded row per record (records not read here left out).
     row_bytes = int(sizes[fast].max()) if fast.any() else 1
     for a, b in _spans(offsets, row_bytes):
         chunk_fast = fast[a:b]
@@ -572,18 +852,41 @@ def decode_entry_dumps(
             row_lens = row_lens * chunk_fast
         padded = np.zeros((b - a, int(row_lens.max())), np.uint8)
         padded[_row_mask(row_lens, padded.shape[1])] = region
-        for local in groups:
-            if chunk_fast[local[0]]:
-                read(padded[local, : int(row_lens[local[0]])], local + a)
-    out.timestamps[fast] = ts_raw[fast].view(np.int64)
-    for target, raw in int_slots:
-        target[fast, 0] = raw[fast].view(np.int64)
-
-    slow = np.flatnonzero(~fast)
+        for grp in groups:
+            if chunk_fast[grp[0]]:
+                read(padded[grp, : int(row_lens[grp[0]])], grp + a)
+    done = fast[rest]
+    if sinks.ints is not None:
+        for (_, raw, _), target in zip(framing.values, sinks.ints, strict=True):
+            target[rest[done]] = raw[done].view(np.int64)
+    slow = rest[~done]
     if slow.size:
-        out.ids[slow] = 0
-        _decode_slow(buffer, offsets, slow, codecs, dim, out)
-    return out
+        sinks.ids[slow] = 0
+        if out is not None:
+            for codec in codecs:
+                if codec.dump_name is not None:
+                    for name, init in codec.optimizer.init_state(slow.size).items():
+                        out.states[codec.index][name][slow] = init
+            _decode_slow(buffer, offsets, slow, codecs, dim, out, slow)
+        else:
+            scratch = DecodedEntries(
+                ids=np.zeros(slow.size, np.int64),
+                values=np.zeros((slow.size, dim), np.float32),
+                num_lengths=np.full(slow.size, dim, np.int64),
+                states=[c.optimizer.init_state(slow.size) for c in codecs],
+                has_state=np.ones(slow.size, np.bool_),
+                timestamps=np.zeros(slow.size, np.int64),
+            )
+            _decode_slow(buffer, offsets, slow, codecs, dim, scratch, np.arange(slow.size))
+            sinks.ids[slow] = scratch.ids
+
+
+@dataclass
+class _FloatPiece:
+    rel: Offsets  # per record: the piece's position relative to the record start
+    tag: bytes
+    width: int
+    target: npt.NDArray[Any] | None  # where the floats go, [n, width]; None: check only
 
 
 def _first(sel: slice | Ids) -> int:
@@ -600,28 +903,30 @@ def _read_records(
 ) -> None:
     """Read the float pieces (and ids) of the records ``sel``, all of one layout.
 
-    A record whose float tags differ from ours is cleared from ``fast``.
+    ``rec`` is their C-contiguous ``[m, record_len]`` bytes. A record whose float
+    tags differ from ours is cleared from ``fast``.
     """
+    rec = np.ascontiguousarray(rec)
     first = _first(sel)
     m = rec.shape[0]
     good = np.ones(m, np.bool_)
-    floats = []
     for piece in pieces:
-        region = _tagged_floats(rec, int(piece.rel[first]), piece.width, piece.tag)
-        t = len(piece.tag)
-        good &= (region[:, :, :t] == np.frombuffer(piece.tag, np.uint8)).all(axis=(1, 2))
-        raw = np.ascontiguousarray(region[:, :, t:]).view("<f4")
-        floats.append(raw.reshape(m, piece.width))
+        at, step = int(piece.rel[first]), len(piece.tag) + 4
+        for j, byte in enumerate(piece.tag):
+            good &= (_strided(rec, at + j, piece.width, step, "u1") == byte).all(axis=1)
     if has_id:
-        ids[sel] = np.ascontiguousarray(rec[:, 1:9]).view("<i8").reshape(m)
+        ids[sel] = _strided(rec, len(_ID_TAG), 1, 8, "<i8")[:, 0]
+    rows: slice | Ids = slice(None)
     dest: slice | Ids = sel
     if not good.all():
-        rows = np.arange(sel.start, sel.stop) if isinstance(sel, slice) else sel
-        fast[rows[~good]] = False
-        dest = rows[good]
-        floats = [f[good] for f in floats]
-    for piece, f in zip(pieces, floats, strict=True):
-        piece.target[dest] = f
+        every = np.arange(sel.start, sel.stop) if isinstance(sel, slice) else sel
+        fast[every[~good]] = False
+        rows = np.flatnonzero(good)
+        dest = every[good]
+    for piece in pieces:
+        if piece.target is not None:
+            at, step = int(piece.rel[first]) + len(piece.tag), len(piece.tag) + 4
+            piece.target[dest] = _strided(rec, at, piece.width, step, "<f4")[rows]
 
 
 def _decode_slow(
@@ -631,31 +936,35 @@ def _decode_slow(
     codecs: list[_SegmentCodec],
     dim: int,
     out: DecodedEntries,
+    dest: Ids,
 ) -> None:
-    """Parse the records ``rows`` one by one with protobuf (any valid encoding)."""
+    """Parse the records ``rows`` one by one with protobuf (any valid encoding).
+
+    Record ``rows[k]`` is written to row ``dest[k]`` of ``out``; errors name ``rows[k]``.
+    """
     view = buffer.data
     dumping = [c for c in codecs if c.dump_name is not None]
-    for i in rows.tolist():
+    for i, o in zip(rows.tolist(), dest.tolist(), strict=True):
         try:
             msg = eht.EntryDump.FromString(view[offsets[i] : offsets[i + 1]].tobytes())
         except DecodeError as e:
             raise CheckpointCorruptError(f"record {i} is not a valid EntryDump: {e}") from e
         if msg.HasField("id"):
-            out.ids[i] = msg.id
+            out.ids[o] = msg.id
         count = len(msg.num)
         if count > dim:
             raise ConfigMismatchError(f"record {i} has {count} values but the table's dim is {dim}")
-        out.values[i, :count] = msg.num
-        out.values[i, count:] = 0
-        out.num_lengths[i] = count
-        out.timestamps[i] = msg.last_update_ts_sec
+        out.values[o, :count] = msg.num
+        out.values[o, count:] = 0
+        out.num_lengths[o] = count
+        out.timestamps[o] = msg.last_update_ts_sec
         dumps = msg.opt.dump
         if len(dumps) > len(dumping):
             raise ConfigMismatchError(
                 f"record {i} carries {len(dumps)} optimizer dumps, the table's segments "
                 f"have {len(dumping)}"
             )
-        out.has_state[i] = len(dumps) == len(dumping)
+        out.has_state[o] = len(dumps) == len(dumping)
         for single, codec in zip(dumps, dumping, strict=False):
             member = single.WhichOneof("type")
             if member != codec.dump_name:
@@ -673,6 +982,6 @@ def _decode_slow(
                             f"record {i}: {member}.{sc.slot.name} has {len(got)} elements, "
                             f"segment {codec.index} expects {sc.slot.width}"
                         )
-                    state[sc.slot.name][i] = got
+                    state[sc.slot.name][o] = got
                 else:
-                    state[sc.slot.name][i, 0] = got
+                    state[sc.slot.name][o, 0] = got

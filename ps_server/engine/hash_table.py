@@ -365,6 +365,31 @@ class EmbeddingHashTable:
         self._timestamps[rows] = (ts & _UINT32_MASK).astype(np.uint32)
         self.max_update_ts = max(self.max_update_ts, int(ts.max()))
 
+    def reserve(self, n: int) -> None:
+        """Size storage for ``n`` entries in all, so growing to ``n`` allocates nothing.
+
+        Entries, their rows and the clock are unchanged; storage never shrinks (a
+        smaller ``n`` does nothing). Meant for bulk loads that know their size, which
+        otherwise grow storage by doubling (a transient second copy each time).
+
+        :raises InvalidArgumentError: ``n`` is negative.
+        """
+        if n < 0:
+            raise InvalidArgumentError(f"reserve needs n >= 0, got {n}")
+        cap = self._values.shape[0] - 1
+        if n > cap:
+            values = np.zeros((n + 1, self.dim), dtype=np.float32)
+            values[:cap] = self._values[:cap]
+            self._values = values
+            ts = np.zeros(n + 1, dtype=np.uint32)
+            ts[:cap] = self._timestamps[:cap]
+            self._timestamps = ts
+            self._states = [_grow_state(st, n + 1) for st in self._states]
+        if n > self._index.row_capacity:
+            index = IdIndex(n)
+            index.insert_new(self._index.ids)
+            self._index = index
+
     def clear(self) -> None:
         """Remove every entry. The clock is kept (§4.3)."""
         self._index.clear()

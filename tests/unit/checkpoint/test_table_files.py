@@ -364,6 +364,89 @@ def test_same_id_in_two_files_later_file_wins(tmp_path: Path) -> None:
     np.testing.assert_array_equal(target.lookup([1, 2, 3]), [[1.0], [20.0], [30.0]])
 
 
+def adagrad_table(n: int, dim: int = 4) -> EmbeddingHashTable:
+    """n entries (ids 7k - n), the first half stepped at time 0, the rest at 1.7e9."""
+    table = EmbeddingHashTable(configs.table_config(dim, optimizer=configs.adagrad()))
+    ids = np.arange(n, dtype=np.int64) * 7 - n
+    grads = np.linspace(-1, 1, n * dim, dtype=f32).reshape(n, dim)
+    half = n // 2
+    table.apply_gradients(ids[:half], grads[:half], [0.1], req_time=0)
+    table.apply_gradients(ids[half:], grads[half:], [0.1], req_time=1_700_000_000)
+    return table
+
+
+def reserved_bytes(n: int, dim: int = 4) -> int:
+    table = EmbeddingHashTable(configs.table_config(dim, optimizer=configs.adagrad()))
+    table.reserve(n)
+    return table.nbytes()
+
+
+def test_long_files_restore_fresh_and_in_place(tmp_path: Path) -> None:
+    # 3000 records in two files of one length each (timestamps 0 and 1.7e9 have
+    # 1- and 5-byte varints): long runs, read through templates.
+    source = adagrad_table(3000)
+    want = entries_of(source)
+    basename = str(tmp_path / "t")
+    save_table(source, basename, shard_index=0, nshards=2)
+    fresh = EmbeddingHashTable(configs.table_config(4, optimizer=configs.adagrad()))
+    assert restore_table(fresh, basename, shard_index=0, num_shards=1).entries == 3000
+    assert entries_of(fresh) == want
+    assert fresh.max_update_ts == 1_700_000_000
+    # Storage was sized once from the file sizes (each file's records are uniform).
+    assert fresh.nbytes() == reserved_bytes(3000)
+    # In place: a live table holding other ids and other values for some of ours.
+    live = EmbeddingHashTable(configs.table_config(4, optimizer=configs.adagrad()))
+    live.assign([-3000, 5, 6], np.full((3, 4), 9.0, dtype=f32), req_time=3)
+    assert restore_table(live, basename, shard_index=1, num_shards=3).entries == 1000
+    assert entries_of(live) == {k: v for k, v in want.items() if k % 3 == 1}
+    assert 5 not in entries_of(live)  # 5 % 3 == 2, and it is not in the files
+
+
+def test_fresh_restore_of_one_shard_sizes_storage_for_its_share(tmp_path: Path) -> None:
+    source = adagrad_table(3000)
+    save_table(source, str(tmp_path / "t"), shard_index=0, nshards=2)  # uniform files
+    target = EmbeddingHashTable(configs.table_config(4, optimizer=configs.adagrad()))
+    got = restore_table(target, str(tmp_path / "t"), shard_index=2, num_shards=3)
+    assert got.entries == 1000  # ids 7k - 3000: k % 3 == 2 for a third of them
+    # estimate: mean 3000 / 3 = 1000 plus 3 * sqrt(1000) = 94.87 -> 1094, +1
+    assert target.nbytes() == reserved_bytes(1095)
+
+
+def test_estimate_is_not_fooled_by_a_short_first_record(tmp_path: Path) -> None:
+    opt = eht.OptimizerDump(dump=[eht.SingleOptimizerDump(sgd=eht.SgdOptimizerDump())])
+    record = eht.EntryDump(id=1, num=[1.0, 2.0], opt=opt, last_update_ts_sec=0)
+    raw = record.SerializeToString()
+    assert len(raw) == 9 + 2 * 5 + 6 + 2  # id, num, 1a 04 0a 02 12 00, 20 00
+    write_tfrecords(tmp_path / "e-00000-of-00001", [b""] + [raw] * 99)
+    size = 16 + 99 * (27 + 16)
+    # the empty first record counts as the shortest record of a dim-2 table:
+    # 2 * 5 bytes of num + 1a 00 + 20 00 = 14 bytes, 30 framed
+    paths = [str(tmp_path / "e-00000-of-00001")]
+    assert table_files._estimate(sgd_table(2), paths, 1) == size // 30 == 142
+    write_tfrecords(tmp_path / "u-00000-of-00001", [raw] * 99)
+    paths = [str(tmp_path / "u-00000-of-00001")]
+    assert table_files._estimate(sgd_table(2), paths, 1) == 99
+
+
+def test_check_pass_finds_a_bad_record_in_a_long_run(tmp_path: Path) -> None:
+    source = adagrad_table(600)
+    (path,) = save_table(source, str(tmp_path / "t"), shard_index=0).files
+    records = read_tfrecords(path)
+    table = EmbeddingHashTable(configs.table_config(4, optimizer=configs.adagrad()))
+    table.assign([100, 101], np.ones((2, 4), dtype=f32))
+    assert restore_table(table, str(tmp_path / "t"), shard_index=0, num_shards=1,
+                         validate_only=True).entries == 600
+    # Record 450 gets a fifth value (a record written for a wider table).
+    wide = eht.EntryDump.FromString(records[450])
+    wide.num.append(1.0)
+    records[450] = wide.SerializeToString()
+    write_tfrecords(Path(path), records)
+    with pytest.raises(ConfigMismatchError, match="record 450 has 5 values"):
+        restore_table(table, str(tmp_path / "t"), shard_index=0, num_shards=1)
+    np.testing.assert_array_equal(table.lookup([100, 101]), np.ones((2, 4)))
+    assert table.size() == 2
+
+
 # ---------------------------------------------------------------- validation
 
 

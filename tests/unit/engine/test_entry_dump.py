@@ -21,6 +21,7 @@ from protos import embedding_hash_table_pb2 as eht
 from protos import optimizer_pb2 as opt_pb
 from ps_server.engine import entry_dump
 from ps_server.engine.entry_dump import (
+    check_entry_dumps,
     decode_entry_dumps,
     encode_entry_dumps,
     split_records,
@@ -208,6 +209,40 @@ def slow_rows(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return seen
 
 
+@pytest.fixture
+def walked_rows(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record indices that were not read through a template (walked, maybe then protobuf)."""
+    seen: list[int] = []
+    real = entry_dump._decode_walked
+
+    def spy(buffer: Any, offsets: Any, rest: Any, *more: Any) -> None:
+        seen.extend(rest.tolist())
+        real(buffer, offsets, rest, *more)
+
+    monkeypatch.setattr(entry_dump, "_decode_walked", spy)
+    return seen
+
+
+@pytest.fixture
+def every_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read runs of any length (even one record) through templates."""
+    monkeypatch.setattr(entry_dump, "_MIN_RUN", 1)
+
+
+def assert_decoded(out: Any, values: Any, segments: Any, ts: Any, ids: Any) -> None:
+    n = values.shape[0]
+    assert np.array_equal(out.ids, ids if ids is not None else np.zeros(n, np.int64))
+    assert np.array_equal(out.values, values)
+    assert np.array_equal(out.timestamps, ts)
+    assert out.num_lengths.tolist() == [values.shape[1]] * n
+    assert out.has_state.all()
+    for (_, state), got in zip(segments, out.states, strict=True):
+        assert state.keys() == got.keys()
+        for name in state:
+            assert got[name].dtype == state[name].dtype
+            assert np.array_equal(got[name], state[name])
+
+
 # ---------------------------------------------------------------- hand-computed bytes
 
 
@@ -351,6 +386,114 @@ def test_round_trip_stays_on_fast_path(name: str, with_ids: bool, slow_rows: lis
         for name_ in state:
             assert got[name_].dtype == state[name_].dtype
             assert np.array_equal(got[name_], state[name_])
+
+
+@pytest.mark.parametrize("with_ids", [True, False])
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_round_trip_through_templates(
+    name: str, with_ids: bool, every_run: None, walked_rows: list[int], slow_rows: list[int]
+) -> None:
+    # Every run of equal-length records (random_ts mixes 1, 5 and 10-byte varints)
+    # is read through the template of its first record. Only a record whose int64
+    # varints split the same length differently (another layout) is walked.
+    rng = np.random.default_rng(5)
+    n = 60
+    values, segments, ts = build(LAYOUTS[name], n, rng)
+    ids = rng.integers(I64.min, I64.max, n, dtype=np.int64) if with_ids else None
+    buf, off = encode_entry_dumps(values, segments, ts, ids)
+    out = decode_entry_dumps(buf, off, [o for o, _ in segments], values.shape[1])
+
+    def varint_len(v: int) -> int:
+        return 10 if v < 0 else max(1, (v.bit_length() + 6) // 7)
+
+    ints = [st[s.name][:, 0] for opt, st in segments for s in opt.slots() if s.dtype == np.int64]
+    layout = [tuple(varint_len(int(a[i])) for a in [*ints, ts]) for i in range(n)]
+    lengths = np.diff(off)
+    want_walked, first = [], 0
+    for i in range(n):
+        if lengths[i] != lengths[first]:
+            first = i
+        if layout[i] != layout[first]:
+            want_walked.append(i)
+    assert walked_rows == want_walked and slow_rows == []
+    if not ints:
+        assert walked_rows == []
+    assert_decoded(out, values, segments, ts, ids)
+    checked = check_entry_dumps(buf, off, [o for o, _ in segments], values.shape[1])
+    assert np.array_equal(checked, out.ids)
+
+
+def one_long_run(n: int) -> tuple[Any, ...]:
+    """n records of batch_softmax(1) | adagrad(2) with ids, all of one length."""
+    rng = np.random.default_rng(9)
+    soft, ada = BatchSoftmax(None, 1), Adagrad(None, 2)
+    steps = np.ones((n, 1), np.int64)
+    norm = rng.random((n, 2)).astype(np.float32)
+    segments = [(soft, {"global_step": steps}), (ada, {"norm": norm})]
+    values = rng.standard_normal((n, 3)).astype(np.float32)
+    ts = np.full(n, 1_700_000_000, np.int64)
+    ids = rng.integers(I64.min, I64.max, n, dtype=np.int64)
+    return values, segments, ts, ids
+
+
+def test_odd_records_inside_a_long_run(walked_rows: list[int], slow_rows: list[int]) -> None:
+    n = 300
+    values, segments, ts, ids = one_long_run(n)
+    # Record 100 swaps varint lengths: a 5-byte global_step, a 1-byte timestamp. Same
+    # record length, other layout (its length prefixes differ): walked, still fast.
+    segments[0][1]["global_step"][100] = 1_700_000_000
+    ts[100] = 1
+    buf, off = encode_entry_dumps(values, segments, ts, ids)
+    records = split_records(buf, off)
+    assert len({len(r) for r in records}) == 1
+    # Record 200: its first num tag 15 becomes 2d (field 5, fixed32: unknown), so num
+    # keeps two values. Record 250: the timestamp tag 20 becomes 28 (field 5, varint).
+    first_num = 9  # after 09 + 8 id bytes
+    assert records[200][first_num] == 0x15
+    records[200] = records[200][:first_num] + b"\x2d" + records[200][first_num + 1 :]
+    ts_tag = len(records[250]) - 6  # 20 + five varint bytes
+    assert records[250][ts_tag] == 0x20
+    records[250] = records[250][:ts_tag] + b"\x28" + records[250][ts_tag + 1 :]
+    buf, off = join(records)
+    out = decode_entry_dumps(buf, off, [opt for opt, _ in segments], 3)
+    assert walked_rows == [100, 200, 250]
+    assert slow_rows == [200, 250]
+    assert np.array_equal(out.ids, ids)
+    assert out.num_lengths.tolist() == [3] * 200 + [2] + [3] * 99
+    want_values = values.copy()
+    want_values[200] = [values[200, 1], values[200, 2], 0.0]
+    assert np.array_equal(out.values, want_values)
+    want_ts = ts.copy()
+    want_ts[250] = 0  # absent
+    assert np.array_equal(out.timestamps, want_ts)
+    assert out.states[0]["global_step"][[0, 100, 299], 0].tolist() == [1, 1_700_000_000, 1]
+    assert np.array_equal(out.states[1]["norm"], segments[1][1]["norm"])
+    assert out.has_state.all()
+    assert np.array_equal(check_entry_dumps(buf, off, [opt for opt, _ in segments], 3), ids)
+
+
+def test_check_raises_what_decode_raises() -> None:
+    values, segments, ts, ids = one_long_run(200)
+    buf, off = encode_entry_dumps(values, segments, ts, ids)
+    records = split_records(buf, off)
+    opts = [opt for opt, _ in segments]
+    cut = [*records[:150], records[150][:-3], *records[151:]]  # inside the timestamp
+    wide = records[:]
+    wide[7] = protobuf_record(0, np.ones((1, 4), np.float32), segments, ts, ids)
+    for damaged, error, message in [
+        (cut, CheckpointCorruptError, "record 150 is not a valid EntryDump"),
+        (wide, ConfigMismatchError, "record 7 has 4 values"),
+    ]:
+        for fn in (decode_entry_dumps, check_entry_dumps):
+            with pytest.raises(error, match=message):
+                fn(*join(damaged), opts, 3)
+
+
+def test_property_round_trip_through_templates() -> None:
+    # The property below with every run read through a template.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(entry_dump, "_MIN_RUN", 1)
+        test_property_encode_matches_protobuf_and_round_trips()
 
 
 def test_small_chunks_with_mixed_layouts(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -220,6 +220,29 @@ def test_keep_rows_compacts_without_losing_entries() -> None:
     np.testing.assert_array_equal(t.lookup([1]), [[5.0, 5.0]])
 
 
+
+def test_reserve_sizes_storage_once_and_keeps_everything() -> None:
+    t = EmbeddingHashTable(configs.table_config(2, optimizer=configs.adagrad(0.5)))
+    t.apply_gradients([4, -9], [[1.0, 0.0], [0.0, 2.0]], [1.0], req_time=7)
+    entries = t.lookup_entry([4, -9])
+    t.reserve(1000)
+    grown = t.nbytes()
+    assert t.size() == 2 and t.max_update_ts == 7
+    assert t.export_columns().ids.tolist() == [4, -9]  # rows unchanged
+    assert t.lookup_entry([4, -9]) == entries
+    # adagrad, init 0.5, lr 1: norm = 0.5 + g^2, w = -g / sqrt(norm)
+    np.testing.assert_allclose(
+        t.lookup([4, -9]), [[-1 / np.sqrt(1.5), 0.0], [0.0, -2 / np.sqrt(4.5)]], rtol=1e-6
+    )
+    # Growing to 1000 entries allocates nothing more; a smaller reserve never shrinks.
+    t.assign(np.arange(100, 1098), np.ones((998, 2), dtype=f32))
+    assert t.size() == 1000 and t.nbytes() == grown
+    np.testing.assert_array_equal(t.lookup([100, 1097, 5]), [[1, 1], [1, 1], [0, 0]])
+    t.reserve(10)
+    assert t.nbytes() == grown
+    with pytest.raises(InvalidArgumentError):
+        t.reserve(-1)
+
 def test_serving_table_stores_compressed_values_and_refuses_training_ops() -> None:
     comp = eht.FloatCompressorConfig(fp16=eht.FloatCompressorConfig.Fp16())
     t = EmbeddingHashTable(configs.table_config(2, compressor=comp, serving=True))
