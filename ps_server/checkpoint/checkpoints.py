@@ -73,6 +73,7 @@ from ps_server.errors import (
     CheckpointNotFoundError,
     ConfigError,
     ConfigMismatchError,
+    FailedPreconditionError,
     InvalidArgumentError,
 )
 
@@ -549,6 +550,14 @@ def restore_shard_checkpoint(
     if not os.path.isdir(assets):
         raise CheckpointNotFoundError(f"checkpoint {resolved} not found: no directory {assets}")
     manifest = _read_manifest(assets)
+    if manifest is None and not shard.tables:
+        # A Monolith checkpoint has no manifest, so nothing says which tables to
+        # build; restoring "nothing" successfully would hide the mistake.
+        raise FailedPreconditionError(
+            f"{assets} has no {MANIFEST_NAME} (a Monolith checkpoint?) and shard "
+            f"{shard.shard_index} has no tables: create the tables first (with the names "
+            "their files use, e.g. MonolithHashTable_<merged>), then restore"
+        )
     tables, filters = _plan(shard, manifest, assets)
 
     names = [tp.name for tp in tables]

@@ -20,7 +20,7 @@ from ps_server.checkpoint.checkpoints import (
 )
 from ps_server.engine import configs
 from ps_server.engine.shard import FilterOptions, Shard
-from ps_server.errors import CheckpointCorruptError, ConfigMismatchError
+from ps_server.errors import CheckpointCorruptError, ConfigMismatchError, FailedPreconditionError
 
 f32 = np.float32
 FILTER = "MonolithHashFilter"
@@ -246,10 +246,10 @@ def test_resolving_the_checkpoint(tmp_path: Path) -> None:
     assign(shards, TABLE, [1], [1.0], ts=1)
     for shard in shards:
         save_shard_checkpoint(shard, str(tmp_path), 4)  # no index: the only assets dir
-    result = restore_shard_checkpoint(Shard(), str(tmp_path), None, True)
+    result = restore_shard_checkpoint(cluster(1)[0], str(tmp_path), None, True)
     assert result.prefix == str(tmp_path / "model.ckpt-4")
     save_shard_checkpoint(shards[0], str(tmp_path), 5)  # two assets dirs, no index: none
-    assert restore_shard_checkpoint(Shard(), str(tmp_path), None, True).prefix == ""
+    assert restore_shard_checkpoint(cluster(1)[0], str(tmp_path), None, True).prefix == ""
 
 
 def test_index_with_absolute_paths_and_timestamps(tmp_path: Path) -> None:
@@ -264,3 +264,44 @@ def test_index_with_absolute_paths_and_timestamps(tmp_path: Path) -> None:
     assert read_checkpoint_index(str(tmp_path))[1] == [
         f"{tmp_path}/model.ckpt-8", f"{tmp_path}/model.ckpt-9",
     ]
+
+
+def _monolith_checkpoint(model_dir: Path, step: int, ids: np.ndarray, saving_ps: int) -> None:
+    """A checkpoint laid out as Monolith writes it: per-PS table files named
+    ``MonolithHashTable_<merged>_<i>-…``, a TF ``checkpoint`` index, no manifest."""
+    from ps_server.checkpoint.table_files import save_table
+    from ps_server.engine.hash_table import EmbeddingHashTable
+
+    assets = model_dir / f"model.ckpt-{step}.assets"
+    for ps in range(saving_ps):
+        mine = ids[np.mod(ids, saving_ps) == ps]
+        t = EmbeddingHashTable(configs.table_config(2))
+        t.assign(mine, np.stack([mine, -mine], axis=1).astype(np.float32), req_time=7)
+        save_table(t, str(assets / "MonolithHashTable_abc"), shard_index=ps, nshards=1)
+    (model_dir / "checkpoint").write_text(
+        f'model_checkpoint_path: "model.ckpt-{step}"\n'
+        f'all_model_checkpoint_paths: "model.ckpt-{step}"\n'
+    )
+
+
+def test_monolith_layout_without_manifest_restores_into_declared_tables(tmp_path: Path) -> None:
+    ids = np.arange(-20, 21, dtype=np.int64)
+    _monolith_checkpoint(tmp_path, 10, ids, saving_ps=2)
+    for i in range(3):
+        shard = Shard(i, 3)
+        shard.create_table("MonolithHashTable_abc", configs.table_config(2))
+        result = restore_shard_checkpoint(shard, str(tmp_path))
+        assert result.prefix.endswith("model.ckpt-10")
+        mine = ids[np.mod(ids, 3) == i]
+        table = shard.table("MonolithHashTable_abc")
+        assert table.size() == mine.size
+        np.testing.assert_array_equal(
+            table.lookup(mine), np.stack([mine, -mine], axis=1).astype(np.float32)
+        )
+        assert table.max_update_ts == 7
+
+
+def test_monolith_layout_into_a_shard_without_tables_is_refused(tmp_path: Path) -> None:
+    _monolith_checkpoint(tmp_path, 10, np.arange(5, dtype=np.int64), saving_ps=1)
+    with pytest.raises(FailedPreconditionError, match="create the tables first"):
+        restore_shard_checkpoint(Shard(0, 1), str(tmp_path))
