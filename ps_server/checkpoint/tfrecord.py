@@ -371,6 +371,7 @@ _BYTE_BITS = ((np.arange(256)[:, None] >> np.arange(8)) & 1).astype(np.bool_)  #
 _BULK_CHECK_MIN = 32  # shorter runs are checked one record at a time
 _MAX_WINDOW = 1 << 16  # headers compared per step while scanning a run
 _SCALAR_STEPS = 32  # after a short run, records scanned one by one before trying again
+_EOF_PROBE = 1 << 16  # bytes asked for once the file's size has been read
 
 
 class _Linear:
@@ -522,9 +523,11 @@ _Run = tuple[int, int, int]  # (byte position of the first header, data length, 
 
 
 def _scan_runs(
-    data: bytes, buf: Bytes, base: int, name: str, remaining: int, length_crc: dict[int, int]
+    data: memoryview, buf: Bytes, base: int, name: str, remaining: int, length_crc: dict[int, int]
 ) -> tuple[list[_Run], int, int]:
-    """Find the complete records at the start of ``data`` as runs of one length.
+    """Find the complete records at the start of ``buf`` as runs of one length.
+
+    ``data`` is a memoryview of the same bytes (for ``struct``).
 
     :param remaining: bytes of the file from ``base`` on (a length reaching past it is a
         truncated record, reported at once instead of read for).
@@ -541,7 +544,7 @@ def _scan_runs(
         length, stored = _HEADER.unpack_from(data, pos)
         expected = length_crc.get(length)
         if expected is None:
-            expected = _mask(crc32c(data[pos : pos + 8]))
+            expected = _mask(crc32c(buf[pos : pos + 8]))
             length_crc[length] = expected
         if stored != expected:
             raise _corrupt(name, base + pos, "bad length CRC")
@@ -598,7 +601,8 @@ def _check_runs(buf: Bytes, runs: list[_Run], base: int, name: str, checker: _Ru
             raise AssertionError(f"{name}: run CRC check disagrees with per-record checks")
 
 
-def _payloads(data: bytes, buf: Bytes, runs: list[_Run]) -> tuple[Bytes, Offsets]:
+def _payloads(buf: Bytes, runs: list[_Run]) -> tuple[Bytes, Offsets]:
+    """The data of the records of ``runs`` in ``buf``, concatenated (a copy), and offsets."""
     lengths = np.array([r[1] for r in runs], dtype=np.int64)
     counts = np.array([r[2] for r in runs], dtype=np.int64)
     rec_lengths = np.repeat(lengths, counts)
@@ -610,7 +614,11 @@ def _payloads(data: bytes, buf: Bytes, runs: list[_Run]) -> tuple[Bytes, Offsets
             np.cumsum(counts) - counts, counts
         )
         starts = first + within * (rec_lengths + _OVERHEAD) + _HEADER_BYTES
-        return _compact(data, starts.tolist(), (starts + rec_lengths).tolist())
+        # Mark the data bytes: +1 where a record's data starts, -1 where it ends.
+        marks = np.zeros(buf.size + 1, dtype=np.int8)
+        np.add.at(marks, starts, 1)
+        np.add.at(marks, starts + rec_lengths, -1)
+        return buf[np.cumsum(marks[:-1], dtype=np.int8).astype(np.bool_)], offsets
     out = np.empty(int(offsets[-1]), dtype=np.uint8)
     pos = 0
     for start, length, count in runs:
@@ -630,8 +638,9 @@ def read_framed_runs(
 
     Headers of a run are compared as a matrix and a run's data CRCs are verified by one
     CRC pass over its bytes (:class:`_RunChecker`); files whose record length changes
-    every few records are walked record by record. Peak memory is about three times
-    ``chunk_bytes``.
+    every few records are walked record by record. The file is read into one reused
+    buffer (the records yielded are copies), so no memory is allocated per read. Peak
+    memory is about three times ``chunk_bytes``.
 
     :raises CheckpointCorruptError: truncated header or data, bad length CRC or bad data
         CRC; the message names the file and the byte offset of the record. Records
@@ -644,32 +653,41 @@ def read_framed_runs(
     checker = _RunChecker()
     with open(name, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
-        pending = b""
-        base = 0
+        buf = np.empty(0, dtype=np.uint8)
+        have = 0  # unparsed bytes at the start of buf, carried from the previous read
+        base = 0  # file offset of buf[0]
         need = 0
         while True:
-            block = f.read(max(need - len(pending), chunk_bytes))
-            eof = not block
-            data = pending + block if pending else block
-            del block
-            buf = np.frombuffer(data, dtype=np.uint8)
-            runs, pos, need = _scan_runs(data, buf, base, name, max(size - base, len(data)),
+            left = size - base - have  # not read yet, as far as the size seen at open
+            step = min(chunk_bytes, left) if left > 0 else min(chunk_bytes, _EOF_PROBE)
+            want = max(need, have + step)
+            if want > buf.size:
+                # Slack for the partial record carried to the next read.
+                grown = np.empty(want + _EOF_PROBE, dtype=np.uint8)
+                grown[:have] = buf[:have]
+                buf = grown
+            got = f.readinto(buf[have:want].data)
+            eof = not got
+            end = have + (got or 0)
+            data = buf[:end]
+            runs, pos, need = _scan_runs(data.data, data, base, name, max(size - base, end),
                                          length_crc)
             if runs:
-                _check_runs(buf, runs, base, name, checker)
-                yield _payloads(data, buf, runs)
-            pending = data[pos:]
+                _check_runs(data, runs, base, name, checker)
+                yield _payloads(data, runs)
+            have = end - pos
+            buf[:have] = buf[pos:end]
             base += pos
-            del buf, data
             if eof:
-                if pending:
-                    if len(pending) < _HEADER_BYTES:
-                        problem = f"truncated header ({len(pending)} of 12 bytes)"
+                if have:
+                    pending = buf[:have].tobytes()
+                    if have < _HEADER_BYTES:
+                        problem = f"truncated header ({have} of 12 bytes)"
                     else:
                         (length,) = _LENGTH.unpack_from(pending, 0)
                         problem = (
                             f"truncated data (record of {length} bytes, "
-                            f"{len(pending) - _HEADER_BYTES} bytes present)"
+                            f"{have - _HEADER_BYTES} bytes present)"
                         )
                     raise _corrupt(name, base, problem)
                 return

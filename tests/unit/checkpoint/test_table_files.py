@@ -639,6 +639,7 @@ LENGTH_PATTERNS = [
     [40] * 100,  # one long run (bulk CRC check)
     [10] * 3 + [20] * 40 + [0] * 5 + [7],  # a few runs, empty records
     [5, 6] * 30,  # length changes every record
+    [7, 8] * 50 + [9] * 40,  # more than 64 runs in a chunk
     [300] * 33 + [301] * 64 + [2] * 31,
 ]
 
