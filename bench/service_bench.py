@@ -5,8 +5,10 @@ For each shard count N it measures, through the public synchronous client:
 * ``Table.lookup`` of 65,536 distinct ids x dim 32 (512 KiB of ids up, 8 MiB of rows down);
 * ``Table.apply_gradients`` (SGD) of the same batch (8.5 MiB up, an empty answer down);
 
-and reports ids/s, MB/s (request + response payload bytes per second), and the p50 /
-p99 latency of one call. The headline is the **ratio to a bare gRPC echo** moving
+and reports ids/s, MB/s (request + response payload bytes per second), the p50 /
+p99 latency of one call, and the CPU time one call costs the client process and the
+shard processes (less sensitive to other load on the machine than wall time). The
+headline is the **ratio to a bare gRPC echo** moving
 the same bytes in the same run: N echo processes (``bench/echo_server.py``), each
 sent its 1/N share of the request bytes and asked for its 1/N share of the response
 bytes, concurrently, from an asyncio loop thread like the client's. A ratio of 1.0
@@ -14,7 +16,8 @@ would mean the parameter server costs nothing beyond moving the bytes.
 
 Usage: ``python bench/service_bench.py [--quick] [--shards 1,2,4] [--repeats R]``.
 ``--quick`` (CI) runs a few repeats per case and finishes in well under a minute.
-All processes share this machine's cores, so N shards only scale while cores last.
+All processes share this machine's cores, so N shards only scale while cores last;
+the load average printed before and after tells whether something else ran too.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ class Result:
     shards: int
     latencies: list[float]
     bytes_per_call: int
+    client_cpu: float = float("nan")  # seconds of CPU per call, this process
+    server_cpu: float = float("nan")  # seconds of CPU per call, all server processes
 
     @property
     def mean(self) -> float:
@@ -71,15 +76,31 @@ class Result:
         return self.bytes_per_call / self.mean / MB
 
 
-def timed(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` (nan off Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(name: str, shards: int, nbytes: int, fn: Callable[[], object], pids: list[int],
+            warmup: int, repeats: int) -> Result:
+    """Time ``repeats`` calls of ``fn`` after ``warmup`` ones, with the CPU they cost here
+    and in the server processes ``pids``."""
     for _ in range(warmup):
         fn()
     out = []
+    cpu0, servers0 = time.process_time(), sum(process_cpu(p) for p in pids)
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         out.append(time.perf_counter() - t0)
-    return out
+    client = (time.process_time() - cpu0) / repeats
+    servers = (sum(process_cpu(p) for p in pids) - servers0) / repeats
+    return Result(name, shards, out, nbytes, client, servers)
 
 
 def table_config() -> eht.EmbeddingHashTableConfig:
@@ -97,8 +118,8 @@ def table_config() -> eht.EmbeddingHashTableConfig:
 
 
 @contextlib.contextmanager
-def echo_servers(n: int) -> Iterator[list[str]]:
-    """``n`` echo server processes on loopback; yields their addresses."""
+def echo_servers(n: int) -> Iterator[list[tuple[str, int]]]:
+    """``n`` echo server processes on loopback; yields their (address, pid)."""
     script = Path(__file__).resolve().parent / "echo_server.py"
     with tempfile.TemporaryDirectory(prefix="echo_") as tmp:
         procs, files = [], []
@@ -118,7 +139,7 @@ def echo_servers(n: int) -> Iterator[list[str]]:
                         raise RuntimeError(f"echo server did not start (exit {p.poll()})")
                     time.sleep(0.02)
                 ports.append(int(Path(pf).read_text()))
-            yield [f"127.0.0.1:{port}" for port in ports]
+            yield [(f"127.0.0.1:{port}", p.pid) for port, p in zip(ports, procs, strict=True)]
         finally:
             for p in procs:
                 p.terminate()
@@ -129,7 +150,9 @@ def echo_servers(n: int) -> Iterator[list[str]]:
 class EchoClient:
     """aio channels to echo servers, driven from a private loop thread (as PsClient is)."""
 
-    def __init__(self, addresses: list[str]) -> None:
+    def __init__(self, servers: list[tuple[str, int]]) -> None:
+        addresses = [a for a, _ in servers]
+        self.pids = [p for _, p in servers]
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -174,21 +197,18 @@ def bench_shards(n: int, echo: EchoClient, warmup: int, repeats: int) -> list[tu
     ids_bytes, rows_bytes = BATCH * 8, BATCH * DIM * 4
     pairs = []
     with local_cluster(n) as cluster, PsClient(cluster.addresses) as client:
+        pids = [p.pid for p in cluster.processes]
         table = client.create_table(table_config(), learning_rate_fns=(0.01,))
         table.assign(ids, grads)
         assert table.lookup(ids[:4]).shape == (4, DIM)
-        lookup = Result("lookup", n, timed(lambda: table.lookup(ids), warmup, repeats),
-                        ids_bytes + rows_bytes)
-        apply = Result(
-            "apply_gradients", n,
-            timed(lambda: table.apply_gradients(ids, grads, 1), warmup, repeats),
-            ids_bytes + rows_bytes,
-        )
+        lookup = measure("lookup", n, ids_bytes + rows_bytes, lambda: table.lookup(ids), pids,
+                         warmup, repeats)
+        apply = measure("apply_gradients", n, ids_bytes + rows_bytes,
+                        lambda: table.apply_gradients(ids, grads, 1), pids, warmup, repeats)
     for res, up, down in ((lookup, ids_bytes, rows_bytes),
                           (apply, ids_bytes + rows_bytes, 0)):
-        base = Result(f"echo({res.name})", n,
-                      timed(echo.round_trip(n, up, down), warmup, repeats),
-                      up + down)
+        base = measure(f"echo({res.name})", n, up + down, echo.round_trip(n, up, down),
+                       echo.pids[:n], warmup, repeats)
         pairs.append((res, base))
     return pairs
 
@@ -200,10 +220,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=0, help="timed calls per case")
     args = parser.parse_args()
     counts = [int(x) for x in args.shards.split(",")]
-    repeats = args.repeats or (8 if args.quick else 40)
+    repeats = args.repeats or (8 if args.quick else 100)
     warmup = 2 if args.quick else 5
     print(f"batch {BATCH} ids x dim {DIM} (float32); {os.cpu_count()} CPUs; "
-          f"{repeats} timed calls per case after {warmup} warm-up")
+          f"{repeats} timed calls per case after {warmup} warm-up; "
+          f"load average before: {os.getloadavg()[0]:.2f}")
     rows = []
     with echo_servers(max(counts)) as echo_addrs:
         echo = EchoClient(echo_addrs)
@@ -212,14 +233,19 @@ def main() -> None:
                 rows += bench_shards(n, echo, warmup, repeats)
         finally:
             echo.close()
+    print(f"load average after: {os.getloadavg()[0]:.2f}\n")
     head = (f"{'op':<16}{'shards':>6}{'Mids/s':>9}{'MB/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
-            f"{'echo MB/s':>11}{'echo p50':>10}{'ratio':>7}")
+            f"{'cpu ms cli+srv':>16}{'echo MB/s':>11}{'echo p50':>10}{'echo cpu':>10}"
+            f"{'ratio':>7}")
     print(head)
     print("-" * len(head))
     for res, base in rows:
+        cpu = f"{res.client_cpu * 1e3:.1f}+{res.server_cpu * 1e3:.1f}"
+        echo_cpu = f"{base.client_cpu * 1e3:.1f}+{base.server_cpu * 1e3:.1f}"
         print(f"{res.name:<16}{res.shards:>6}{res.ids_per_s / 1e6:>9.2f}{res.mb_per_s:>9.0f}"
-              f"{res.pct(50) * 1e3:>9.2f}{res.pct(99) * 1e3:>9.2f}{base.mb_per_s:>11.0f}"
-              f"{base.pct(50) * 1e3:>10.2f}{base.mean / res.mean:>7.2f}")
+              f"{res.pct(50) * 1e3:>9.2f}{res.pct(99) * 1e3:>9.2f}{cpu:>16}"
+              f"{base.mb_per_s:>11.0f}{base.pct(50) * 1e3:>10.2f}{echo_cpu:>10}"
+              f"{base.mean / res.mean:>7.2f}")
     print("\nscaling (ids/s relative to 1 shard):")
     for name in ("lookup", "apply_gradients"):
         mine = [r for r, _ in rows if r.name == name]
@@ -227,7 +253,8 @@ def main() -> None:
         curve = "  ".join(f"{r.shards}: {r.ids_per_s / one.ids_per_s:.2f}x" for r in mine)
         print(f"  {name:<16} {curve}")
     print("\nratio = echo time / service time for the same bytes over the same number of "
-          "processes (1.0 = transport-bound)")
+          "processes (1.0 = transport-bound); cpu = CPU ms per call in this process + in "
+          "the server processes")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, NamedTuple, Protocol, TypeVar
+from typing import Any, Final, Generic, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 from google.protobuf.message import Message
@@ -34,6 +34,7 @@ from ps_server.errors import BadTensorError, DimMismatchError
 __all__ = [
     "FLOAT32",
     "INT64",
+    "SMALL_REQUEST_BYTES",
     "BulkRequest",
     "BulkRequestParser",
     "TensorLike",
@@ -169,6 +170,10 @@ class WireTensor(NamedTuple):
 
 _NO_TENSOR = WireTensor(memoryview(b""), ())
 
+#: Below this size protobuf's C parser plus a copy of the tensors beats splitting
+#: the fields in Python.
+SMALL_REQUEST_BYTES: Final = 16 << 10
+
 
 class _Malformed(Exception):
     """Bytes the fast path does not take; protobuf parses (or rejects) them instead."""
@@ -274,11 +279,14 @@ class BulkRequestParser(Generic[_M]):
     The fields of type ``Tensor`` become views of the bytes; all other fields are
     parsed by protobuf from a copy of their (small) encodings. Bytes with groups or
     a malformed structure go through protobuf whole, so they fail (``DecodeError``)
-    or parse exactly as ``message_type.FromString`` would.
+    or parse exactly as ``message_type.FromString`` would; so do requests shorter
+    than ``small_bytes`` (copying their tensors costs less than splitting them).
     """
 
-    def __init__(self, message_type: type[_M]) -> None:
+    def __init__(self, message_type: type[_M], *,
+                 small_bytes: int = SMALL_REQUEST_BYTES) -> None:
         self.message_type = message_type
+        self._small_bytes = small_bytes
         self._tensor_fields = {
             f.number: f.name
             for f in message_type.DESCRIPTOR.fields
@@ -286,6 +294,8 @@ class BulkRequestParser(Generic[_M]):
         }
 
     def __call__(self, buf: bytes) -> BulkRequest[_M]:
+        if len(buf) < self._small_bytes:
+            return self._slow(buf)
         try:
             return self._parse(memoryview(buf))
         except _Malformed:

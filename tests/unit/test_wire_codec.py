@@ -13,8 +13,9 @@ from protos import ps_service_pb2 as pb
 from ps_server import codec
 from ps_server.errors import BadTensorError
 
-LOOKUP = codec.BulkRequestParser(pb.LookupRequest)
-APPLY = codec.BulkRequestParser(pb.ApplyGradientsRequest)
+# small_bytes=0: every request takes the field-splitting path, however small.
+LOOKUP = codec.BulkRequestParser(pb.LookupRequest, small_bytes=0)
+APPLY = codec.BulkRequestParser(pb.ApplyGradientsRequest, small_bytes=0)
 
 
 def varint(n: int) -> bytes:
@@ -79,6 +80,19 @@ def test_tensors_are_views_of_the_request_bytes() -> None:
     assert bulk.tensor("grads").data.obj is buf
     assert not got_ids.flags.writeable and not got_grads.flags.writeable
     assert rebuilt(bulk) == request
+
+
+def test_small_requests_take_protobufs_path_with_the_same_result() -> None:
+    parser = codec.BulkRequestParser(pb.LookupRequest)  # default threshold: 16 KiB
+    small_ids = np.arange(3, dtype=np.int64)
+    big_ids = np.arange(codec.SMALL_REQUEST_BYTES // 8, dtype=np.int64)
+    for ids in (small_ids, big_ids):
+        buf = pb.LookupRequest(table="t", ids=codec.encode_ids(ids)).SerializeToString()
+        bulk = parser(buf)
+        assert bulk.head == pb.LookupRequest(table="t")
+        np.testing.assert_array_equal(codec.decode_ids(bulk.tensor("ids")), ids)
+        # Only the big one is a view of the received bytes.
+        assert (bulk.tensor("ids").data.obj is buf) == (ids is big_ids)
 
 
 def test_unset_tensor_reads_as_empty() -> None:
