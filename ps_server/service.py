@@ -505,13 +505,14 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
 
     @_translate_errors
     async def LookupEntry(self, request: codec.BulkRequest[ps_pb2.LookupEntryRequest],
-                          context: Any) -> ps_pb2.LookupEntryResponse:
+                          context: Any) -> bytes:
         head = request.head
 
-        def work() -> ps_pb2.LookupEntryResponse:
+        def work() -> bytes:
             ids = codec.decode_ids(request.tensor("ids"))
             entries = self._shard.table(head.table).lookup_entry(ids)
-            return ps_pb2.LookupEntryResponse(entries=entries)
+            # Serialized here, once: sizing a message serializes it too.
+            return ps_pb2.LookupEntryResponse(entries=entries).SerializeToString()
 
         return await self._call("LookupEntry", work, tables=[head.table])
 
@@ -620,13 +621,13 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
         return ps_pb2.SizeResponse(size=table.size())
 
     @_translate_errors
-    async def SaveAsTensor(self, request: ps_pb2.SaveAsTensorRequest, context: Any
-                           ) -> ps_pb2.SaveAsTensorResponse:
-        def work() -> ps_pb2.SaveAsTensorResponse:
+    async def SaveAsTensor(self, request: ps_pb2.SaveAsTensorRequest, context: Any) -> bytes:
+        def work() -> bytes:
             offset, entries = self._shard.table(request.table).save_as_tensor(
                 request.shard_idx, request.num_shards, request.limit, request.offset
             )
-            return ps_pb2.SaveAsTensorResponse(offset=offset, entries=entries)
+            # Serialized here, once: sizing a message serializes it too.
+            return ps_pb2.SaveAsTensorResponse(offset=offset, entries=entries).SerializeToString()
 
         return await self._call("SaveAsTensor", work, tables=[request.table])
 
