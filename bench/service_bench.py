@@ -11,8 +11,9 @@ shard processes (less sensitive to other load on the machine than wall time). Th
 headline is the **ratio to a bare gRPC echo** moving
 the same bytes in the same run: N echo processes (``bench/echo_server.py``), each
 sent its 1/N share of the request bytes and asked for its 1/N share of the response
-bytes, concurrently, from an asyncio loop thread like the client's. A ratio of 1.0
-would mean the parameter server costs nothing beyond moving the bytes.
+bytes, concurrently, from an asyncio loop thread like the client's. Service and echo
+calls alternate, so both see the same load. A ratio of 1.0 would mean the parameter
+server costs nothing beyond moving the bytes.
 
 Usage: ``python bench/service_bench.py [--quick] [--shards 1,2,4] [--repeats R]``.
 ``--quick`` (CI) runs a few repeats per case and finishes in well under a minute.
@@ -32,7 +33,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +56,18 @@ MB = 1e6
 class Result:
     name: str
     shards: int
-    latencies: list[float]
     bytes_per_call: int
-    client_cpu: float = float("nan")  # seconds of CPU per call, this process
-    server_cpu: float = float("nan")  # seconds of CPU per call, all server processes
+    latencies: list[float] = field(default_factory=list)
+    client_cpus: list[float] = field(default_factory=list)  # CPU s per call, this process
+    server_cpus: list[float] = field(default_factory=list)  # CPU s per call, server processes
+
+    @property
+    def client_cpu(self) -> float:
+        return float(np.mean(self.client_cpus))
+
+    @property
+    def server_cpu(self) -> float:
+        return float(np.mean(self.server_cpus))
 
     @property
     def mean(self) -> float:
@@ -86,21 +95,31 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(name: str, shards: int, nbytes: int, fn: Callable[[], object], pids: list[int],
-            warmup: int, repeats: int) -> Result:
-    """Time ``repeats`` calls of ``fn`` after ``warmup`` ones, with the CPU they cost here
-    and in the server processes ``pids``."""
+def call_once(result: Result, fn: Callable[[], object], pids: list[int]) -> None:
+    """Time one call of ``fn``; add its wall time and the CPU it cost here and in the
+    server processes ``pids`` to ``result``."""
+    servers0 = sum(process_cpu(p) for p in pids)
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    fn()
+    result.latencies.append(time.perf_counter() - t0)
+    result.client_cpus.append(time.process_time() - cpu0)
+    result.server_cpus.append(sum(process_cpu(p) for p in pids) - servers0)
+
+
+def measure_pair(
+    service: Result, fn: Callable[[], object], pids: list[int],
+    echo: Result, echo_fn: Callable[[], object], echo_pids: list[int],
+    warmup: int, repeats: int,
+) -> None:
+    """``repeats`` calls of ``fn`` and of ``echo_fn``, alternating, after ``warmup`` of each,
+    so that both see the same load from whatever else runs on the machine."""
     for _ in range(warmup):
         fn()
-    out = []
-    cpu0, servers0 = time.process_time(), sum(process_cpu(p) for p in pids)
+        echo_fn()
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    client = (time.process_time() - cpu0) / repeats
-    servers = (sum(process_cpu(p) for p in pids) - servers0) / repeats
-    return Result(name, shards, out, nbytes, client, servers)
+        call_once(service, fn, pids)
+        call_once(echo, echo_fn, echo_pids)
 
 
 def table_config() -> eht.EmbeddingHashTableConfig:
@@ -201,15 +220,17 @@ def bench_shards(n: int, echo: EchoClient, warmup: int, repeats: int) -> list[tu
         table = client.create_table(table_config(), learning_rate_fns=(0.01,))
         table.assign(ids, grads)
         assert table.lookup(ids[:4]).shape == (4, DIM)
-        lookup = measure("lookup", n, ids_bytes + rows_bytes, lambda: table.lookup(ids), pids,
+        cases: list[tuple[str, Callable[[], object], int, int]] = [
+            ("lookup", lambda: table.lookup(ids), ids_bytes, rows_bytes),
+            ("apply_gradients", lambda: table.apply_gradients(ids, grads, 1),
+             ids_bytes + rows_bytes, 0),
+        ]
+        for name, fn, up, down in cases:
+            res = Result(name, n, up + down)
+            base = Result(f"echo({name})", n, up + down)
+            measure_pair(res, fn, pids, base, echo.round_trip(n, up, down), echo.pids[:n],
                          warmup, repeats)
-        apply = measure("apply_gradients", n, ids_bytes + rows_bytes,
-                        lambda: table.apply_gradients(ids, grads, 1), pids, warmup, repeats)
-    for res, up, down in ((lookup, ids_bytes, rows_bytes),
-                          (apply, ids_bytes + rows_bytes, 0)):
-        base = measure(f"echo({res.name})", n, up + down, echo.round_trip(n, up, down),
-                       echo.pids[:n], warmup, repeats)
-        pairs.append((res, base))
+            pairs.append((res, base))
     return pairs
 
 
@@ -246,12 +267,14 @@ def main() -> None:
               f"{res.pct(50) * 1e3:>9.2f}{res.pct(99) * 1e3:>9.2f}{cpu:>16}"
               f"{base.mb_per_s:>11.0f}{base.pct(50) * 1e3:>10.2f}{echo_cpu:>10}"
               f"{base.mean / res.mean:>7.2f}")
-    print("\nscaling (ids/s relative to 1 shard):")
+    print("\nscaling (calls/s relative to 1 process; the echo's own curve shows what the "
+          "transport allows on these cores):")
     for name in ("lookup", "apply_gradients"):
-        mine = [r for r, _ in rows if r.name == name]
-        one = next((r for r in mine if r.shards == 1), mine[0])
-        curve = "  ".join(f"{r.shards}: {r.ids_per_s / one.ids_per_s:.2f}x" for r in mine)
-        print(f"  {name:<16} {curve}")
+        for pick, label in ((0, name), (1, f"echo({name})")):
+            mine = [pair[pick] for pair in rows if pair[0].name == name]
+            one = next((r for r in mine if r.shards == 1), mine[0])
+            curve = "  ".join(f"{r.shards}: {one.mean / r.mean:.2f}x" for r in mine)
+            print(f"  {label:<23} {curve}")
     print("\nratio = echo time / service time for the same bytes over the same number of "
           "processes (1.0 = transport-bound); cpu = CPU ms per call in this process + in "
           "the server processes")
