@@ -8,8 +8,8 @@ optimizer step each), then measures in one process, on one disk:
   files, ``fsync`` each: the durability a save gives);
 * **restore** (``restore_table``) into the same table (in place: a checking pass over
   every file, then the loading pass; storage already sized) and into a fresh table
-  (one pass; storage grows as entries arrive): MB/s and the ratio to a raw sequential
-  read of the same bytes;
+  (one pass; storage sized from the file sizes): MB/s and the ratio to a raw
+  sequential read of the same bytes;
 * **peak extra memory** during each: the highest RSS seen by a sampling thread (every
   2 ms) minus the RSS before the operation (for the fresh table also minus its final
   size), relative to the table's own bytes (``table.nbytes()``).
@@ -20,7 +20,13 @@ pages) before it is read, so both reads start from the device. The restore's sec
 pass rereads files the first pass just read (cached), as it would in production.
 A cached raw read is printed for reference.
 
-Usage: ``python bench/checkpoint_bench.py [--quick] [--entries N] [--dir PATH]``.
+Every measurement (raw ones included) runs ``--repeat`` times (default 2) and the
+fastest run counts; memory is the largest rise of any run. The machine should be
+quiet: the bench watches ``/proc/stat`` and warns when other processes kept a CPU
+busy while it measured.
+
+Usage: ``python bench/checkpoint_bench.py [--quick] [--entries N] [--dir PATH]
+[--repeat R]``.
 """
 
 from __future__ import annotations
@@ -35,18 +41,17 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from dataclasses import dataclass
 
 import numpy as np
 import psutil
 
-from ps_server.checkpoint.table_files import restore_table, save_table
+from ps_server.checkpoint.table_files import SaveResult, restore_table, save_table
 from ps_server.engine import configs
 from ps_server.engine.hash_table import EmbeddingHashTable
 
 DIM = 32
 BLOCK = 16 << 20
-T = TypeVar("T")
 
 
 def trimmed_rss() -> int:
@@ -91,12 +96,6 @@ def drop_cache(paths: list[str]) -> None:
             os.close(fd)
 
 
-def timed(fn: Callable[[], T]) -> tuple[T, float]:
-    t0 = time.perf_counter()
-    value = fn()
-    return value, time.perf_counter() - t0
-
-
 def raw_write(directory: str, sizes: list[int]) -> list[str]:
     block = np.random.default_rng(0).integers(0, 256, BLOCK, dtype=np.uint8).tobytes()
     paths = []
@@ -134,81 +133,139 @@ def build_table(n: int) -> EmbeddingHashTable:
     return table
 
 
+@dataclass
+class Trial:
+    """The fastest of several runs of one operation.
+
+    ``extra`` is the largest RSS rise of any run; ``elsewhere`` the largest share of a
+    run's wall time that other processes kept a CPU busy (a noisy machine).
+    """
+
+    secs: float = float("inf")
+    extra: int = 0
+    elsewhere: float = 0.0
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:9]]
+    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+    own = os.times()
+    return busy, own.user + own.system
+
+
+def trial(fn: Callable[[], object], repeat: int, prepare: Callable[[], object] | None = None
+          ) -> Trial:
+    out = Trial()
+    for _ in range(repeat):
+        if prepare is not None:
+            prepare()
+        with peak_rss() as mem:
+            busy0, own0 = cpu_seconds()
+            t0 = time.perf_counter()
+            fn()
+            secs = time.perf_counter() - t0
+            busy1, own1 = cpu_seconds()
+        out.secs = min(out.secs, secs)
+        out.extra = max(out.extra, mem[1] - mem[0])
+        out.elsewhere = max(out.elsewhere, ((busy1 - busy0) - (own1 - own0)) / secs)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="500k entries instead of 4M")
     parser.add_argument("--entries", type=int, default=None)
     parser.add_argument("--dir", default=None, help="directory on the disk to measure")
+    parser.add_argument("--repeat", type=int, default=2,
+                        help="runs of every measurement, the fastest counts (default 2)")
     args = parser.parse_args()
     n = args.entries or (500_000 if args.quick else 4_000_000)
+    repeat = max(1, args.repeat)
 
     print(f"building a {n:,} x {DIM} Adagrad table ...", flush=True)
-    table = build_table(n)
-    n = table.size()
-    table_bytes = table.nbytes()
-    print(f"table: {n:,} entries, {table_bytes / 2**20:,.0f} MiB in memory")
+    live = [build_table(n)]  # a list, so the table can be dropped before the fresh restores
+    n = live[0].size()
+    table_bytes = live[0].nbytes()
+    print(f"table: {n:,} entries, {table_bytes / 2**20:,.0f} MiB in memory", flush=True)
 
     work = tempfile.mkdtemp(prefix="ckpt-bench-", dir=args.dir)
     try:
         base = os.path.join(work, "t")
-        with peak_rss() as save_mem:
-            t0 = time.perf_counter()
-            result = save_table(table, base, shard_index=0, nshards=4)
-            save_s = time.perf_counter() - t0
-        sizes = [os.path.getsize(p) for p in result.files]
+        saved: list[SaveResult] = []
+        save = trial(
+            lambda: saved.append(save_table(live[0], base, shard_index=0, nshards=4)), repeat
+        )
+        files = saved[-1].files
+        sizes = [os.path.getsize(p) for p in files]
         nbytes = sum(sizes)
         mb = nbytes / 1e6
 
-        raw_paths, raw_write_s = timed(lambda: raw_write(work, sizes))
-        drop_cache(raw_paths)
-        _, raw_read_s = timed(lambda: raw_read(raw_paths))
-        _, raw_hot_s = timed(lambda: raw_read(raw_paths))
-        for p in raw_paths:
+        raw_paths: list[str] = []
+        raw_w = trial(lambda: raw_paths.extend(raw_write(work, sizes)), repeat)
+        raw_r = trial(lambda: raw_read(raw_paths[: len(sizes)]), repeat,
+                      lambda: drop_cache(raw_paths[: len(sizes)]))
+        raw_h = trial(lambda: raw_read(raw_paths[: len(sizes)]), repeat)
+        for p in set(raw_paths):
             os.unlink(p)
 
-        drop_cache(result.files)
-        with peak_rss() as inplace_mem:
-            t0 = time.perf_counter()
-            got = restore_table(table, base, shard_index=0, num_shards=1)
-            inplace_s = time.perf_counter() - t0
-        assert got.entries == n, got
+        def restore_in_place() -> None:
+            got = restore_table(live[0], base, shard_index=0, num_shards=1)
+            assert got.entries == n, got
 
-        del table
+        inplace = trial(restore_in_place, repeat, lambda: drop_cache(files))
+        live.clear()
         gc.collect()
-        drop_cache(result.files)
-        fresh = EmbeddingHashTable(configs.table_config(DIM, optimizer=configs.adagrad()))
-        with peak_rss() as fresh_mem:
-            t0 = time.perf_counter()
-            got = restore_table(fresh, base, shard_index=0, num_shards=1)
-            fresh_s = time.perf_counter() - t0
-        assert got.entries == n, got
-        fresh_bytes = fresh.nbytes()
+
+        fresh_tables: list[EmbeddingHashTable] = []
+
+        def new_fresh() -> None:
+            fresh_tables.clear()
+            gc.collect()
+            drop_cache(files)
+            fresh_tables.append(
+                EmbeddingHashTable(configs.table_config(DIM, optimizer=configs.adagrad()))
+            )
+
+        def restore_fresh() -> None:
+            got = restore_table(fresh_tables[0], base, shard_index=0, num_shards=1)
+            assert got.entries == n, got
+
+        fresh = trial(restore_fresh, repeat, new_fresh)
+        fresh_bytes = fresh_tables[0].nbytes()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    raw_w, raw_r, raw_h = mb / raw_write_s, mb / raw_read_s, mb / raw_hot_s
-    print(f"files: {len(result.files)} x ~{sizes[0] / 1e6:,.0f} MB = {mb:,.0f} MB "
-          f"({nbytes / n:.0f} bytes/entry)")
-    print(f"raw write+fsync        {raw_w:8,.0f} MB/s")
-    print(f"raw read (cold)        {raw_r:8,.0f} MB/s   (cached: {raw_h:,.0f} MB/s)")
+    print(f"files: {len(files)} x ~{sizes[0] / 1e6:,.0f} MB = {mb:,.0f} MB "
+          f"({nbytes / n:.0f} bytes/entry); fastest of {repeat} runs each")
+    print(f"raw write+fsync        {mb / raw_w.secs:8,.0f} MB/s")
+    print(f"raw read (cold)        {mb / raw_r.secs:8,.0f} MB/s   "
+          f"(cached: {mb / raw_h.secs:,.0f} MB/s)")
     print()
     print(f"{'':22} {'entries/s':>12} {'MB/s':>8} {'vs raw':>7} {'peak extra mem':>22}")
 
-    def row(label: str, secs: float, raw: float, mem: list[int], grown: int, ref: int) -> None:
-        extra = max(0, mem[1] - mem[0] - grown)
-        print(f"{label:22} {n / secs:12,.0f} {mb / secs:8,.0f} {mb / secs / raw:6.2f}x "
+    def row(label: str, t: Trial, raw: Trial, grown: int, ref: int) -> None:
+        extra = max(0, t.extra - grown)
+        print(f"{label:22} {n / t.secs:12,.0f} {mb / t.secs:8,.0f} {raw.secs / t.secs:6.2f}x "
               f"{extra / 2**20:9,.0f} MiB = {extra / ref:4.2f}x table")
 
-    row("save", save_s, raw_w, save_mem, 0, table_bytes)
-    row("restore in place", inplace_s, raw_r, inplace_mem, 0, table_bytes)
-    row("restore fresh table", fresh_s, raw_r, fresh_mem, fresh_bytes, fresh_bytes)
-    print(f"{'':22} (fresh: peak {(fresh_mem[1] - fresh_mem[0]) / 2**20:,.0f} MiB above the "
+    row("save", save, raw_w, 0, table_bytes)
+    row("restore in place", inplace, raw_r, 0, table_bytes)
+    row("restore fresh table", fresh, raw_r, fresh_bytes, fresh_bytes)
+    print(f"{'':22} (fresh: peak {fresh.extra / 2**20:,.0f} MiB above the "
           f"baseline for a table of {fresh_bytes / 2**20:,.0f} MiB allocated)")
     print("\nrestore in place: a checking pass over every file, then the loading pass (the "
           "live table\nis only touched once everything checked); a fresh (empty) table is "
           "loaded in one pass.\n'vs raw' compares with one raw read of the bytes. Fresh "
-          "table memory: peak above the\nbaseline plus the table's final size (its growth "
-          "by doubling is included).")
+          "table memory: peak above the\nbaseline minus the table's final size.")
+    trials = {"save": save, "raw write": raw_w, "raw read": raw_r, "restore in place": inplace,
+              "restore fresh": fresh}
+    busy = {k: t.elsewhere for k, t in trials.items() if t.elsewhere > 0.1}
+    if busy:
+        print("\nWARNING: other processes kept a CPU busy during "
+              + ", ".join(f"{k} ({v:.0%})" for k, v in busy.items())
+              + "; figures are unreliable, rerun on a quiet machine.")
 
 
 if __name__ == "__main__":

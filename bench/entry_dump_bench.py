@@ -1,9 +1,10 @@
-"""EntryDump codec benchmark: encode/decode MB/s beside a plain ``tobytes()``.
+"""EntryDump codec benchmark: encode/decode/check MB/s beside a plain ``tobytes()``.
 
 Encodes N dim-32 Adagrad entries (values, norm, id, timestamp) with
-``encode_entry_dumps`` and decodes them back with ``decode_entry_dumps``. The
-baseline is ``ndarray.tobytes()`` of the same values and norm (a bare memory copy
-of the payload), run in the same process; each rate is printed with its ratio to it.
+``encode_entry_dumps``, decodes them back with ``decode_entry_dumps`` and checks
+them with ``check_entry_dumps`` (a restore's first pass). The baseline is
+``ndarray.tobytes()`` of the same values and norm (a bare memory copy of the
+payload), run in the same process; each rate is printed with its ratio to it.
 Two timestamp patterns are measured: uniform (one layout, the buffer is written as
 views) and mixed (0 or a real time, interleaved at random, so records scatter).
 
@@ -21,7 +22,11 @@ from typing import ClassVar
 
 import numpy as np
 
-from ps_server.engine.entry_dump import decode_entry_dumps, encode_entry_dumps
+from ps_server.engine.entry_dump import (
+    check_entry_dumps,
+    decode_entry_dumps,
+    encode_entry_dumps,
+)
 from ps_server.engine.optimizers.base import Optimizer, State, StateSlot, float_slot
 from ps_server.engine.types import Floats
 
@@ -75,6 +80,7 @@ def run(n: int, repeats: int, mixed: bool) -> None:
     buffer, offsets = encode_entry_dumps(values, segments, ts, ids)
     enc = best_of(lambda: encode_entry_dumps(values, segments, ts, ids), repeats)
     dec = best_of(lambda: decode_entry_dumps(buffer, offsets, [opt], DIM), repeats)
+    chk = best_of(lambda: check_entry_dumps(buffer, offsets, [opt], DIM), repeats)
     out = decode_entry_dumps(buffer, offsets, [opt], DIM)
     assert np.array_equal(out.values, values) and np.array_equal(out.states[0]["norm"], norm)
     mb = buffer.size / 1e6
@@ -84,6 +90,7 @@ def run(n: int, repeats: int, mixed: bool) -> None:
     print(f"  tobytes() of values+norm  {base_rate:9.0f} MB/s")
     print(f"  encode_entry_dumps        {mb / enc:9.0f} MB/s  ratio {mb / enc / base_rate:.2f}")
     print(f"  decode_entry_dumps        {mb / dec:9.0f} MB/s  ratio {mb / dec / base_rate:.2f}")
+    print(f"  check_entry_dumps         {mb / chk:9.0f} MB/s  ratio {mb / chk / base_rate:.2f}")
 
 
 def main() -> None:
