@@ -363,7 +363,7 @@ class AdminServicer(ps_grpc.ParameterServerAdminServicer):
     @translate_errors
     async def Drain(self, request: ps_pb2.DrainRequest, context: Any) -> ps_pb2.DrainResponse:
         grace = request.grace_seconds
-        if grace < 0:
+        if not grace >= 0:  # NaN too
             raise InvalidArgumentError(
                 f"grace_seconds must be >= 0 (0 = the shard's --grace_seconds), got {grace}"
             )

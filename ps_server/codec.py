@@ -84,7 +84,10 @@ def _frombuffer(tensor: TensorLike, shape: tuple[int, ...], dtype: np.dtype[Any]
             f"{what}: {len(data)} bytes is not {dims} x {dtype.name} ({want} bytes expected; "
             f"data must be raw little-endian {dtype.name})"
         )
-    return np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
+    try:
+        return np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
+    except ValueError as e:  # no bytes, but other dimensions no array can have
+        raise BadTensorError(f"{what}: shape {list(shape)} is too large for an array: {e}") from e
 
 
 def decode_ids(tensor: TensorLike, what: str = "ids") -> Ids:

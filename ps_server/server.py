@@ -46,7 +46,12 @@ from ps_server.metrics import (
     ShardMetrics,
     start_metrics_server,
 )
-from ps_server.service import SERVICE_NAME, ParameterServerServicer, add_servicer_to_server
+from ps_server.service import (
+    SERVICE_NAME,
+    MalformedRequestGuard,
+    ParameterServerServicer,
+    add_servicer_to_server,
+)
 
 __all__ = [
     "ShardServer",
@@ -162,7 +167,7 @@ async def build_shard_server(
     limit = config.max_message_bytes
     server = grpc.aio.server(
         # Metrics outermost, so calls the drain gate refuses are counted too.
-        interceptors=[RpcMetricsInterceptor(metrics), DataPlaneGate(ops)],
+        interceptors=[RpcMetricsInterceptor(metrics), DataPlaneGate(ops), MalformedRequestGuard()],
         options=[
             ("grpc.max_send_message_length", limit),
             ("grpc.max_receive_message_length", limit),

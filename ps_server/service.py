@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import functools
 import importlib
 import logging
@@ -42,7 +43,7 @@ from typing import Any, Final, NoReturn, Protocol, TypeVar
 
 import grpc
 import numpy as np
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 import ps_server
 from protos import ps_service_pb2 as ps_pb2
@@ -67,8 +68,10 @@ from ps_server.locks import ShardLocks
 __all__ = [
     "BULK_RPCS",
     "SERVICE_NAME",
+    "STATUS_BY_ERRNO",
     "STATUS_BY_ERROR",
     "CheckpointOutcome",
+    "MalformedRequestGuard",
     "ParameterServerServicer",
     "ShardEvents",
     "TableEvicted",
@@ -100,6 +103,29 @@ STATUS_BY_ERROR: Final[Mapping[type[PsError], grpc.StatusCode]] = {
     PathOutsideRootError: grpc.StatusCode.PERMISSION_DENIED,
     ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
+
+_Code = grpc.StatusCode
+
+#: The status code of the OS errors a request can cause (a full disk, a path that
+#: cannot be a file); other ``OSError``\ s are bugs (``INTERNAL``).
+STATUS_BY_ERRNO: Final[Mapping[int, grpc.StatusCode]] = {
+    errno.ENOSPC: _Code.RESOURCE_EXHAUSTED,
+    errno.EDQUOT: _Code.RESOURCE_EXHAUSTED,
+    errno.EFBIG: _Code.RESOURCE_EXHAUSTED,
+    errno.ENAMETOOLONG: _Code.INVALID_ARGUMENT,
+    errno.ENOENT: _Code.NOT_FOUND,
+    errno.ENOTDIR: _Code.FAILED_PRECONDITION,
+    errno.EISDIR: _Code.FAILED_PRECONDITION,
+    errno.EEXIST: _Code.FAILED_PRECONDITION,
+    errno.EACCES: _Code.PERMISSION_DENIED,
+    errno.EPERM: _Code.PERMISSION_DENIED,
+    errno.EROFS: _Code.PERMISSION_DENIED,
+}
+
+#: Save/restore paths must be shorter than this many characters (Linux's PATH_MAX)...
+MAX_PATH_CHARS: Final = 4096
+#: ... and have fewer levels (directories are created one level at a time).
+MAX_PATH_DEPTH: Final = 128
 
 # Status details travel in trailers, which gRPC caps at a few KiB.
 _MAX_DETAILS_CHARS = 2000
@@ -140,7 +166,9 @@ def translate_errors(
     method of every servicer of the shard: data plane and admin).
 
     :class:`PsError` → its :func:`status_of` code with the error's message;
-    ``MemoryError`` → ``RESOURCE_EXHAUSTED``; anything else is a bug → ``INTERNAL``
+    ``MemoryError`` → ``RESOURCE_EXHAUSTED``; an ``OSError`` listed in
+    :data:`STATUS_BY_ERRNO` (e.g. a full disk) → that code, naming the file (or the
+    request's ``model_dir`` / ``basename``); anything else is a bug → ``INTERNAL``
     with an opaque message and the traceback in the shard's log.
     """
     name = rpc.__name__
@@ -165,6 +193,14 @@ def translate_errors(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{name}: the shard ran out of memory; send smaller batches or add shards",
             )
+        except OSError as e:
+            code = STATUS_BY_ERRNO.get(e.errno or 0)
+            if code is None:
+                _log.exception("%s: internal error", name)
+                await _abort(context, grpc.StatusCode.INTERNAL,
+                             f"{name}: internal error (see the shard's log)")
+            _log.warning("%s: %s: %s", name, code.name, e)
+            await _abort(context, code, _os_error_details(name, e, request))
         except Exception:
             _log.exception("%s: internal error", name)
             await _abort(
@@ -177,6 +213,74 @@ def translate_errors(
 _translate_errors = translate_errors
 
 
+def _os_error_details(rpc: str, error: OSError, request: Any) -> str:
+    """What failed, on which path, and what to do (for :data:`STATUS_BY_ERRNO` codes)."""
+    path = error.filename or getattr(request, "model_dir", "") or getattr(
+        request, "basename", "")
+    name = errno.errorcode.get(error.errno or 0, str(error.errno))
+    text = f"{rpc}: {error.strerror or error} ({name}) at {path!r}"
+    if STATUS_BY_ERRNO.get(error.errno or 0) == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        text += ("; free disk space (or raise the file size limit) or write elsewhere. "
+                 "A failed save is not committed: the previous checkpoint stays the latest")
+    return text
+
+
+class _Unparsable:
+    """Stands for request bytes that did not parse (deserializers must not raise)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class MalformedRequestGuard(grpc.aio.ServerInterceptor):
+    """Request bytes that do not parse get ``INVALID_ARGUMENT`` naming the message.
+
+    gRPC answers a deserializer's exception with ``UNKNOWN``; here the deserializer
+    of every unary method is wrapped so it never raises, and the call is refused
+    before the servicer runs. A parser bug (anything but ``DecodeError``) is logged
+    and answered ``INTERNAL``, as :func:`translate_errors` does.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+        inner = handler.unary_unary
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+
+        def deserialize(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except Exception as e:  # handed to ``guarded``: gRPC would say UNKNOWN
+                return _Unparsable(e)
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, _Unparsable):
+                error = request.error
+                if not isinstance(error, DecodeError):
+                    _log.error("%s: request parser failed", method, exc_info=error)
+                    await _abort(context, grpc.StatusCode.INTERNAL,
+                                 f"{method}: internal error (see the shard's log)")
+                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                             f"{method}: the request is not a valid protobuf message of "
+                             f"the method's request type ({error}); "
+                             "check the client's protos")
+            return await inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded,
+            request_deserializer=deserialize,
+            response_serializer=handler.response_serializer,
+        )
+
+
 def resolve_path(path: str, data_root: str, what: str = "path", *, prefix: bool = True) -> str:
     """Where a save/restore ``path`` points, checked against ``data_root``.
 
@@ -185,11 +289,19 @@ def resolve_path(path: str, data_root: str, what: str = "path", *, prefix: bool 
     lie inside the root; for a file-name ``prefix`` (files are ``<path>_...``) it must
     lie strictly inside, for a directory it may be the root itself.
 
-    :raises InvalidArgumentError: empty path.
+    :raises InvalidArgumentError: empty path, a NUL character in it, or a path of
+        :data:`MAX_PATH_CHARS` characters or :data:`MAX_PATH_DEPTH` levels or more.
     :raises PathOutsideRootError: the resolved path escapes the root.
     """
     if not path:
         raise InvalidArgumentError(f"{what} must not be empty")
+    if "\0" in path:
+        raise InvalidArgumentError(f"{what} {path!r} contains a NUL character")
+    if len(path) >= MAX_PATH_CHARS or path.count("/") >= MAX_PATH_DEPTH:
+        raise InvalidArgumentError(
+            f"{what} is {len(path)} characters and {path.count('/') + 1} levels deep; it "
+            f"must be shorter than {MAX_PATH_CHARS} characters and {MAX_PATH_DEPTH} levels"
+        )
     if not data_root:
         return path
     root = os.path.realpath(data_root)

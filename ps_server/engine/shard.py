@@ -28,6 +28,7 @@ from ps_server.errors import (
     ConfigError,
     DimMismatchError,
     InvalidArgumentError,
+    ServingEntryError,
     UnknownFilterError,
     UnknownTableError,
 )
@@ -35,6 +36,14 @@ from ps_server.errors import (
 FILTER_TYPES = ("sliding_hash_filter", "probabilistic_filter", "no_filter")
 DEFAULT_CAPACITY = 300_000_000
 DEFAULT_SPLIT_NUM = 7
+#: Largest sliding filter capacity (elements); beyond it the cells could not even be
+#: addressed, let alone allocated.
+MAX_FILTER_CAPACITY = 1 << 40
+#: Most files one save of a table (``saver_parallel``) or of a sliding filter
+#: (``split_num``) may write: a request cannot make the shard write millions of files.
+MAX_FILES_PER_SAVE = 1024
+#: Longest table or filter name (UTF-8 bytes): it is part of checkpoint file names.
+MAX_NAME_BYTES = 200
 
 
 @dataclass(frozen=True)
@@ -57,7 +66,11 @@ class FilterOptions:
     equal_probability: bool = False
 
     def build(self) -> HashFilter:
-        """The filter these options describe."""
+        """The filter these options describe.
+
+        :raises ConfigError: unknown type; a sliding filter with a capacity over
+            :data:`MAX_FILTER_CAPACITY` or more than :data:`MAX_FILES_PER_SAVE` splits.
+        """
         if self.filter_type not in FILTER_TYPES:
             raise ConfigError(
                 f"unknown filter_type {self.filter_type!r}; use one of {', '.join(FILTER_TYPES)}"
@@ -65,6 +78,16 @@ class FilterOptions:
         if not self.enable_hash_filter or self.filter_type == "no_filter":
             return DummyHashFilter()
         thresholds = self.occurrence_threshold_config
+        if self.filter_type == "sliding_hash_filter" and self.capacity > MAX_FILTER_CAPACITY:
+            raise ConfigError(
+                f"sliding hash filter capacity must be <= {MAX_FILTER_CAPACITY}, got "
+                f"{self.capacity}; spread the ids over more shards"
+            )
+        if self.filter_type == "sliding_hash_filter" and self.split_num > MAX_FILES_PER_SAVE:
+            raise ConfigError(
+                f"sliding hash filter split_num must be <= {MAX_FILES_PER_SAVE} (one file per "
+                f"split on save), got {self.split_num}"
+            )
         if self.filter_type == "probabilistic_filter":
             return ProbabilisticFilter(
                 equal_probability=self.equal_probability, thresholds=thresholds
@@ -143,9 +166,16 @@ class Shard:
 
         :param allow_existing: an existing table with the same config is not an error
             (returns False); without it any existing name is ``AlreadyExistsError``.
+        :param saver_parallel: files per save (< 0: automatic); at most
+            :data:`MAX_FILES_PER_SAVE`.
         :raises AlreadyExistsError, ConfigError, UnknownFilterError.
         """
         _check_name(name, "table")
+        if saver_parallel > MAX_FILES_PER_SAVE:
+            raise ConfigError(
+                f"table {name!r}: saver_parallel (files per save) must be <= "
+                f"{MAX_FILES_PER_SAVE}, got {saver_parallel}"
+            )
         if isinstance(config, bytes | bytearray):
             try:
                 msg = eht.EmbeddingHashTableConfig.FromString(bytes(config))
@@ -251,6 +281,14 @@ class Shard:
             )
         if req_time < 0:
             raise InvalidArgumentError(f"req_time must be >= 0, got {req_time}")
+        for t in sorted({t for t, _ in blocks}):
+            # Checked here, not by the block's apply_gradients: earlier blocks would
+            # already have been applied.
+            if tables[t].layout.serving:
+                raise ServingEntryError(
+                    f"table {table_names[t]!r} (fused table index {t}) has SERVING entries; "
+                    "fused_optimize needs TRAINING entries"
+                )
         lr_start = np.concatenate([[0], np.cumsum(segs)]).astype(int)
         pos = 0
         for (t, _), (lo, hi) in zip(blocks, bounds, strict=True):
@@ -294,6 +332,13 @@ def _bad_grads(shape: tuple[int, ...], n: int) -> Floats:
 def _check_name(name: str, what: str) -> None:
     if not name or not isinstance(name, str):
         raise InvalidArgumentError(f"{what} name must be a non-empty string, got {name!r}")
+    # Names become file names in checkpoints (255 bytes at most, with part suffixes).
+    if "\0" in name or len(name.encode()) > MAX_NAME_BYTES:
+        raise InvalidArgumentError(
+            f"{what} name {name[:60]!r}{'...' if len(name) > 60 else ''} must have no NUL "
+            "character and at most "
+            f"{MAX_NAME_BYTES} bytes (it names checkpoint files), got {len(name.encode())}"
+        )
 
 
 def _block_bounds(

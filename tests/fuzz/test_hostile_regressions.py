@@ -1,0 +1,181 @@
+"""The hostile requests the fuzz suite found mishandled, one test each (issue 7, item 3).
+
+Each was answered ``UNKNOWN`` or ``INTERNAL``, changed state although rejected, or
+could make the shard write without bound; each must now get a precise status, leave
+the shard exactly as it was and keep it serving.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from protos import ps_service_pb2 as pb
+from ps_server.engine import configs
+from ps_server.engine.shard import MAX_FILES_PER_SAVE, MAX_FILTER_CAPACITY, MAX_NAME_BYTES
+from tests.faults.support import shard_fingerprint
+from tests.fuzz.oracle import METHODS, T0, baseline
+from tests.integration.conftest import RunningServer, start_inprocess_server
+
+pytestmark = pytest.mark.integration
+
+Code = grpc.StatusCode
+
+
+@pytest.fixture(params=["data root", "no data root"])
+def shard(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RunningServer]:
+    """Shard 1 of 3 holding the fuzz suite's baseline tables (``sv`` is SERVING)."""
+    root = str(tmp_path) if request.param == "data root" else ""
+    state = copy.deepcopy(baseline(True, 1, 3))
+    with start_inprocess_server(shard=state, shard_index=1, num_shards=3, data_root=root,
+                                max_message_bytes=64 * 1024) as server:
+        yield server
+
+
+def send(server: RunningServer, method: str, payload: bytes | Any) -> tuple[grpc.StatusCode, str]:
+    """Raw bytes (or a message) to ``method``: ``(code, details)``."""
+    path = METHODS[method][0]
+    raw = payload if isinstance(payload, bytes) else payload.SerializeToString()
+    try:
+        server.channel.unary_unary(path)(raw, timeout=20)
+    except grpc.RpcError as err:
+        call: Any = err
+        return call.code(), call.details()
+    return Code.OK, ""
+
+
+def refused(server: RunningServer, method: str, payload: Any, code: grpc.StatusCode,
+            *fragments: str) -> None:
+    """``payload`` gets ``code`` naming ``fragments``; nothing changes; still serving."""
+    before = shard_fingerprint(server.shard)
+    got, details = send(server, method, payload)
+    assert got == code, details
+    for fragment in fragments:
+        assert fragment in details, details
+    assert shard_fingerprint(server.shard) == before
+    assert send(server, "ListTables", pb.ListTablesRequest())[0] == Code.OK
+
+
+def tensor(arr: Any, dtype: str) -> pb.Tensor:
+    a = np.asarray(arr, dtype=dtype)
+    return pb.Tensor(data=a.tobytes(), shape=list(a.shape))
+
+
+GARBAGE = {"bad key": b"\xff\xff", "cut field": b"\x0a\x05ab",
+           # Field 1 is a string in these requests only (elsewhere: an unknown field).
+           "bad UTF-8": b"\x0a\x02\xff\xfe"}
+
+
+@pytest.mark.parametrize(("method", "garbage"), [
+    (method, kind)
+    for method in ("Lookup", "Assign", "CreateTable", "GetShardInfo", "RestoreCheckpoint",
+                   "Admin.Restore", "Admin.Drain")
+    for kind in GARBAGE
+    if kind != "bad UTF-8" or method not in ("GetShardInfo", "Admin.Drain")
+])
+def test_bytes_that_are_no_request_are_invalid_argument(
+    shard: RunningServer, method: str, garbage: str
+) -> None:
+    # Was UNKNOWN ("Unexpected DecodeError"): gRPC's answer to a failing deserializer.
+    name = METHODS[method][0].rsplit("/", 1)[-1]
+    refused(shard, method, GARBAGE[garbage], Code.INVALID_ARGUMENT, name,
+            "not a valid protobuf")
+
+
+@pytest.mark.parametrize(("method", "request_"), [
+    ("Save", pb.SaveRequest(table="emb", basename="a\0b")),
+    ("Restore", pb.RestoreRequest(table="emb", basename="ck/\0")),
+    ("SaveCheckpoint", pb.CheckpointRequest(model_dir="m\0", global_step=1)),
+    ("Admin.Restore", pb.AdminRestoreRequest(model_dir="m", prefix="x\0")),
+], ids=["Save", "Restore", "SaveCheckpoint", "Admin.Restore"])
+def test_nul_in_a_path_is_invalid_argument(shard: RunningServer, method: str,
+                                           request_: Any) -> None:
+    # Was INTERNAL (ValueError: embedded null byte).
+    refused(shard, method, request_, Code.INVALID_ARGUMENT, "NUL")
+
+
+@pytest.mark.parametrize("path", ["x" * 300, "d/" + "y" * 300, "z/" * 1000 + "t",
+                                  "w" * 5000])
+def test_overlong_and_overdeep_paths_are_invalid_argument(shard: RunningServer,
+                                                          path: str) -> None:
+    # Were INTERNAL: ENAMETOOLONG, and RecursionError in os.makedirs for deep paths.
+    refused(shard, "Save", pb.SaveRequest(table="emb", basename=path), Code.INVALID_ARGUMENT)
+    refused(shard, "SaveCheckpoint", pb.CheckpointRequest(model_dir=path, global_step=1),
+            Code.INVALID_ARGUMENT)
+
+
+def test_fused_optimize_with_a_serving_table_in_a_later_block_changes_nothing(
+    shard: RunningServer,
+) -> None:
+    # Block 0 (emb, TRAINING) used to be applied before block 1 (sv, SERVING) failed.
+    request = pb.FusedOptimizeRequest(
+        tables=["emb", "sv"],
+        blocks=[pb.FusedBlock(table_index=0, num_ids=1), pb.FusedBlock(table_index=1,
+                                                                       num_ids=1)],
+        ids=tensor([1, 1], "<i8"), grads=tensor(np.ones(5), "<f4"),
+        learning_rates=[1.0, 1.0], req_time=T0 + 99)
+    refused(shard, "FusedOptimize", request, Code.FAILED_PRECONDITION, "'sv'", "SERVING")
+
+
+def test_empty_tensor_with_a_dimension_no_array_can_have_is_invalid_argument(
+    shard: RunningServer,
+) -> None:
+    # [2**62, 0] holds no element but numpy cannot shape it: was INTERNAL.
+    grads = pb.Tensor(data=b"", shape=[2**62, 0])
+    refused(shard, "InterceptGradient", pb.InterceptGradientRequest(
+        hash_filter="flt", ids=tensor([], "<i8"), grads=grads), Code.INVALID_ARGUMENT,
+        "grads")
+    refused(shard, "Assign", pb.AssignRequest(
+        table="emb", ids=tensor([], "<i8"), values=pb.Tensor(shape=[0, 2**63 - 1])),
+        Code.INVALID_ARGUMENT, "values")
+
+
+@pytest.mark.parametrize(("request_", "fragment"), [
+    (pb.CreateHashFilterRequest(name="f", enable_hash_filter=True, capacity=2**63),
+     "capacity"),  # was INTERNAL: numpy "array is too big"
+    (pb.CreateHashFilterRequest(name="f", enable_hash_filter=True,
+                                capacity=MAX_FILTER_CAPACITY + 1), "capacity"),
+    (pb.CreateHashFilterRequest(name="f", enable_hash_filter=True, capacity=10**9,
+                                split_num=MAX_FILES_PER_SAVE + 1), "split_num"),
+], ids=["capacity 2**63", "capacity over the limit", "a file per split, too many"])
+def test_filter_sizes_beyond_any_shard_are_invalid_argument(
+    shard: RunningServer, request_: Any, fragment: str
+) -> None:
+    refused(shard, "CreateHashFilter", request_, Code.INVALID_ARGUMENT, fragment)
+
+
+def create_table(name: str, **kw: Any) -> pb.CreateTableRequest:
+    return pb.CreateTableRequest(name=name, config=configs.table_config(2).SerializeToString(),
+                                 **kw)
+
+
+def test_table_that_could_never_be_saved_is_refused(shard: RunningServer) -> None:
+    # A save would have written 2**31 - 1 files, holding the table's lock meanwhile.
+    refused(shard, "CreateTable", create_table("many", saver_parallel=2**31 - 1),
+            Code.INVALID_ARGUMENT, "saver_parallel")
+    # A NUL in the name made every later SaveCheckpoint fail with INTERNAL.
+    refused(shard, "CreateTable", create_table("a\0b"), Code.INVALID_ARGUMENT, "NUL")
+    refused(shard, "CreateTable", create_table("n" * (MAX_NAME_BYTES + 1)),
+            Code.INVALID_ARGUMENT, str(MAX_NAME_BYTES))
+    refused(shard, "CreateHashFilter", pb.CreateHashFilterRequest(name="f\0"),
+            Code.INVALID_ARGUMENT, "NUL")
+    # The limits themselves are fine: such a table saves.
+    assert send(shard, "CreateTable", create_table("n" * MAX_NAME_BYTES,
+                                                   saver_parallel=3))[0] == Code.OK
+
+
+@pytest.mark.parametrize("grace", [math.nan, -1.0, -math.inf])
+def test_drain_with_a_grace_that_is_not_a_duration_is_refused(shard: RunningServer,
+                                                              grace: float) -> None:
+    # NaN used to pass the ">= 0" check and drain the shard.
+    refused(shard, "Admin.Drain", pb.DrainRequest(grace_seconds=grace), Code.INVALID_ARGUMENT,
+            "grace_seconds")
+    lookup = pb.LookupRequest(table="emb", ids=tensor([1], "<i8"))
+    assert send(shard, "Lookup", lookup)[0] == Code.OK  # not draining
