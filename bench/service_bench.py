@@ -11,9 +11,11 @@ shard processes (less sensitive to other load on the machine than wall time). Th
 headline is the **ratio to a bare gRPC echo** moving
 the same bytes in the same run: N echo processes (``bench/echo_server.py``), each
 sent its 1/N share of the request bytes and asked for its 1/N share of the response
-bytes, concurrently, from an asyncio loop thread like the client's. Service and echo
-calls alternate, so both see the same load. A ratio of 1.0 would mean the parameter
-server costs nothing beyond moving the bytes.
+bytes, concurrently, from an asyncio loop thread like the client's. The clusters of
+every shard count run side by side (idle ones cost nothing) and the calls of all
+cases, service and echo, are interleaved round by round, so ratios and scaling
+curves compare calls made under the same load. A ratio of 1.0 would mean the
+parameter server costs nothing beyond moving the bytes.
 
 Usage: ``python bench/service_bench.py [--quick] [--shards 1,2,4] [--repeats R]``.
 ``--quick`` (CI) runs a few repeats per case and finishes in well under a minute.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import subprocess
 import sys
@@ -107,19 +110,25 @@ def call_once(result: Result, fn: Callable[[], object], pids: list[int]) -> None
     result.server_cpus.append(sum(process_cpu(p) for p in pids) - servers0)
 
 
-def measure_pair(
-    service: Result, fn: Callable[[], object], pids: list[int],
-    echo: Result, echo_fn: Callable[[], object], echo_pids: list[int],
-    warmup: int, repeats: int,
-) -> None:
-    """``repeats`` calls of ``fn`` and of ``echo_fn``, alternating, after ``warmup`` of each,
-    so that both see the same load from whatever else runs on the machine."""
+@dataclass
+class Case:
+    """One timed operation: its calls are interleaved with every other case's."""
+
+    result: Result
+    fn: Callable[[], object]
+    pids: list[int]
+
+
+def measure_interleaved(cases: list[Case], warmup: int, repeats: int) -> None:
+    """``repeats`` rounds calling every case once, after ``warmup`` rounds: all cases
+    (service and echo, every shard count) see the same load from whatever else runs
+    on the machine, even when that load changes during the run."""
     for _ in range(warmup):
-        fn()
-        echo_fn()
+        for case in cases:
+            case.fn()
     for _ in range(repeats):
-        call_once(service, fn, pids)
-        call_once(echo, echo_fn, echo_pids)
+        for case in cases:
+            call_once(case.result, case.fn, case.pids)
 
 
 def table_config() -> eht.EmbeddingHashTableConfig:
@@ -208,29 +217,40 @@ class EchoClient:
 # ---------------------------------------------------------------- cases
 
 
-def bench_shards(n: int, echo: EchoClient, warmup: int, repeats: int) -> list[tuple[Result,
-                                                                                  Result]]:
-    rng = np.random.default_rng(n)
-    ids = rng.choice(np.int64(1) << 40, size=BATCH, replace=False).astype(np.int64)
-    grads = rng.standard_normal((BATCH, DIM)).astype(np.float32) * np.float32(1e-3)
+OPS = ("lookup", "apply_gradients")
+
+
+def bench(counts: list[int], stack: contextlib.ExitStack, echo: EchoClient, warmup: int,
+          repeats: int) -> list[tuple[Result, Result]]:
+    """(service, echo) results of every op at every shard count; one cluster per shard
+    count, all up at once so their calls can be interleaved."""
     ids_bytes, rows_bytes = BATCH * 8, BATCH * DIM * 4
-    pairs = []
-    with local_cluster(n) as cluster, PsClient(cluster.addresses) as client:
+    up_down = {"lookup": (ids_bytes, rows_bytes), "apply_gradients": (ids_bytes + rows_bytes, 0)}
+    calls: dict[tuple[str, int], tuple[Callable[[], object], list[int]]] = {}
+    for n in counts:
+        rng = np.random.default_rng(n)
+        ids = rng.choice(np.int64(1) << 40, size=BATCH, replace=False).astype(np.int64)
+        grads = rng.standard_normal((BATCH, DIM)).astype(np.float32) * np.float32(1e-3)
+        cluster = stack.enter_context(local_cluster(n))
+        client = stack.enter_context(PsClient(cluster.addresses))
         pids = [p.pid for p in cluster.processes]
         table = client.create_table(table_config(), learning_rate_fns=(0.01,))
         table.assign(ids, grads)
         assert table.lookup(ids[:4]).shape == (4, DIM)
-        cases: list[tuple[str, Callable[[], object], int, int]] = [
-            ("lookup", lambda: table.lookup(ids), ids_bytes, rows_bytes),
-            ("apply_gradients", lambda: table.apply_gradients(ids, grads, 1),
-             ids_bytes + rows_bytes, 0),
-        ]
-        for name, fn, up, down in cases:
-            res = Result(name, n, up + down)
-            base = Result(f"echo({name})", n, up + down)
-            measure_pair(res, fn, pids, base, echo.round_trip(n, up, down), echo.pids[:n],
-                         warmup, repeats)
+        calls["lookup", n] = (functools.partial(table.lookup, ids), pids)
+        calls["apply_gradients", n] = (functools.partial(table.apply_gradients, ids, grads, 1),
+                                       pids)
+    pairs = []
+    for op in OPS:  # one op at a time: lookups and applies differ in what they load
+        up, down = up_down[op]
+        cases = []
+        for n in counts:
+            fn, pids = calls[op, n]
+            res, base = Result(op, n, up + down), Result(f"echo({op})", n, up + down)
+            cases += [Case(res, fn, pids),
+                      Case(base, echo.round_trip(n, up, down), echo.pids[:n])]
             pairs.append((res, base))
+        measure_interleaved(cases, warmup, repeats)
     return pairs
 
 
@@ -246,12 +266,10 @@ def main() -> None:
     print(f"batch {BATCH} ids x dim {DIM} (float32); {os.cpu_count()} CPUs; "
           f"{repeats} timed calls per case after {warmup} warm-up; "
           f"load average before: {os.getloadavg()[0]:.2f}")
-    rows = []
-    with echo_servers(max(counts)) as echo_addrs:
+    with echo_servers(max(counts)) as echo_addrs, contextlib.ExitStack() as stack:
         echo = EchoClient(echo_addrs)
         try:
-            for n in counts:
-                rows += bench_shards(n, echo, warmup, repeats)
+            rows = bench(counts, stack, echo, warmup, repeats)
         finally:
             echo.close()
     print(f"load average after: {os.getloadavg()[0]:.2f}\n")
