@@ -5,11 +5,11 @@ For each shard count N it measures, through the public synchronous client:
 * ``Table.lookup`` of 65,536 distinct ids x dim 32 (512 KiB of ids up, 8 MiB of rows down);
 * ``Table.apply_gradients`` (SGD) of the same batch (8.5 MiB up, an empty answer down);
 
-and reports ids/s, MB/s (request + response payload bytes per second), the p50 /
-p99 latency of one call, and the CPU time one call costs the client process and the
-shard processes (less sensitive to other load on the machine than wall time). The
-headline is the **ratio to a bare gRPC echo** moving
-the same bytes in the same run: N echo processes (``bench/echo_server.py``), each
+and reports ids/s, MB/s (request + response payload bytes per second, both from
+the median call time), the p50 / p99 latency of one call, and the CPU time one call
+costs the client process and the shard processes (less sensitive to other load on
+the machine than wall time). The headline is the **ratio to a bare gRPC echo**
+moving the same bytes in the same run: N echo processes (``bench/echo_server.py``), each
 sent its 1/N share of the request bytes and asked for its 1/N share of the response
 bytes, concurrently, from an asyncio loop thread like the client's. The clusters of
 every shard count run side by side (idle ones cost nothing) and the calls of all
@@ -73,19 +73,21 @@ class Result:
         return float(np.mean(self.server_cpus))
 
     @property
-    def mean(self) -> float:
-        return float(np.mean(self.latencies))
+    def typical(self) -> float:
+        """The median call time: what rates and ratios use (the mean of a few calls is
+        swayed by the scheduling spikes of a shared machine; p99 shows those)."""
+        return float(np.median(self.latencies))
 
     def pct(self, q: float) -> float:
         return float(np.percentile(self.latencies, q))
 
     @property
     def ids_per_s(self) -> float:
-        return BATCH / self.mean
+        return BATCH / self.typical
 
     @property
     def mb_per_s(self) -> float:
-        return self.bytes_per_call / self.mean / MB
+        return self.bytes_per_call / self.typical / MB
 
 
 def process_cpu(pid: int) -> float:
@@ -284,18 +286,18 @@ def main() -> None:
         print(f"{res.name:<16}{res.shards:>6}{res.ids_per_s / 1e6:>9.2f}{res.mb_per_s:>9.0f}"
               f"{res.pct(50) * 1e3:>9.2f}{res.pct(99) * 1e3:>9.2f}{cpu:>16}"
               f"{base.mb_per_s:>11.0f}{base.pct(50) * 1e3:>10.2f}{echo_cpu:>10}"
-              f"{base.mean / res.mean:>7.2f}")
+              f"{base.typical / res.typical:>7.2f}")
     print("\nscaling (calls/s relative to 1 process; the echo's own curve shows what the "
           "transport allows on these cores):")
     for name in ("lookup", "apply_gradients"):
         for pick, label in ((0, name), (1, f"echo({name})")):
             mine = [pair[pick] for pair in rows if pair[0].name == name]
             one = next((r for r in mine if r.shards == 1), mine[0])
-            curve = "  ".join(f"{r.shards}: {one.mean / r.mean:.2f}x" for r in mine)
+            curve = "  ".join(f"{r.shards}: {one.typical / r.typical:.2f}x" for r in mine)
             print(f"  {label:<23} {curve}")
-    print("\nratio = echo time / service time for the same bytes over the same number of "
-          "processes (1.0 = transport-bound); cpu = CPU ms per call in this process + in "
-          "the server processes")
+    print("\nratio = echo time / service time (medians) for the same bytes over the same "
+          "number of processes (1.0 = transport-bound); Mids/s and MB/s use the median call "
+          "time; cpu = mean CPU ms per call in this process + in the server processes")
 
 
 if __name__ == "__main__":
