@@ -56,12 +56,13 @@ MUTATIONS = ["none"] * 24 + ["flat", "flat", "truncate", "extend", "count", "neg
 
 
 @st.composite
-def id_arrays(draw: st.DrawFn, big: bool = False) -> np.ndarray:
-    # Now and then a batch whose answer (or request) is over the shard's 64 KiB limit.
-    # Rare: gRPC takes about 0.2 s to refuse a request over the limit.
-    if big or draw(st.integers(0, 599)) == 0:
+def id_arrays(draw: st.DrawFn, big_one_in: int = 0) -> np.ndarray:
+    """A few ids; with ``big_one_in``, once in that many a batch of 6,000 to 8,000 (a
+    request under the shard's 64 KiB limit whose answer may be over it)."""
+    # (weighted: st.integers would draw 0 far more often than one in big_one_in)
+    if big_one_in and draw(weighted((big_one_in - 1, st.just(False)), (1, st.just(True)))):
         seed = draw(st.integers(0, 2**32 - 1))
-        n = draw(st.integers(5_000, 7_000))
+        n = draw(st.integers(6_000, 8_000))
         return np.random.default_rng(seed).integers(-50, 50, size=n).astype(np.int64)
     return np.array(draw(st.lists(ids_elements, max_size=10)), dtype=np.int64)
 
@@ -138,7 +139,7 @@ def tag() -> st.SearchStrategy[pb.RequestTag]:
 def lookup_calls(draw: st.DrawFn) -> tuple[str, Message]:
     method = draw(st.sampled_from(["Lookup", "LookupEntry"]))
     m = METHODS[method][1](table=draw(table_names))
-    set_tensor(m, "ids", draw(wire(draw(id_arrays()))))
+    set_tensor(m, "ids", draw(wire(draw(id_arrays(big_one_in=40)))))
     return method, m
 
 
@@ -172,10 +173,10 @@ def apply_calls(draw: st.DrawFn) -> tuple[str, Message]:
 
 
 @st.composite
-def fused_parts(draw: st.DrawFn) -> tuple[list[str], list[pb.FusedBlock], np.ndarray,
-                                          np.ndarray]:
+def fused_parts(draw: st.DrawFn, big_one_in: int = 0
+                ) -> tuple[list[str], list[pb.FusedBlock], np.ndarray, np.ndarray]:
     tables = draw(st.lists(table_names, max_size=3))
-    ids = draw(id_arrays())
+    ids = draw(id_arrays(big_one_in))
     cuts = sorted(draw(st.lists(st.integers(0, ids.size), max_size=3)))
     sizes = np.diff([0, *cuts, ids.size]).tolist()
     blocks = [pb.FusedBlock(table_index=draw(st.integers(0, max(0, len(tables) - 1))),
@@ -193,8 +194,9 @@ def fused_parts(draw: st.DrawFn) -> tuple[list[str], list[pb.FusedBlock], np.nda
 
 @st.composite
 def fused_calls(draw: st.DrawFn) -> tuple[str, Message]:
-    tables, blocks, ids, grads = draw(fused_parts())
-    if draw(st.booleans()):
+    lookup = draw(st.booleans())
+    tables, blocks, ids, grads = draw(fused_parts(big_one_in=40 if lookup else 0))
+    if lookup:
         m = pb.FusedLookupRequest(tables=tables, blocks=blocks)
         set_tensor(m, "ids", draw(wire(ids)))
         return "FusedLookup", m
@@ -279,9 +281,21 @@ def create_calls(draw: st.DrawFn) -> tuple[str, Message]:
                                           "no_filter", "bloom", "SLIDING_HASH_FILTER"])))
 
 
-DATA_CALLS = weighted((3, lookup_calls()), (3, assign_calls()), (3, apply_calls()),
-                      (3, fused_calls()), (2, intercept_calls()), (2, small_calls()),
-                      (1, create_calls()))
+@st.composite
+def oversized_calls(draw: st.DrawFn) -> tuple[str, Message]:
+    """An update over the shard's 64 KiB message limit (gRPC refuses it before the
+    service sees it; it takes gRPC about 0.2 s, so these are rare)."""
+    n = draw(st.integers(6_000, 8_000))
+    ids = np.arange(n, dtype=np.int64)
+    m = pb.AssignRequest(table=draw(table_names), ids=tensor(ids),
+                         values=tensor(np.ones((n, 3), np.float32)))
+    return draw(st.sampled_from(["Assign", "AssignAdd"])), m
+
+
+# Weights in thousandths of the calls.
+DATA_CALLS = weighted((180, lookup_calls()), (180, assign_calls()), (180, apply_calls()),
+                      (180, fused_calls()), (120, intercept_calls()), (100, small_calls()),
+                      (59, create_calls()), (1, oversized_calls()))
 
 GOOD_PATHS = ("ck/a", "ck/b", "ck", "d/e/f", "emb", "ck/./a", "ck/../ck/b", "x.y")
 #: The few paths save/restore cycles use, so a restore finds what a save wrote.
@@ -294,6 +308,15 @@ HOSTILE_PATHS = (
 )
 paths = weighted((3, st.sampled_from(GOOD_PATHS)), (3, st.sampled_from(HOSTILE_PATHS)),
                  (1, st.text(max_size=10)))
+
+
+def prefixes(model_dir: str) -> st.SearchStrategy[str]:
+    """RestoreCheckpoint prefixes: the latest (""), a step of ``model_dir``, or a
+    hostile path with a directory part (a bare name is only used in the root)."""
+    base = "" if model_dir == "." else f"{model_dir}/"
+    return weighted((3, st.just("")), (3, st.sampled_from([f"{base}model.ckpt-{s}"
+                                                          for s in range(3)])),
+                    (2, st.sampled_from([p for p in HOSTILE_PATHS if "/" in p])))
 
 
 @st.composite
@@ -312,18 +335,20 @@ def file_calls(draw: st.DrawFn) -> tuple[str, Message]:
             hash_filter=draw(filter_names), basename=draw(paths),
             validate_only=draw(st.booleans()))
     if method in ("SaveCheckpoint", "CommitCheckpoint", "RestoreCheckpoint"):
+        model_dir = draw(paths)
         return method, pb.CheckpointRequest(
-            model_dir=draw(paths), global_step=step,
+            model_dir=model_dir, global_step=step,
             max_to_keep=draw(st.sampled_from([0, 1, 2, -1])),
-            prefix=draw(st.sampled_from(["", "", "model.ckpt-1", "model.ckpt-2"]) | paths),
+            prefix=draw(prefixes(model_dir)),
             validate_only=draw(st.booleans()))
     if method in ("Admin.Save", "Admin.Commit"):
         return method, pb.AdminSaveRequest(model_dir=draw(paths), global_step=step,
                                            max_to_keep=draw(st.sampled_from([0, 1, -1])))
     if method == "Admin.Restore":
+        model_dir = draw(paths)
         return method, pb.AdminRestoreRequest(
-            model_dir=draw(paths),
-            prefix=draw(st.sampled_from(["", "", "model.ckpt-1"]) | paths),
+            model_dir=model_dir,
+            prefix=draw(prefixes(model_dir)),
             validate_only=draw(st.booleans()))
     if method == "Admin.Evict":
         return method, pb.EvictRequest(table=draw(st.sampled_from(["", ""]) | table_names))
@@ -376,7 +401,10 @@ def checkpoint_cycles(draw: st.DrawFn) -> list[tuple[str, Message]]:
     if draw(st.integers(0, 3)) == 0:
         calls.append(draw(create_calls()))
     calls += draw(st.lists(writes, max_size=3))
-    prefix = draw(st.sampled_from(["", "", f"model.ckpt-{step}", "model.ckpt-9"]))
+    prefix = draw(weighted((2, st.just("")), (2, st.just(f"model.ckpt-{step}")),
+                           (1, st.just("model.ckpt-9"))))
+    if prefix and model_dir != ".":
+        prefix = f"{model_dir}/{prefix}"
     validate = draw(st.booleans())
     if draw(st.booleans()):
         calls.append(("Admin.Restore", pb.AdminRestoreRequest(

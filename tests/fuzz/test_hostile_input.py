@@ -57,7 +57,12 @@ from tests.fuzz.oracle import (
 from tests.fuzz.strategies import DATA_CALLS, FILE_CALLS, encoded, encoded_runs, mangled
 from tests.integration.conftest import start_inprocess_server
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    # NaN, infinities and float32's extremes are sent on purpose: numpy says so.
+    pytest.mark.filterwarnings("ignore::RuntimeWarning"),
+]
 
 SCALE = float(os.environ.get("PS_FUZZ_SCALE", "1"))
 MIN_REQUESTS = int(os.environ.get("PS_FUZZ_MIN_REQUESTS", "10000"))
@@ -129,20 +134,20 @@ def run_calls(test: str, h: Harness, calls: list[tuple[str, bytes]], *, serving:
         STATS.by_test[test] += 1
 
 
-@settings(FUZZ, max_examples=examples(650))
+@settings(FUZZ, max_examples=examples(750))
 @given(calls=st.lists(encoded(DATA_CALLS), min_size=5, max_size=16))
 def test_data_plane_requests(harness: Harness, calls: list[tuple[str, bytes]]) -> None:
     run_calls("data", harness, calls, serving=True)
 
 
-@settings(FUZZ, max_examples=examples(300))
+@settings(FUZZ, max_examples=examples(380))
 @given(calls=encoded_runs(FILE_CALLS, min_runs=2, max_runs=6))
 def test_file_checkpoint_and_admin_requests(single: Harness,
                                             calls: list[tuple[str, bytes]]) -> None:
     run_calls("files", single, calls, serving=False)
 
 
-@settings(FUZZ, max_examples=examples(330))
+@settings(FUZZ, max_examples=examples(380))
 @given(calls=st.lists(mangled(), min_size=5, max_size=16))
 def test_garbage_and_mangled_bytes(harness: Harness, calls: list[tuple[str, bytes]]) -> None:
     run_calls("bytes", harness, calls, serving=True)
