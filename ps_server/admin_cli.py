@@ -1,6 +1,8 @@
 """``ps-admin``: operate a monolith-ps cluster through every shard's admin service.
 
-    ps-admin --addresses=HOST:PORT,HOST:PORT,... [--timeout=SECONDS] COMMAND ...
+    ps-admin --addresses=HOST:PORT,HOST:PORT,... [--timeout=SECONDS]
+             [--tls_ca_file=PEM [--tls_cert_file=PEM --tls_key_file=PEM]]
+             [--token_file=PATH | --token=TOKEN] COMMAND ...
 
     save     --model_dir=DIR --global_step=N [--max_to_keep=K]
     restore  --model_dir=DIR [--prefix=model.ckpt-N] [--validate_only]
@@ -27,6 +29,11 @@ While shards work, one status line per shard shows what it is doing and how long
 has taken, updated in place on a terminal; otherwise a plain line is printed as each
 shard finishes. Exit status: 0 when every shard succeeded; 1 otherwise, with the
 failing shard, its address and the gRPC status on stderr; 2 for a usage error.
+
+Shards started with ``--tls_cert_file`` need ``--tls_ca_file`` (the CA that signed
+their certificates; ``--tls_cert_file``/``--tls_key_file`` too under mutual TLS).
+Shards started with an admin token need it: ``--token_file``, ``--token`` or
+``$PS_ADMIN_TOKEN`` (a token given on the command line shows in the process list).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -45,6 +53,8 @@ from google.protobuf.message import Message
 
 from protos import ps_service_pb2 as pb
 from protos import ps_service_pb2_grpc as ps_grpc
+from ps_server.errors import ConfigError
+from ps_server.security import channel_credentials, with_token
 
 __all__ = ["AdminCommandError", "main"]
 
@@ -52,6 +62,8 @@ _T = TypeVar("_T")
 
 #: Large enough for a Stats answer of many tables.
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+#: Environment variable read for the default ``--token``.
+TOKEN_ENV = "PS_ADMIN_TOKEN"
 
 
 class AdminCommandError(Exception):
@@ -156,19 +168,29 @@ class Progress:
 
 @dataclass
 class Cluster:
-    """Blocking admin stubs for every shard, in shard order."""
+    """Blocking admin stubs for every shard, in shard order.
+
+    :ivar credentials: TLS credentials (None = plaintext).
+    :ivar token: admin bearer token sent on every call ("" = none).
+    """
 
     addresses: list[str]
     timeout: float
     out: TextIO
     err: TextIO
     tty: bool
+    credentials: grpc.ChannelCredentials | None = None
+    token: str = ""
 
     def __post_init__(self) -> None:
         self._channels = [
-            grpc.insecure_channel(a, options=_CHANNEL_OPTIONS) for a in self.addresses
+            grpc.insecure_channel(a, options=_CHANNEL_OPTIONS) if self.credentials is None
+            else grpc.secure_channel(a, self.credentials, options=_CHANNEL_OPTIONS)
+            for a in self.addresses
         ]
-        self.stubs = [ps_grpc.ParameterServerAdminStub(c) for c in self._channels]
+        self.stubs = [
+            ps_grpc.ParameterServerAdminStub(with_token(c, self.token)) for c in self._channels
+        ]
 
     def close(self) -> None:
         for channel in self._channels:
@@ -380,6 +402,21 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds allowed for each shard's call (default 3600: restores of big "
              "tables take a while)",
     )
+    parser.add_argument(
+        "--tls_ca_file", default="",
+        help="PEM CA bundle that signed the shards' certificates: connect with TLS "
+             "(default: plaintext)",
+    )
+    parser.add_argument(
+        "--tls_cert_file", default="",
+        help="PEM client certificate for shards that require mutual TLS (with --tls_key_file)",
+    )
+    parser.add_argument("--tls_key_file", default="", help="PEM key of --tls_cert_file")
+    parser.add_argument(
+        "--token", default=os.environ.get(TOKEN_ENV, ""),
+        help=f"the shards' admin token (default: ${TOKEN_ENV}; prefer --token_file)",
+    )
+    parser.add_argument("--token_file", default="", help="file holding the admin token")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("save", help="save a checkpoint of every shard and commit it")
     p.add_argument("--model_dir", required=True)
@@ -423,8 +460,17 @@ def run(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
         parser.error("--addresses names no shard")
     if args.timeout <= 0:
         parser.error(f"--timeout must be > 0, got {args.timeout}")
+    if (args.tls_cert_file or args.tls_key_file) and not args.tls_ca_file:
+        parser.error("--tls_cert_file/--tls_key_file need --tls_ca_file")
+    try:
+        credentials = channel_credentials(
+            args.tls_ca_file, args.tls_cert_file, args.tls_key_file
+        ) if args.tls_ca_file else None
+        token = _token(args)
+    except ConfigError as e:
+        parser.error(str(e))
     tty = bool(getattr(out, "isatty", lambda: False)())
-    cluster = Cluster(addresses, args.timeout, out, err, tty)
+    cluster = Cluster(addresses, args.timeout, out, err, tty, credentials, token)
     try:
         _COMMANDS[args.command](cluster, args)
     except AdminCommandError as e:
@@ -434,6 +480,19 @@ def run(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
     finally:
         cluster.close()
     return 0
+
+
+def _token(args: argparse.Namespace) -> str:
+    if not args.token_file:
+        return str(args.token).strip()
+    try:
+        with open(args.token_file, encoding="utf-8") as f:
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--token_file: cannot read {args.token_file!r}: {e}") from e
+    if not token:
+        raise ConfigError(f"--token_file: {args.token_file!r} is empty")
+    return token
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ are fine) and a plain ``int``/``float``/``str``/``bool`` type.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ps_server.engine.shard import DEFAULT_CAPACITY, DEFAULT_SPLIT_NUM
 from ps_server.errors import ConfigError
@@ -53,15 +53,30 @@ class ServerConfig:
         request leaves capacity at 0.
     :param default_filter_split_num: split count of a sliding hash filter whose
         CreateHashFilter request leaves split_num at 0.
-    :param tls_cert_file: PEM server certificate chain for TLS ("" = plaintext); needs
-        tls_key_file. Declared only: not enforced yet, the server still listens in plaintext.
-    :param tls_key_file: PEM private key of tls_cert_file. Declared only: not enforced yet.
-    :param tls_client_ca_file: PEM CA bundle; when set, clients must present a certificate
-        signed by it (mutual TLS). Declared only: not enforced yet.
-    :param data_token: bearer token callers of the ParameterServer service must send
-        ("" = none). Declared only: not enforced yet.
-    :param admin_token: bearer token callers of the ParameterServerAdmin service must send
-        ("" = none). Declared only: not enforced yet.
+    :param tls_cert_file: PEM server certificate chain: gRPC and the metrics endpoint then
+        speak TLS only ("" = plaintext); needs tls_key_file.
+    :param tls_key_file: PEM private key of tls_cert_file.
+    :param tls_client_ca_file: PEM CA bundle; when set, every client (gRPC and metrics
+        scrapers) must present a certificate signed by it (mutual TLS).
+    :param data_token: bearer token ("authorization: Bearer <token>" metadata) every call
+        of the ParameterServer service must carry ("" = no check); the admin token is
+        accepted there too. Prefer data_token_file: flags show in the process list.
+    :param data_token_file: file holding data_token (surrounding whitespace dropped; ""
+        = none).
+    :param admin_token: bearer token every call of the ParameterServerAdmin service must
+        carry ("" = no check); the data token there is PERMISSION_DENIED. Health and
+        reflection need no token.
+    :param admin_token_file: file holding admin_token (surrounding whitespace dropped;
+        "" = none).
+    :param max_entries_per_shard: most entries the shard holds over all its tables; a
+        write whose new ids would pass it is refused with RESOURCE_EXHAUSTED and changes
+        nothing (0 = no limit; restores are not limited).
+    :param max_bytes_per_shard: most entry payload bytes (values, optimizer state,
+        timestamp and id of every entry) the shard holds, refused as max_entries_per_shard
+        (0 = no limit).
+    :param max_ids_per_request: most ids one data-plane request may carry (lookups, writes,
+        fused calls); more is RESOURCE_EXHAUSTED (0 = no limit; max_message_bytes caps
+        the bytes).
     """
 
     host: str = "127.0.0.1"
@@ -81,8 +96,13 @@ class ServerConfig:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
-    data_token: str = ""
-    admin_token: str = ""
+    data_token: str = field(default="", repr=False)
+    data_token_file: str = ""
+    admin_token: str = field(default="", repr=False)
+    admin_token_file: str = ""
+    max_entries_per_shard: int = 0
+    max_bytes_per_shard: int = 0
+    max_ids_per_request: int = 0
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -126,19 +146,18 @@ class ServerConfig:
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise ConfigError("tls_client_ca_file (mutual TLS) needs tls_cert_file and "
                               "tls_key_file")
+        if self.data_token and self.data_token_file:
+            raise ConfigError("set data_token or data_token_file, not both")
+        if self.admin_token and self.admin_token_file:
+            raise ConfigError("set admin_token or admin_token_file, not both")
+        for name in ("max_entries_per_shard", "max_bytes_per_shard", "max_ids_per_request"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (0 = no limit), got {getattr(self, name)}")
 
     @property
     def address(self) -> str:
         """``host:port`` as gRPC expects it (IPv6 hosts bracketed)."""
         return format_address(self.host, self.port)
-
-    @property
-    def unenforced_security_options(self) -> list[str]:
-        """Names of the TLS/auth options that are set; the server does not enforce
-        them yet (it logs a warning naming them)."""
-        names = ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "data_token",
-                 "admin_token")
-        return [n for n in names if getattr(self, n)]
 
     @property
     def worker_threads(self) -> int:

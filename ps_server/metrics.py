@@ -31,10 +31,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import grpc
 from prometheus_client import (
@@ -42,9 +45,11 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    make_wsgi_app,
     start_http_server,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -323,15 +328,81 @@ class MetricsServer:
         self._thread.join(5.0)
 
 
-def start_metrics_server(metrics: ShardMetrics, host: str, port: int) -> MetricsServer:
+def start_metrics_server(
+    metrics: ShardMetrics,
+    host: str,
+    port: int,
+    *,
+    certfile: str = "",
+    keyfile: str = "",
+    client_cafile: str = "",
+) -> MetricsServer:
     """Serve ``metrics`` on ``http://host:port/metrics`` from a daemon thread.
 
-    :raises ConfigError: the address cannot be bound.
+    :param certfile: PEM certificate chain: serve HTTPS instead ("" = plain HTTP);
+        needs ``keyfile``. Each connection's TLS handshake runs on its own thread
+        with a time limit, so a client that never finishes one blocks nobody.
+    :param client_cafile: PEM CA bundle: scrapers must present a certificate it signed.
+    :raises ConfigError: the address cannot be bound, or the TLS files not loaded.
     """
     try:
-        httpd, thread = start_http_server(port, addr=host, registry=metrics.registry)
+        if certfile:
+            httpd, thread = _start_https_server(
+                metrics.registry, host, port, certfile, keyfile, client_cafile
+            )
+        else:
+            httpd, thread = start_http_server(port, addr=host, registry=metrics.registry)
     except OSError as e:
         raise ConfigError(
             f"cannot serve metrics on {format_address(host, port)}: {e}"
         ) from e
     return MetricsServer(httpd, thread)
+
+
+#: Seconds a metrics connection may take for its TLS handshake and each read.
+_TLS_CONNECTION_TIMEOUT = 10.0
+
+
+class _QuietHandler(WSGIRequestHandler):
+    timeout = _TLS_CONNECTION_TIMEOUT
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # one line per scrape is noise
+
+
+def _start_https_server(
+    registry: CollectorRegistry, host: str, port: int, certfile: str, keyfile: str,
+    client_cafile: str,
+) -> tuple[Any, threading.Thread]:
+    """Like ``prometheus_client.start_http_server`` with TLS, except that the handshake
+    runs on the connection's thread (prometheus-client's does it in the accept loop,
+    where one silent client stalls every scrape)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certfile, keyfile)
+    if client_cafile:
+        context.load_verify_locations(client_cafile)
+        context.verify_mode = ssl.CERT_REQUIRED
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+
+    class Server(ThreadingWSGIServer):
+        address_family = family
+
+        def get_request(self) -> tuple[Any, Any]:
+            conn, addr = self.socket.accept()
+            conn.settimeout(_TLS_CONNECTION_TIMEOUT)
+            return context.wrap_socket(conn, server_side=True,
+                                       do_handshake_on_connect=False), addr
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                request.do_handshake()
+            except (OSError, ValueError):  # not TLS, bad or no client certificate, timeout
+                self.shutdown_request(request)
+                return
+            super().process_request_thread(request, client_address)
+
+    httpd = make_server(host, port, make_wsgi_app(registry), Server, _QuietHandler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True,
+                              name="metrics-https")
+    thread.start()
+    return httpd, thread

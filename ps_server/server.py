@@ -39,6 +39,7 @@ from ps_server.config import ServerConfig, format_address
 from ps_server.engine.expiry import EvictionScheduler
 from ps_server.engine.shard import Shard
 from ps_server.errors import ConfigError
+from ps_server.limits import BatchLimitGuard, shard_limits
 from ps_server.locks import ShardLocks
 from ps_server.metrics import (
     MetricsServer,
@@ -46,6 +47,7 @@ from ps_server.metrics import (
     ShardMetrics,
     start_metrics_server,
 )
+from ps_server.security import TokenAuthInterceptor, load_tokens, server_credentials
 from ps_server.service import (
     SERVICE_NAME,
     MalformedRequestGuard,
@@ -108,12 +110,14 @@ class ShardServer:
         if config.metrics_port:
             try:
                 self.metrics_server = start_metrics_server(
-                    self.metrics, config.host, config.metrics_port
+                    self.metrics, config.host, config.metrics_port,
+                    certfile=config.tls_cert_file, keyfile=config.tls_key_file,
+                    client_cafile=config.tls_client_ca_file,
                 )
             except ConfigError:
                 await self.server.stop(0)
                 raise
-            _log.info("metrics on http://%s/metrics",
+            _log.info("metrics on %s://%s/metrics", "https" if config.tls_cert_file else "http",
                       format_address(config.host, self.metrics_server.port))
         if config.eviction_check_seconds > 0:
             self._eviction = asyncio.get_running_loop().create_task(
@@ -154,20 +158,33 @@ async def build_shard_server(
     :raises ConfigError: the shard does not match the config, or the address
         cannot be bound.
     """
+    limits = shard_limits(config)
     if shard is None:
-        shard = Shard(config.shard_index, config.num_shards)
+        shard = Shard(config.shard_index, config.num_shards, limits=limits)
     elif (shard.shard_index, shard.num_shards) != (config.shard_index, config.num_shards):
         raise ConfigError(
             f"shard is {shard.shard_index}/{shard.num_shards} but the config says "
             f"{config.shard_index}/{config.num_shards}"
         )
+    if limits.enabled:
+        shard.set_limits(limits)
+    credentials = server_credentials(config)
+    tokens = load_tokens(config)
     health_servicer = health.aio.HealthServicer()
     metrics = ShardMetrics(shard)
     ops = ShardOps(shard, health_servicer, metrics=metrics)
     limit = config.max_message_bytes
+    # Metrics outermost, so refused calls are counted too; then the token check, so an
+    # unauthenticated caller learns nothing (not even that the shard drains) and its
+    # request is never parsed.
+    interceptors: list[grpc.aio.ServerInterceptor] = [RpcMetricsInterceptor(metrics)]
+    if tokens.any:
+        interceptors.append(TokenAuthInterceptor(tokens))
+    interceptors += [DataPlaneGate(ops), MalformedRequestGuard()]
+    if config.max_ids_per_request:
+        interceptors.append(BatchLimitGuard(config.max_ids_per_request))
     server = grpc.aio.server(
-        # Metrics outermost, so calls the drain gate refuses are counted too.
-        interceptors=[RpcMetricsInterceptor(metrics), DataPlaneGate(ops), MalformedRequestGuard()],
+        interceptors=interceptors,
         options=[
             ("grpc.max_send_message_length", limit),
             ("grpc.max_receive_message_length", limit),
@@ -196,7 +213,10 @@ async def build_shard_server(
         server,
     )
     try:
-        port = server.add_insecure_port(config.address)
+        if credentials is None:
+            port = server.add_insecure_port(config.address)
+        else:
+            port = server.add_secure_port(config.address, credentials)
     except RuntimeError as e:
         raise ConfigError(f"cannot listen on {config.address}: {e}") from e
     if port == 0:
@@ -299,11 +319,7 @@ async def serve(config: ServerConfig, shard: Shard | None = None) -> None:
         await built.start()
         if config.port_file:
             write_port_file(config.port_file, built.port)
-        if config.unenforced_security_options:
-            _log.warning(
-                "%s set but not enforced yet: the server listens in plaintext and "
-                "checks no token", ", ".join(config.unenforced_security_options),
-            )
+        _log_security(config)
         _log.info(
             "serving shard %d/%d on %s",
             config.shard_index, config.num_shards, format_address(config.host, built.port),
@@ -325,6 +341,28 @@ async def serve(config: ServerConfig, shard: Shard | None = None) -> None:
         if config.port_file:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(config.port_file)
+
+
+def _log_security(config: ServerConfig) -> None:
+    tls = ("mutual TLS" if config.tls_client_ca_file else "TLS") if config.tls_cert_file else (
+        "plaintext")
+    data = bool(config.data_token or config.data_token_file)
+    admin = bool(config.admin_token or config.admin_token_file)
+    _log.info("%s; data-plane token %s; admin token %s", tls,
+              "required" if data else "not checked", "required" if admin else "not checked")
+    if config.host in ("127.0.0.1", "localhost", "::1", "[::1]"):
+        return
+    gaps = []
+    if not config.tls_cert_file:
+        gaps.append("traffic is plaintext (--tls_cert_file, --tls_key_file)")
+    if not admin:
+        gaps.append("anyone who reaches the port may call the admin service "
+                    "(--admin_token_file)")
+    if not data:
+        gaps.append("anyone who reaches the port may read and write tables "
+                    "(--data_token_file)")
+    if gaps:
+        _log.warning("listening on %s, but %s", config.host, "; ".join(gaps))
 
 
 def run(config: ServerConfig) -> None:

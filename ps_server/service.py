@@ -891,12 +891,22 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
             when ``model_dir`` holds no checkpoint.
         """
         path = self._path(model_dir, "model_dir", prefix=False)
+        if prefix and not os.path.dirname(prefix):
+            # A bare model.ckpt-<step> lies in model_dir (as the checkpoint code takes
+            # it), not at the top of the data root.
+            prefix = os.path.join(model_dir, prefix)
         resolved = self._path(prefix, "prefix") if prefix else None
 
         def work() -> Any:
-            return _checkpoint_module("checkpoints").restore_shard_checkpoint(
-                self._shard, path, resolved, validate_only
-            )
+            checkpoints = _checkpoint_module("checkpoints")
+            target = resolved
+            if target is None and self._data_root:
+                # The index is just a file: the checkpoint it names must be in the root too.
+                latest = checkpoints.latest_checkpoint(path)
+                if latest is not None:
+                    target = self._path(latest, f"the latest checkpoint of {model_dir!r}")
+            return checkpoints.restore_shard_checkpoint(self._shard, path, target, validate_only)
+
 
         op = "validate" if validate_only else "restore"
         return await self._checkpoint(op, work, restoring=not validate_only)

@@ -24,7 +24,7 @@ set to the call's ``req_time`` on every write, even 0.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +58,11 @@ _UINT32_MASK = 0xFFFFFFFF
 # float32's smallest normal: a squared norm below it counts as a zero vector (§4.1).
 _FLT_MIN = np.float32(1.17549435e-38)
 
+#: ``guard(table_name, new_entries, new_bytes)``: called by a write that would insert
+#: ``new_entries`` entries (``new_bytes`` = that many times :attr:`EmbeddingHashTable.entry_bytes`)
+#: before it changes anything (clock and hash filter included); it raises to refuse.
+CapacityGuard = Callable[[str, int, int], None]
+
 
 @dataclass
 class EntryColumns:
@@ -83,6 +88,8 @@ class EmbeddingHashTable:
         (None = admit everything).
     :param name: used in error messages.
     :param seed: seed of random initializers (None = fixed default).
+    :param capacity_guard: consulted before assign, assign_add and apply_gradients
+        insert entries (see :data:`CapacityGuard`); restores are not guarded.
     :raises ConfigError: the config cannot be built (names the field and why).
     """
 
@@ -93,6 +100,7 @@ class EmbeddingHashTable:
         hash_filter: HashFilter | None = None,
         name: str = "table",
         seed: int | None = None,
+        capacity_guard: CapacityGuard | None = None,
     ) -> None:
         if not config.HasField("entry_config"):
             raise ConfigError(f"table {name!r}: config has no entry_config")
@@ -105,6 +113,7 @@ class EmbeddingHashTable:
                 "(entry_config.entry_type = SERVING)"
             )
         self.hash_filter = hash_filter
+        self.capacity_guard = capacity_guard
         self.dim = self.layout.dim
         self.max_update_ts = 0
         cap = max(16, min(int(config.initial_capacity), 1 << 20))
@@ -115,6 +124,9 @@ class EmbeddingHashTable:
             _grow_state(seg.optimizer.init_state(0), cap + 1) if seg.optimizer else {}
             for seg in self.layout.segments
         ]
+        state_row = sum(a.dtype.itemsize * a[0].size for st in self._states for a in st.values())
+        #: Payload bytes of one entry: values, optimizer state, timestamp and id.
+        self.entry_bytes = int(self.dim * 4 + state_row + 4 + 8)
 
     # ------------------------------------------------------------------ queries
 
@@ -151,6 +163,11 @@ class EmbeddingHashTable:
     def contains(self, ids: Any) -> Mask:
         """Whether each id has an entry."""
         return self._index.find(as_ids(ids)) >= 0
+
+    def count_new(self, ids: Any) -> int:
+        """How many distinct ids of ``ids`` have no entry (what a write could insert)."""
+        ids_ = as_ids(ids)
+        return _distinct_missing(ids_, self._index.find(ids_))
 
     def lookup_entry(self, ids: Any) -> list[bytes]:
         """Serialized ``EntryDump`` per id (``id`` unset), ``b""`` for missing ids.
@@ -221,8 +238,9 @@ class EmbeddingHashTable:
         ids_ = as_ids(ids)
         vals = as_rows_matrix(values, ids_.shape[0], self.dim)
         req = self._check_req_time(req_time)
-        self._advance_clock(req)
         rows = self._index.find(ids_)
+        self._check_capacity(ids_, rows)
+        self._advance_clock(req)
         admitted = self._gate_each(ids_, rows)
         if not admitted.all():
             ids_, vals, rows = ids_[admitted], vals[admitted], rows[admitted]
@@ -249,8 +267,9 @@ class EmbeddingHashTable:
         ids_ = as_ids(ids)
         vals = as_rows_matrix(values, ids_.shape[0], self.dim)
         req = self._check_req_time(req_time)
-        self._advance_clock(req)
         rows = self._index.find(ids_)
+        self._check_capacity(ids_, rows)
+        self._advance_clock(req)
         admitted = self._gate_until_admitted(ids_, rows)
         if not admitted.all():
             ids_, vals, rows = ids_[admitted], vals[admitted], rows[admitted]
@@ -290,8 +309,8 @@ class EmbeddingHashTable:
         lrs = self._check_learning_rates(learning_rates)
         req = self._check_req_time(req_time)
         step = int(global_step)
-        self._advance_clock(req)
         if ids_.size == 0:
+            self._advance_clock(req)
             return
         if enable_dedup:
             uniq, first, inverse = np.unique(ids_, return_index=True, return_inverse=True)
@@ -305,6 +324,8 @@ class EmbeddingHashTable:
         else:
             counts = np.ones(ids_.shape[0], dtype=np.uint32)
         rows = self._index.find(ids_)
+        self._check_capacity(ids_, rows)
+        self._advance_clock(req)
         admitted = self._gate_each(ids_, rows, counts)
         if not admitted.all():
             ids_, g, rows = ids_[admitted], g[admitted], rows[admitted]
@@ -464,6 +485,18 @@ class EmbeddingHashTable:
     def _advance_clock(self, req: int) -> None:
         self.max_update_ts = max(self.max_update_ts, req)
 
+    def _check_capacity(self, ids: Ids, rows: Rows) -> None:
+        """Offer the ids a write could insert to the capacity guard, before any change.
+
+        Every distinct missing id counts, including those the hash filter will hold
+        back: the filter cannot be asked without counting them.
+        """
+        if self.capacity_guard is None:
+            return
+        n_new = _distinct_missing(ids, rows)
+        if n_new:
+            self.capacity_guard(self.name, n_new, n_new * self.entry_bytes)
+
     def _gate_each(self, ids: Ids, rows: Rows, counts: npt.NDArray[np.uint32] | None = None
                    ) -> Mask:
         """Admission of each occurrence; missing ids are counted once per occurrence."""
@@ -594,6 +627,13 @@ def _grow_state(state: State, n: int) -> State:
         grown[: arr.shape[0]] = arr
         out[name] = grown
     return out
+
+
+def _distinct_missing(ids: Ids, rows: Rows) -> int:
+    missing = ids[rows < 0]
+    if missing.size <= 1:
+        return int(missing.size)
+    return int(np.unique(missing).size)
 
 
 def _previous_occurrence(ids: Ids) -> npt.NDArray[np.int64]:

@@ -28,6 +28,7 @@ from ps_server.errors import (
     ConfigError,
     DimMismatchError,
     InvalidArgumentError,
+    ResourceExhaustedError,
     ServingEntryError,
     UnknownFilterError,
     UnknownTableError,
@@ -97,6 +98,35 @@ class FilterOptions:
         )
 
 
+@dataclass(frozen=True)
+class ShardLimits:
+    """Most entries, and entry bytes, one shard may hold over all its tables (0 = no limit).
+
+    A write (assign, assign_add, apply_gradients, fused_optimize) whose new ids would
+    take the shard past a limit is refused with :class:`ResourceExhaustedError` before
+    it changes anything; every distinct id without an entry counts, even one the hash
+    filter would hold back. Restores are not limited. Bytes are entry payload
+    (:attr:`EmbeddingHashTable.entry_bytes` per entry: values, optimizer state,
+    timestamp, id); storage grows by doubling and the id index adds its slots, so the
+    process holds more than that.
+    """
+
+    max_entries_per_shard: int = 0
+    max_bytes_per_shard: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_entries_per_shard < 0 or self.max_bytes_per_shard < 0:
+            raise ConfigError(
+                "max_entries_per_shard and max_bytes_per_shard must be >= 0 (0 = no limit), "
+                f"got {self.max_entries_per_shard} and {self.max_bytes_per_shard}"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any limit is set."""
+        return bool(self.max_entries_per_shard or self.max_bytes_per_shard)
+
+
 @dataclass
 class TableSlot:
     """A table and how it was declared."""
@@ -118,12 +148,16 @@ class FilterSlot:
 
 @dataclass
 class Shard:
-    """Tables and filters of shard ``shard_index`` of ``num_shards``."""
+    """Tables and filters of shard ``shard_index`` of ``num_shards``.
+
+    ``limits`` apply to the tables created through :meth:`create_table`.
+    """
 
     shard_index: int = 0
     num_shards: int = 1
     tables: dict[str, TableSlot] = field(default_factory=dict)
     filters: dict[str, FilterSlot] = field(default_factory=dict)
+    limits: ShardLimits = field(default_factory=ShardLimits)
 
     def __post_init__(self) -> None:
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
@@ -195,11 +229,49 @@ class Shard:
                 + (" with a different config" if allow_existing else "")
             )
         flt = self.hash_filter(hash_filter).hash_filter if hash_filter else None
-        table = EmbeddingHashTable(msg, hash_filter=flt, name=name)
+        guard = self.check_capacity if self.limits.enabled else None
+        table = EmbeddingHashTable(msg, hash_filter=flt, name=name, capacity_guard=guard)
         self.tables[name] = TableSlot(
             table, config_bytes, hash_filter, tuple(extra_restore_names), saver_parallel
         )
         return True
+
+    def set_limits(self, limits: ShardLimits) -> None:
+        """Apply ``limits`` from now on, to existing tables too."""
+        self.limits = limits
+        guard = self.check_capacity if limits.enabled else None
+        for slot in self.tables.values():
+            slot.table.capacity_guard = guard
+
+    def check_capacity(self, table: str, new_entries: int, new_bytes: int) -> None:
+        """Refuse a write to ``table`` that would add ``new_entries`` entries of
+        ``new_bytes`` payload bytes if the shard would then be past its ``limits``
+        (the :data:`~ps_server.engine.hash_table.CapacityGuard` of its tables).
+
+        :raises ResourceExhaustedError: naming the limit and the count it would reach.
+        """
+        self._check_limits(f"table {table!r}", new_entries, new_bytes)
+
+    def _check_limits(self, what: str, new_entries: int, new_bytes: int) -> None:
+        limits = self.limits
+        advice = ("; nothing was changed. Evict entries, spread the ids over more shards or "
+                  "raise the limit")
+        if limits.max_entries_per_shard:
+            held = sum(s.table.size() for s in list(self.tables.values()))
+            if held + new_entries > limits.max_entries_per_shard:
+                raise ResourceExhaustedError(
+                    f"{what}: {new_entries:,} new ids would make shard {self.shard_index} "
+                    f"hold {held + new_entries:,} entries, above "
+                    f"max_entries_per_shard={limits.max_entries_per_shard:,}{advice}"
+                )
+        if limits.max_bytes_per_shard:
+            held = sum(s.table.size() * s.table.entry_bytes for s in list(self.tables.values()))
+            if held + new_bytes > limits.max_bytes_per_shard:
+                raise ResourceExhaustedError(
+                    f"{what}: {new_entries:,} new ids ({new_bytes:,} bytes) would make shard "
+                    f"{self.shard_index} hold {held + new_bytes:,} bytes of entries, above "
+                    f"max_bytes_per_shard={limits.max_bytes_per_shard:,}{advice}"
+                )
 
     def table(self, name: str) -> EmbeddingHashTable:
         """The table ``name``; :class:`UnknownTableError` if absent."""
@@ -289,6 +361,9 @@ class Shard:
                     f"table {table_names[t]!r} (fused table index {t}) has SERVING entries; "
                     "fused_optimize needs TRAINING entries"
                 )
+        if self.limits.enabled:
+            # All blocks together, before the first is applied.
+            self._check_fused_limits(table_names, tables, blocks, bounds, ids_)
         lr_start = np.concatenate([[0], np.cumsum(segs)]).astype(int)
         pos = 0
         for (t, _), (lo, hi) in zip(blocks, bounds, strict=True):
@@ -302,6 +377,25 @@ class Shard:
                 req_time=req_time,
             )
             pos += n
+
+    def _check_fused_limits(
+        self,
+        table_names: Sequence[str],
+        tables: Sequence[EmbeddingHashTable],
+        blocks: Sequence[tuple[int, int]],
+        bounds: Sequence[tuple[int, int]],
+        ids: Any,
+    ) -> None:
+        new_entries = new_bytes = 0
+        for t in sorted({t for t, _ in blocks}):
+            parts = [ids[lo:hi] for (b, _), (lo, hi) in zip(blocks, bounds, strict=True)
+                     if b == t]
+            n = tables[t].count_new(np.concatenate(parts))
+            new_entries += n
+            new_bytes += n * tables[t].entry_bytes
+        if new_entries:
+            names = ", ".join(repr(table_names[t]) for t in sorted({t for t, _ in blocks}))
+            self._check_limits(f"fused_optimize on tables {names}", new_entries, new_bytes)
 
     def intercept_gradient(self, filter_name: str, ids: Any, grads: Any) -> Floats:
         """Count each id in the filter (count 1, in order) and zero the grad rows of

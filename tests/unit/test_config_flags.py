@@ -99,7 +99,8 @@ def test_flags_parse_into_the_config() -> None:
         "--data_root=/data", "--max_message_bytes=1024", "--grace_seconds=2.5",
         "--metrics_port=9100", "--eviction_check_seconds=0", "--default_filter_capacity=1000",
         "--default_filter_split_num=5", "--tls_cert_file=c.pem", "--tls_key_file=k.pem",
-        "--tls_client_ca_file=ca.pem", "--data_token=d", "--admin_token=a",
+        "--tls_client_ca_file=ca.pem", "--data_token=d", "--admin_token_file=a.txt",
+        "--max_entries_per_shard=100", "--max_bytes_per_shard=2000", "--max_ids_per_request=10",
     ])
     config = config_from_flags(fv)
     assert config == ServerConfig(
@@ -107,11 +108,10 @@ def test_flags_parse_into_the_config() -> None:
         max_message_bytes=1024, grace_seconds=2.5, metrics_port=9100,
         eviction_check_seconds=0.0, default_filter_capacity=1000, default_filter_split_num=5,
         tls_cert_file="c.pem", tls_key_file="k.pem", tls_client_ca_file="ca.pem",
-        data_token="d", admin_token="a",
+        data_token="d", admin_token_file="a.txt", max_entries_per_shard=100,
+        max_bytes_per_shard=2000, max_ids_per_request=10,
     )
-    assert config.unenforced_security_options == [
-        "tls_cert_file", "tls_key_file", "tls_client_ca_file", "data_token", "admin_token"
-    ]
+    assert "'d'" not in repr(config)  # tokens stay out of logs
 
 
 def test_main_defines_a_flag_for_every_field() -> None:
@@ -129,6 +129,11 @@ def test_main_defines_a_flag_for_every_field() -> None:
         ({"default_filter_capacity": 0}, "default_filter_capacity"),
         ({"tls_cert_file": "c.pem"}, "tls_cert_file and tls_key_file go together"),
         ({"tls_client_ca_file": "ca.pem"}, "tls_client_ca_file (mutual TLS) needs"),
+        ({"data_token": "d", "data_token_file": "d.txt"}, "data_token or data_token_file"),
+        ({"admin_token": "a", "admin_token_file": "a.txt"}, "admin_token or admin_token_file"),
+        ({"max_entries_per_shard": -1}, "max_entries_per_shard must be >= 0"),
+        ({"max_bytes_per_shard": -1}, "max_bytes_per_shard must be >= 0"),
+        ({"max_ids_per_request": -1}, "max_ids_per_request must be >= 0"),
     ],
 )
 def test_invalid_new_options_are_refused(kwargs: dict[str, object], words: str) -> None:
