@@ -7,13 +7,23 @@ reassembly. :class:`ps_client.PsClient` runs it on a private event-loop thread.
 Calls:
 
 * every call has a deadline: ``timeout`` (``file_timeout`` for saves, restores
-  and checkpoints); a read-only call's retries all fit inside its deadline;
+  and checkpoints); a call's retries all fit inside its deadline;
 * read-only RPCs (:data:`READ_ONLY`) are retried on ``UNAVAILABLE`` with
-  exponential backoff and jitter; RPCs that change state never are (a retry
-  after a lost answer would apply the update twice), they raise instead;
+  exponential backoff and jitter;
+* tagged mutating RPCs (:data:`TAGGED`) carry a ``RequestTag``: this client's random
+  id and a sequence number of its own for each request to each shard. The shard
+  remembers recent tags and answers a repeat with the first answer, without
+  applying it again (``ps_server.dedup``), so these are retried too, with the same
+  tag (the very same request bytes): on ``UNAVAILABLE`` and on
+  ``DEADLINE_EXCEEDED`` of one attempt, whose deadline
+  (:attr:`RetryPolicy.attempt_timeout`) is shorter than the call's, so a lost
+  answer leads to a resend. When the retries run out, the error raised
+  (``PsUnavailable``, ``PsDeadlineExceeded``) leaves open whether the shard applied
+  the update. Limit: a shard restarted between the attempts has an empty ledger
+  and applies the resend (see ``ps_server.dedup``);
+* other RPCs that change state (creation, saves, restores) are never retried;
 * a fan-out waits for every shard before raising the first failure (in shard
-  order), so no call is left running when the caller sees an error;
-* mutating RPCs carry a ``RequestTag`` (client id, sequence number).
+  order), so no call is left running when the caller sees an error.
 """
 
 from __future__ import annotations
@@ -58,6 +68,12 @@ READ_ONLY = frozenset(
 )
 """RPCs that change nothing and may be retried."""
 
+TAGGED = frozenset(
+    {"Assign", "AssignAdd", "ApplyGradients", "FusedOptimize", "InterceptGradient"}
+)
+"""Mutating RPCs whose requests carry a ``RequestTag``: shards apply each at most once,
+so they are retried (with the same tag) like reads, and on an attempt's deadline."""
+
 SERVICE_PATH = "/monolith_ps.ParameterServer"
 
 FILTER_TYPES = ("sliding_hash_filter", "probabilistic_filter", "no_filter")
@@ -70,17 +86,25 @@ FusedLookupResult = tuple[
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Backoff for read-only calls that fail with ``UNAVAILABLE``.
+    """Retries of read-only calls that fail with ``UNAVAILABLE``, and of tagged
+    mutating calls (:data:`TAGGED`) that fail with ``UNAVAILABLE`` or whose attempt
+    ran out of time (``DEADLINE_EXCEEDED``).
 
     Attempt ``k`` (from 1) waits ``min(max_backoff, initial_backoff * multiplier**(k-1))``
     times a random factor in ``[0.5, 1]`` before the next one, as long as that stays
     inside the call's deadline.
+
+    :ivar attempt_timeout: deadline (s) of one attempt of a tagged mutating call (the
+        call's own deadline caps it): how long an answer may be missing before the
+        request is sent again. A slow attempt cut short costs nothing but the resend:
+        the shard finishes the first one and answers the resend with its outcome.
     """
 
     max_attempts: int = 6
     initial_backoff: float = 0.1
     max_backoff: float = 2.0
     multiplier: float = 2.0
+    attempt_timeout: float = 20.0
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt ``attempt``."""
@@ -95,7 +119,7 @@ class AsyncPsClient:
     :param timeout: deadline (s) of each data-plane call, retries included.
     :param file_timeout: deadline (s) of saves, restores and checkpoints.
     :param channel_options: credentials, auth token, message limits, keepalive.
-    :param retry: backoff of read-only calls on ``UNAVAILABLE``.
+    :param retry: retries of read-only and tagged mutating calls.
     :param meta: registry of table names (a fresh one per client by default).
     :raises PsInvalidArgument: no addresses.
     """
@@ -151,15 +175,22 @@ class AsyncPsClient:
     async def call(
         self, shard: int, method: str, request: Any, *, file_op: bool = False
     ) -> Any:
-        """Send ``request`` to ``shard`` with a deadline; retry read-only RPCs.
+        """Send ``request`` to ``shard`` with a deadline; retry read-only and tagged
+        RPCs (see :class:`RetryPolicy`).
 
         :param request: a request message (the answer is the response message), or
             request wire bytes (see :mod:`ps_client._codec`; the answer is wire bytes).
+            A tagged request is resent as is: same tag.
         :raises PsError: the subclass for the final status code, ``from`` the gRPC error.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.file_timeout if file_op else self.timeout)
-        retryable = method in READ_ONLY
+        tagged = method in TAGGED
+        retry_on = (
+            (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) if tagged
+            else (grpc.StatusCode.UNAVAILABLE,) if method in READ_ONLY
+            else ()
+        )
         rpc: Callable[..., Any]
         if isinstance(request, bytes):
             rpc = self._raw[shard].get(method) or self._raw[shard].setdefault(
@@ -171,14 +202,12 @@ class AsyncPsClient:
         while True:
             attempt += 1
             remaining = max(deadline - loop.time(), 0.001)
+            if tagged:
+                remaining = min(remaining, self.retry.attempt_timeout)
             try:
                 return await rpc(request, timeout=remaining, metadata=self._metadata)
             except grpc.aio.AioRpcError as err:
-                if (
-                    retryable
-                    and err.code() == grpc.StatusCode.UNAVAILABLE
-                    and attempt < self.retry.max_attempts
-                ):
+                if err.code() in retry_on and attempt < self.retry.max_attempts:
                     pause = self.retry.delay(attempt)
                     if loop.time() + pause < deadline:
                         await asyncio.sleep(pause)

@@ -68,7 +68,9 @@ class PsClient:
     :param credentials: channel credentials for TLS; None = plaintext.
     :param auth_token: sent as ``authorization: Bearer <token>`` on every call.
     :param file_timeout: deadline (s) of saves, restores and checkpoints.
-    :param retry: backoff of read-only calls on ``UNAVAILABLE``.
+    :param retry: retries of read-only calls and of updates (see
+        :class:`ps_client.RetryPolicy`: updates carry a tag the shards deduplicate, so a
+        resent update is applied once).
     :raises PsInvalidArgument: no addresses.
 
     Use it as a context manager (``with PsClient(...) as client:``) or call

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from ps_server.dedup import DEFAULT_LEDGER_BYTES, DEFAULT_LEDGER_CLIENTS, DEFAULT_LEDGER_WINDOW
 from ps_server.engine.shard import DEFAULT_CAPACITY, DEFAULT_SPLIT_NUM
 from ps_server.errors import ConfigError
 
@@ -77,6 +78,12 @@ class ServerConfig:
     :param max_ids_per_request: most ids one data-plane request may carry (lookups, writes,
         fused calls); more is RESOURCE_EXHAUSTED (0 = no limit; max_message_bytes caps
         the bytes).
+    :param ledger_window: how many recent tagged updates (client id, sequence number) the
+        shard remembers per client, to answer a client's retry without applying it twice.
+    :param ledger_max_clients: how many clients' recent updates the shard remembers (the
+        least recently seen client is forgotten first).
+    :param ledger_max_bytes: memory the remembered updates may take, answers included (the
+        oldest are forgotten first).
     """
 
     host: str = "127.0.0.1"
@@ -103,6 +110,9 @@ class ServerConfig:
     max_entries_per_shard: int = 0
     max_bytes_per_shard: int = 0
     max_ids_per_request: int = 0
+    ledger_window: int = DEFAULT_LEDGER_WINDOW
+    ledger_max_clients: int = DEFAULT_LEDGER_CLIENTS
+    ledger_max_bytes: int = DEFAULT_LEDGER_BYTES
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -153,6 +163,9 @@ class ServerConfig:
         for name in ("max_entries_per_shard", "max_bytes_per_shard", "max_ids_per_request"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0 = no limit), got {getattr(self, name)}")
+        for name in ("ledger_window", "ledger_max_clients", "ledger_max_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def address(self) -> str:

@@ -22,6 +22,14 @@ Operations (pushed by :class:`ps_server.admin.ShardOps`):
     ``monolith_ps_checkpoint_failures_total{op}``                      counter
     ``monolith_ps_last_checkpoint_timestamp_seconds{op}``              gauge (last success)
     ``monolith_ps_restoring``, ``monolith_ps_draining``                gauges (0/1)
+Exactly-once updates (read from the shard's :class:`~ps_server.dedup.RequestLedger`
+at scrape time, once :meth:`ShardMetrics.watch_ledger` was called):
+    ``monolith_ps_replayed_requests_total{method}``   counter: retries answered from
+    the ledger, not applied again
+    ``monolith_ps_stale_requests_total``              counter: refused as older than
+    their client's window
+    ``monolith_ps_request_ledger_records``, ``monolith_ps_request_ledger_bytes``,
+    ``monolith_ps_request_ledger_clients``            gauges
 plus the library's ``process_*``, ``python_gc_*`` and ``python_info`` series.
 ``op`` is ``save`` | ``commit`` | ``restore`` | ``validate``; ``trigger`` is
 ``admin`` | ``periodic``.
@@ -48,7 +56,7 @@ from prometheus_client import (
     make_wsgi_app,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
@@ -57,11 +65,13 @@ from prometheus_client.registry import Collector
 
 import ps_server
 from ps_server.config import format_address
+from ps_server.dedup import RequestLedger
 from ps_server.engine.shard import Shard
 from ps_server.errors import ConfigError
 
 __all__ = [
     "CHECKPOINT_OPS",
+    "LedgerCollector",
     "MetricsServer",
     "RpcMetricsInterceptor",
     "ShardCollector",
@@ -141,6 +151,59 @@ class ShardCollector(Collector):
                 "monolith_ps_hash_filter_failures",
                 "Ids a sliding hash filter could not place (Monolith's failure_count).",
                 labels=["hash_filter"],
+            ),
+        )
+
+
+class LedgerCollector(Collector):
+    """Replay counters and size gauges of a :class:`RequestLedger`, read at scrape time.
+
+    Runs on the HTTP server's thread while the event loop changes the ledger: the
+    values are a snapshot (each a single read or a dict copy).
+    """
+
+    def __init__(self, ledger: RequestLedger) -> None:
+        self._ledger = ledger
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        replayed, stale, records, nbytes, clients = self._families()
+        ledger = self._ledger
+        for method, count in sorted(ledger.replayed.items()):
+            replayed.add_metric([method], float(count))
+        stale.add_metric([], float(ledger.refused))
+        records.add_metric([], float(ledger.records))
+        nbytes.add_metric([], float(ledger.nbytes))
+        clients.add_metric([], float(ledger.clients))
+        yield from (replayed, stale, records, nbytes, clients)
+
+    @staticmethod
+    def _families() -> tuple[CounterMetricFamily | GaugeMetricFamily, ...]:
+        return (
+            CounterMetricFamily(
+                "monolith_ps_replayed_requests",
+                "Retried mutating requests answered from the request ledger without being "
+                "applied again, by method.",
+                labels=["method"],
+            ),
+            CounterMetricFamily(
+                "monolith_ps_stale_requests",
+                "Tagged requests refused as older than their client's ledger window "
+                "(they may have been applied already).",
+            ),
+            GaugeMetricFamily(
+                "monolith_ps_request_ledger_records",
+                "Outcomes of tagged requests the shard remembers.",
+            ),
+            GaugeMetricFamily(
+                "monolith_ps_request_ledger_bytes",
+                "Memory the remembered outcomes take, as counted against ledger_max_bytes.",
+            ),
+            GaugeMetricFamily(
+                "monolith_ps_request_ledger_clients",
+                "Clients whose recent requests the shard remembers.",
             ),
         )
 
@@ -238,6 +301,10 @@ class ShardMetrics:
     def observe_eviction(self, table: str, trigger: str, count: int) -> None:
         """``count`` entries were evicted from ``table``."""
         self.evicted_entries.labels(table, trigger).inc(count)
+
+    def watch_ledger(self, ledger: RequestLedger) -> None:
+        """Export ``ledger``'s counters and sizes (:class:`LedgerCollector`); call once."""
+        self.registry.register(LedgerCollector(ledger))
 
     def set_state(self, *, restoring: bool, draining: bool) -> None:
         """The shard's readiness inputs."""

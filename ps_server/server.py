@@ -36,6 +36,7 @@ from grpc_reflection.v1alpha import reflection
 from protos import ps_service_pb2_grpc as ps_grpc
 from ps_server.admin import ADMIN_SERVICE_NAME, AdminServicer, DataPlaneGate, ShardOps
 from ps_server.config import ServerConfig, format_address
+from ps_server.dedup import RequestLedger
 from ps_server.engine.expiry import EvictionScheduler
 from ps_server.engine.shard import Shard
 from ps_server.errors import ConfigError
@@ -201,7 +202,10 @@ async def build_shard_server(
         events=ops,
         default_filter_capacity=config.default_filter_capacity,
         default_filter_split_num=config.default_filter_split_num,
+        ledger=RequestLedger(config.ledger_window, config.ledger_max_clients,
+                             config.ledger_max_bytes),
     )
+    metrics.watch_ledger(servicer.ledger)
     admin = AdminServicer(servicer, ops, grace_seconds=config.grace_seconds)
     add_servicer_to_server(servicer, server)
     ps_grpc.add_ParameterServerAdminServicer_to_server(admin, server)

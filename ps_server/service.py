@@ -22,6 +22,13 @@ views of the received bytes) and every data-plane answer leaves the worker threa
 already encoded (tensors written once, by :func:`~ps_server.codec.encode_message`),
 so the event loop only hands bytes to gRPC.
 
+Exactly once. A mutating request with a ``RequestTag`` (Assign, AssignAdd,
+ApplyGradients, FusedOptimize, InterceptGradient) runs at most once per tag: its
+outcome is kept in the shard's :class:`~ps_server.dedup.RequestLedger` (recorded
+under the request's locks, once the engine call ended, even if the RPC was cancelled
+meanwhile), and a repeat gets that answer (``UpdateResponse.replayed`` set) or error
+again without being applied. Untagged requests are applied every time.
+
 Checkpoint operations and evictions are reported to an optional
 :class:`ShardEvents` (readiness during restores, metrics, the admin Stats history).
 """
@@ -50,6 +57,7 @@ from protos import ps_service_pb2 as ps_pb2
 from protos import ps_service_pb2_grpc as ps_grpc
 from ps_server import codec
 from ps_server.config import DEFAULT_MAX_MESSAGE_BYTES
+from ps_server.dedup import Outcome, RequestLedger
 from ps_server.engine.expiry import evict_expired
 from ps_server.engine.filters import HashFilter, SlidingHashFilter
 from ps_server.engine.shard import DEFAULT_CAPACITY, DEFAULT_SPLIT_NUM, FilterOptions, Shard
@@ -391,6 +399,18 @@ def _files_size(files: Iterable[str]) -> int:
     return total
 
 
+#: The recorded outcome of every update that succeeded (their answers are all alike).
+_UPDATED: Final = Outcome.succeeded(ps_pb2.UpdateResponse())
+
+
+def _replay(outcome: Outcome) -> Any:
+    """The answer to a repeat of a request that ended with ``outcome`` (raises its error)."""
+    answer = outcome.replay()
+    if isinstance(answer, ps_pb2.UpdateResponse):
+        return ps_pb2.UpdateResponse(replayed=True)
+    return answer
+
+
 class ParameterServerServicer(ps_grpc.ParameterServerServicer):
     """gRPC adapter over one :class:`Shard`: decode, delegate, encode.
 
@@ -404,6 +424,8 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
     :param default_filter_capacity: sliding filter capacity when a CreateHashFilter
         request leaves it 0.
     :param default_filter_split_num: split count when a request leaves it 0.
+    :param ledger: outcomes of recent tagged mutating requests (None: a new one with
+        the default limits).
     """
 
     def __init__(
@@ -417,6 +439,7 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
         events: ShardEvents | None = None,
         default_filter_capacity: int = DEFAULT_CAPACITY,
         default_filter_split_num: int = DEFAULT_SPLIT_NUM,
+        ledger: RequestLedger | None = None,
     ) -> None:
         self._shard = shard
         self._executor = executor
@@ -426,11 +449,17 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
         self._events = events
         self._default_filter_capacity = default_filter_capacity
         self._default_filter_split_num = default_filter_split_num
+        self._ledger = ledger if ledger is not None else RequestLedger()
 
     @property
     def shard(self) -> Shard:
         """The shard served."""
         return self._shard
+
+    @property
+    def ledger(self) -> RequestLedger:
+        """Outcomes of recent tagged mutating requests (exactly-once updates)."""
+        return self._ledger
 
     # ------------------------------------------------------------ machinery
 
@@ -503,6 +532,56 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait([fut])
             raise
+
+    async def _apply_once(
+        self,
+        rpc: str,
+        tag: ps_pb2.RequestTag,
+        work: Callable[[], _T],
+        *,
+        tables: Iterable[str] = (),
+        table_filters: bool = False,
+        filters: Iterable[str] = (),
+    ) -> _T:
+        """:meth:`call` for a mutating ``work``: at most once per ``tag`` (see "Exactly
+        once" in the module doc); an untagged request runs every time.
+
+        :raises InvalidArgumentError: the tag was used by another RPC, or its client id
+            is too long.
+        :raises FailedPreconditionError: the tag is older than its client's window.
+        """
+        if not tag.client_id or not tag.seq:
+            return await self.call(rpc, work, tables=tables, table_filters=table_filters,
+                                   filters=filters)
+        ledger = self._ledger
+        client_id, seq = tag.client_id, tag.seq
+        first = await ledger.claim(client_id, seq, rpc)
+        if first is not None:
+            return _replay(first)
+        ended: list[Outcome] = []  # set on the worker thread once the engine call ended
+
+        def recorded() -> _T:
+            try:
+                result = work()
+                self._check_size(rpc, result)
+            except Exception as e:
+                ended.append(Outcome.failed(e))
+                raise
+            ended.append(_UPDATED if isinstance(result, ps_pb2.UpdateResponse)
+                         else Outcome.succeeded(result))
+            return result
+
+        try:
+            async with self._locks.hold(self._shard, tables=tables,
+                                        table_filters=table_filters, filters=filters):
+                try:
+                    return await self._run(rpc, recorded)
+                finally:
+                    if ended:  # also when the RPC was cancelled meanwhile
+                        ledger.record(client_id, seq, ended[0])
+        finally:
+            if not ended:  # refused before the engine ran (e.g. unknown table), cancelled
+                ledger.release(client_id, seq)
 
     def _path(self, path: str, what: str, *, prefix: bool = True) -> str:
         return resolve_path(path, self._data_root, what, prefix=prefix)
@@ -630,7 +709,6 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
 
     async def _assign(self, rpc: str, request: codec.BulkRequest[ps_pb2.AssignRequest],
                       add: bool) -> ps_pb2.UpdateResponse:
-        # head.tag is accepted and not yet used (exactly-once comes later).
         head = request.head
 
         def work() -> ps_pb2.UpdateResponse:
@@ -643,7 +721,8 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
                 table.assign(ids, values, head.req_time)
             return ps_pb2.UpdateResponse()
 
-        return await self._call(rpc, work, tables=[head.table], table_filters=True)
+        return await self._apply_once(rpc, head.tag, work, tables=[head.table],
+                                      table_filters=True)
 
     @_translate_errors
     async def Assign(self, request: codec.BulkRequest[ps_pb2.AssignRequest], context: Any
@@ -674,7 +753,8 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
             )
             return ps_pb2.UpdateResponse()
 
-        return await self._call("ApplyGradients", work, tables=[head.table], table_filters=True)
+        return await self._apply_once("ApplyGradients", head.tag, work, tables=[head.table],
+                                      table_filters=True)
 
     @_translate_errors
     async def FusedLookup(self, request: codec.BulkRequest[ps_pb2.FusedLookupRequest],
@@ -710,7 +790,8 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
             )
             return ps_pb2.UpdateResponse()
 
-        return await self._call("FusedOptimize", work, tables=head.tables, table_filters=True)
+        return await self._apply_once("FusedOptimize", head.tag, work, tables=head.tables,
+                                      table_filters=True)
 
     @_translate_errors
     async def InterceptGradient(
@@ -724,7 +805,8 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
             out = self._shard.intercept_gradient(head.hash_filter, ids, grads)
             return codec.encode_message(ps_pb2.InterceptGradientResponse(), grads=out)
 
-        return await self._call("InterceptGradient", work, filters=[head.hash_filter])
+        return await self._apply_once("InterceptGradient", head.tag, work,
+                                      filters=[head.hash_filter])
 
     @_translate_errors
     async def Size(self, request: ps_pb2.SizeRequest, context: Any) -> ps_pb2.SizeResponse:
