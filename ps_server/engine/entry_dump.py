@@ -735,10 +735,7 @@ def decode_entry_dumps(
         ids=np.zeros(n, np.int64),
         values=np.empty((n, dim), np.float32),
         num_lengths=np.full(n, dim, np.int64),
-        states=[
-            _empty_state(opt, n) if opt.dump_field is not None else opt.init_state(n)
-            for opt in segment_optimizers
-        ],
+        states=[_unset_state(opt, n) for opt in segment_optimizers],
         has_state=np.ones(n, np.bool_),
         timestamps=np.empty(n, np.int64),
     )
@@ -746,8 +743,13 @@ def decode_entry_dumps(
     return out
 
 
-def _empty_state(opt: Optimizer, n: int) -> State:
-    return {k: np.empty((n, *a.shape[1:]), a.dtype) for k, a in opt.init_state(0).items()}
+def _unset_state(opt: Optimizer, n: int) -> State:
+    """State rows for ``n`` records: uninitialized if the dump holds every slot."""
+    init = opt.init_state(0)
+    dumped = {slot.name for slot in opt.slots()} if opt.dump_field is not None else set()
+    if not init.keys() <= dumped:
+        return opt.init_state(n)
+    return {k: np.empty((n, *a.shape[1:]), a.dtype) for k, a in init.items()}
 
 
 def check_entry_dumps(
