@@ -492,12 +492,13 @@ def test_live_table_missing_from_checkpoint_is_value_error(client: PsClient,
 # ---------------------------------------------------------------- faults
 
 
-def test_reads_retry_across_a_restart_and_writes_do_not() -> None:
+def test_reads_wait_for_a_restarted_shard_and_writes_give_up() -> None:
     with local_cluster(2) as cluster, PsClient(cluster.addresses, timeout=10) as c:
         t = c.create_table(table_config(), name="faulty")
         t.assign([0, 1], [[1.0], [2.0]])
         cluster.kill(1)
-        # A write to the dead shard fails at once (never retried: it might apply twice).
+        # A write to the dead shard is retried with its request tag (so a shard that had
+        # applied it would answer from its ledger), then fails once the retries run out.
         with pytest.raises(PsUnavailable) as info:
             t.assign([1], [[3.0]])
         assert isinstance(info.value, ConnectionError)
