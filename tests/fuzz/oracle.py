@@ -764,16 +764,22 @@ def _checkpoint_commit(h: Harness, model_dir: str, step: int, keep: int, admin: 
 
 def _checkpoint_restore(h: Harness, model_dir: str, prefix: str, validate: bool, admin: bool
                         ) -> Expected:
-    if prefix and not os.path.dirname(prefix) and h.resolve(model_dir, prefix=False) != \
-            os.path.realpath(h.root):
-        # Not sent: whether a bare ``model.ckpt-N`` is taken under the data root or in
-        # model_dir is being changed in the service right now (to model_dir).
-        return Skip()
     codes: set[grpc.StatusCode] = set()
     full = _path(h, model_dir, codes, prefix=False)
+    if prefix and not os.path.dirname(prefix):
+        prefix = os.path.join(model_dir, prefix)  # a bare model.ckpt-N is in model_dir
     resolved = _path(h, prefix, codes) if prefix else None
     if codes:
         return rejected(codes)
+    if resolved is None:
+        # The latest: the checkpoint the index names must lie in the data root too.
+        ok, latest = attempt(lambda: checkpoints.latest_checkpoint(full))
+        if not ok:
+            return rejected({latest})
+        if latest is not None:
+            resolved = _path(h, latest, codes)
+            if codes:
+                return rejected(codes)
     ok, out = attempt(lambda: checkpoints.restore_shard_checkpoint(
         h.ref, full, resolved, validate))
     if not ok:

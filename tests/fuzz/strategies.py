@@ -311,12 +311,12 @@ paths = weighted((3, st.sampled_from(GOOD_PATHS)), (3, st.sampled_from(HOSTILE_P
 
 
 def prefixes(model_dir: str) -> st.SearchStrategy[str]:
-    """RestoreCheckpoint prefixes: the latest (""), a step of ``model_dir``, or a
-    hostile path with a directory part (a bare name is only used in the root)."""
-    base = "" if model_dir == "." else f"{model_dir}/"
-    return weighted((3, st.just("")), (3, st.sampled_from([f"{base}model.ckpt-{s}"
-                                                          for s in range(3)])),
-                    (2, st.sampled_from([p for p in HOSTILE_PATHS if "/" in p])))
+    """RestoreCheckpoint prefixes: the latest (""), a step of ``model_dir`` (bare, taken
+    in model_dir, or under it), or a hostile path."""
+    steps = [f"model.ckpt-{s}" for s in range(3)]
+    return weighted((3, st.just("")), (2, st.sampled_from(steps)),
+                    (1, st.sampled_from([f"{model_dir}/{s}" for s in steps])),
+                    (2, st.sampled_from(HOSTILE_PATHS)))
 
 
 @st.composite
@@ -402,9 +402,8 @@ def checkpoint_cycles(draw: st.DrawFn) -> list[tuple[str, Message]]:
         calls.append(draw(create_calls()))
     calls += draw(st.lists(writes, max_size=3))
     prefix = draw(weighted((2, st.just("")), (2, st.just(f"model.ckpt-{step}")),
+                           (1, st.just(f"{model_dir}/model.ckpt-{step}")),
                            (1, st.just("model.ckpt-9"))))
-    if prefix and model_dir != ".":
-        prefix = f"{model_dir}/{prefix}"
     validate = draw(st.booleans())
     if draw(st.booleans()):
         calls.append(("Admin.Restore", pb.AdminRestoreRequest(
