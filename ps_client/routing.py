@@ -110,15 +110,19 @@ def dedup(ids: Ids) -> tuple[Ids, Positions]:
     starts = np.empty(n, dtype=bool)
     starts[0] = True
     np.not_equal(sorted_ids[1:], sorted_ids[:-1], out=starts[1:])
-    group = np.cumsum(starts) - 1
     heads = np.flatnonzero(starts)
+    if heads.shape[0] == n:  # no duplicates: nothing to fold
+        return ids, np.arange(n, dtype=np.int64)
+    group = np.cumsum(starts) - 1
     first = np.minimum.reduceat(order, heads)
-    by_first = np.argsort(first)
-    rank = np.empty_like(by_first)
-    rank[by_first] = np.arange(by_first.shape[0])
+    # Rank of each group by first occurrence, in linear time: mark the first
+    # positions and count the marks before each.
+    is_first = np.zeros(n, dtype=bool)
+    is_first[first] = True
+    rank_at = np.cumsum(is_first) - 1
     inverse = np.empty(n, dtype=np.int64)
-    inverse[order] = rank[group]
-    return sorted_ids[heads][by_first], inverse
+    inverse[order] = rank_at[first][group]
+    return ids[is_first], inverse
 
 
 def partition(ids: Ids, num_shards: int) -> list[Positions]:
@@ -130,7 +134,9 @@ def partition(ids: Ids, num_shards: int) -> list[Positions]:
     if num_shards == 1:
         return [np.arange(ids.shape[0], dtype=np.int64)]
     owners = shard_of(ids, num_shards)
-    order = np.argsort(owners, kind="stable")
+    # A stable sort of 16-bit keys is a radix sort in numpy: linear time.
+    keys = owners.astype(np.uint16) if num_shards <= 1 << 16 else owners
+    order = np.argsort(keys, kind="stable")
     counts = np.bincount(owners, minlength=num_shards)
     return list(np.split(order, np.cumsum(counts)[:-1]))
 
@@ -146,9 +152,14 @@ def scatter_rows(
     if len(parts) == 1 and positions[0].shape[0] == n:
         return np.array(parts[0], dtype=np.float32).reshape(n, dim)  # a writable copy
     out = np.zeros((n, dim), dtype=np.float32)
+    if dim == 0:
+        return out
+    # Whole rows as single opaque items: one scatter of n items instead of n * dim.
+    row = np.dtype((np.void, dim * 4))
+    out_rows = out.view(row).reshape(n)
     for part, pos in zip(parts, positions, strict=True):
         if pos.size:
-            out[pos] = part
+            out_rows[pos] = np.ascontiguousarray(part, dtype=np.float32).view(row).reshape(-1)
     return out
 
 

@@ -151,8 +151,9 @@ class EmbeddingHashTable:
         """
         ids_ = as_ids(ids)
         rows = self._index.find(ids_)
-        # Row -1 is the spare zero row at the end of storage.
-        out = self._values[rows]
+        # Row -1 is the spare zero row at the end of storage. np.take on axis 0 moves
+        # whole rows and is several times faster than fancy indexing for big tables.
+        out = np.take(self._values, rows, axis=0)
         if not self.layout.raw_view:
             found = rows >= 0
             for seg in self.layout.segments:

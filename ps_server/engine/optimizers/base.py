@@ -113,8 +113,8 @@ class Optimizer(abc.ABC):
         lr: float,
         global_step: int,
     ) -> None:
-        params = values[rows]
-        gathered = {name: arr[rows] for name, arr in state.items()}
+        params = np.take(values, rows, axis=0)
+        gathered = {name: np.take(arr, rows, axis=0) for name, arr in state.items()}
         self.apply(params, gathered, grads, lr, global_step)
         values[rows] = params
         for name, arr in state.items():

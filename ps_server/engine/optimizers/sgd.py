@@ -65,7 +65,9 @@ class SgdOptimizer(Optimizer):
             return
         delta = np.float32(lr) * grads
         if not has_duplicates(rows):
-            values[rows] -= delta
+            current = np.take(values, rows, axis=0)
+            current -= delta
+            values[rows] = current
             return
         repeated = repeated_positions(rows)
         repeated_rows = np.unique(rows[repeated])
