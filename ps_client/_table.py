@@ -123,7 +123,7 @@ class AsyncTable:
             for a, p in zip(answers, positions, strict=True)
         ]
         rows = scatter_rows(parts, positions, uniq.shape[0], dim)
-        return rows[inverse] if inverse.shape[0] != uniq.shape[0] else rows
+        return np.take(rows, inverse, axis=0) if inverse.shape[0] != uniq.shape[0] else rows
 
     async def lookup_entry(self, ids: Any) -> list[bytes]:
         """Serialized ``EntryDump`` per id (``id`` unset), ``b""`` where missing."""
