@@ -7,8 +7,8 @@ for byte what Monolith writes (reference §6.1, §6.2). The number of files is t
 table's ``saver_parallel`` when it is >= 0 (0 is taken as 1 so a save always leaves
 a file to find), else ``min(4, max(1, size // 1_000_000))``; file ``k`` holds the
 ``k``-th contiguous range of the table's rows, encoded ``SAVE_CHUNK_ROWS`` at a time
-(a helper thread writes one chunk while the next is encoded), so a save never holds
-a second copy of the table. Each file is written under a temporary name, fsynced and
+(a helper thread frames and writes one chunk while the next is encoded), so a save
+never holds a second copy of the table. Each file is written under a temporary name, fsynced and
 renamed only when every file of the save is complete; the saving shard's older parts
 with another file count are then removed. Use a fresh basename per save when the
 number of saving shards changes: parts of shards that no longer exist are not removed.
@@ -210,7 +210,7 @@ def save_table(
                     cols.timestamps,
                     cols.ids,
                 )
-                behind.write(writer, frame_record_runs(buffer, offsets), n)
+                behind.write(writer, buffer, offsets, n)
                 entries += n
         behind.finish()
         while writers:
@@ -226,16 +226,14 @@ def save_table(
 
 
 class _WriteBehind:
-    """Writes framed chunks on a helper thread so encoding overlaps the file writes.
+    """Frames (CRCs) and writes encoded chunks on a helper thread, overlapping encoding.
 
-    At most ``depth`` chunks wait; a write error is raised by the next :meth:`write`
-    or by :meth:`finish`.
+    At most ``depth`` chunks wait; an error is raised by the next :meth:`write` or by
+    :meth:`finish`.
     """
 
     def __init__(self, depth: int = 2) -> None:
-        self._pending: queue.Queue[tuple[TFRecordWriter, bytes, int] | None] = queue.Queue(
-            maxsize=depth
-        )
+        self._pending: queue.Queue[_Chunk | None] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="ckpt-write", daemon=True)
         self._thread.start()
@@ -243,9 +241,9 @@ class _WriteBehind:
     def _run(self) -> None:
         while (item := self._pending.get()) is not None:
             if self._error is None:
-                writer, framed, n = item
+                writer, buffer, offsets, n = item
                 try:
-                    writer.write_frames(framed, n)
+                    writer.write_frames(frame_record_runs(buffer, offsets), n)
                 except BaseException as e:  # handed to the saving thread
                     self._error = e
 
@@ -253,12 +251,14 @@ class _WriteBehind:
         if self._error is not None:
             raise self._error
 
-    def write(self, writer: TFRecordWriter, framed: bytes, n: int) -> None:
+    def write(self, writer: TFRecordWriter, buffer: npt.NDArray[np.uint8],
+              offsets: npt.NDArray[np.int64], n: int) -> None:
+        """Queue ``n`` encoded records (``buffer``/``offsets``) for ``writer``."""
         self._raise()
-        self._pending.put((writer, framed, n))
+        self._pending.put((writer, buffer, offsets, n))
 
     def finish(self) -> None:
-        """Wait until everything is written; raise the first write error."""
+        """Wait until everything is written; raise the first error."""
         self._pending.put(None)
         self._thread.join()
         self._raise()
@@ -268,6 +268,9 @@ class _WriteBehind:
         if self._thread.is_alive():
             self._pending.put(None)
             self._thread.join()
+
+
+_Chunk = tuple[TFRecordWriter, npt.NDArray[np.uint8], npt.NDArray[np.int64], int]
 
 
 def _training_optimizers(table: EmbeddingHashTable) -> list[Optimizer]:
