@@ -20,8 +20,9 @@ pages) before it is read, so both reads start from the device. The restore's sec
 pass rereads files the first pass just read (cached), as it would in production.
 A cached raw read is printed for reference.
 
-Every measurement (raw ones included) runs ``--repeat`` times (default 2) and the
-fastest run counts; memory is the largest rise of any run. The machine should be
+Every measurement (raw ones included) runs ``--repeat`` times (default 2), each run
+of an operation right after a run of its raw counterpart, and the fastest run counts;
+memory is the largest rise of any run. The machine should be
 quiet: the bench watches ``/proc/stat`` and warns when other processes kept a CPU
 busy while it measured.
 
@@ -46,7 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 import psutil
 
-from ps_server.checkpoint.table_files import SaveResult, restore_table, save_table
+from ps_server.checkpoint.table_files import restore_table, save_table
 from ps_server.engine import configs
 from ps_server.engine.hash_table import EmbeddingHashTable
 
@@ -96,11 +97,9 @@ def drop_cache(paths: list[str]) -> None:
             os.close(fd)
 
 
-def raw_write(directory: str, sizes: list[int]) -> list[str]:
+def raw_write(paths: list[str], sizes: list[int]) -> None:
     block = np.random.default_rng(0).integers(0, 256, BLOCK, dtype=np.uint8).tobytes()
-    paths = []
-    for k, size in enumerate(sizes):
-        path = os.path.join(directory, f"raw-{k}")
+    for path, size in zip(paths, sizes, strict=True):
         with open(path, "wb") as f:
             left = size
             while left > 0:
@@ -108,8 +107,6 @@ def raw_write(directory: str, sizes: list[int]) -> list[str]:
                 left -= BLOCK
             f.flush()
             os.fsync(f.fileno())
-        paths.append(path)
-    return paths
 
 
 def raw_read(paths: list[str]) -> int:
@@ -145,6 +142,18 @@ class Trial:
     extra: int = 0
     elsewhere: float = 0.0
 
+    def run(self, fn: Callable[[], object]) -> None:
+        """Time one run of ``fn``."""
+        with peak_rss() as mem:
+            busy0, own0 = cpu_seconds()
+            t0 = time.perf_counter()
+            fn()
+            secs = time.perf_counter() - t0
+            busy1, own1 = cpu_seconds()
+        self.secs = min(self.secs, secs)
+        self.extra = max(self.extra, mem[1] - mem[0])
+        self.elsewhere = max(self.elsewhere, ((busy1 - busy0) - (own1 - own0)) / secs)
+
 
 def cpu_seconds() -> tuple[float, float]:
     """(busy CPU seconds of the whole machine, CPU seconds of this process)."""
@@ -153,24 +162,6 @@ def cpu_seconds() -> tuple[float, float]:
     busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
     own = os.times()
     return busy, own.user + own.system
-
-
-def trial(fn: Callable[[], object], repeat: int, prepare: Callable[[], object] | None = None
-          ) -> Trial:
-    out = Trial()
-    for _ in range(repeat):
-        if prepare is not None:
-            prepare()
-        with peak_rss() as mem:
-            busy0, own0 = cpu_seconds()
-            t0 = time.perf_counter()
-            fn()
-            secs = time.perf_counter() - t0
-            busy1, own1 = cpu_seconds()
-        out.secs = min(out.secs, secs)
-        out.extra = max(out.extra, mem[1] - mem[0])
-        out.elsewhere = max(out.elsewhere, ((busy1 - busy0) - (own1 - own0)) / secs)
-    return out
 
 
 def main() -> None:
@@ -191,48 +182,51 @@ def main() -> None:
     print(f"table: {n:,} entries, {table_bytes / 2**20:,.0f} MiB in memory", flush=True)
 
     work = tempfile.mkdtemp(prefix="ckpt-bench-", dir=args.dir)
+    save, raw_w, raw_r, raw_h, inplace, fresh = (Trial() for _ in range(6))
     try:
+        # Each operation alternates with its raw counterpart, so both meet the disk in
+        # the same state (the first writes of a run are often slower).
         base = os.path.join(work, "t")
-        saved: list[SaveResult] = []
-        save = trial(
-            lambda: saved.append(save_table(live[0], base, shard_index=0, nshards=4)), repeat
-        )
-        files = saved[-1].files
+        files = save_table(live[0], base, shard_index=0, nshards=4).files  # sizes only
         sizes = [os.path.getsize(p) for p in files]
         nbytes = sum(sizes)
         mb = nbytes / 1e6
-
-        raw_paths: list[str] = []
-        raw_w = trial(lambda: raw_paths.extend(raw_write(work, sizes)), repeat)
-        raw_r = trial(lambda: raw_read(raw_paths[: len(sizes)]), repeat,
-                      lambda: drop_cache(raw_paths[: len(sizes)]))
-        raw_h = trial(lambda: raw_read(raw_paths[: len(sizes)]), repeat)
-        for p in set(raw_paths):
-            os.unlink(p)
+        raw_paths = [os.path.join(work, f"raw-{k}") for k in range(len(sizes))]
+        for _ in range(repeat):
+            raw_w.run(lambda: raw_write(raw_paths, sizes))
+            save.run(lambda: save_table(live[0], base, shard_index=0, nshards=4))
 
         def restore_in_place() -> None:
             got = restore_table(live[0], base, shard_index=0, num_shards=1)
             assert got.entries == n, got
 
-        inplace = trial(restore_in_place, repeat, lambda: drop_cache(files))
+        def raw_read_cold() -> None:
+            drop_cache(raw_paths)
+            raw_r.run(lambda: raw_read(raw_paths))
+
+        for _ in range(repeat):
+            raw_read_cold()
+            drop_cache(files)
+            inplace.run(restore_in_place)
+        raw_h.run(lambda: raw_read(raw_paths))
         live.clear()
         gc.collect()
 
         fresh_tables: list[EmbeddingHashTable] = []
 
-        def new_fresh() -> None:
+        def restore_fresh() -> None:
+            got = restore_table(fresh_tables[0], base, shard_index=0, num_shards=1)
+            assert got.entries == n, got
+
+        for _ in range(repeat):
+            raw_read_cold()
             fresh_tables.clear()
             gc.collect()
             drop_cache(files)
             fresh_tables.append(
                 EmbeddingHashTable(configs.table_config(DIM, optimizer=configs.adagrad()))
             )
-
-        def restore_fresh() -> None:
-            got = restore_table(fresh_tables[0], base, shard_index=0, num_shards=1)
-            assert got.entries == n, got
-
-        fresh = trial(restore_fresh, repeat, new_fresh)
+            fresh.run(restore_fresh)
         fresh_bytes = fresh_tables[0].nbytes()
     finally:
         shutil.rmtree(work, ignore_errors=True)
