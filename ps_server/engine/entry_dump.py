@@ -699,9 +699,14 @@ def _take(tpl: _Template, rec: Buffer, rows: slice | Ids, dest: slice | Ids, sin
     if sinks.floats is None or sinks.ints is None:
         return
     for (at, tag, width), target in zip(tpl.floats, sinks.floats, strict=True):
-        target[dest] = _strided(rec, at + len(tag), width, len(tag) + 4, "<f4")[rows]
+        target[dest] = _rows(_strided(rec, at + len(tag), width, len(tag) + 4, "<f4"), rows)
     for (at, k), target in zip(tpl.values, sinks.ints, strict=True):
-        target[dest] = _varint_columns(rec[rows, at : at + k]).view(np.int64)
+        target[dest] = _varint_columns(_rows(rec[:, at : at + k], rows)).view(np.int64)
+
+
+def _rows(a: npt.NDArray[Any], rows: slice | Ids) -> npt.NDArray[Any]:
+    """``a[rows]``; whole rows taken with ``np.take``, much faster than fancy indexing."""
+    return a[rows] if isinstance(rows, slice) else np.take(a, rows, axis=0)
 
 
 def decode_entry_dumps(
@@ -928,7 +933,7 @@ def _read_records(
     for piece in pieces:
         if piece.target is not None:
             at, step = int(piece.rel[first]) + len(piece.tag), len(piece.tag) + 4
-            piece.target[dest] = _strided(rec, at, piece.width, step, "<f4")[rows]
+            piece.target[dest] = _rows(_strided(rec, at, piece.width, step, "<f4"), rows)
 
 
 def _decode_slow(
