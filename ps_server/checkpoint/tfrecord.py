@@ -562,9 +562,12 @@ def _scan_runs(
             scalar -= 1
         elif fit > 1:
             w = min(fit, window)
-            heads = pos + period * np.arange(1, w, dtype=np.int64)
-            headers = buf[heads[:, None] + np.arange(_HEADER_BYTES, dtype=np.int64)]
-            differ = np.flatnonzero((headers != buf[pos : pos + _HEADER_BYTES]).any(axis=1))
+            # The next w - 1 headers, read in place at the run's stride: same length
+            # and same length CRC as this one?
+            nxt = pos + period
+            lens = np.ndarray((w - 1,), "<u8", buffer=buf, offset=nxt, strides=(period,))
+            crcs = np.ndarray((w - 1,), "<u4", buffer=buf, offset=nxt + 8, strides=(period,))
+            differ = np.flatnonzero((lens != length) | (crcs != stored))
             count = 1 + (int(differ[0]) if differ.size else w - 1)
             if count == w:
                 window = min(2 * window, _MAX_WINDOW)
