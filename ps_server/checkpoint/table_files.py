@@ -472,7 +472,7 @@ def validate_table_files(
     def count(path: str) -> int:
         kept = 0
         for ids, entries in _file_chunks(table, path, columns=need_values):
-            keep = np.mod(ids, num_shards) == shard_index
+            keep = _in_shard(ids, shard_index, num_shards)
             if entries is not None:
                 keep &= _nonzero_values(entries.values)
             kept += int(np.count_nonzero(keep))
@@ -678,6 +678,17 @@ def _serving_optimizers(
     return optimizers
 
 
+def _in_shard(ids: Ids, shard_index: int, num_shards: int) -> npt.NDArray[np.bool_]:
+    """``floormod(ids, num_shards) == shard_index`` (an int64 division only if needed)."""
+    if num_shards == 1:
+        return np.ones(ids.shape, np.bool_)
+    if num_shards & (num_shards - 1) == 0:  # floormod by a power of two is a mask
+        keep: npt.NDArray[np.bool_] = (ids & (num_shards - 1)) == shard_index
+        return keep
+    mod: npt.NDArray[np.bool_] = np.mod(ids, num_shards) == shard_index
+    return mod
+
+
 def _nonzero_values(values: npt.NDArray[np.float32]) -> npt.NDArray[np.bool_]:
     """skip_zero_embedding's test, as the table applies it: squared norm >= FLT_MIN."""
     sq = np.einsum("ij,ij->i", values, values)
@@ -693,7 +704,7 @@ def _loadable(
     for path in paths:
         for ids, entries in _file_chunks(table, path, columns=True):
             assert entries is not None
-            keep = np.mod(ids, num_shards) == shard_index
+            keep = _in_shard(ids, shard_index, num_shards)
             if table.config.skip_zero_embedding:
                 keep &= _nonzero_values(entries.values)
             rows = np.flatnonzero(keep)

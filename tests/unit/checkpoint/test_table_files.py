@@ -316,7 +316,7 @@ def hand_checked_entry(table: EmbeddingHashTable, fid: int) -> None:
     assert dump.last_update_ts_sec == 100
 
 
-@pytest.mark.parametrize(("before", "after"), [(2, 3), (3, 1)])
+@pytest.mark.parametrize(("before", "after"), [(2, 3), (3, 1), (3, 4)])
 def test_resharding_preserves_every_entry(tmp_path: Path, before: int, after: int) -> None:
     ids = np.array([-7, -3, -2, -1, 0, 1, 2, 5, 8, 11, 13, 1 << 40, -(1 << 50)], dtype=np.int64)
     source = filled_shards(before, ids)
