@@ -369,7 +369,12 @@ class EmbeddingHashTable:
         if ids_.size == 0:
             return
         vals = as_rows_matrix(cols.values, ids_.shape[0], self.dim)
-        rows = self._create_missing(ids_, self._index.find(ids_))
+        if has_duplicates(ids_):
+            raise InvalidArgumentError(
+                f"table {self.name!r}: upsert_columns needs distinct ids (keep one record "
+                "per id)"
+            )
+        rows = self._create_missing(ids_, self._index.find(ids_), distinct=True)
         if num_lengths is None or bool((num_lengths >= self.dim).all()):
             self._values[rows] = self._encode_serving(vals)
         else:
@@ -543,13 +548,20 @@ class EmbeddingHashTable:
             start = stop
         return admitted
 
-    def _create_missing(self, ids: Ids, rows: Rows) -> Rows:
-        """Insert ids whose row is -1 (initializer + optimizer init); return all rows."""
+    def _create_missing(self, ids: Ids, rows: Rows, *, distinct: bool = False) -> Rows:
+        """Insert ids whose row is -1 (initializer + optimizer init); return all rows.
+
+        With ``distinct`` (the caller guarantees no id repeats) the absent ids are
+        appended directly: no second lookup, no sort.
+        """
         missing = rows < 0
         if not missing.any():
             return rows
         before = self._index.size
-        new_rows, _ = self._index.find_or_insert(ids[missing])
+        if distinct:
+            new_rows = self._index.insert_new(ids[missing])
+        else:
+            new_rows, _ = self._index.find_or_insert(ids[missing])
         rows = rows.copy()
         rows[missing] = new_rows
         n_new = self._index.size - before

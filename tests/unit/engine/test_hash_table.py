@@ -390,3 +390,23 @@ def test_assign_counts_every_missing_occurrence() -> None:
     np.testing.assert_array_equal(t.lookup([4]), [[3.0]])
     assert isinstance(t.hash_filter, SlidingHashFilter)
     assert t.hash_filter.peek(np.array([4]))[0] == 3
+
+
+def test_upsert_columns_refuses_repeated_ids_and_changes_nothing() -> None:
+    from ps_server.engine.hash_table import EntryColumns
+
+    t = sgd_table(1)
+    t.assign([1], [[1.0]])
+    cols = EntryColumns(
+        ids=np.array([2, 2], dtype=np.int64),
+        values=np.array([[5.0], [6.0]], dtype=np.float32),
+        states=[{}],
+        timestamps=np.array([3, 4], dtype=np.int64),
+    )
+    with pytest.raises(InvalidArgumentError, match="distinct ids"):
+        t.upsert_columns(cols)
+    assert t.size() == 1
+    cols.ids = np.array([2, 3], dtype=np.int64)
+    t.upsert_columns(cols)
+    np.testing.assert_array_equal(t.lookup([1, 2, 3]), [[1.0], [5.0], [6.0]])
+    assert t.max_update_ts == 4
