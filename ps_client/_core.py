@@ -100,7 +100,7 @@ class RetryPolicy:
         the shard finishes the first one and answers the resend with its outcome.
     """
 
-    max_attempts: int = 6
+    max_attempts: int = 10
     initial_backoff: float = 0.1
     max_backoff: float = 2.0
     multiplier: float = 2.0
