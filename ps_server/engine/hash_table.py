@@ -310,6 +310,9 @@ class EmbeddingHashTable:
         lrs = self._check_learning_rates(learning_rates)
         req = self._check_req_time(req_time)
         step = int(global_step)
+        for seg in self.layout.segments:
+            if seg.optimizer is not None:
+                seg.optimizer.check_step(step)
         if ids_.size == 0:
             self._advance_clock(req)
             return

@@ -361,6 +361,9 @@ class Shard:
                     f"table {table_names[t]!r} (fused table index {t}) has SERVING entries; "
                     "fused_optimize needs TRAINING entries"
                 )
+            for seg in tables[t].layout.segments:
+                if seg.optimizer is not None:
+                    seg.optimizer.check_step(int(global_step))
         if self.limits.enabled:
             # All blocks together, before the first is applied.
             self._check_fused_limits(table_names, tables, blocks, bounds, ids_)

@@ -79,6 +79,14 @@ class Optimizer(abc.ABC):
         :param global_step: the trainer's global step.
         """
 
+    def check_step(self, global_step: int) -> None:
+        """Refuse a ``global_step`` this optimizer cannot use, before any state changes.
+
+        Tables call it for every segment before touching the clock, the filter or any
+        entry. Most optimizers ignore the step; the default accepts anything.
+        """
+        return None
+
     def apply_sequential(
         self,
         values: Floats,

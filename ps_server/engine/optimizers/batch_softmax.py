@@ -44,6 +44,13 @@ class BatchSoftmaxOptimizer(Optimizer):
     def init_state(self, n: int) -> State:
         return {"global_step": np.zeros((n, 1), np.int64)}
 
+    def check_step(self, global_step: int) -> None:
+        """:raises InvalidArgumentError: if ``global_step`` is negative."""
+        if global_step < 0:
+            raise InvalidArgumentError(
+                f"batch_softmax needs a non-negative global_step, got {global_step}"
+            )
+
     def apply(
         self, params: Floats, state: State, grads: Floats, lr: float, global_step: int
     ) -> None:

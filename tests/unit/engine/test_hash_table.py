@@ -410,3 +410,27 @@ def test_upsert_columns_refuses_repeated_ids_and_changes_nothing() -> None:
     t.upsert_columns(cols)
     np.testing.assert_array_equal(t.lookup([1, 2, 3]), [[1.0], [5.0], [6.0]])
     assert t.max_update_ts == 4
+
+
+def test_refused_global_step_changes_nothing() -> None:
+    # batch_softmax cannot use a negative step; the refusal must come before the
+    # clock moves or any entry is created.
+    opt = eht.OptimizerConfig(batch_softmax=eht.BatchSoftmaxOptimizerConfig())
+    t = EmbeddingHashTable(configs.table_config(1, optimizer=opt))
+    with pytest.raises(InvalidArgumentError, match="non-negative global_step"):
+        t.apply_gradients([1, 2], [[0.0], [0.0]], [0.1], global_step=-1, req_time=5)
+    assert t.size() == 0
+    assert t.max_update_ts == 0
+
+
+def test_fused_optimize_checks_every_tables_step_before_the_first_block() -> None:
+    from ps_server.engine.shard import Shard
+
+    shard = Shard()
+    shard.create_table("sgd", configs.table_config(1))
+    opt = eht.OptimizerConfig(batch_softmax=eht.BatchSoftmaxOptimizerConfig())
+    shard.create_table("bs", configs.table_config(1, optimizer=opt))
+    with pytest.raises(InvalidArgumentError, match="non-negative global_step"):
+        shard.fused_optimize(["sgd", "bs"], [(0, 1), (1, 1)], [7, 8], [1.0, 1.0],
+                             [0.1, 0.1], global_step=-1)
+    assert shard.table("sgd").size() == 0 and shard.table("bs").size() == 0
