@@ -42,6 +42,7 @@ from ps_server.engine.optimizers.base import (
     has_duplicates,
     occurrence_waves,
 )
+from ps_server.engine.rows import put_rows
 from ps_server.engine.types import Floats, Ids, Mask, Rows, as_ids, as_rows_matrix
 from ps_server.errors import (
     BadTensorError,
@@ -256,7 +257,7 @@ class EmbeddingHashTable:
             rows_w, vals_w = rows[pick], vals[pick]
         else:
             rows_w, vals_w = rows, vals
-        self._values[rows_w] = self._encode_serving(vals_w)
+        put_rows(self._values, rows_w, self._encode_serving(vals_w))
         self._timestamps[rows] = np.uint32(req & _UINT32_MASK)
 
     def assign_add(self, ids: Any, values: Any, req_time: int = 0) -> None:
@@ -379,18 +380,18 @@ class EmbeddingHashTable:
             )
         rows = self._create_missing(ids_, self._index.find(ids_), distinct=True)
         if num_lengths is None or bool((num_lengths >= self.dim).all()):
-            self._values[rows] = self._encode_serving(vals)
+            put_rows(self._values, rows, self._encode_serving(vals))
         else:
-            cur = self._values[rows]
+            cur = np.take(self._values, rows, axis=0)
             take = np.arange(self.dim)[None, :] < num_lengths[:, None]
             cur[take] = vals[take]
-            self._values[rows] = self._encode_serving(cur)
+            put_rows(self._values, rows, self._encode_serving(cur))
         if self.layout.serving:
             self._timestamps[rows] = 0
             return
         for state, given in zip(self._states, cols.states, strict=True):
             for name, arr in given.items():
-                state[name][rows] = arr
+                put_rows(state[name], rows, arr)
         ts = np.asarray(cols.timestamps, dtype=np.int64)
         self._timestamps[rows] = (ts & _UINT32_MASK).astype(np.uint32)
         self.max_update_ts = max(self.max_update_ts, int(ts.max()))

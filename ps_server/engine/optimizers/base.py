@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 
+from ps_server.engine.rows import put_rows
 from ps_server.engine.types import Floats, Rows
 
 State = dict[str, npt.NDArray[Any]]
@@ -124,9 +125,9 @@ class Optimizer(abc.ABC):
         params = np.take(values, rows, axis=0)
         gathered = {name: np.take(arr, rows, axis=0) for name, arr in state.items()}
         self.apply(params, gathered, grads, lr, global_step)
-        values[rows] = params
+        put_rows(values, rows, params)
         for name, arr in state.items():
-            arr[rows] = gathered[name]
+            put_rows(arr, rows, gathered[name])
 
 
 def float_slot(name: str, width: int, field: int) -> StateSlot:
@@ -140,10 +141,12 @@ def scalar_slot(name: str, field: int, dtype: Any = np.float32) -> StateSlot:
 
 
 def has_duplicates(rows: Rows) -> bool:
-    """Whether any row repeats (an unstable sort is the cheapest exact check)."""
+    """Whether any row repeats (an unstable sort is the cheapest exact check; rows
+    below 2**31, as every table's are, sort as int32 in half the time)."""
     if rows.size < 2:
         return False
-    s = np.sort(rows)
+    narrow = rows.dtype.itemsize > 4 and int(rows.max()) < (1 << 31) and int(rows.min()) >= 0
+    s = np.sort(rows.astype(np.int32) if narrow else rows)
     return bool((s[1:] == s[:-1]).any())
 
 

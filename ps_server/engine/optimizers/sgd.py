@@ -19,6 +19,7 @@ from ps_server.engine.optimizers.base import (
     has_duplicates,
     repeated_positions,
 )
+from ps_server.engine.rows import put_rows
 from ps_server.engine.types import Floats, Rows
 
 
@@ -72,7 +73,7 @@ class SgdOptimizer(Optimizer):
         # scatter leaves each repeated row with one occurrence applied, undone below.
         current = np.take(values, rows, axis=0)
         current -= delta
-        values[rows] = current
+        put_rows(values, rows, current)
         if repeated is not None:
-            values[repeated_rows] = before
+            put_rows(values, repeated_rows, before)
             np.subtract.at(values, rows[repeated], delta[repeated])
