@@ -4,15 +4,16 @@ A request with megabytes of ids and floats would be copied four times on its way
 through protobuf objects (fancy-indexed array, ``tobytes``, the message's arena,
 ``SerializeToString``); each fresh buffer also costs page faults. Instead the
 scalar part of a request is serialized by protobuf and every ``Tensor`` field is
-appended by hand (protobuf allows fields in any order, and concatenated encodings
-merge), so the payload is copied once, into the final ``bytes``. Answers are read
-the same way: the float payload of a ``Tensor`` field becomes a numpy view of the
-received bytes. The bytes are exactly what the generated classes would produce and
-parse (``tests/unit/test_client_codec.py`` checks both directions).
+appended by hand around its payload (``protos.tensor_wire``: protobuf allows fields
+in any order, and concatenated encodings merge), so the payload is copied once, into
+the final ``bytes``, at an aligned offset. Answers are read the same way: the float
+payload of a ``Tensor`` field becomes a numpy view of the received bytes (aligned
+when the shard aligned it). The bytes parse exactly as the message with those
+fields set (``tests/unit/test_client_codec.py`` checks both directions).
 
 Wire reminders: a key is ``field_number << 3 | wire_type``; ``Tensor{data = 1 (bytes),
-shape = 2 (packed int64)}``; wire type 2 = length-delimited, 0 = varint,
-1 = 64-bit, 5 = 32-bit.
+shape = 2 (packed int64), align = 3 (filler)}``; wire type 2 = length-delimited,
+0 = varint, 1 = 64-bit, 5 = 32-bit.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 from google.protobuf.message import Message
 
+from protos.tensor_wire import tensor_frame
 from ps_client.errors import PsInternal
 
 _WIRE: dict[np.dtype[Any], np.dtype[Any]] = {
@@ -31,20 +33,6 @@ _WIRE: dict[np.dtype[Any], np.dtype[Any]] = {
 }
 _F32 = np.dtype("<f4")
 _LEN = 2
-
-
-def _varint(n: int) -> bytes:
-    """Protobuf varint of ``n`` (negative int64 as its 64-bit two's complement)."""
-    n &= (1 << 64) - 1
-    out = bytearray()
-    while True:
-        low = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(low | 0x80)
-        else:
-            out.append(low)
-            return bytes(out)
 
 
 def _read_varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
@@ -60,18 +48,6 @@ def _read_varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _tensor_parts(number: int, arr: npt.NDArray[Any]) -> list[bytes | memoryview]:
-    """Field ``number`` holding ``Tensor{data=arr's bytes, shape=arr.shape}``, in pieces."""
-    wire = np.ascontiguousarray(arr.astype(_WIRE[arr.dtype], copy=False))
-    dims = b"".join(_varint(d) for d in wire.shape)
-    shape_field = b"\x12" + _varint(len(dims)) + dims if dims else b""
-    data_head = b"\x0a" + _varint(wire.nbytes) if wire.nbytes else b""
-    inner = len(data_head) + wire.nbytes + len(shape_field)
-    head = _varint(number << 3 | _LEN) + _varint(inner) + data_head
-    payload = wire.data.cast("B") if wire.nbytes else b""  # a (0, dim) view cannot be cast
-    return [head, payload, shape_field]
-
-
 def encode_request(head: Message, **tensors: npt.NDArray[Any]) -> bytes:
     """Wire bytes of ``head`` plus its ``Tensor`` fields named by the keywords.
 
@@ -80,8 +56,13 @@ def encode_request(head: Message, **tensors: npt.NDArray[Any]) -> bytes:
     """
     fields = head.DESCRIPTOR.fields_by_name
     parts: list[bytes | memoryview] = [head.SerializeToString()]
+    offset = len(parts[0])
     for name, arr in tensors.items():
-        parts += _tensor_parts(fields[name].number, arr)
+        wire = np.ascontiguousarray(arr.astype(_WIRE[arr.dtype], copy=False))
+        frame_head, frame_tail = tensor_frame(fields[name].number, wire.shape, wire.nbytes, offset)
+        # A (0, dim) view cannot be cast to bytes, and has none.
+        parts += [frame_head, wire.data.cast("B") if wire.nbytes else b"", frame_tail]
+        offset += len(frame_head) + wire.nbytes + len(frame_tail)
     return b"".join(parts)
 
 

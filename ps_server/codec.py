@@ -13,14 +13,16 @@ copy megabytes of payload several times: parse, ``.data``, building and sizing t
 answer). :class:`BulkRequestParser` splits a request's wire bytes into a message of
 its small fields and :class:`WireTensor` views of its tensors (no copy), and
 :func:`encode_message` writes an answer with its tensors appended by hand (one
-copy of the payload). Both produce and accept exactly the bytes protobuf would
-(``tests/unit/test_codec.py`` checks it).
+copy of the payload); :func:`encode_message_filled` lets the engine write an answer's
+tensor straight into the answer's bytes (no copy at all). They produce and accept
+exactly the bytes protobuf would (``tests/unit/test_wire_codec.py`` checks it).
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Generic, NamedTuple, Protocol, TypeVar
 
@@ -28,6 +30,7 @@ import numpy as np
 from google.protobuf.message import Message
 
 from protos import ps_service_pb2 as ps_pb2
+from protos.tensor_wire import tensor_frame
 from ps_server.engine.types import Floats, Ids
 from ps_server.errors import BadTensorError, DimMismatchError
 
@@ -44,6 +47,7 @@ __all__ = [
     "encode_floats",
     "encode_ids",
     "encode_message",
+    "encode_message_filled",
     "to_wire",
 ]
 
@@ -180,17 +184,6 @@ SMALL_REQUEST_BYTES: Final = 16 << 10
 
 class _Malformed(Exception):
     """Bytes the fast path does not take; protobuf parses (or rejects) them instead."""
-
-
-def _varint(n: int) -> bytes:
-    """Protobuf varint of ``n`` (a negative int64 as its 64-bit two's complement)."""
-    n &= (1 << 64) - 1
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
@@ -352,17 +345,6 @@ def _wire_array(arr: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     return np.ascontiguousarray(arr, dtype=wire)  # no copy when it already is
 
 
-def _tensor_field(number: int, arr: np.ndarray[Any, Any]) -> list[bytes | memoryview]:
-    """Field ``number`` holding ``Tensor{data=arr's bytes, shape=arr.shape}``, in pieces."""
-    dims = b"".join(_varint(d) for d in arr.shape)
-    shape_field = b"\x12" + _varint(len(dims)) + dims if dims else b""
-    data_head = b"\x0a" + _varint(arr.nbytes) if arr.nbytes else b""
-    inner = len(data_head) + arr.nbytes + len(shape_field)
-    head = _varint(number << 3 | _LEN) + _varint(inner) + data_head
-    payload: bytes | memoryview = arr.data.cast("B") if arr.nbytes else b""
-    return [head, payload, shape_field]
-
-
 def encode_message(head: Message, **tensors: np.ndarray[Any, Any]) -> bytes:
     """Wire bytes of ``head`` plus the ``Tensor`` fields named by the keywords.
 
@@ -373,9 +355,67 @@ def encode_message(head: Message, **tensors: np.ndarray[Any, Any]) -> bytes:
     """
     fields = head.DESCRIPTOR.fields_by_name
     parts: list[bytes | memoryview] = [head.SerializeToString()]
+    offset = len(parts[0])
     for name, arr in tensors.items():
-        parts += _tensor_field(fields[name].number, _wire_array(arr))
+        wire = _wire_array(arr)
+        frame_head, frame_tail = tensor_frame(fields[name].number, wire.shape, wire.nbytes, offset)
+        parts += [frame_head, wire.data.cast("B") if wire.nbytes else b"", frame_tail]
+        offset += len(frame_head) + wire.nbytes + len(frame_tail)
     return b"".join(parts)
+
+
+#: Below this payload size an answer is filled in a numpy array and copied into its
+#: bytes (:func:`encode_message`): a copy that small costs less than the calls that
+#: make a fillable ``bytes``.
+FILL_IN_PLACE_BYTES: Final = 64 << 10
+
+# CPython's own constructor of a bytes object whose contents are left for the caller
+# to write, as C extensions build them: the object is new and unshared until we
+# return it, so filling it breaks no one's view of an immutable value.
+_bytes_from_size = ctypes.pythonapi.PyBytes_FromStringAndSize
+_bytes_from_size.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+_bytes_from_size.restype = ctypes.py_object
+_bytes_data = ctypes.pythonapi.PyBytes_AsString
+_bytes_data.argtypes = (ctypes.py_object,)
+_bytes_data.restype = ctypes.c_void_p
+
+
+def encode_message_filled(
+    head: Message,
+    name: str,
+    shape: tuple[int, ...],
+    dtype: np.dtype[Any],
+    fill: Callable[[np.ndarray[Any, Any]], object],
+) -> bytes:
+    """Wire bytes of ``head`` plus ``Tensor`` field ``name`` of ``shape`` and ``dtype``
+    (``INT64`` or ``FLOAT32``), whose payload ``fill`` writes.
+
+    ``fill`` gets a C-contiguous writable array of ``shape``; above
+    :data:`FILL_IN_PLACE_BYTES` it is a view of the answer's own bytes, so the payload
+    is written once, by ``fill`` itself. ``fill`` must write every element and keep no
+    reference to the array. The bytes equal :func:`encode_message` of the filled array.
+    """
+    count = math.prod(shape)
+    payload_bytes = count * dtype.itemsize
+    if payload_bytes < FILL_IN_PLACE_BYTES:
+        arr = np.empty(shape, dtype=dtype)
+        fill(arr)
+        return encode_message(head, **{name: arr})
+    head_bytes = head.SerializeToString()
+    tensor_head, shape_field = tensor_frame(
+        head.DESCRIPTOR.fields_by_name[name].number, shape, payload_bytes, len(head_bytes)
+    )
+    start = len(head_bytes) + len(tensor_head)
+    total = start + payload_bytes + len(shape_field)
+    out: bytes = _bytes_from_size(None, total)
+    memory = memoryview((ctypes.c_ubyte * total).from_address(_bytes_data(out))).cast("B")
+    buf = np.frombuffer(memory, dtype=np.uint8)
+    buf[: len(head_bytes)] = np.frombuffer(head_bytes, dtype=np.uint8)
+    buf[len(head_bytes) : start] = np.frombuffer(tensor_head, dtype=np.uint8)
+    buf[start + payload_bytes :] = np.frombuffer(shape_field, dtype=np.uint8)
+    fill(buf[start : start + payload_bytes].view(dtype).reshape(shape))
+    del buf, memory
+    return out
 
 
 def to_wire(response: Message | bytes) -> bytes:

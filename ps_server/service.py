@@ -689,8 +689,11 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
 
         def work() -> bytes:
             ids = codec.decode_ids(request.tensor("ids"))
-            values = self._shard.table(head.table).lookup(ids)
-            return codec.encode_message(ps_pb2.LookupResponse(), values=values)
+            table = self._shard.table(head.table)
+            return codec.encode_message_filled(
+                ps_pb2.LookupResponse(), "values", (ids.shape[0], table.dim), codec.FLOAT32,
+                lambda values: table.lookup(ids, out=values),
+            )
 
         return await self._call("Lookup", work, tables=[head.table])
 
@@ -764,8 +767,12 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
         def work() -> bytes:
             ids = codec.decode_ids(request.tensor("ids"))
             blocks = [(b.table_index, b.num_ids) for b in head.blocks]
-            values = self._shard.fused_lookup(list(head.tables), blocks, ids)
-            return codec.encode_message(ps_pb2.FusedLookupResponse(), values=values)
+            names = list(head.tables)
+            floats = self._shard.fused_lookup_size(names, blocks, ids.shape[0])
+            return codec.encode_message_filled(
+                ps_pb2.FusedLookupResponse(), "values", (floats,), codec.FLOAT32,
+                lambda values: self._shard.fused_lookup(names, blocks, ids, out=values),
+            )
 
         return await self._call("FusedLookup", work, tables=head.tables)
 

@@ -145,16 +145,20 @@ class EmbeddingHashTable:
         state = sum(a.nbytes for st in self._states for a in st.values())
         return int(self._values.nbytes + self._timestamps.nbytes + state + self._index.nbytes())
 
-    def lookup(self, ids: Any) -> Floats:
+    def lookup(self, ids: Any, out: Floats | None = None) -> Floats:
         """``float32[len(ids), dim]``: the lookup view of each entry, zeros if missing.
 
         Never inserts, never touches timestamps or the filter.
+
+        :param out: a C-contiguous ``float32[len(ids), dim]`` to write the rows into
+            (and return), e.g. a view of an answer's wire bytes.
         """
         ids_ = as_ids(ids)
         rows = self._index.find(ids_)
-        # Row -1 is the spare zero row at the end of storage. np.take on axis 0 moves
-        # whole rows and is several times faster than fancy indexing for big tables.
-        out = np.take(self._values, rows, axis=0)
+        # Row -1 is the spare zero row at the end of storage ("wrap" reads it and, with
+        # every row valid, skips the bounds check that makes np.take copy into `out`).
+        # np.take on axis 0 moves whole rows, several times faster than fancy indexing.
+        out = np.take(self._values, rows, axis=0, out=out, mode="wrap")
         if not self.layout.raw_view:
             found = rows >= 0
             for seg in self.layout.segments:

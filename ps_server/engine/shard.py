@@ -299,22 +299,40 @@ class Shard:
 
     # ---------------------------------------------------------------- fused ops
 
+    def fused_lookup_size(
+        self, table_names: Sequence[str], blocks: Sequence[tuple[int, int]], num_ids: int
+    ) -> int:
+        """Floats :meth:`fused_lookup` answers for these blocks of ``num_ids`` ids.
+
+        :raises UnknownTableError, InvalidArgumentError, DimMismatchError: as
+            :meth:`fused_lookup` would.
+        """
+        tables = [self.table(n) for n in table_names]
+        _block_bounds(blocks, len(tables), num_ids)
+        return sum(n * tables[t].dim for t, n in blocks)
+
     def fused_lookup(
-        self, table_names: Sequence[str], blocks: Sequence[tuple[int, int]], ids: Any
+        self, table_names: Sequence[str], blocks: Sequence[tuple[int, int]], ids: Any,
+        out: Floats | None = None,
     ) -> Floats:
         """Look up each block ``(table_index, num_ids)`` of ``ids`` in order.
 
+        :param out: a contiguous ``float32`` of :meth:`fused_lookup_size` floats to
+            write the answer into (and return).
         :returns: ``float32`` of every block's ``[num_ids, dim_t]`` rows flattened, in
             block order.
         """
         ids_ = as_ids(ids)
         tables = [self.table(n) for n in table_names]
         bounds = _block_bounds(blocks, len(tables), ids_.shape[0])
-        parts = [
-            tables[t].lookup(ids_[lo:hi]).reshape(-1) for (t, _), (lo, hi) in zip(
-                blocks, bounds, strict=True)
-        ]
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+        if out is None:
+            out = np.empty(sum(n * tables[t].dim for t, n in blocks), dtype=np.float32)
+        pos = 0
+        for (t, n), (lo, hi) in zip(blocks, bounds, strict=True):
+            dim = tables[t].dim
+            tables[t].lookup(ids_[lo:hi], out=out[pos : pos + n * dim].reshape(n, dim))
+            pos += n * dim
+        return out
 
     def fused_optimize(
         self,
