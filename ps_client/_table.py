@@ -122,8 +122,11 @@ class AsyncTable:
             else np.zeros((0, dim), dtype=np.float32)
             for a, p in zip(answers, positions, strict=True)
         ]
-        rows = scatter_rows(parts, positions, uniq.shape[0], dim)
-        return np.take(rows, inverse, axis=0) if inverse.shape[0] != uniq.shape[0] else rows
+        if inverse.shape[0] == uniq.shape[0]:  # no duplicates
+            return scatter_rows(parts, positions, uniq.shape[0], dim)
+        if len(parts) == 1:  # one shard answered the unique ids in order: expand directly
+            return np.take(parts[0], inverse, axis=0)
+        return np.take(scatter_rows(parts, positions, uniq.shape[0], dim), inverse, axis=0)
 
     async def lookup_entry(self, ids: Any) -> list[bytes]:
         """Serialized ``EntryDump`` per id (``id`` unset), ``b""`` where missing."""

@@ -97,32 +97,27 @@ def shard_of(ids: Any, num_shards: int) -> Ids:
 
 
 def dedup(ids: Ids) -> tuple[Ids, Positions]:
-    """Unique ids in first-occurrence order and the inverse map.
+    """The distinct ids of a batch and the inverse map.
 
-    :returns: ``(unique int64[u], inverse int64[n])`` with ``unique[inverse] == ids``
-        and ``unique`` ordered by where each id first occurs in ``ids``.
+    :returns: ``(unique int64[u], inverse int64[n])`` with ``unique[inverse] == ids``.
+        Without duplicates ``unique`` is ``ids`` itself (``inverse`` is ``0 .. n-1``);
+        otherwise it is sorted.
     """
     n = ids.shape[0]
     if n == 0:
         return ids[:0], _EMPTY_POS
-    order = np.argsort(ids)  # unstable is fine: a group's first occurrence is its min position
-    sorted_ids = ids[order]
+    # Sorting values is 3x cheaper than sorting positions: it settles a batch without
+    # duplicates (as a trainer's unique ids are) for a third of the full work.
+    sorted_ids = np.sort(ids)
     starts = np.empty(n, dtype=bool)
     starts[0] = True
     np.not_equal(sorted_ids[1:], sorted_ids[:-1], out=starts[1:])
-    heads = np.flatnonzero(starts)
-    if heads.shape[0] == n:  # no duplicates: nothing to fold
+    if bool(starts.all()):  # no duplicates: nothing to fold
         return ids, np.arange(n, dtype=np.int64)
-    group = np.cumsum(starts) - 1
-    first = np.minimum.reduceat(order, heads)
-    # Rank of each group by first occurrence, in linear time: mark the first
-    # positions and count the marks before each.
-    is_first = np.zeros(n, dtype=bool)
-    is_first[first] = True
-    rank_at = np.cumsum(is_first) - 1
+    order = np.argsort(ids)  # ids[order] == sorted_ids, ties in any order
     inverse = np.empty(n, dtype=np.int64)
-    inverse[order] = rank_at[first][group]
-    return ids[is_first], inverse
+    inverse[order] = np.cumsum(starts) - 1
+    return sorted_ids[starts], inverse
 
 
 def partition(ids: Ids, num_shards: int) -> list[Positions]:

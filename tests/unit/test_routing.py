@@ -66,13 +66,18 @@ def test_as_rows_checks_shape() -> None:
 # ---------------------------------------------------------------- dedup / partition
 
 
-def test_dedup_first_occurrence_order() -> None:
+def test_dedup_sorts_a_batch_with_duplicates() -> None:
     ids = np.array([5, -1, 5, 7, -1, 2], dtype=np.int64)
     uniq, inverse = dedup(ids)
-    # First occurrences: 5 at 0, -1 at 1, 7 at 3, 2 at 5 (not sorted order -1, 2, 5, 7).
-    assert uniq.tolist() == [5, -1, 7, 2]
-    assert inverse.tolist() == [0, 1, 0, 2, 1, 3]
+    assert uniq.tolist() == [-1, 2, 5, 7]
+    assert inverse.tolist() == [2, 0, 2, 3, 0, 1]
     assert np.array_equal(uniq[inverse], ids)
+
+
+def test_dedup_keeps_a_batch_without_duplicates_as_it_is() -> None:
+    ids = np.array([9, -3, 4, 2**62, -(2**63)], dtype=np.int64)
+    uniq, inverse = dedup(ids)
+    assert uniq is ids and inverse.tolist() == [0, 1, 2, 3, 4]
 
 
 def test_dedup_empty() -> None:
