@@ -43,7 +43,7 @@ import numpy.typing as npt
 from protos import embedding_hash_table_pb2 as eht
 from protos import ps_service_pb2 as pb
 from protos import ps_service_pb2_grpc as pb_grpc
-from ps_client._codec import encode_request, read_floats, take
+from ps_client._codec import Gather, encode_request, read_floats
 from ps_client._table import (
     AsyncHashFilters,
     AsyncTable,
@@ -432,7 +432,7 @@ class AsyncPsClient:
                     tables=names,
                     blocks=[pb.FusedBlock(table_index=t, num_ids=c) for t, c in o.blocks],
                 ),
-                ids=take(ids_, o.positions),
+                ids=Gather(ids_, o.positions),
             )
             if o.positions.size else None
             for o in route.owners
@@ -518,7 +518,7 @@ class AsyncPsClient:
                         enable_grad_accumulation=bool(enable_grad_accumulation),
                         req_time=int(req_time), tag=self.next_tag(),
                     ),
-                    ids=take(logical_ids, o.positions),
+                    ids=Gather(logical_ids, o.positions),
                     grads=grads[route.float_index(o.positions, grad_off)],
                 )
             )

@@ -19,7 +19,7 @@ import numpy.typing as npt
 
 from protos import embedding_hash_table_pb2 as eht
 from protos import ps_service_pb2 as pb
-from ps_client._codec import encode_request, read_rows, take
+from ps_client._codec import Gather, encode_request, read_rows
 from ps_client.errors import PsInvalidArgument
 from ps_client.learning_rate_functions import LearningRate, evaluate_learning_rates
 from ps_client.routing import as_ids, as_rows, dedup, partition, scatter_objects, scatter_rows
@@ -111,8 +111,8 @@ class AsyncTable:
         uniq, inverse = dedup(ids_)
         positions = partition(uniq, self._client.num_shards)
         requests = [
-            encode_request(pb.LookupRequest(table=self.name), ids=take(uniq, p)) if p.size
-            else None
+            encode_request(pb.LookupRequest(table=self.name), ids=Gather(uniq, p))
+            if p.size else None
             for p in positions
         ]
         answers = await self._client.each("Lookup", requests)
@@ -134,8 +134,8 @@ class AsyncTable:
         uniq, inverse = dedup(ids_)
         positions = partition(uniq, self._client.num_shards)
         requests = [
-            encode_request(pb.LookupEntryRequest(table=self.name), ids=take(uniq, p)) if p.size
-            else None
+            encode_request(pb.LookupEntryRequest(table=self.name), ids=Gather(uniq, p))
+            if p.size else None
             for p in positions
         ]
         answers = await self._client.each("LookupEntry", requests)
@@ -225,7 +225,7 @@ class AsyncTable:
         requests = [
             encode_request(
                 pb.AssignRequest(table=self.name, req_time=req_time, tag=self._client.next_tag()),
-                ids=take(ids_, p), values=take(vals, p),
+                ids=Gather(ids_, p), values=Gather(vals, p),
             )
             if p.size or req_time > 0 else None
             for p in positions
@@ -251,7 +251,7 @@ class AsyncTable:
                     table=self.name, learning_rates=lrs.tolist(), global_step=int(global_step),
                     enable_dedup=enable_dedup, req_time=req_time, tag=self._client.next_tag(),
                 ),
-                ids=take(ids_, p), grads=take(g, p),
+                ids=Gather(ids_, p), grads=Gather(g, p),
             )
             # An empty batch still moves a shard's table clock to req_time.
             if p.size or req_time > 0 else None
@@ -322,7 +322,7 @@ class AsyncHashFilters:
         requests = [
             encode_request(
                 pb.InterceptGradientRequest(hash_filter=self.name, tag=self._client.next_tag()),
-                ids=take(ids_, p), grads=take(rows, p),
+                ids=Gather(ids_, p), grads=Gather(rows, p),
             )
             if p.size else None
             for p in positions

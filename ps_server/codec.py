@@ -20,7 +20,6 @@ exactly the bytes protobuf would (``tests/unit/test_wire_codec.py`` checks it).
 
 from __future__ import annotations
 
-import ctypes
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ import numpy as np
 from google.protobuf.message import Message
 
 from protos import ps_service_pb2 as ps_pb2
-from protos.tensor_wire import tensor_frame
+from protos.tensor_wire import FilledTensor, encode_filled, tensor_frame
 from ps_server.engine.types import Floats, Ids
 from ps_server.errors import BadTensorError, DimMismatchError
 
@@ -364,22 +363,6 @@ def encode_message(head: Message, **tensors: np.ndarray[Any, Any]) -> bytes:
     return b"".join(parts)
 
 
-#: Below this payload size an answer is filled in a numpy array and copied into its
-#: bytes (:func:`encode_message`): a copy that small costs less than the calls that
-#: make a fillable ``bytes``.
-FILL_IN_PLACE_BYTES: Final = 64 << 10
-
-# CPython's own constructor of a bytes object whose contents are left for the caller
-# to write, as C extensions build them: the object is new and unshared until we
-# return it, so filling it breaks no one's view of an immutable value.
-_bytes_from_size = ctypes.pythonapi.PyBytes_FromStringAndSize
-_bytes_from_size.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
-_bytes_from_size.restype = ctypes.py_object
-_bytes_data = ctypes.pythonapi.PyBytes_AsString
-_bytes_data.argtypes = (ctypes.py_object,)
-_bytes_data.restype = ctypes.c_void_p
-
-
 def encode_message_filled(
     head: Message,
     name: str,
@@ -388,34 +371,12 @@ def encode_message_filled(
     fill: Callable[[np.ndarray[Any, Any]], object],
 ) -> bytes:
     """Wire bytes of ``head`` plus ``Tensor`` field ``name`` of ``shape`` and ``dtype``
-    (``INT64`` or ``FLOAT32``), whose payload ``fill`` writes.
-
-    ``fill`` gets a C-contiguous writable array of ``shape``; above
-    :data:`FILL_IN_PLACE_BYTES` it is a view of the answer's own bytes, so the payload
-    is written once, by ``fill`` itself. ``fill`` must write every element and keep no
-    reference to the array. The bytes equal :func:`encode_message` of the filled array.
+    (``INT64`` or ``FLOAT32``), whose payload ``fill`` writes: into the answer's own
+    bytes when it is large (``protos.tensor_wire.encode_filled``), so an answer's rows
+    are written once. ``fill`` must write every element and keep no reference to the
+    array. The bytes equal :func:`encode_message` of the filled array.
     """
-    count = math.prod(shape)
-    payload_bytes = count * dtype.itemsize
-    if payload_bytes < FILL_IN_PLACE_BYTES:
-        arr = np.empty(shape, dtype=dtype)
-        fill(arr)
-        return encode_message(head, **{name: arr})
-    head_bytes = head.SerializeToString()
-    tensor_head, shape_field = tensor_frame(
-        head.DESCRIPTOR.fields_by_name[name].number, shape, payload_bytes, len(head_bytes)
-    )
-    start = len(head_bytes) + len(tensor_head)
-    total = start + payload_bytes + len(shape_field)
-    out: bytes = _bytes_from_size(None, total)
-    memory = memoryview((ctypes.c_ubyte * total).from_address(_bytes_data(out))).cast("B")
-    buf = np.frombuffer(memory, dtype=np.uint8)
-    buf[: len(head_bytes)] = np.frombuffer(head_bytes, dtype=np.uint8)
-    buf[len(head_bytes) : start] = np.frombuffer(tensor_head, dtype=np.uint8)
-    buf[start + payload_bytes :] = np.frombuffer(shape_field, dtype=np.uint8)
-    fill(buf[start : start + payload_bytes].view(dtype).reshape(shape))
-    del buf, memory
-    return out
+    return encode_filled(head, [FilledTensor(name, shape, dtype, fill)])
 
 
 def to_wire(response: Message | bytes) -> bytes:

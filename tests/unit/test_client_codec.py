@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from protos import ps_service_pb2 as pb
-from ps_client._codec import encode_request, read_floats, read_rows, take
+from ps_client._codec import Gather, encode_request, read_floats, read_rows
 from ps_client.errors import PsInternal
 
 
@@ -53,10 +53,24 @@ def test_read_floats_views_the_answer() -> None:
     assert read_floats(b"", pb.LookupResponse, "values", 0, "Lookup").shape == (0,)
 
 
-def test_take_skips_the_copy_for_all_positions() -> None:
-    arr = np.arange(4)
-    assert take(arr, np.arange(4)) is arr
-    assert take(arr, np.array([1, 3])).tolist() == [1, 3]
+@pytest.mark.parametrize("rows", [4, 40_000])  # 48 bytes / 480 KB: joined / filled in place
+def test_gathered_tensors_hold_the_selected_rows(rows: int) -> None:
+    values = np.arange(rows * 3, dtype=np.float32).reshape(rows, 3)  # row k = [3k, 3k+1, 3k+2]
+    ids = np.arange(rows, dtype=np.int64) * -7  # id of row k = -7k
+    pick = np.array([0, 2, 3], dtype=np.int64)
+    msg = pb.AssignRequest.FromString(encode_request(
+        pb.AssignRequest(table="t"), ids=Gather(ids, pick), values=Gather(values, pick)))
+    assert np.frombuffer(msg.ids.data, "<i8").tolist() == [0, -14, -21]
+    assert np.frombuffer(msg.values.data, "<f4").reshape(3, 3).tolist() == [
+        [0, 1, 2], [6, 7, 8], [9, 10, 11]]
+    assert list(msg.ids.shape) == [3] and list(msg.values.shape) == [3, 3]
+    # Every position, in order: the whole array; no position: an empty tensor.
+    every = pb.AssignRequest.FromString(encode_request(
+        pb.AssignRequest(), values=Gather(values, np.arange(rows, dtype=np.int64))))
+    assert every.values.data == values.tobytes()
+    none = pb.AssignRequest.FromString(encode_request(
+        pb.AssignRequest(), values=Gather(values, np.zeros(0, dtype=np.int64))))
+    assert none.values.data == b"" and list(none.values.shape) == [0, 3]
 
 
 def test_large_tensors_start_aligned_and_read_back_aligned() -> None:
