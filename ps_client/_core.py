@@ -215,21 +215,30 @@ class AsyncPsClient:
                 raise error_from_rpc(err, address=self.addresses[shard], method=method) from err
 
     async def each(
-        self, method: str, requests: Any, *, file_op: bool = False
+        self, method: str, requests: Any, *, file_op: bool = False,
+        on_answer: Callable[[int, Any], None] | None = None,
     ) -> list[Any]:
         """Call ``method`` on every shard concurrently.
 
         :param requests: one request for all shards, or a list with one per shard
             (None = skip that shard; its answer is None).
+        :param on_answer: called as ``on_answer(shard, answer)`` as soon as that
+            shard's call succeeds, while the others may still run (e.g. to place a
+            big answer while it is in cache); an exception it raises counts as that
+            shard's failure.
         :returns: the answers in shard order.
         :raises PsError: the first failure in shard order, after every call ended.
         """
         reqs = requests if isinstance(requests, list) else [requests] * self.num_shards
         live = [s for s, r in enumerate(reqs) if r is not None]
-        results = await asyncio.gather(
-            *(self.call(s, method, reqs[s], file_op=file_op) for s in live),
-            return_exceptions=True,
-        )
+
+        async def one(shard: int) -> Any:
+            answer = await self.call(shard, method, reqs[shard], file_op=file_op)
+            if on_answer is not None:
+                on_answer(shard, answer)
+            return answer
+
+        results = await asyncio.gather(*(one(s) for s in live), return_exceptions=True)
         out: list[Any] = [None] * self.num_shards
         for s, res in zip(live, results, strict=True):
             if isinstance(res, BaseException):

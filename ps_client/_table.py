@@ -22,7 +22,14 @@ from protos import ps_service_pb2 as pb
 from ps_client._codec import Gather, encode_request, read_rows
 from ps_client.errors import PsInvalidArgument
 from ps_client.learning_rate_functions import LearningRate, evaluate_learning_rates
-from ps_client.routing import as_ids, as_rows, dedup, partition, scatter_objects, scatter_rows
+from ps_client.routing import (
+    RowAssembly,
+    as_ids,
+    as_rows,
+    dedup,
+    partition,
+    scatter_objects,
+)
 
 if TYPE_CHECKING:
     from ps_client._core import AsyncPsClient
@@ -115,18 +122,15 @@ class AsyncTable:
             if p.size else None
             for p in positions
         ]
-        answers = await self._client.each("Lookup", requests)
-        parts = [
-            read_rows(a, pb.LookupResponse, "values", p.size, dim, f"Lookup of {self.name!r}")
-            if a is not None
-            else np.zeros((0, dim), dtype=np.float32)
-            for a, p in zip(answers, positions, strict=True)
-        ]
-        if inverse.shape[0] == uniq.shape[0]:  # no duplicates
-            return scatter_rows(parts, positions, uniq.shape[0], dim)
-        if len(parts) == 1:  # one shard answered the unique ids in order: expand directly
-            return np.take(parts[0], inverse, axis=0)
-        return np.take(scatter_rows(parts, positions, uniq.shape[0], dim), inverse, axis=0)
+        rows = RowAssembly(positions, inverse if inverse.shape[0] != uniq.shape[0] else None,
+                           dim)
+
+        def place(shard: int, answer: bytes) -> None:
+            rows.add(shard, read_rows(answer, pb.LookupResponse, "values",
+                                      positions[shard].size, dim, f"Lookup of {self.name!r}"))
+
+        await self._client.each("Lookup", requests, on_answer=place)
+        return rows.out
 
     async def lookup_entry(self, ids: Any) -> list[bytes]:
         """Serialized ``EntryDump`` per id (``id`` unset), ``b""`` where missing."""
@@ -327,14 +331,14 @@ class AsyncHashFilters:
             if p.size else None
             for p in positions
         ]
-        answers = await self._client.each("InterceptGradient", requests)
-        parts = [
-            read_rows(a, pb.InterceptGradientResponse, "grads", p.size, width,
-                      "InterceptGradient")
-            if a is not None else rows[:0]
-            for a, p in zip(answers, positions, strict=True)
-        ]
-        return scatter_rows(parts, positions, n, width).reshape(g.shape)
+        out = RowAssembly(positions, None, width)
+
+        def place(shard: int, answer: bytes) -> None:
+            out.add(shard, read_rows(answer, pb.InterceptGradientResponse, "grads",
+                                     positions[shard].size, width, "InterceptGradient"))
+
+        await self._client.each("InterceptGradient", requests, on_answer=place)
+        return out.out.reshape(g.shape)
 
     async def save(self, asset_dir: str) -> list[str]:
         """Shard ``i`` writes ``<asset_dir>/hash_filter_<i>-%05d-of-%05d`` (dummies: nothing)."""

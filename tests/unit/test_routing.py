@@ -8,13 +8,13 @@ import pytest
 from ps_client.errors import PsInvalidArgument
 from ps_client.routing import (
     FusedRoute,
+    RowAssembly,
     as_ids,
     as_rows,
     dedup,
     fused_layout,
     partition,
     scatter_objects,
-    scatter_rows,
     shard_of,
     to_int32,
 )
@@ -28,6 +28,16 @@ def test_shard_of_is_floormod_for_negative_ids() -> None:
     got = shard_of([-1, -3, -4, -5, 0, 4, 5], 3)
     assert got.dtype == np.int64
     assert got.tolist() == [2, 0, 2, 1, 0, 1, 2]
+
+
+def test_shard_of_power_of_two_counts_match_floormod() -> None:
+    # A power-of-two count takes the bit-mask path: -1 -> 3, -4 -> 0, -5 -> 3 for 4 shards
+    # (floormod(-5, 4) = -5 + 8 = 3), the same as np.mod on every id, extremes included.
+    assert shard_of([-1, -4, -5, 0, 7, 8], 4).tolist() == [3, 0, 3, 0, 3, 0]
+    ids = np.array([np.iinfo(np.int64).min, -(2**40) - 3, -1, 0, 1, 2**62 + 5,
+                    np.iinfo(np.int64).max], dtype=np.int64)
+    for n in (1, 2, 8, 64, 1 << 16):
+        assert shard_of(ids, n).tolist() == np.mod(ids, n).tolist()
 
 
 def test_shard_of_int64_extremes() -> None:
@@ -93,20 +103,43 @@ def test_partition_keeps_order_per_shard() -> None:
     assert partition(ids, 1)[0].tolist() == list(range(7))
 
 
-def test_lookup_round_trip_dedup_partition_scatter() -> None:
-    rng = np.random.default_rng(0)
-    ids = rng.integers(-50, 50, size=200).astype(np.int64)
-    table = {int(i): np.array([i, 2 * i], dtype=np.float32) for i in range(-50, 50)}
-    uniq, inverse = dedup(ids)
+def shard_answers(uniq: np.ndarray, positions: list[np.ndarray]) -> list[np.ndarray]:
+    """What each shard answers for its unique ids, in the order sent: row [id, 2 id]."""
+    return [np.stack([uniq[p], 2 * uniq[p]], axis=1).astype(np.float32) for p in positions]
+
+
+@pytest.mark.parametrize("num_shards", [1, 3, 4])
+@pytest.mark.parametrize("arrival", ["in order", "reversed"])
+def test_lookup_round_trip_dedup_partition_assemble(num_shards: int, arrival: str) -> None:
+    rng = np.random.default_rng(num_shards)
+    for ids in (rng.integers(-50, 50, size=200).astype(np.int64),  # many duplicates
+                rng.permutation(np.arange(-100, 100, dtype=np.int64))):  # none
+        uniq, inverse = dedup(ids)
+        positions = partition(uniq, num_shards)
+        for s, p in enumerate(positions):
+            assert (np.mod(uniq[p], num_shards) == s).all()
+        dups = inverse.shape[0] != uniq.shape[0]
+        rows = RowAssembly(positions, inverse if dups else None, 2)
+        answers = list(enumerate(shard_answers(uniq, positions)))
+        for s, part in answers if arrival == "in order" else answers[::-1]:
+            rows.add(s, part)
+        assert rows.out.tolist() == [[float(i), 2.0 * i] for i in ids]
+        assert rows.out.flags.writeable and rows.out.dtype == np.float32
+
+
+def test_assembly_of_read_only_answers_and_empty_shards() -> None:
+    uniq = np.array([4, 8, 5], dtype=np.int64)  # mod 4: 0, 0, 1; shards 2 and 3 get none
     positions = partition(uniq, 4)
-    # What each shard would answer: the rows of its unique ids, in the order sent.
-    parts = [np.stack([table[int(i)] for i in uniq[p]]) if p.size else np.zeros((0, 2))
-             for p in positions]
-    for s, p in enumerate(positions):
-        assert (np.mod(uniq[p], 4) == s).all()
-    rows = scatter_rows(parts, positions, uniq.shape[0], 2)[inverse]
-    assert rows.tolist() == [[float(i), 2.0 * i] for i in ids]
-    assert rows.flags.writeable
+    assert [p.tolist() for p in positions] == [[0, 1], [2], [], []]
+    inverse = np.array([2, 0, 0, 1, 2], dtype=np.int64)  # ids 5, 4, 4, 8, 5
+    rows = RowAssembly(positions, inverse, 3)
+    answer = np.array([[4, 4, 4], [8, 8, 8]], dtype=np.float32)
+    answer.flags.writeable = False  # as viewed in the received bytes
+    rows.add(0, answer)
+    rows.add(1, np.full((1, 3), 5, dtype=np.float32))
+    assert rows.out[:, 0].tolist() == [5, 4, 4, 8, 5]
+    none = RowAssembly([np.zeros(0, dtype=np.int64)], None, 3)
+    assert none.out.shape == (0, 3)
 
 
 def test_scatter_objects_places_bytes() -> None:
