@@ -40,6 +40,7 @@ from protos import ps_service_pb2 as ps_pb2
 from protos import ps_service_pb2_grpc as ps_grpc
 from ps_server.engine.shard import Shard
 from ps_server.errors import CheckpointNotFoundError, InvalidArgumentError
+from ps_server.interception import WrappingInterceptor
 from ps_server.metrics import ShardMetrics
 from ps_server.service import (
     SERVICE_NAME,
@@ -198,25 +199,17 @@ class ShardOps:
 _Handler = Callable[[Any, Any], Awaitable[Any]]
 
 
-class DataPlaneGate(grpc.aio.ServerInterceptor):
+class DataPlaneGate(WrappingInterceptor):
     """Counts running ``monolith_ps.ParameterServer`` calls and, once the shard is
     draining, refuses new ones with ``UNAVAILABLE`` (other services pass)."""
 
     def __init__(self, ops: ShardOps) -> None:
+        super().__init__()
         self._ops = ops
         self._prefix = f"/{SERVICE_NAME}/"
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if (
-            handler is None
-            or handler.unary_unary is None
-            or not handler_call_details.method.startswith(self._prefix)
-        ):
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if handler.unary_unary is None or not method.startswith(self._prefix):
             return handler
         inner: _Handler = handler.unary_unary
         ops = self._ops

@@ -12,7 +12,6 @@ A refused call changes nothing and the shard keeps serving.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import grpc
@@ -20,6 +19,7 @@ import grpc
 from ps_server import codec
 from ps_server.config import ServerConfig
 from ps_server.engine.shard import ShardLimits
+from ps_server.interception import WrappingInterceptor
 from ps_server.service import BULK_RPCS, SERVICE_NAME
 
 __all__ = ["BatchLimitGuard", "shard_limits"]
@@ -35,7 +35,7 @@ def shard_limits(config: ServerConfig) -> ShardLimits:
     )
 
 
-class BatchLimitGuard(grpc.aio.ServerInterceptor):
+class BatchLimitGuard(WrappingInterceptor):
     """Refuses bulk data-plane requests (:data:`~ps_server.service.BULK_RPCS`) whose
     ``ids`` tensor holds more than ``max_ids`` ids, with ``RESOURCE_EXHAUSTED``.
 
@@ -49,19 +49,13 @@ class BatchLimitGuard(grpc.aio.ServerInterceptor):
     def __init__(self, max_ids: int) -> None:
         if max_ids < 1:
             raise ValueError(f"max_ids must be >= 1, got {max_ids}")
+        super().__init__()
         self._max_ids = max_ids
         self._prefix = f"/{SERVICE_NAME}/"
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if (
-            handler is None
-            or handler.unary_unary is None
+            handler.unary_unary is None
             or not method.startswith(self._prefix)
             or method[len(self._prefix):] not in BULK_RPCS
         ):

@@ -68,6 +68,7 @@ from ps_server.config import format_address
 from ps_server.dedup import RequestLedger
 from ps_server.engine.shard import Shard
 from ps_server.errors import ConfigError
+from ps_server.interception import WrappingInterceptor
 
 __all__ = [
     "CHECKPOINT_OPS",
@@ -315,7 +316,7 @@ class ShardMetrics:
 _Handler = Callable[[Any, Any], Awaitable[Any]]
 
 
-class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+class RpcMetricsInterceptor(WrappingInterceptor):
     """Counts and times every unary RPC by ``service``, ``method`` and status ``code``.
 
     The code is what the handler ended with: ``OK``, the code it aborted with, or
@@ -324,17 +325,13 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
     """
 
     def __init__(self, metrics: ShardMetrics) -> None:
+        super().__init__()
         self._metrics = metrics
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+    def wrap(self, full_method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if handler.unary_unary is None:
             return handler
-        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        service, _, method = full_method.lstrip("/").rpartition("/")
         inner: _Handler = handler.unary_unary
         metrics = self._metrics
         in_flight = metrics.rpcs_in_flight.labels(service)

@@ -71,6 +71,7 @@ from ps_server.errors import (
     PsError,
     ResourceExhaustedError,
 )
+from ps_server.interception import WrappingInterceptor
 from ps_server.locks import ShardLocks
 
 __all__ = [
@@ -242,7 +243,7 @@ class _Unparsable:
         self.error = error
 
 
-class MalformedRequestGuard(grpc.aio.ServerInterceptor):
+class MalformedRequestGuard(WrappingInterceptor):
     """Request bytes that do not parse get ``INVALID_ARGUMENT`` naming the message.
 
     gRPC answers a deserializer's exception with ``UNKNOWN``; here the deserializer
@@ -251,17 +252,12 @@ class MalformedRequestGuard(grpc.aio.ServerInterceptor):
     and answered ``INTERNAL``, as :func:`translate_errors` does.
     """
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
+    def wrap(self, full_method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if handler.unary_unary is None or handler.request_deserializer is None:
             return handler
         parse = handler.request_deserializer
         inner = handler.unary_unary
-        method = handler_call_details.method.rsplit("/", 1)[-1]
+        method = full_method.rsplit("/", 1)[-1]
 
         def deserialize(data: bytes) -> Any:
             try:
