@@ -122,8 +122,7 @@ class AsyncTable:
             if p.size else None
             for p in positions
         ]
-        rows = RowAssembly(positions, inverse if inverse.shape[0] != uniq.shape[0] else None,
-                           dim)
+        rows = RowAssembly(positions, inverse, dim)
 
         def place(shard: int, answer: bytes) -> None:
             rows.add(shard, read_rows(answer, pb.LookupResponse, "values",
@@ -154,7 +153,7 @@ class AsyncTable:
                 )
             parts.append(got)
         entries = scatter_objects(parts, positions, uniq.shape[0])
-        out: list[bytes] = entries[inverse].tolist()
+        out: list[bytes] = (entries if inverse is None else entries[inverse]).tolist()
         return out
 
     async def size(self) -> int:

@@ -101,16 +101,16 @@ def shard_of(ids: Any, num_shards: int) -> Ids:
     return np.mod(arr, np.int64(num_shards))
 
 
-def dedup(ids: Ids) -> tuple[Ids, Positions]:
+def dedup(ids: Ids) -> tuple[Ids, Positions | None]:
     """The distinct ids of a batch and the inverse map.
 
-    :returns: ``(unique int64[u], inverse int64[n])`` with ``unique[inverse] == ids``.
-        Without duplicates ``unique`` is ``ids`` itself (``inverse`` is ``0 .. n-1``);
-        otherwise it is sorted.
+    :returns: ``(unique int64[u], inverse int64[n])`` with ``unique[inverse] == ids``
+        and ``unique`` sorted; or, when no id repeats, ``(ids, None)``: ``ids`` itself,
+        nothing to expand.
     """
     n = ids.shape[0]
     if n == 0:
-        return ids[:0], _EMPTY_POS
+        return ids[:0], None
     # Sorting values is 3x cheaper than sorting positions: it settles a batch without
     # duplicates (as a trainer's unique ids are) for a third of the full work.
     sorted_ids = np.sort(ids)
@@ -118,7 +118,7 @@ def dedup(ids: Ids) -> tuple[Ids, Positions]:
     starts[0] = True
     np.not_equal(sorted_ids[1:], sorted_ids[:-1], out=starts[1:])
     if bool(starts.all()):  # no duplicates: nothing to fold
-        return ids, np.arange(n, dtype=np.int64)
+        return ids, None
     order = np.argsort(ids)  # ids[order] == sorted_ids, ties in any order
     inverse = np.empty(n, dtype=np.int64)
     inverse[order] = np.cumsum(starts) - 1
