@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from protos import embedding_hash_table_pb2 as eht
+from protos import ps_service_pb2 as pb
 from ps_client import (
     PolynomialDecay,
     PsClient,
@@ -139,6 +140,29 @@ def test_assign_lookup_with_duplicates_and_negative_ids(client: PsClient) -> Non
     assert got.tolist() == [[7, 8], [1, 2], [0, 0], [1, 2], [3, 4], [5, 6], [7, 8]]
     assert t.size() == 4
     assert t.lookup([]).shape == (0, 2)
+
+
+def test_fan_out_hands_over_each_answer_and_raises_after_all(client: PsClient) -> None:
+    """each(on_answer=...) sees every shard's answer (what lookups place rows with);
+    a failing hand-over counts as that shard's failure, raised once all calls ended."""
+    core = client._core  # the async core every sync method runs on
+    seen: list[int] = []
+
+    def record(shard: int, answer: object) -> None:
+        seen.append(shard)
+        if shard == client.num_shards - 1:
+            raise PsInvalidArgument(f"shard {shard}'s answer refused")
+
+    async def fan_out() -> list[object]:
+        return await core.each("ListTables", pb.ListTablesRequest(), on_answer=record)
+
+    with pytest.raises(PsInvalidArgument, match=f"shard {client.num_shards - 1}'s answer"):
+        client._run(fan_out())
+    assert sorted(seen) == list(range(client.num_shards))
+    seen.clear()
+    answers = client._run(core.each("ListTables", pb.ListTablesRequest(),
+                                    on_answer=lambda s, a: seen.append(s)))
+    assert len(answers) == client.num_shards and sorted(seen) == list(range(client.num_shards))
 
 
 def test_assign_later_duplicate_wins(client: PsClient) -> None:
