@@ -11,17 +11,21 @@
 
 ARG PYTHON_IMAGE=python:3.11-slim
 
-# --- builder: the project's wheel and every dependency as wheels ------------------------
+# --- builder: the project's wheel and every locked dependency as wheels -----------------
 FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
+# Exact, hash-checked versions from the lock files (scripts/lock.sh refreshes them).
+COPY requirements/runtime.txt requirements/build.txt ./requirements/
+RUN pip install --require-hashes -r requirements/build.txt \
+    && pip wheel --require-hashes --wheel-dir /wheels -r requirements/runtime.txt
 # Generated protos are checked in, so no protoc step is needed here.
 COPY pyproject.toml README.md ./
 COPY protos ./protos
 COPY ps_server ./ps_server
 COPY ps_client ./ps_client
-RUN pip wheel --wheel-dir /wheels .
+RUN pip wheel --no-deps --no-build-isolation --wheel-dir /wheels .
 
 # --- runtime: slim Python, the installed wheels, a non-root user -------------------------
 FROM ${PYTHON_IMAGE} AS runtime
@@ -37,8 +41,11 @@ RUN groupadd --system --gid 10001 ps \
     && mkdir /data \
     && chown 10001:10001 /data
 # Install from the builder's wheels only (no index); bind-mounted so they add no layer.
+# The lock decides every version; the project itself adds no dependency of its own.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    pip install --no-index --find-links=/wheels monolith-ps \
+    --mount=type=bind,from=builder,source=/src/requirements,target=/requirements \
+    pip install --no-index --find-links=/wheels --require-hashes -r /requirements/runtime.txt \
+    && pip install --no-index --find-links=/wheels --no-deps monolith-ps \
     && command -v ps-server > /dev/null \
     && python -c "import ps_server.healthcheck"
 

@@ -73,10 +73,46 @@ def stale_files() -> list[str]:
         ]
 
 
+def locked_tools_version() -> str | None:
+    """The grpcio-tools version pinned in ``requirements/dev.txt`` (None if absent)."""
+    lock = REPO_ROOT / "requirements" / "dev.txt"
+    if not lock.exists():
+        return None
+    for line in lock.read_text().splitlines():
+        if line.startswith("grpcio-tools=="):
+            return line.split("==", 1)[1].split()[0]
+    return None
+
+
+def tools_version_mismatch() -> str | None:
+    """Why a drift report may be the tool's fault, not the sources' (None if versions agree).
+
+    The generated files carry the generator's version, so only the locked grpcio-tools
+    reproduces the checked-in bytes; any other version reports every file as stale.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    locked = locked_tools_version()
+    try:
+        installed = version("grpcio-tools")
+    except PackageNotFoundError:
+        installed = "none"
+    if locked is None or installed == locked:
+        return None
+    return (
+        f"grpcio-tools {installed} is installed but requirements/dev.txt locks {locked}: "
+        "run `bash scripts/bootstrap.sh` (or install from the lock) and check again"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only report stale files")
     args = parser.parse_args(argv)
+    mismatch = tools_version_mismatch()
+    if mismatch:
+        print(mismatch)
+        return 1
     if args.check:
         stale = stale_files()
         if stale:
