@@ -40,6 +40,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
+from protos import contract
 from protos import embedding_hash_table_pb2 as eht
 from protos import ps_service_pb2 as pb
 from protos import ps_service_pb2_grpc as pb_grpc
@@ -62,21 +63,16 @@ from ps_client.graph_meta import HASH_TABLE_METADATA, MetaContext
 from ps_client.learning_rate_functions import LearningRate
 from ps_client.routing import FusedRoute, as_ids, fused_layout, shard_of, to_int32
 
-READ_ONLY = frozenset(
-    {"Lookup", "LookupEntry", "Size", "SaveAsTensor", "GetShardInfo", "ListTables",
-     "FusedLookup"}
-)
-"""RPCs that change nothing and may be retried."""
+READ_ONLY = contract.READ_ONLY_RPCS
+"""RPCs that change nothing and may be retried (declared in ps_service.proto)."""
 
-TAGGED = frozenset(
-    {"Assign", "AssignAdd", "ApplyGradients", "FusedOptimize", "InterceptGradient"}
-)
+TAGGED = contract.TAGGED_RPCS
 """Mutating RPCs whose requests carry a ``RequestTag``: shards apply each at most once,
 so they are retried (with the same tag) like reads, and on an attempt's deadline."""
 
 SERVICE_PATH = "/monolith_ps.ParameterServer"
 
-FILTER_TYPES = ("sliding_hash_filter", "probabilistic_filter", "no_filter")
+FILTER_TYPES = contract.FILTER_TYPES
 
 FusedLookupResult = tuple[
     npt.NDArray[np.float32], npt.NDArray[np.int32], npt.NDArray[np.int32],

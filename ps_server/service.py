@@ -53,6 +53,7 @@ import numpy as np
 from google.protobuf.message import DecodeError, Message
 
 import ps_server
+from protos import contract
 from protos import ps_service_pb2 as ps_pb2
 from protos import ps_service_pb2_grpc as ps_grpc
 from ps_server import codec
@@ -97,10 +98,7 @@ _log = logging.getLogger(__name__)
 SERVICE_NAME: Final = ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"].full_name
 
 #: RPCs whose requests carry tensors: their handlers get a ``codec.BulkRequest``.
-BULK_RPCS: Final = frozenset({
-    "Lookup", "LookupEntry", "Assign", "AssignAdd", "ApplyGradients", "FusedLookup",
-    "FusedOptimize", "InterceptGradient",
-})
+BULK_RPCS: Final = contract.BULK_RPCS
 
 #: The status code of each error family; a subclass takes its nearest listed base.
 STATUS_BY_ERROR: Final[Mapping[type[PsError], grpc.StatusCode]] = {

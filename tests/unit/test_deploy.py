@@ -541,6 +541,7 @@ def test_builder_stage_wheel_has_the_entrypoint_and_healthcheck(tmp_path: Path) 
                     shutil.copytree(path, context / src, ignore=shutil.ignore_patterns(
                         "__pycache__", "*.pyc"))
                 else:
+                    (context / src).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy(path, context / src)
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
