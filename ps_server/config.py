@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from ps_server.dedup import DEFAULT_LEDGER_BYTES, DEFAULT_LEDGER_CLIENTS, DEFAULT_LEDGER_WINDOW
-from ps_server.engine.shard import DEFAULT_CAPACITY, DEFAULT_SPLIT_NUM
+from ps_server.engine import DEFAULT_CAPACITY, DEFAULT_SPLIT_NUM
 from ps_server.errors import ConfigError
+from ps_server.ledger import DEFAULT_LEDGER_BYTES, DEFAULT_LEDGER_CLIENTS, DEFAULT_LEDGER_WINDOW
 
 __all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "ServerConfig", "format_address"]
 

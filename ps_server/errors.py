@@ -1,6 +1,6 @@
 """The failures the shard can report, named for the domain.
 
-Every error a user can cause derives from :class:`PsError`. The gRPC layer maps
+Every error a user can cause derives from :class:`ShardError`. The gRPC layer maps
 each class to one status code (``ps_server.service``); the engine and the
 checkpoint code raise these and never import grpc. Messages name what they are
 about (the table, the file, the expected and the actual shape) so a person can
@@ -10,11 +10,11 @@ act on them. Raising one of these always happens *before* any state changes.
 from __future__ import annotations
 
 
-class PsError(Exception):
+class ShardError(Exception):
     """Base of every user-facing monolith-ps error."""
 
 
-class InvalidArgumentError(PsError, ValueError):
+class InvalidArgumentError(ShardError, ValueError):
     """The request itself is wrong: shapes, dtypes, values or config fields."""
 
 
@@ -30,7 +30,7 @@ class ConfigError(InvalidArgumentError):
     """A table, optimizer, initializer, compressor or filter config is invalid."""
 
 
-class NotFoundError(PsError, LookupError):
+class NotFoundError(ShardError, LookupError):
     """Something named in the request does not exist."""
 
 
@@ -46,11 +46,11 @@ class CheckpointNotFoundError(NotFoundError):
     """A restore found no files for the given basename or checkpoint."""
 
 
-class AlreadyExistsError(PsError):
+class AlreadyExistsError(ShardError):
     """Creating something that exists already with a different definition."""
 
 
-class FailedPreconditionError(PsError):
+class FailedPreconditionError(ShardError):
     """The request is well formed but the state does not allow it."""
 
 
@@ -62,13 +62,13 @@ class ConfigMismatchError(FailedPreconditionError):
     """Files or state disagree with the live configuration (e.g. checkpoint dims)."""
 
 
-class CheckpointCorruptError(PsError):
+class CheckpointCorruptError(ShardError):
     """A checkpoint file is damaged: bad CRC, truncated record, unparsable data."""
 
 
-class PathOutsideRootError(PsError):
+class PathOutsideRootError(ShardError):
     """A save/restore path escapes the configured data root."""
 
 
-class ResourceExhaustedError(PsError):
+class ResourceExhaustedError(ShardError):
     """A configured limit (entries, bytes, batch size) would be exceeded."""

@@ -21,7 +21,7 @@ import contextlib
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable
 
-from ps_server.engine.shard import Shard
+from ps_server.engine import Shard
 
 __all__ = ["SharedExclusiveLock", "ShardLocks"]
 

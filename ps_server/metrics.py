@@ -22,7 +22,7 @@ Operations (pushed by :class:`ps_server.admin.ShardOps`):
     ``monolith_ps_checkpoint_failures_total{op}``                      counter
     ``monolith_ps_last_checkpoint_timestamp_seconds{op}``              gauge (last success)
     ``monolith_ps_restoring``, ``monolith_ps_draining``                gauges (0/1)
-Exactly-once updates (read from the shard's :class:`~ps_server.dedup.RequestLedger`
+Exactly-once updates (read from the shard's :class:`~ps_server.ledger.RequestLedger`
 at scrape time, once :meth:`ShardMetrics.watch_ledger` was called):
     ``monolith_ps_replayed_requests_total{method}``   counter: retries answered from
     the ledger, not applied again
@@ -65,10 +65,10 @@ from prometheus_client.registry import Collector
 
 import ps_server
 from ps_server.config import format_address
-from ps_server.dedup import RequestLedger
-from ps_server.engine.shard import Shard
+from ps_server.engine import Shard
 from ps_server.errors import ConfigError
 from ps_server.interception import WrappingInterceptor
+from ps_server.ledger import RequestLedger
 
 __all__ = [
     "CHECKPOINT_OPS",
@@ -109,21 +109,17 @@ class ShardCollector(Collector):
         return iter(self._families())
 
     def collect(self) -> Iterator[Metric]:
-        # Local import: ps_server.service imports grpc-side code this module need not load.
-        from ps_server.service import filter_stats
-
         info, entries, memory, fill, failures = self._families()
-        shard = self._shard
+        described = self._shard.describe()
         info.add_metric(
-            [str(shard.shard_index), str(shard.num_shards), ps_server.__version__], 1.0
+            [str(described.shard_index), str(described.num_shards), ps_server.__version__], 1.0
         )
-        for name, slot in sorted(list(shard.tables.items())):
-            entries.add_metric([name], float(slot.table.size()))
-            memory.add_metric([name], float(slot.table.nbytes()))
-        for name, fslot in sorted(list(shard.filters.items())):
-            ratio, count, _ = filter_stats(fslot.hash_filter)
-            fill.add_metric([name], ratio)
-            failures.add_metric([name], float(count))
+        for table in described.tables:
+            entries.add_metric([table.name], float(table.size))
+            memory.add_metric([table.name], float(table.memory_bytes))
+        for flt in described.filters:
+            fill.add_metric([flt.name], flt.fill_ratio)
+            failures.add_metric([flt.name], float(flt.failure_count))
         yield from (info, entries, memory, fill, failures)
 
     @staticmethod

@@ -34,13 +34,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from protos import ps_service_pb2_grpc as ps_grpc
-from ps_server.admin import ADMIN_SERVICE_NAME, AdminServicer, DataPlaneGate, ShardOps
+from ps_server.admin import ADMIN_SERVICE_NAME, AdminServicer
 from ps_server.config import ServerConfig, format_address
-from ps_server.dedup import RequestLedger
-from ps_server.engine.expiry import EvictionScheduler
-from ps_server.engine.shard import Shard
+from ps_server.engine import EvictionScheduler, Shard, ShardLimits
 from ps_server.errors import ConfigError
-from ps_server.limits import BatchLimitGuard, shard_limits
+from ps_server.guards import BatchLimitGuard, DrainGate, MalformedRequestGuard
+from ps_server.ledger import RequestLedger
+from ps_server.lifecycle import ShardOps
 from ps_server.locks import ShardLocks
 from ps_server.metrics import (
     MetricsServer,
@@ -48,13 +48,9 @@ from ps_server.metrics import (
     ShardMetrics,
     start_metrics_server,
 )
+from ps_server.runtime import ShardRuntime
 from ps_server.security import TokenAuthInterceptor, load_tokens, server_credentials
-from ps_server.service import (
-    SERVICE_NAME,
-    MalformedRequestGuard,
-    ParameterServerServicer,
-    add_servicer_to_server,
-)
+from ps_server.service import SERVICE_NAME, ParameterServerServicer, add_servicer_to_server
 
 __all__ = [
     "ShardServer",
@@ -85,6 +81,8 @@ class ShardServer:
     :ivar server: the bound gRPC server.
     :ivar port: its bound port.
     :ivar health: the ``grpc_health.v1.health.aio.HealthServicer``.
+    :ivar runtime: the shard's executor, locks, ledger, paths and operations.
+    :ivar servicer: the data-plane servicer; ``admin`` the ops-plane one.
     :ivar ops: readiness, drain gate and operation history.
     :ivar metrics: the shard's Prometheus metrics (served only with ``metrics_port``).
     """
@@ -94,6 +92,7 @@ class ShardServer:
     server: grpc.aio.Server
     port: int
     health: Any
+    runtime: ShardRuntime
     servicer: ParameterServerServicer
     admin: AdminServicer
     ops: ShardOps
@@ -122,7 +121,7 @@ class ShardServer:
                       format_address(config.host, self.metrics_server.port))
         if config.eviction_check_seconds > 0:
             self._eviction = asyncio.get_running_loop().create_task(
-                _periodic_eviction(self.servicer, config.eviction_check_seconds),
+                _periodic_eviction(self.runtime, config.eviction_check_seconds),
                 name=f"shard{config.shard_index}-eviction",
             )
 
@@ -159,7 +158,8 @@ async def build_shard_server(
     :raises ConfigError: the shard does not match the config, or the address
         cannot be bound.
     """
-    limits = shard_limits(config)
+    limits = ShardLimits(max_entries_per_shard=config.max_entries_per_shard,
+                         max_bytes_per_shard=config.max_bytes_per_shard)
     if shard is None:
         shard = Shard(config.shard_index, config.num_shards, limits=limits)
     elif (shard.shard_index, shard.num_shards) != (config.shard_index, config.num_shards):
@@ -181,7 +181,7 @@ async def build_shard_server(
     interceptors: list[grpc.aio.ServerInterceptor] = [RpcMetricsInterceptor(metrics)]
     if tokens.any:
         interceptors.append(TokenAuthInterceptor(tokens))
-    interceptors += [DataPlaneGate(ops), MalformedRequestGuard()]
+    interceptors += [DrainGate(ops), MalformedRequestGuard()]
     if config.max_ids_per_request:
         interceptors.append(BatchLimitGuard(config.max_ids_per_request))
     server = grpc.aio.server(
@@ -193,20 +193,21 @@ async def build_shard_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    servicer = ParameterServerServicer(
+    runtime = ShardRuntime(
         shard,
         executor if executor is not None else new_executor(config),
         data_root=config.data_root,
         max_message_bytes=limit,
         locks=ShardLocks(),
         events=ops,
-        default_filter_capacity=config.default_filter_capacity,
-        default_filter_split_num=config.default_filter_split_num,
         ledger=RequestLedger(config.ledger_window, config.ledger_max_clients,
                              config.ledger_max_bytes),
+        default_filter_capacity=config.default_filter_capacity,
+        default_filter_split_num=config.default_filter_split_num,
     )
-    metrics.watch_ledger(servicer.ledger)
-    admin = AdminServicer(servicer, ops, grace_seconds=config.grace_seconds)
+    metrics.watch_ledger(runtime.ledger)
+    servicer = ParameterServerServicer(runtime)
+    admin = AdminServicer(runtime, ops, grace_seconds=config.grace_seconds)
     add_servicer_to_server(servicer, server)
     ps_grpc.add_ParameterServerAdminServicer_to_server(admin, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -227,7 +228,7 @@ async def build_shard_server(
         raise ConfigError(f"cannot listen on {config.address} (address in use or invalid)")
     return ShardServer(
         config=config, shard=shard, server=server, port=port, health=health_servicer,
-        servicer=servicer, admin=admin, ops=ops, metrics=metrics,
+        runtime=runtime, servicer=servicer, admin=admin, ops=ops, metrics=metrics,
     )
 
 
@@ -248,7 +249,7 @@ async def build_server(
 
 
 async def evict_due_tables(
-    servicer: ParameterServerServicer,
+    runtime: ShardRuntime,
     schedulers: dict[tuple[str, int], EvictionScheduler],
     now: float,
 ) -> list[str]:
@@ -262,7 +263,7 @@ async def evict_due_tables(
     """
     live: dict[tuple[str, int], EvictionScheduler] = {}
     due: list[str] = []
-    for name, slot in sorted(list(servicer.shard.tables.items())):
+    for name, slot in sorted(list(runtime.shard.tables.items())):
         key = (name, id(slot.table))
         scheduler = schedulers.get(key) or EvictionScheduler.for_table(slot.table.config)
         if scheduler is None:
@@ -273,15 +274,15 @@ async def evict_due_tables(
     schedulers.clear()
     schedulers.update(live)
     if due:
-        await servicer.evict(due, "periodic")
+        await runtime.evict(due, "periodic")
     return due
 
 
-async def _periodic_eviction(servicer: ParameterServerServicer, every_seconds: float) -> None:
+async def _periodic_eviction(runtime: ShardRuntime, every_seconds: float) -> None:
     schedulers: dict[tuple[str, int], EvictionScheduler] = {}
     while True:
         try:
-            await evict_due_tables(servicer, schedulers, time.time())
+            await evict_due_tables(runtime, schedulers, time.time())
         except asyncio.CancelledError:
             raise
         except Exception:  # keep checking; the next period may succeed

@@ -1,9 +1,11 @@
 """One shard's state: named embedding tables and named hash filters.
 
-:class:`Shard` is the single facade the gRPC service calls. Every method takes and
-returns numpy arrays, validates everything before changing anything, and raises
-:mod:`ps_server.errors` types. It holds no locks: callers serialize access per
-shard (the service runs engine work on its executor one call at a time per table).
+:class:`Shard` is the engine's face to the runtime: the service reaches tables and
+filters only through its methods (create, lookup, assign, apply_gradients, fused ops,
+intercept_gradient, eviction, :meth:`Shard.describe`). Every method takes and returns
+numpy arrays, validates everything before changing anything, and raises
+:mod:`ps_server.errors` types. It holds no locks: callers serialize access per table
+(the runtime runs engine work on its executor, one call at a time per table).
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ from typing import Any
 import numpy as np
 
 from protos import embedding_hash_table_pb2 as eht
+from ps_server.engine.expiry import evict_expired
 from ps_server.engine.filters import (
-    DummyHashFilter,
+    DEFAULT_CAPACITY,
+    DEFAULT_SPLIT_NUM,
+    FILTER_TYPES,
     HashFilter,
-    ProbabilisticFilter,
     SlidingHashFilter,
+    filter_from_options,
 )
 from ps_server.engine.hash_table import EmbeddingHashTable
 from ps_server.engine.types import Floats, as_ids
@@ -34,9 +39,6 @@ from ps_server.errors import (
     UnknownTableError,
 )
 
-FILTER_TYPES = ("sliding_hash_filter", "probabilistic_filter", "no_filter")
-DEFAULT_CAPACITY = 300_000_000
-DEFAULT_SPLIT_NUM = 7
 #: Largest sliding filter capacity (elements); beyond it the cells could not even be
 #: addressed, let alone allocated.
 MAX_FILTER_CAPACITY = 1 << 40
@@ -76,25 +78,24 @@ class FilterOptions:
             raise ConfigError(
                 f"unknown filter_type {self.filter_type!r}; use one of {', '.join(FILTER_TYPES)}"
             )
-        if not self.enable_hash_filter or self.filter_type == "no_filter":
-            return DummyHashFilter()
-        thresholds = self.occurrence_threshold_config
-        if self.filter_type == "sliding_hash_filter" and self.capacity > MAX_FILTER_CAPACITY:
+        sliding = self.enable_hash_filter and self.filter_type == "sliding_hash_filter"
+        if sliding and self.capacity > MAX_FILTER_CAPACITY:
             raise ConfigError(
                 f"sliding hash filter capacity must be <= {MAX_FILTER_CAPACITY}, got "
                 f"{self.capacity}; spread the ids over more shards"
             )
-        if self.filter_type == "sliding_hash_filter" and self.split_num > MAX_FILES_PER_SAVE:
+        if sliding and self.split_num > MAX_FILES_PER_SAVE:
             raise ConfigError(
                 f"sliding hash filter split_num must be <= {MAX_FILES_PER_SAVE} (one file per "
                 f"split on save), got {self.split_num}"
             )
-        if self.filter_type == "probabilistic_filter":
-            return ProbabilisticFilter(
-                equal_probability=self.equal_probability, thresholds=thresholds
-            )
-        return SlidingHashFilter(
-            capacity=self.capacity, split_num=self.split_num, thresholds=thresholds
+        return filter_from_options(
+            self.filter_type,
+            enable_hash_filter=self.enable_hash_filter,
+            config=self.occurrence_threshold_config,
+            capacity=self.capacity,
+            split_num=self.split_num,
+            equal_probability=self.equal_probability,
         )
 
 
@@ -144,6 +145,61 @@ class FilterSlot:
 
     hash_filter: HashFilter
     options: FilterOptions
+
+
+@dataclass(frozen=True)
+class TableDescription:
+    """One table as :meth:`Shard.describe` reports it."""
+
+    name: str
+    dim: int
+    num_segments: int
+    size: int
+    #: Storage the table holds (bytes).
+    memory_bytes: int
+    #: Its serialized ``EmbeddingHashTableConfig`` (deterministic bytes).
+    config_bytes: bytes
+    hash_filter: str
+    extra_restore_names: tuple[str, ...]
+    saver_parallel: int
+    #: The table clock (largest ``req_time`` seen).
+    max_update_ts: int
+    #: Whether its config schedules periodic eviction.
+    feature_eviction: bool
+
+
+@dataclass(frozen=True)
+class FilterDescription:
+    """One hash filter as :meth:`Shard.describe` reports it (fill, failures and
+    capacity are 0 for filters that do not count into cells)."""
+
+    name: str
+    filter_type: str
+    enabled: bool
+    split_num: int
+    fill_ratio: float
+    failure_count: int
+    capacity: int
+
+
+@dataclass(frozen=True)
+class ShardDescription:
+    """Everything :meth:`Shard.describe` reports."""
+
+    shard_index: int
+    num_shards: int
+    tables: list[TableDescription]
+    filters: list[FilterDescription]
+
+    @property
+    def entries(self) -> int:
+        """Entries over all tables."""
+        return sum(t.size for t in self.tables)
+
+    @property
+    def memory_bytes(self) -> int:
+        """Storage over all tables (bytes)."""
+        return sum(t.memory_bytes for t in self.tables)
 
 
 @dataclass
@@ -296,6 +352,109 @@ class Shard:
                 f"no hash filter named {name!r} on shard {self.shard_index} (filters: {known})"
             )
         return slot
+
+    # ---------------------------------------------------------------- one table
+
+    def dim(self, table: str) -> int:
+        """Embedding dimension of ``table`` (the width of its lookup rows)."""
+        return self.table(table).dim
+
+    def lookup(self, table: str, ids: Any, out: Floats | None = None) -> Floats:
+        """``[len(ids), dim]`` embeddings of ``table`` (zeros for missing ids), written
+        into ``out`` when given (see :meth:`EmbeddingHashTable.lookup`)."""
+        return self.table(table).lookup(ids, out=out)
+
+    def lookup_entry(self, table: str, ids: Any) -> list[bytes]:
+        """Serialized ``EntryDump`` of each id of ``table`` (``b""`` if missing)."""
+        return self.table(table).lookup_entry(ids)
+
+    def assign(self, table: str, ids: Any, values: Any, req_time: int = 0) -> None:
+        """Set the embeddings of ``ids`` in ``table`` (see :meth:`EmbeddingHashTable.assign`)."""
+        self.table(table).assign(ids, values, req_time)
+
+    def assign_add(self, table: str, ids: Any, values: Any, req_time: int = 0) -> None:
+        """Add ``values`` to the embeddings of ``ids`` in ``table``."""
+        self.table(table).assign_add(ids, values, req_time)
+
+    def apply_gradients(
+        self,
+        table: str,
+        ids: Any,
+        grads: Any,
+        learning_rates: Any,
+        global_step: int,
+        *,
+        enable_dedup: bool = False,
+        req_time: int = 0,
+    ) -> None:
+        """One optimizer step of ``table`` per occurrence of each id (or per distinct id
+        with ``enable_dedup``), see :meth:`EmbeddingHashTable.apply_gradients`."""
+        self.table(table).apply_gradients(
+            ids, grads, learning_rates, global_step, enable_dedup=enable_dedup,
+            req_time=req_time,
+        )
+
+    def size(self, table: str) -> int:
+        """Entries held by ``table``."""
+        return self.table(table).size()
+
+    def save_as_tensor(
+        self, table: str, shard_idx: int, num_shards: int, limit: int, offset: int
+    ) -> tuple[int, list[bytes]]:
+        r"""A page of ``table``'s entries as serialized ``EntryDump``\ s (see
+        :meth:`EmbeddingHashTable.save_as_tensor`)."""
+        return self.table(table).save_as_tensor(shard_idx, num_shards, limit, offset)
+
+    def evict_expired(self, table: str) -> tuple[int, int]:
+        """Delete ``table``'s expired entries now: ``(deleted, entries left)``."""
+        t = self.table(table)
+        evicted = evict_expired(t)
+        return evicted, t.size()
+
+    # ---------------------------------------------------------------- description
+
+    def describe(self) -> ShardDescription:
+        """What the shard holds, table by table and filter by filter, sorted by name.
+
+        Reads sizes without locks: a snapshot that may race concurrent writes (safe:
+        each figure is one read). GetShardInfo, the admin Stats and the metrics all
+        report from it.
+        """
+        tables = [
+            TableDescription(
+                name=name,
+                dim=slot.table.dim,
+                num_segments=slot.table.num_segments,
+                size=slot.table.size(),
+                memory_bytes=slot.table.nbytes(),
+                config_bytes=slot.config_bytes,
+                hash_filter=slot.hash_filter,
+                extra_restore_names=slot.extra_restore_names,
+                saver_parallel=slot.saver_parallel,
+                max_update_ts=slot.table.max_update_ts,
+                feature_eviction=slot.table.config.enable_feature_eviction,
+            )
+            for name, slot in sorted(list(self.tables.items()))
+        ]
+        filters = []
+        for name, fslot in sorted(list(self.filters.items())):
+            flt = fslot.hash_filter
+            fill, failures, capacity = 0.0, 0, 0
+            if isinstance(flt, SlidingHashFilter):
+                # Only a sliding filter counts into cells: its elements over its
+                # capacity is Monolith's fill rate.
+                fill = float(flt.num_elements.sum()) / flt.capacity
+                failures, capacity = int(flt.failure_count), int(flt.capacity)
+            filters.append(FilterDescription(
+                name=name,
+                filter_type=fslot.options.filter_type,
+                enabled=fslot.options.enable_hash_filter,
+                split_num=flt.split_num,
+                fill_ratio=fill,
+                failure_count=failures,
+                capacity=capacity,
+            ))
+        return ShardDescription(self.shard_index, self.num_shards, tables, filters)
 
     # ---------------------------------------------------------------- fused ops
 

@@ -180,7 +180,7 @@ def attempt(work: Callable[[], Any]) -> tuple[bool, Any]:
     """``(True, result)`` or ``(False, status)`` for an engine error."""
     try:
         return True, work()
-    except (errors.PsError, MemoryError, OSError) as e:
+    except (errors.ShardError, MemoryError, OSError) as e:
         return False, status_for(e)
 
 

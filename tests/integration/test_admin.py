@@ -301,7 +301,7 @@ def test_periodic_eviction_follows_each_tables_schedule() -> None:
         schedulers: dict[tuple[str, int], EvictionScheduler] = {}
 
         def check(now: float) -> list[str]:
-            return run_on_server_loop(evict_due_tables(built.servicer, schedulers, now))
+            return run_on_server_loop(evict_due_tables(built.runtime, schedulers, now))
 
         assert check(0.0) == []          # the first check starts the period
         assert check(7199.0) == []       # 2 h = 7200 s are not over yet

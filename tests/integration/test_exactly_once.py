@@ -41,6 +41,7 @@ from ps_client._table import AsyncTable
 from ps_server import codec
 from ps_server.config import ServerConfig
 from ps_server.engine.shard import Shard
+from ps_server.runtime import ShardRuntime
 from ps_server.server import ShardServer, build_shard_server
 from ps_server.service import SERVICE_NAME, ParameterServerServicer, add_servicer_to_server
 
@@ -181,8 +182,8 @@ class Setup:
     table: AsyncTable
 
     @property
-    def servicer(self) -> ParameterServerServicer:
-        return self.shard.servicer
+    def runtime(self) -> ShardRuntime:
+        return self.shard.runtime
 
     def replayed_metric(self, method: str) -> float | None:
         return self.shard.metrics.registry.get_sample_value(
@@ -239,7 +240,7 @@ ONCE = {"ApplyGradients": ONE_SGD_STEP, "AssignAdd": ONE_ADD, "FusedOptimize": O
 def test_a_lost_answer_is_retried_and_the_update_applied_once(method: str, mode: str) -> None:
     async def body() -> None:
         async with shard_behind_proxy() as setup:
-            ledger = setup.servicer.ledger
+            ledger = setup.runtime.ledger
 
             async def release_after_the_replay() -> None:
                 while ledger.replayed.get(method, 0) < 1:
@@ -268,7 +269,7 @@ def test_a_second_update_after_a_retried_one_is_applied_too() -> None:
             await update(setup, "ApplyGradients")  # a new tag: applied
             two_steps = [[2 * -0.25, 2 * 0.5], [2 * -1.0, 2 * -0.125]]
             assert (await setup.table.lookup(IDS)).tolist() == two_steps
-            assert setup.servicer.ledger.replayed == {"ApplyGradients": 1}
+            assert setup.runtime.ledger.replayed == {"ApplyGradients": 1}
 
     run(body)
 
@@ -293,7 +294,7 @@ async def raw_stub(setup: Setup) -> AsyncIterator[ps_grpc.ParameterServerStub]:
 def test_concurrent_duplicates_are_applied_once() -> None:
     async def body() -> None:
         async with shard_behind_proxy() as setup, raw_stub(setup) as stub:
-            servicer = setup.servicer
+            servicer = setup.runtime
             request = apply_request(pb.RequestTag(client_id="twin", seq=1))
             # Hold the table so both copies are in the shard before either runs.
             async with servicer.locks.hold(servicer.shard, tables=["t"]):
@@ -319,7 +320,7 @@ def test_untagged_requests_apply_every_time() -> None:
                 assert not answer.replayed
             three_steps = [[3 * -0.25, 3 * 0.5], [3 * -1.0, 3 * -0.125]]
             assert (await setup.table.lookup(IDS)).tolist() == three_steps
-            assert setup.servicer.ledger.records == 0
+            assert setup.runtime.ledger.records == 0
 
     run(body)
 
@@ -336,7 +337,7 @@ def test_a_repeat_of_a_failed_request_fails_again_without_running() -> None:
                 assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
                 details.append(info.value.details())
             assert details[0] == details[1]
-            assert setup.servicer.ledger.replayed == {"ApplyGradients": 1}
+            assert setup.runtime.ledger.replayed == {"ApplyGradients": 1}
             # The same tag with other content is still that failed request.
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await stub.ApplyGradients(apply_request(tag), timeout=TIMEOUT)
@@ -358,7 +359,7 @@ def test_a_request_refused_before_it_ran_is_not_remembered() -> None:
             answer = await stub.ApplyGradients(request, timeout=TIMEOUT)
             assert not answer.replayed
             assert (await later.lookup(IDS)).tolist() == ONE_SGD_STEP
-            assert setup.servicer.ledger.replayed == {}
+            assert setup.runtime.ledger.replayed == {}
 
     run(body)
 
@@ -398,7 +399,7 @@ def test_answers_lost_after_applying_are_replayed_from_the_ledger() -> None:
         lossy = LoseFirstAnswer(["ApplyGradients", "InterceptGradient"])
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             server = grpc.aio.server(interceptors=[lossy])
-            servicer = ParameterServerServicer(Shard(0, 1), pool)
+            servicer = ParameterServerServicer(ShardRuntime(Shard(0, 1), pool))
             add_servicer_to_server(servicer, server)
             port = server.add_insecure_port("127.0.0.1:0")
             await server.start()
@@ -419,7 +420,7 @@ def test_answers_lost_after_applying_are_replayed_from_the_ledger() -> None:
                           for _ in range(3)]
                 assert counts == [[[0.0]], [[0.0]], [[4.0]]]  # the first answer was lost
                 assert not lossy.armed
-                assert servicer.ledger.replayed == {"ApplyGradients": 1,
+                assert servicer.runtime.ledger.replayed == {"ApplyGradients": 1,
                                                     "InterceptGradient": 1}
             finally:
                 await client.close()

@@ -20,7 +20,7 @@ from protos import ps_service_pb2 as pb
 from ps_server import errors
 from ps_server.engine import configs
 from ps_server.engine.shard import Shard, TableSlot
-from ps_server.service import STATUS_BY_ERROR, status_of
+from ps_server.status import STATUS_BY_ERROR, status_of
 from tests.integration.conftest import RunningServer, start_inprocess_server
 from tests.integration.test_service import (
     Stub,
@@ -93,9 +93,10 @@ def test_every_error_family_has_its_status() -> None:
     }
     for cls, code in want.items():
         assert status_of(cls("x")) == code, cls
-    # Every PsError subclass defined in ps_server.errors has a non-INTERNAL status.
+    # Every ShardError subclass defined in ps_server.errors has a non-INTERNAL status.
     for cls in vars(errors).values():
-        if isinstance(cls, type) and issubclass(cls, errors.PsError) and cls is not errors.PsError:
+        base = errors.ShardError
+        if isinstance(cls, type) and issubclass(cls, base) and cls is not base:
             assert status_of(cls("x")) != Code.INTERNAL, cls
     assert set(STATUS_BY_ERROR.values()) == set(want.values())
 

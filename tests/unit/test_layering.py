@@ -1,11 +1,16 @@
-"""The engine is pure numpy: nothing under ps_server/engine imports grpc or the service proto."""
+"""The layers of docs/architecture.md, checked on the imports of each module.
+
+engine (pure numpy) <- runtime (no gRPC, no service protos) <- thin servicers (reach
+the engine only through the runtime and ``Shard``) ; the client never imports the server.
+"""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-ENGINE = Path(__file__).resolve().parents[2] / "ps_server" / "engine"
+REPO = Path(__file__).resolve().parents[2]
+ENGINE = REPO / "ps_server" / "engine"
 FORBIDDEN = ("grpc", "grpc_health", "grpc_reflection", "protos.ps_service_pb2", "ps_client")
 
 
@@ -29,4 +34,38 @@ def test_engine_imports_no_transport() -> None:
         )
         for f in files
     }
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def _offending(path: Path, forbidden: tuple[str, ...]) -> list[str]:
+    return sorted(
+        n for n in _imports(path) if any(n == x or n.startswith(x + ".") for x in forbidden)
+    )
+
+
+def test_engine_imports_no_runtime_or_files() -> None:
+    above = ("ps_server.runtime", "ps_server.service", "ps_server.admin", "ps_server.server",
+             "ps_server.checkpoint", "ps_server.status", "ps_server.guards")
+    offenders = {str(f.relative_to(ENGINE)): _offending(f, above)
+                 for f in sorted(ENGINE.rglob("*.py"))}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_runtime_imports_no_grpc_or_service_protos() -> None:
+    assert _offending(REPO / "ps_server" / "runtime.py",
+                      ("grpc", "protos.ps_service_pb2", "protos.ps_service_pb2_grpc")) == []
+
+
+def test_servicers_reach_the_engine_only_through_the_runtime() -> None:
+    # Engine submodules and checkpoint code are the runtime's business.
+    for name in ("service.py", "admin.py"):
+        path = REPO / "ps_server" / name
+        assert _offending(path, ("ps_server.engine", "ps_server.checkpoint", "ps_server.locks",
+                                 "ps_server.ledger", "ps_server.paths")) == [], name
+
+
+def test_client_imports_no_server() -> None:
+    files = sorted((REPO / "ps_client").rglob("*.py"))
+    assert files
+    offenders = {str(f.relative_to(REPO)): _offending(f, ("ps_server",)) for f in files}
     assert {k: v for k, v in offenders.items() if v} == {}

@@ -10,6 +10,7 @@ All share :class:`HashFilter`: ``should_be_filtered(ids, counts, *, with_table)`
 
 from __future__ import annotations
 
+from protos import contract
 from ps_server.engine.filters.base import FilterSplit, HashFilter, as_counts
 from ps_server.engine.filters.dummy import DummyHashFilter
 from ps_server.engine.filters.probabilistic import ProbabilisticFilter
@@ -50,7 +51,7 @@ __all__ = [
 ]
 
 #: Accepted ``filter_type`` names (Monolith's ``FilterType`` values, lower case).
-FILTER_TYPES = ("sliding_hash_filter", "probabilistic_filter", "no_filter")
+FILTER_TYPES = contract.FILTER_TYPES
 
 
 def filter_from_options(

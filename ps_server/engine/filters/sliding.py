@@ -44,6 +44,7 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
+from protos import contract
 from protos import embedding_hash_table_pb2 as eht
 from ps_server.engine.filters.base import Counts, FilterSplit, HashFilter, as_counts
 from ps_server.engine.filters.thresholds import ThresholdConfig, Thresholds
@@ -63,8 +64,8 @@ __all__ = [
     "signatures",
 ]
 
-DEFAULT_CAPACITY = 300_000_000
-DEFAULT_SPLIT_NUM = 7
+DEFAULT_CAPACITY = contract.DEFAULT_FILTER_CAPACITY
+DEFAULT_SPLIT_NUM = contract.DEFAULT_FILTER_SPLIT_NUM
 MIN_CAPACITY = 300
 MIN_SPLIT_NUM = 5
 MAX_FORWARD_STEP = 2

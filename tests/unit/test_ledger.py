@@ -1,4 +1,4 @@
-"""The request ledger (``ps_server.dedup``): repeats answered once, windows, LRU, waits."""
+"""The request ledger (``ps_server.ledger``): repeats answered once, windows, LRU, waits."""
 
 from __future__ import annotations
 
@@ -7,17 +7,17 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from ps_server.dedup import (
-    MAX_CLIENT_ID_CHARS,
-    RECORD_OVERHEAD_BYTES,
-    Outcome,
-    RequestLedger,
-)
 from ps_server.errors import (
     ConfigError,
     DimMismatchError,
     FailedPreconditionError,
     InvalidArgumentError,
+)
+from ps_server.ledger import (
+    MAX_CLIENT_ID_CHARS,
+    RECORD_OVERHEAD_BYTES,
+    Outcome,
+    RequestLedger,
 )
 
 RPC = "ApplyGradients"

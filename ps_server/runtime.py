@@ -1,0 +1,530 @@
+"""One shard at run time: where engine work runs, under which locks, and what it may touch.
+
+:class:`ShardRuntime` sits between the servicers (which only translate protos to
+arrays and errors to statuses) and the engine's :class:`~ps_server.engine.Shard`. It
+owns:
+
+* **execution** — engine work (numpy) runs on a thread pool, never on the event loop.
+  Once started, an engine call finishes even if its RPC is cancelled, and keeps its
+  locks until then (:meth:`ShardRuntime.run`);
+* **locks** (:class:`~ps_server.locks.ShardLocks`) — calls on one table are
+  serialized by that table's lock, calls on different tables run side by side; a call
+  that can count ids in a hash filter also holds the filter's lock (tables may share a
+  filter); locks are taken in one global order, so multi-table calls cannot deadlock;
+  creation and whole checkpoints hold the shard exclusively. The admin service and
+  periodic eviction go through the same runtime, so they never interleave with data
+  calls either;
+* **exactly once** (:meth:`ShardRuntime.apply_once`) — a write with a request tag runs
+  at most once per tag: its outcome is kept in the shard's
+  :class:`~ps_server.ledger.RequestLedger` (recorded under the request's locks once the
+  engine call ended, even if the RPC was cancelled meanwhile), and a repeat gets that
+  outcome again without being applied; untagged writes are applied every time;
+* **policy** — every save/restore path is confined to the data root
+  (:func:`~ps_server.paths.resolve_path`); an answer larger than the message limit is
+  refused with ``RESOURCE_EXHAUSTED`` naming the limit; filter defaults;
+* **operations** — per-table and per-filter files, whole checkpoints (save, commit,
+  restore or validate) and eviction, each reported to the :class:`ShardEvents`
+  (readiness during restores, metrics, the admin Stats history).
+
+It knows no gRPC and no service protos: errors leave it as
+:class:`~ps_server.errors.ShardError`\\ s for :mod:`ps_server.status` to translate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Final, Protocol, TypeVar
+
+from google.protobuf.message import Message
+
+from protos import contract
+from ps_server.checkpoint import checkpoints, filter_dump, table_files
+from ps_server.checkpoint.checkpoints import CheckpointResult
+from ps_server.engine import FilterOptions, Shard, ShardDescription
+from ps_server.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
+from ps_server.ledger import Outcome, RequestLedger
+from ps_server.locks import ShardLocks
+from ps_server.paths import resolve_path
+
+__all__ = [
+    "CheckpointOutcome",
+    "CheckpointResult",
+    "NO_EVENTS",
+    "ShardEvents",
+    "ShardRuntime",
+    "TableEvicted",
+]
+
+_log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class CheckpointOutcome:
+    """One finished checkpoint operation, as reported to :class:`ShardEvents`.
+
+    :param op: ``save`` | ``commit`` | ``restore`` | ``validate``.
+    :param start_time: unix seconds when it started (after the locks were taken).
+    :param seconds: how long it ran.
+    :param result: what it did; None when it failed.
+    :param nbytes: total size of ``result.files`` (0 when it failed).
+    :param error: what failed (None when it succeeded).
+    """
+
+    op: str
+    start_time: float
+    seconds: float
+    result: CheckpointResult | None
+    nbytes: int
+    error: BaseException | None
+
+
+@dataclass(frozen=True)
+class TableEvicted:
+    """Outcome of evicting one table: entries deleted and entries left."""
+
+    table: str
+    evicted: int
+    remaining: int
+
+
+class ShardEvents(Protocol):
+    """What the runtime reports besides its answers (``ps_server.lifecycle.ShardOps``)."""
+
+    def restoring(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Held while a restore changes the shard (readiness is NOT_SERVING)."""
+        ...
+
+    def checkpoint_done(self, outcome: CheckpointOutcome) -> None:
+        """A checkpoint operation finished (successfully or not)."""
+        ...
+
+    def evicted(self, table: str, count: int, trigger: str) -> None:
+        """``count`` expired entries were deleted from ``table`` (``trigger``:
+        ``admin`` or ``periodic``)."""
+        ...
+
+
+class _NoEvents:
+    """Events nobody listens to."""
+
+    def restoring(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return contextlib.nullcontext()
+
+    def checkpoint_done(self, outcome: CheckpointOutcome) -> None:
+        pass
+
+    def evicted(self, table: str, count: int, trigger: str) -> None:
+        pass
+
+
+#: The events of a runtime nobody watches.
+NO_EVENTS: Final[ShardEvents] = _NoEvents()
+
+#: The recorded outcome of every write that answered nothing (they are all alike).
+_DONE: Final = Outcome.succeeded(None)
+
+
+def _files_size(files: Iterable[str]) -> int:
+    total = 0
+    for path in files:
+        with contextlib.suppress(OSError):
+            total += os.stat(path).st_size
+    return total
+
+
+def _check_step(global_step: int) -> None:
+    if global_step < 0:
+        raise InvalidArgumentError(f"global_step must be >= 0, got {global_step}")
+
+
+class ShardRuntime:
+    """Execution, locks, exactly-once, paths and operations of one :class:`Shard`.
+
+    :param shard: the state served.
+    :param executor: where engine work runs (the caller owns and shuts it down).
+    :param data_root: save/restore paths must resolve inside it ("" = any path).
+    :param max_message_bytes: answers larger than this are refused with
+        ``RESOURCE_EXHAUSTED`` naming the limit (instead of gRPC's generic failure).
+    :param locks: the shard's locks; None: new ones.
+    :param events: told about checkpoint operations and evictions (None: nobody).
+    :param ledger: outcomes of recent tagged writes (None: a new one with the default
+        limits).
+    :param default_filter_capacity: sliding filter capacity when a creation leaves it 0.
+    :param default_filter_split_num: split count when a creation leaves it 0.
+    """
+
+    def __init__(
+        self,
+        shard: Shard,
+        executor: concurrent.futures.Executor,
+        *,
+        data_root: str = "",
+        max_message_bytes: int = contract.MAX_MESSAGE_BYTES,
+        locks: ShardLocks | None = None,
+        events: ShardEvents | None = None,
+        ledger: RequestLedger | None = None,
+        default_filter_capacity: int = contract.DEFAULT_FILTER_CAPACITY,
+        default_filter_split_num: int = contract.DEFAULT_FILTER_SPLIT_NUM,
+    ) -> None:
+        self.shard: Final = shard
+        self.executor: Final = executor
+        self.data_root: Final = data_root
+        self.max_message_bytes: Final = max_message_bytes
+        self.locks: Final = locks if locks is not None else ShardLocks()
+        self.events: ShardEvents = events if events is not None else NO_EVENTS
+        self.ledger: Final = ledger if ledger is not None else RequestLedger()
+        self.default_filter_capacity: Final = default_filter_capacity
+        self.default_filter_split_num: Final = default_filter_split_num
+
+    # ---------------------------------------------------------------- execution
+
+    async def run(
+        self,
+        rpc: str,
+        work: Callable[[], _T],
+        *,
+        tables: Iterable[str] = (),
+        table_filters: bool = False,
+        filters: Iterable[str] = (),
+        exclusive: bool = False,
+    ) -> _T:
+        """Run ``work`` on the executor holding the locks it needs.
+
+        :param rpc: name used in errors (e.g. an oversized answer).
+        :param tables: tables ``work`` touches (each must exist: ``UnknownTableError``).
+        :param table_filters: also lock the hash filters of ``tables``.
+        :param filters: hash filters ``work`` touches.
+        :param exclusive: hold the whole shard (creation, whole checkpoints).
+        """
+        async with self.locks.hold(self.shard, tables=tables, table_filters=table_filters,
+                                   filters=filters, exclusive=exclusive):
+            return await self._execute(rpc, work)
+
+    async def apply_once(
+        self,
+        rpc: str,
+        client_id: str,
+        seq: int,
+        work: Callable[[], _T],
+        *,
+        tables: Iterable[str] = (),
+        table_filters: bool = False,
+        filters: Iterable[str] = (),
+    ) -> tuple[_T, bool]:
+        """:meth:`run` for a write: at most once per ``(client_id, seq)`` tag.
+
+        An empty ``client_id`` or ``seq`` 0 means untagged: applied every time.
+
+        :returns: ``(answer, replayed)``: ``replayed`` is True when the answer is the
+            recorded one of an earlier request with the same tag (nothing was applied
+            now). A recorded error is raised again instead.
+        :raises InvalidArgumentError: the tag was used by another RPC, or its client id
+            is too long.
+        :raises FailedPreconditionError: the tag is older than its client's window.
+        """
+        if not client_id or not seq:
+            return await self.run(rpc, work, tables=tables, table_filters=table_filters,
+                                  filters=filters), False
+        ledger = self.ledger
+        first = await ledger.claim(client_id, seq, rpc)
+        if first is not None:
+            replayed: _T = first.replay()  # type: ignore[assignment]  # recorded by us
+            return replayed, True
+        ended: list[Outcome] = []  # set on the worker thread once the engine call ended
+
+        def recorded() -> _T:
+            try:
+                result = work()
+                self._check_size(rpc, result)
+            except Exception as e:
+                ended.append(Outcome.failed(e))
+                raise
+            ended.append(_DONE if result is None else Outcome.succeeded(result))
+            return result
+
+        try:
+            async with self.locks.hold(self.shard, tables=tables,
+                                       table_filters=table_filters, filters=filters):
+                try:
+                    return await self._execute(rpc, recorded, checked=False), False
+                finally:
+                    if ended:  # also when the RPC was cancelled meanwhile
+                        ledger.record(client_id, seq, ended[0])
+        finally:
+            if not ended:  # refused before the engine ran (e.g. unknown table), cancelled
+                ledger.release(client_id, seq)
+
+    def _check_size(self, rpc: str, result: object) -> None:
+        """Refuse an answer (encoded ``bytes`` or a message) over ``max_message_bytes``."""
+        if isinstance(result, bytes):
+            size = len(result)
+        elif isinstance(result, Message):
+            size = result.ByteSize()
+        else:
+            return
+        if size > self.max_message_bytes:
+            raise ResourceExhaustedError(
+                f"{rpc}: the response would be {size} bytes, over the shard's "
+                f"max_message_bytes={self.max_message_bytes}; ask for fewer ids per "
+                "call or raise the limit on both ends"
+            )
+
+    async def _execute(self, rpc: str, work: Callable[[], _T], *, checked: bool = True) -> _T:
+        def sized() -> _T:
+            result = work()
+            self._check_size(rpc, result)
+            return result
+
+        fut = asyncio.get_running_loop().run_in_executor(self.executor,
+                                                         sized if checked else work)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            # The engine call cannot be interrupted: keep the locks until it is done.
+            while not fut.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([fut])
+            raise
+
+    def path(self, path: str, what: str, *, prefix: bool = True) -> str:
+        """``path`` resolved inside the data root (see :func:`~ps_server.paths.resolve_path`)."""
+        return resolve_path(path, self.data_root, what, prefix=prefix)
+
+    # ---------------------------------------------------------------- shard info
+
+    async def describe(self) -> ShardDescription:
+        """What the shard holds (a snapshot read without table locks)."""
+        return await self.run("GetShardInfo", self.shard.describe)
+
+    # ---------------------------------------------------------------- creation
+
+    async def create_hash_filter(
+        self,
+        name: str,
+        *,
+        enable_hash_filter: bool,
+        filter_type: str = "",
+        occurrence_threshold_config: bytes = b"",
+        capacity: int = 0,
+        split_num: int = 0,
+        equal_probability: bool = False,
+    ) -> bool:
+        """Create filter ``name`` (True) or find it with equal options (False).
+
+        Empty ``filter_type`` and zero ``capacity`` / ``split_num`` take the defaults.
+        """
+        options = FilterOptions(
+            enable_hash_filter=enable_hash_filter,
+            filter_type=filter_type or contract.DEFAULT_FILTER_TYPE,
+            occurrence_threshold_config=occurrence_threshold_config,
+            capacity=capacity or self.default_filter_capacity,
+            split_num=split_num or self.default_filter_split_num,
+            equal_probability=equal_probability,
+        )
+        return await self.run(
+            "CreateHashFilter", lambda: self.shard.create_hash_filter(name, options),
+            exclusive=True,
+        )
+
+    async def create_table(
+        self,
+        name: str,
+        config: bytes,
+        *,
+        hash_filter: str = "",
+        extra_restore_names: Sequence[str] = (),
+        saver_parallel: int = -1,
+        allow_existing: bool = False,
+    ) -> bool:
+        """Create table ``name`` (True), or find it with the same config when
+        ``allow_existing`` (False)."""
+        return await self.run(
+            "CreateTable",
+            lambda: self.shard.create_table(
+                name, config, hash_filter=hash_filter,
+                extra_restore_names=list(extra_restore_names),
+                saver_parallel=saver_parallel, allow_existing=allow_existing,
+            ),
+            exclusive=True,
+        )
+
+    # ---------------------------------------------------------------- table and filter files
+
+    async def save_table(self, table: str, basename: str) -> table_files.SaveResult:
+        """Write ``table``'s part files ``<basename>_<shard>-…`` (inside the data root)."""
+        path = self.path(basename, "basename")
+
+        def work() -> table_files.SaveResult:
+            slot = self.shard.table_slot(table)
+            return table_files.save_table(slot.table, path, shard_index=self.shard.shard_index,
+                                          nshards=slot.saver_parallel)
+
+        return await self.run("Save", work, tables=[table])
+
+    async def restore_table(self, table: str, basename: str, *, validate_only: bool = False
+                            ) -> table_files.RestoreResult:
+        """Read every part file of ``basename`` into ``table``, keeping the ids this shard
+        owns; all or nothing (``validate_only``: check, change nothing)."""
+        path = self.path(basename, "basename")
+
+        def work() -> table_files.RestoreResult:
+            return table_files.restore_table(
+                self.shard.table(table), path, shard_index=self.shard.shard_index,
+                num_shards=self.shard.num_shards, validate_only=validate_only,
+            )
+
+        return await self.run("Restore", work, tables=[table])
+
+    async def save_filter(self, name: str, basename: str) -> list[str]:
+        """Write hash filter ``name``'s files; return them."""
+        path = self.path(basename, "basename")
+        return await self.run(
+            "SaveHashFilter",
+            lambda: filter_dump.save_filter(self.shard.hash_filter(name).hash_filter, path),
+            filters=[name],
+        )
+
+    async def restore_filter(self, name: str, basename: str, *, validate_only: bool = False
+                             ) -> list[str]:
+        """Read hash filter ``name``'s files (``validate_only``: check only); return them."""
+        path = self.path(basename, "basename")
+
+        def work() -> list[str]:
+            flt = self.shard.hash_filter(name).hash_filter
+            return filter_dump.restore_filter(flt, path, validate_only=validate_only) or []
+
+        return await self.run("RestoreHashFilter", work, filters=[name])
+
+    # ---------------------------------------------------------------- checkpoints
+
+    async def _checkpoint(
+        self, op: str, work: Callable[[], CheckpointResult], *, restoring: bool = False
+    ) -> tuple[CheckpointResult, int]:
+        """Run a whole-checkpoint ``work`` exclusively; report it to the events.
+
+        :returns: ``(result, total bytes of its files)``.
+        """
+        events = self.events
+        started = time.time()
+        t0 = time.perf_counter()
+
+        def measured() -> tuple[CheckpointResult, int]:
+            result = work()
+            return result, _files_size(result.files)
+
+        async with events.restoring() if restoring else contextlib.nullcontext():
+            try:
+                result, nbytes = await self.run(op, measured, exclusive=True)
+            except BaseException as e:
+                events.checkpoint_done(CheckpointOutcome(
+                    op, started, time.perf_counter() - t0, None, 0, e))
+                raise
+        events.checkpoint_done(CheckpointOutcome(
+            op, started, time.perf_counter() - t0, result, nbytes, None))
+        return result, nbytes
+
+    async def save_checkpoint(self, model_dir: str, global_step: int
+                              ) -> tuple[CheckpointResult, int]:
+        """This shard's part of checkpoint ``global_step`` (see
+        :func:`~ps_server.checkpoint.checkpoints.save_shard_checkpoint`).
+
+        :returns: ``(result, bytes written)``.
+        :raises InvalidArgumentError: empty ``model_dir`` or a negative step.
+        :raises PathOutsideRootError: ``model_dir`` is outside the data root.
+        """
+        path = self.path(model_dir, "model_dir", prefix=False)
+        _check_step(global_step)
+        return await self._checkpoint(
+            "save", lambda: checkpoints.save_shard_checkpoint(self.shard, path, global_step))
+
+    async def commit_checkpoint(
+        self, model_dir: str, global_step: int, max_to_keep: int
+    ) -> tuple[CheckpointResult, int]:
+        """Manifest and ``checkpoint`` index of checkpoint ``global_step`` (see
+        :func:`~ps_server.checkpoint.checkpoints.commit_checkpoint`).
+
+        :raises InvalidArgumentError: empty ``model_dir``, a negative step or
+            ``max_to_keep``.
+        """
+        path = self.path(model_dir, "model_dir", prefix=False)
+        _check_step(global_step)
+        return await self._checkpoint(
+            "commit",
+            lambda: checkpoints.commit_checkpoint(self.shard, path, global_step, max_to_keep),
+        )
+
+    async def restore_checkpoint(
+        self, model_dir: str, prefix: str, validate_only: bool
+    ) -> tuple[CheckpointResult, int]:
+        """Restore (or validate) a checkpoint into this shard, all or nothing (see
+        :func:`~ps_server.checkpoint.checkpoints.restore_shard_checkpoint`).
+
+        While a real restore runs, :meth:`ShardEvents.restoring` is held.
+
+        :param prefix: ``""`` = the latest.
+        :returns: ``(result, bytes read)``; the result's prefix is ``""`` when
+            ``model_dir`` holds no checkpoint.
+        """
+        path = self.path(model_dir, "model_dir", prefix=False)
+        if prefix and not os.path.dirname(prefix):
+            # A bare model.ckpt-<step> lies in model_dir (as the checkpoint code takes
+            # it), not at the top of the data root.
+            prefix = os.path.join(model_dir, prefix)
+        resolved = self.path(prefix, "prefix") if prefix else None
+
+        def work() -> CheckpointResult:
+            target = resolved
+            if target is None and self.data_root:
+                # The index is just a file: the checkpoint it names must be in the root too.
+                latest = checkpoints.latest_checkpoint(path)
+                if latest is not None:
+                    target = self.path(latest, f"the latest checkpoint of {model_dir!r}")
+            return checkpoints.restore_shard_checkpoint(self.shard, path, target, validate_only)
+
+        op = "validate" if validate_only else "restore"
+        return await self._checkpoint(op, work, restoring=not validate_only)
+
+    # ---------------------------------------------------------------- eviction
+
+    async def evict(self, tables: Sequence[str] | None, trigger: str) -> list[TableEvicted]:
+        """Delete the expired entries of ``tables`` (None: every table) now.
+
+        Expiry follows each table's ``slot_expire_time_config`` against its own clock,
+        whatever its ``enable_feature_eviction`` says (that only schedules periodic
+        runs). Each table is evicted under its own lock, one after the other.
+
+        :param trigger: ``admin`` or ``periodic`` (reported to the events).
+        :raises UnknownTableError: a named table does not exist (nothing evicted).
+        """
+        if tables is None:
+            names = sorted(self.shard.tables)
+        else:
+            names = list(tables)
+            for name in names:
+                self.shard.table_slot(name)
+        out: list[TableEvicted] = []
+        for name in names:
+            def work(name: str = name) -> TableEvicted:
+                return TableEvicted(name, *self.shard.evict_expired(name))
+
+            try:
+                done = await self.run("Evict", work, tables=[name])
+            except NotFoundError:
+                if tables is None:
+                    continue  # dropped meanwhile (a failed restore's rollback)
+                raise
+            if done.evicted:
+                _log.info("evicted %d expired entries of table %r (%s)",
+                          done.evicted, name, trigger)
+            self.events.evicted(name, done.evicted, trigger)
+            out.append(done)
+        return out
