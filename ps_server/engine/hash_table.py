@@ -32,8 +32,8 @@ import numpy as np
 import numpy.typing as npt
 
 from protos import embedding_hash_table_pb2 as eht
+from ps_server.checkpoint.entry_dump import encode_entry_dumps, split_records
 from ps_server.engine.compressors import RawRetriever
-from ps_server.engine.entry_dump import encode_entry_dumps, split_records
 from ps_server.engine.entry_layout import EntryLayout, Segment
 from ps_server.engine.id_index import IdIndex
 from ps_server.engine.optimizers.base import (

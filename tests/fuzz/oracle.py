@@ -367,7 +367,7 @@ class Harness:
 
 def _without_filler(message: Message) -> Message:
     """``message`` with the ``align`` filler of its tensors cleared: writers may put it
-    before a payload (``protos/tensor_wire.py``); it carries no value."""
+    before a payload (``protos/wire.py``); it carries no value."""
     clean = type(message)()
     clean.CopyFrom(message)
     for _, value in clean.ListFields():
