@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ps_server.engine.entry_dump import (
+from ps_server.checkpoint.entry_dump import (
     check_entry_dumps,
     decode_entry_dumps,
     encode_entry_dumps,

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from protos import wire
+from protos.wire import row_items
 from ps_client.errors import PsInvalidArgument
 
 Ids = npt.NDArray[np.int64]
@@ -34,34 +36,15 @@ _EMPTY_POS: Positions = np.zeros(0, dtype=np.int64)
 # ---------------------------------------------------------------- conversion
 
 
+_ERRORS = wire.Errors(PsInvalidArgument, PsInvalidArgument)
+
+
 def as_ids(ids: Any, what: str = "ids") -> Ids:
     """``ids`` as a 1-D ``int64`` array (a scalar becomes one id).
 
     :raises PsInvalidArgument: not 1-D, not integral, or outside the int64 range.
     """
-    try:
-        arr = np.asarray(ids)
-    except Exception as e:  # ragged nested lists and the like
-        raise PsInvalidArgument(f"{what} must be a 1-D array of int64 ids: {e}") from e
-    if arr.ndim == 0:
-        arr = arr.reshape(1)
-    if arr.ndim != 1:
-        raise PsInvalidArgument(f"{what} must be 1-D, got shape {arr.shape}")
-    if arr.dtype == np.int64:
-        return arr
-    if arr.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    kind = arr.dtype.kind
-    if kind == "b" or kind not in "iuf":
-        raise PsInvalidArgument(f"{what} must be integers, got dtype {arr.dtype}")
-    if kind == "u" and arr.dtype.itemsize == 8 and bool((arr > np.iinfo(np.int64).max).any()):
-        raise PsInvalidArgument(f"{what} contain values above the int64 range")
-    if kind == "f":
-        if not bool(np.isfinite(arr).all()) or not bool((arr == np.trunc(arr)).all()):
-            raise PsInvalidArgument(f"{what} must be whole numbers, got non-integral floats")
-        if bool((np.abs(arr) >= 2.0**63).any()):
-            raise PsInvalidArgument(f"{what} contain values outside the int64 range")
-    return arr.astype(np.int64)
+    return wire.as_ids(ids, what, _ERRORS)
 
 
 def as_rows(values: Any, n: int, dim: int, what: str = "values") -> Floats:
@@ -70,17 +53,7 @@ def as_rows(values: Any, n: int, dim: int, what: str = "values") -> Floats:
     :raises PsInvalidArgument: not float32-convertible or the wrong shape (the message
         gives the expected and the actual shape).
     """
-    try:
-        arr = np.asarray(values, dtype=np.float32)
-    except (TypeError, ValueError) as e:
-        raise PsInvalidArgument(f"{what} must be float32-convertible: {e}") from e
-    if arr.ndim == 2 and arr.shape == (n, dim):
-        return np.ascontiguousarray(arr)
-    if arr.ndim == 1 and arr.size == n * dim:
-        return np.ascontiguousarray(arr.reshape(n, dim))
-    raise PsInvalidArgument(
-        f"{what} must have shape [{n}, {dim}] (one row of dim {dim} per id), got {arr.shape}"
-    )
+    return np.ascontiguousarray(wire.as_rows(values, n, dim, what, _ERRORS))
 
 
 # ---------------------------------------------------------------- routing
@@ -172,7 +145,7 @@ class RowAssembly:
         unique = sum(int(p.shape[0]) for p in positions)
         n = unique if inverse is None else int(inverse.shape[0])
         self.out: Floats = np.empty((n, dim), dtype=np.float32)
-        self._out_rows = _row_items(self.out)
+        self._out_rows = row_items(self.out)
         self._expansion: list[tuple[Positions, Positions]] | None = None
 
     def add(self, shard: int, rows: Floats) -> None:
@@ -186,7 +159,7 @@ class RowAssembly:
             else:
                 np.take(rows, self.inverse, axis=0, out=self.out, mode="wrap")
             return
-        items = _row_items(np.ascontiguousarray(rows, dtype=np.float32))
+        items = row_items(np.ascontiguousarray(rows, dtype=np.float32))
         assert self._out_rows is not None and items is not None
         if self.inverse is None:
             np.put(self._out_rows, pos, items)
@@ -210,14 +183,6 @@ class RowAssembly:
             by_shard = partition_by(out_owner, len(self.positions))
             self._expansion = [(t, out_rank[t]) for t in by_shard]
         return self._expansion
-
-
-def _row_items(arr: Floats) -> npt.NDArray[np.void] | None:
-    """A C-contiguous ``[n, dim]`` float32 array as ``n`` opaque row items (one memcpy
-    each when scattered), or None when rows are empty."""
-    if arr.ndim != 2 or arr.shape[1] == 0:
-        return None
-    return arr.view(np.dtype((np.void, arr.shape[1] * arr.itemsize))).reshape(arr.shape[0])
 
 
 def scatter_objects(

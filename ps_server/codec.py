@@ -23,13 +23,23 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Generic, NamedTuple, Protocol, TypeVar
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 import numpy as np
 from google.protobuf.message import Message
 
 from protos import ps_service_pb2 as ps_pb2
-from protos.tensor_wire import FilledTensor, encode_filled, tensor_frame
+from protos.wire import (
+    FLOAT32,
+    INT64,
+    WIRE_DTYPES,
+    FilledTensor,
+    WireError,
+    WireTensor,
+    encode_filled,
+    split_tensors,
+    tensor_frame,
+)
 from ps_server.engine.types import Floats, Ids
 from ps_server.errors import BadTensorError, DimMismatchError
 
@@ -49,11 +59,6 @@ __all__ = [
     "encode_message_filled",
     "to_wire",
 ]
-
-#: Wire dtypes: little-endian whatever the host.
-INT64 = np.dtype("<i8")
-FLOAT32 = np.dtype("<f4")
-
 
 class TensorLike(Protocol):
     """What the decoders read: a ``Tensor`` message or a :class:`WireTensor`."""
@@ -157,98 +162,14 @@ def encode_floats(values: Any) -> ps_pb2.Tensor:
 
 
 # ---------------------------------------------------------------- wire level
-#
-# A key is ``field_number << 3 | wire_type``; wire type 0 = varint, 1 = 64-bit,
-# 2 = length-delimited, 5 = 32-bit (3 and 4, groups, are left to protobuf).
-# ``Tensor{data = 1 (bytes), shape = 2 (repeated int64, packed or not)}``.
 
-_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 _TENSOR_NAME = ps_pb2.Tensor.DESCRIPTOR.full_name
 _M = TypeVar("_M", bound=Message)
-
-
-class WireTensor(NamedTuple):
-    """A ``Tensor`` read from request bytes: ``data`` is a view of them, not a copy."""
-
-    data: memoryview
-    shape: tuple[int, ...]
-
-
 _NO_TENSOR = WireTensor(memoryview(b""), ())
 
 #: Below this size protobuf's C parser plus a copy of the tensors beats splitting
 #: the fields in Python.
 SMALL_REQUEST_BYTES: Final = 16 << 10
-
-
-class _Malformed(Exception):
-    """Bytes the fast path does not take; protobuf parses (or rejects) them instead."""
-
-
-def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
-    result = shift = 0
-    while shift < 70:
-        if pos >= end:
-            raise _Malformed
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result & ((1 << 64) - 1), pos
-        shift += 7
-    raise _Malformed  # longer than 10 bytes
-
-
-def _skip(buf: memoryview, wire_type: int, pos: int, end: int) -> int:
-    """Position after a field's value of ``wire_type`` starting at ``pos``."""
-    if wire_type == _VARINT:
-        return _read_varint(buf, pos, end)[1]
-    if wire_type == _LEN:
-        length, pos = _read_varint(buf, pos, end)
-        pos += length
-    elif wire_type == _I64:
-        pos += 8
-    elif wire_type == _I32:
-        pos += 4
-    else:
-        raise _Malformed  # groups
-    if pos > end:
-        raise _Malformed
-    return pos
-
-
-def _signed64(v: int) -> int:
-    return v - (1 << 64) if v >> 63 else v
-
-
-def _merge_tensor(buf: memoryview, start: int, end: int,
-                  data: memoryview, shape: list[int]) -> memoryview:
-    """Merge the ``Tensor`` encoded in ``buf[start:end]`` into ``(data, shape)`` as
-    protobuf merges a repeated occurrence (``data`` replaced, ``shape`` appended)."""
-    pos = start
-    while pos < end:
-        key, pos = _read_varint(buf, pos, end)
-        number, wire_type = key >> 3, key & 7
-        if number == 1 and wire_type == _LEN:
-            length, pos = _read_varint(buf, pos, end)
-            if pos + length > end:
-                raise _Malformed
-            data = buf[pos:pos + length]
-            pos += length
-        elif number == 2 and wire_type == _LEN:  # packed
-            length, pos = _read_varint(buf, pos, end)
-            stop = pos + length
-            if stop > end:
-                raise _Malformed
-            while pos < stop:
-                v, pos = _read_varint(buf, pos, stop)
-                shape.append(_signed64(v))
-        elif number == 2 and wire_type == _VARINT:
-            v, pos = _read_varint(buf, pos, end)
-            shape.append(_signed64(v))
-        else:
-            pos = _skip(buf, wire_type, pos, end)
-    return data
 
 
 @dataclass(frozen=True)
@@ -292,34 +213,13 @@ class BulkRequestParser(Generic[_M]):
         if len(buf) < self._small_bytes:
             return self._slow(buf)
         try:
-            return self._parse(memoryview(buf))
-        except _Malformed:
+            return self._parse(buf)
+        except WireError:  # groups, malformed: protobuf parses or rejects them
             return self._slow(buf)
 
-    def _parse(self, buf: memoryview) -> BulkRequest[_M]:
-        end = len(buf)
-        rest: list[memoryview] = []
-        spans: dict[int, list[tuple[int, int]]] = {}
-        pos = 0
-        while pos < end:
-            start = pos
-            key, pos = _read_varint(buf, pos, end)
-            number, wire_type = key >> 3, key & 7
-            if wire_type == _LEN and number in self._tensor_fields:
-                length, pos = _read_varint(buf, pos, end)
-                if pos + length > end:
-                    raise _Malformed
-                spans.setdefault(number, []).append((pos, pos + length))
-                pos += length
-                continue
-            pos = _skip(buf, wire_type, pos, end)
-            rest.append(buf[start:pos])
-        tensors: dict[str, WireTensor] = {}
-        for number, parts in spans.items():
-            data, shape = memoryview(b""), list[int]()
-            for lo, hi in parts:
-                data = _merge_tensor(buf, lo, hi, data, shape)
-            tensors[self._tensor_fields[number]] = WireTensor(data, tuple(shape))
+    def _parse(self, buf: bytes) -> BulkRequest[_M]:
+        numbered, rest = split_tensors(buf, self._tensor_fields)
+        tensors = {self._tensor_fields[number]: t for number, t in numbered.items()}
         return BulkRequest(self.message_type.FromString(b"".join(rest)), tensors)
 
     def _slow(self, buf: bytes) -> BulkRequest[_M]:
@@ -333,14 +233,8 @@ class BulkRequestParser(Generic[_M]):
         return BulkRequest(message, tensors)
 
 
-_WIRE_DTYPES: dict[np.dtype[Any], np.dtype[Any]] = {
-    np.dtype(np.int64): INT64,
-    np.dtype(np.float32): FLOAT32,
-}
-
-
 def _wire_array(arr: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    wire = _WIRE_DTYPES.get(arr.dtype, FLOAT32)
+    wire = WIRE_DTYPES.get(arr.dtype, FLOAT32)
     return np.ascontiguousarray(arr, dtype=wire)  # no copy when it already is
 
 
@@ -372,7 +266,7 @@ def encode_message_filled(
 ) -> bytes:
     """Wire bytes of ``head`` plus ``Tensor`` field ``name`` of ``shape`` and ``dtype``
     (``INT64`` or ``FLOAT32``), whose payload ``fill`` writes: into the answer's own
-    bytes when it is large (``protos.tensor_wire.encode_filled``), so an answer's rows
+    bytes when it is large (``protos.wire.encode_filled``), so an answer's rows
     are written once. ``fill`` must write every element and keep no reference to the
     array. The bytes equal :func:`encode_message` of the filled array.
     """

@@ -40,12 +40,12 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 from google.protobuf.message import Message
 
 from protos import contract
-from ps_server.checkpoint import checkpoints, filter_dump, table_files
+from ps_server.checkpoint import checkpoints, entry_dump, filter_dump, table_files
 from ps_server.checkpoint.checkpoints import CheckpointResult
 from ps_server.engine import FilterOptions, Shard, ShardDescription
 from ps_server.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
@@ -298,6 +298,21 @@ class ShardRuntime:
     def path(self, path: str, what: str, *, prefix: bool = True) -> str:
         """``path`` resolved inside the data root (see :func:`~ps_server.paths.resolve_path`)."""
         return resolve_path(path, self.data_root, what, prefix=prefix)
+
+    # ---------------------------------------------------------------- entry dumps
+
+    def entry_dumps(self, table: str, ids: Any) -> list[bytes]:
+        """Engine work (call inside :meth:`run`): each id's serialized ``EntryDump``
+        (``b""`` if missing), as Monolith writes it."""
+        return entry_dump.encode_selection(self.shard.select_entries(table, ids))
+
+    def entry_dump_page(self, table: str, shard_idx: int, num_shards: int, limit: int,
+                        offset: int) -> tuple[int, list[bytes]]:
+        """Engine work (call inside :meth:`run`): the next cursor and a page of
+        ``table``'s entries as serialized ``EntryDump``\\ s with ids."""
+        cursor, selection = self.shard.entries_page(table, shard_idx, num_shards, limit,
+                                                    offset)
+        return cursor, entry_dump.encode_selection(selection)
 
     # ---------------------------------------------------------------- shard info
 

@@ -158,7 +158,7 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
         name = request.head.table
 
         def work() -> bytes:
-            entries = self._shard.lookup_entry(name, codec.decode_ids(request.tensor("ids")))
+            entries = self.runtime.entry_dumps(name, codec.decode_ids(request.tensor("ids")))
             # Serialized here, once: sizing a message serializes it too.
             return ps_pb2.LookupEntryResponse(entries=entries).SerializeToString()
 
@@ -189,7 +189,7 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
     @translate_errors
     async def SaveAsTensor(self, request: ps_pb2.SaveAsTensorRequest, context: Any) -> bytes:
         def work() -> bytes:
-            offset, entries = self._shard.save_as_tensor(
+            offset, entries = self.runtime.entry_dump_page(
                 request.table, request.shard_idx, request.num_shards, request.limit,
                 request.offset,
             )

@@ -26,6 +26,7 @@ import numpy.typing as npt
 from google.protobuf.message import DecodeError
 
 from protos import embedding_hash_table_pb2 as eht
+from protos.wire import WireError, read_varint, varint
 from ps_server.checkpoint.tfrecord import TFRecordWriter, read_framed
 from ps_server.engine.filters.base import FilterSplit, HashFilter
 from ps_server.errors import (
@@ -65,18 +66,6 @@ def filter_file_name(basename: str, index: int, count: int) -> str:
 # ---------------------------------------------------------------------- encoding
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
 def encode_data_records(
     cells: npt.NDArray[np.uint16], first_cell: int = 0, per_record: int = CELLS_PER_RECORD
 ) -> tuple[_U8, _I64]:
@@ -92,7 +81,7 @@ def encode_data_records(
     m = v.shape[0]
     n_rec = -(-m // per_record)
     headers = [
-        bytes([_TAG_OFFSET]) + _varint(first_cell + r * per_record) for r in range(n_rec)
+        bytes([_TAG_OFFSET]) + varint(first_cell + r * per_record) for r in range(n_rec)
     ]
     header_len = np.array([len(h) for h in headers], dtype=np.int64)
     size = 2 + (v >= 1 << 7) + (v >= 1 << 14)  # tag byte + 1..3 varint bytes
@@ -189,25 +178,19 @@ def _decode_fast(buffer: _U8, offsets: _I64) -> tuple[int, npt.NDArray[np.int32]
     value[two] |= (buffer[data_at[two] + 2] & 0x7F).astype(np.int32) << 7
     three = two[data_size[two] == 3]
     value[three] |= buffer[data_at[three] + 3].astype(np.int32) << 14
-    record_offset = np.array(
-        [_read_varint(buffer, int(at) + 1) for at in tags_at[is_offset]], dtype=np.int64
-    )
+    view = buffer.data
+    try:
+        record_offset = np.array(
+            [read_varint(view, int(at) + 1, len(view))[0] for at in tags_at[is_offset]],
+            dtype=np.int64,
+        )
+    except (WireError, OverflowError):  # over ten bytes, or beyond int64
+        return None
     counts = np.diff(pair_start) - 1
     expected = record_offset[0] + np.cumsum(counts) - counts
     if bool((record_offset != expected).any()):
         return None
     return int(record_offset[0]), value
-
-
-def _read_varint(buffer: _U8, at: int) -> int:
-    value = shift = 0
-    while True:
-        byte = int(buffer[at])
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value
-        at += 1
-        shift += 7
 
 
 def _store(cells: npt.NDArray[np.uint16], dest: _I64, values: _I64, where: str) -> None:

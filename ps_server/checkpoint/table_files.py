@@ -56,13 +56,13 @@ import numpy.typing as npt
 from google.protobuf.message import DecodeError
 
 from protos import embedding_hash_table_pb2 as eht
-from ps_server.checkpoint.tfrecord import TFRecordWriter, frame_record_runs, read_framed_runs
-from ps_server.engine.entry_dump import (
+from ps_server.checkpoint.entry_dump import (
     DecodedEntries,
     check_entry_dumps,
     decode_entry_dumps,
     encode_entry_dumps,
 )
+from ps_server.checkpoint.tfrecord import TFRecordWriter, frame_record_runs, read_framed_runs
 from ps_server.engine.expiry import expire_seconds_by_slot, expired_mask
 from ps_server.engine.hash_table import EmbeddingHashTable, EntryColumns
 from ps_server.engine.optimizers import optimizer_from_config

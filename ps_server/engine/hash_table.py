@@ -33,7 +33,6 @@ import numpy.typing as npt
 
 from protos import embedding_hash_table_pb2 as eht
 from ps_server.engine.compressors import RawRetriever
-from ps_server.engine.entry_dump import encode_entry_dumps, split_records
 from ps_server.engine.entry_layout import EntryLayout, Segment
 from ps_server.engine.id_index import IdIndex
 from ps_server.engine.optimizers.base import (
@@ -79,6 +78,26 @@ class EntryColumns:
     values: Floats
     states: list[State]
     timestamps: npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class EntrySelection:
+    """Entries picked for an ``EntryDump`` answer (``lookup_entry``, ``save_as_tensor``).
+
+    :param count: answers wanted (slots not in ``positions`` stay empty).
+    :param positions: ``int64[m]`` answer slot of each picked entry.
+    :param values: ``float32[m, dim]``.
+    :param segments: per segment its optimizer and its state rows ``{slot: array[m, w]}``.
+    :param timestamps: ``int64[m]``.
+    :param ids: ``int64[m]`` when the answer carries ids (pages), else None.
+    """
+
+    count: int
+    positions: Ids
+    values: Floats
+    segments: list[tuple[Any, State]]
+    timestamps: npt.NDArray[np.int64]
+    ids: Ids | None
 
 
 class EmbeddingHashTable:
@@ -175,8 +194,9 @@ class EmbeddingHashTable:
         ids_ = as_ids(ids)
         return _distinct_missing(ids_, self._index.find(ids_))
 
-    def lookup_entry(self, ids: Any) -> list[bytes]:
-        """Serialized ``EntryDump`` per id (``id`` unset), ``b""`` for missing ids.
+    def select_entries(self, ids: Any) -> EntrySelection:
+        """The entries of ``ids`` for ``lookup_entry`` (encoded by the checkpoint code's
+        ``EntryDump`` codec): one answer slot per id, missing ids left empty.
 
         :raises ServingEntryError: SERVING tables keep no entry dumps.
         """
@@ -184,25 +204,20 @@ class EmbeddingHashTable:
         ids_ = as_ids(ids)
         rows = self._index.find(ids_)
         found = np.flatnonzero(rows >= 0)
-        out = [b""] * ids_.shape[0]
-        if found.size:
-            cols = self._gather(rows[found])
-            buf, offsets = encode_entry_dumps(
-                cols.values, self._segment_states(cols.states), cols.timestamps, None
-            )
-            for i, rec in zip(found.tolist(), split_records(buf, offsets), strict=True):
-                out[i] = rec
-        return out
+        cols = self._gather(rows[found])
+        return EntrySelection(ids_.shape[0], found, cols.values,
+                              self._segment_states(cols.states), cols.timestamps, None)
 
-    def save_as_tensor(
+    def entries_page(
         self, shard_idx: int, num_shards: int, limit: int, offset: int
-    ) -> tuple[int, list[bytes]]:
-        """Up to ``limit`` entries of part ``shard_idx`` of ``num_shards`` from cursor ``offset``.
+    ) -> tuple[int, EntrySelection]:
+        """Up to ``limit`` entries of part ``shard_idx`` of ``num_shards`` from cursor
+        ``offset`` (``save_as_tensor``), with their ids.
 
         Part ``i`` holds the entries with ``floormod(id, num_shards) == i``. The cursor
         is a row position (0 = start) and is opaque to callers. Returns the next cursor
-        and serialized ``EntryDump`` records with ``id`` set; fewer than ``limit``
-        records means the part is exhausted. No expiry filtering.
+        and the entries; fewer than ``limit`` means the part is exhausted. No expiry
+        filtering.
         """
         self._require_training("save_as_tensor")
         if num_shards <= 0 or not 0 <= shard_idx < num_shards:
@@ -224,13 +239,9 @@ class EmbeddingHashTable:
             taken += hit.size
             pos = int(hit[-1]) + 1 if taken == limit and hit.size else stop
         rows = np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64)
-        if rows.size == 0:
-            return pos, []
         cols = self._gather(rows)
-        buf, offsets = encode_entry_dumps(
-            cols.values, self._segment_states(cols.states), cols.timestamps, cols.ids
-        )
-        return pos, split_records(buf, offsets)
+        return pos, EntrySelection(rows.size, np.arange(rows.size), cols.values,
+                                   self._segment_states(cols.states), cols.timestamps, cols.ids)
 
     # ------------------------------------------------------------------ writes
 

@@ -26,7 +26,7 @@ from ps_server.engine.filters import (
     SlidingHashFilter,
     filter_from_options,
 )
-from ps_server.engine.hash_table import EmbeddingHashTable
+from ps_server.engine.hash_table import EmbeddingHashTable, EntrySelection
 from ps_server.engine.types import Floats, as_ids
 from ps_server.errors import (
     AlreadyExistsError,
@@ -364,9 +364,10 @@ class Shard:
         into ``out`` when given (see :meth:`EmbeddingHashTable.lookup`)."""
         return self.table(table).lookup(ids, out=out)
 
-    def lookup_entry(self, table: str, ids: Any) -> list[bytes]:
-        """Serialized ``EntryDump`` of each id of ``table`` (``b""`` if missing)."""
-        return self.table(table).lookup_entry(ids)
+    def select_entries(self, table: str, ids: Any) -> EntrySelection:
+        """The entries of ``ids`` in ``table`` for ``lookup_entry`` (see
+        :meth:`EmbeddingHashTable.select_entries`)."""
+        return self.table(table).select_entries(ids)
 
     def assign(self, table: str, ids: Any, values: Any, req_time: int = 0) -> None:
         """Set the embeddings of ``ids`` in ``table`` (see :meth:`EmbeddingHashTable.assign`)."""
@@ -398,12 +399,12 @@ class Shard:
         """Entries held by ``table``."""
         return self.table(table).size()
 
-    def save_as_tensor(
+    def entries_page(
         self, table: str, shard_idx: int, num_shards: int, limit: int, offset: int
-    ) -> tuple[int, list[bytes]]:
-        r"""A page of ``table``'s entries as serialized ``EntryDump``\ s (see
-        :meth:`EmbeddingHashTable.save_as_tensor`)."""
-        return self.table(table).save_as_tensor(shard_idx, num_shards, limit, offset)
+    ) -> tuple[int, EntrySelection]:
+        """A page of ``table``'s entries for ``save_as_tensor`` (see
+        :meth:`EmbeddingHashTable.entries_page`)."""
+        return self.table(table).entries_page(shard_idx, num_shards, limit, offset)
 
     def evict_expired(self, table: str) -> tuple[int, int]:
         """Delete ``table``'s expired entries now: ``(deleted, entries left)``."""

@@ -37,6 +37,7 @@ from protos import ps_service_pb2_grpc as ps_grpc
 from ps_client import PsClient, PsError, PsNotFound, PsUnavailable, RetryPolicy
 from ps_client.testing import LocalCluster, local_cluster
 from ps_server.checkpoint import checkpoints, filter_dump, table_files
+from ps_server.checkpoint.entry_dump import lookup_entry
 from ps_server.engine import configs
 from ps_server.engine.shard import FilterOptions, Shard
 from tests.faults.support import Oracle, thresholds
@@ -137,12 +138,12 @@ def test_kill_9_mid_training_restart_restore_one_shard_and_resume(tmp_path: Path
             assert f"restored {prefix}" in out, out
             # The restored shard is the checkpoint, exactly: as read from its files...
             saved = checkpoint_shard(prefix, victim, num_shards)
-            assert entries(victim) == saved.table("emb").lookup_entry(owned(victim))
+            assert entries(victim) == lookup_entry(saved.table("emb"), owned(victim))
             assert filter_files_of(cluster, victim, tmp_path / "restored" / "hf") == \
                 [Path(p).read_bytes() for p in filter_dump.list_filter_files(
                     os.path.join(checkpoints.asset_dir(prefix), f"hash_filter_{victim}"))]
             # ... and as the oracle had it when the checkpoint was saved.
-            assert entries(victim) == at_checkpoint[victim].table("emb").lookup_entry(
+            assert entries(victim) == lookup_entry(at_checkpoint[victim].table("emb"),
                 owned(victim))
             info = client.shard_infos()[victim].tables[0]
             assert info.size == saved.table("emb").size()
@@ -193,7 +194,7 @@ def test_kill_9_mid_training_restart_restore_one_shard_and_resume(tmp_path: Path
         # Zero lost, zero doubled: every entry of every shard (values, Adagrad
         # accumulators, timestamps) and every table clock equals the oracle's.
         for s in range(num_shards):
-            assert entries(s) == oracle.shards[s].table("emb").lookup_entry(owned(s)), s
+            assert entries(s) == lookup_entry(oracle.shards[s].table("emb"), owned(s)), s
         infos = client.shard_infos()
         assert [(i.tables[0].size, i.tables[0].max_update_ts) for i in infos] == [
             (o.table("emb").size(), o.table("emb").max_update_ts) for o in oracle.shards]

@@ -32,6 +32,7 @@ import ps_server
 from protos import ps_service_pb2 as pb
 from ps_server import errors
 from ps_server.checkpoint import checkpoints, filter_dump, table_files
+from ps_server.checkpoint.entry_dump import lookup_entry, save_as_tensor
 from ps_server.engine import configs
 from ps_server.engine.expiry import evict_expired
 from ps_server.engine.filters import SlidingHashFilter
@@ -367,7 +368,7 @@ class Harness:
 
 def _without_filler(message: Message) -> Message:
     """``message`` with the ``align`` filler of its tensors cleared: writers may put it
-    before a payload (``protos/tensor_wire.py``); it carries no value."""
+    before a payload (``protos/wire.py``); it carries no value."""
     clean = type(message)()
     clean.CopyFrom(message)
     for _, value in clean.ListFields():
@@ -439,7 +440,7 @@ def a_lookup_entry(h: Harness, m: pb.LookupEntryRequest) -> Expected:
         codes.add(Code.INVALID_ARGUMENT)
     if codes:
         return rejected(codes)
-    return answer(pb.LookupEntryResponse(entries=table.lookup_entry(ids)))
+    return answer(pb.LookupEntryResponse(entries=lookup_entry(table, ids)))
 
 
 def _assign(h: Harness, m: pb.AssignRequest, add: bool) -> Expected:
@@ -556,7 +557,7 @@ def a_save_as_tensor(h: Harness, m: pb.SaveAsTensorRequest) -> Expected:
     table = _table(h, m.table, codes, training=True)
     if codes:
         return rejected(codes)
-    ok, out = attempt(lambda: table.save_as_tensor(m.shard_idx, m.num_shards, m.limit,
+    ok, out = attempt(lambda: save_as_tensor(table, m.shard_idx, m.num_shards, m.limit,
                                                    m.offset))
     if not ok:
         return rejected({out})

@@ -69,3 +69,12 @@ def test_client_imports_no_server() -> None:
     assert files
     offenders = {str(f.relative_to(REPO)): _offending(f, ("ps_server",)) for f in files}
     assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_wire_module_imports_no_transport() -> None:
+    """protos/wire.py is shared by the engine, so it is held to the engine's rule."""
+    wire = ENGINE.parents[1] / "protos" / "wire.py"
+    found = sorted(
+        n for n in _imports(wire) if any(n == x or n.startswith(x + ".") for x in FORBIDDEN)
+    )
+    assert found == []

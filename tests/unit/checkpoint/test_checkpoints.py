@@ -18,6 +18,7 @@ from ps_server.checkpoint.checkpoints import (
     restore_shard_checkpoint,
     save_shard_checkpoint,
 )
+from ps_server.checkpoint.entry_dump import lookup_entry
 from ps_server.engine import configs
 from ps_server.engine.shard import FilterOptions, Shard
 from ps_server.errors import CheckpointCorruptError, ConfigMismatchError, FailedPreconditionError
@@ -110,7 +111,7 @@ def test_empty_shards_rebuild_everything_from_the_checkpoint(tmp_path: Path) -> 
         assert result.entries == 4
     for old, new in zip(shards, fresh, strict=True):
         ids = old.table(TABLE).export_columns().ids.copy()
-        assert new.table(TABLE).lookup_entry(ids) == old.table(TABLE).lookup_entry(ids)
+        assert lookup_entry(new.table(TABLE), ids) == lookup_entry(old.table(TABLE), ids)
     np.testing.assert_array_equal(lookup(fresh, TABLE, IDS)[:, 0], VALS)
     # the filter state came back: the third occurrence of 40 passes (old count 2 >= 2)
     grads = fresh[0].intercept_gradient(FILTER, [40], np.ones((1, 1), dtype=f32))

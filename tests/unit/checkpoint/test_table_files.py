@@ -18,6 +18,7 @@ import pytest
 
 from protos import embedding_hash_table_pb2 as eht
 from ps_server.checkpoint import table_files
+from ps_server.checkpoint.entry_dump import lookup_entry
 from ps_server.checkpoint.table_files import (
     default_nshards,
     list_table_parts,
@@ -87,14 +88,14 @@ def read_tfrecords(path: str) -> list[bytes]:
 
 
 def dump_of(table: EmbeddingHashTable, fid: int) -> eht.EntryDump:
-    (raw,) = table.lookup_entry([fid])
+    (raw,) = lookup_entry(table, [fid])
     assert raw, f"id {fid} missing"
     return eht.EntryDump.FromString(raw)
 
 
 def entries_of(table: EmbeddingHashTable) -> dict[int, bytes]:
     ids = table.export_columns().ids.copy()
-    return dict(zip(ids.tolist(), table.lookup_entry(ids), strict=True))
+    return dict(zip(ids.tolist(), lookup_entry(table, ids), strict=True))
 
 
 # ---------------------------------------------------------------- round trips

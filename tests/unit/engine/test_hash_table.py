@@ -10,6 +10,7 @@ import pytest
 
 from protos import embedding_hash_table_pb2 as eht
 from ps_client.learning_rate_functions import PolynomialDecay, evaluate_learning_rates
+from ps_server.checkpoint.entry_dump import lookup_entry, save_as_tensor
 from ps_server.engine import configs
 from ps_server.engine.filters import SlidingHashFilter
 from ps_server.engine.hash_table import EmbeddingHashTable
@@ -59,7 +60,7 @@ def test_assign_add_accumulates_duplicates_in_order() -> None:
 def test_lookup_entry_bytes_match_monolith_example() -> None:
     t = sgd_table(1)
     t.assign([7], [[0.1]])
-    entries = t.lookup_entry([7, 8])
+    entries = lookup_entry(t, [7, 8])
     # num 0.1f, opt {dump {sgd {}}}, last_update_ts_sec 0; no id field (reference §4.2).
     assert entries[0] == bytes.fromhex("15cdcccc3d1a040a02120020 00".replace(" ", ""))
     assert entries[1] == b""
@@ -76,7 +77,7 @@ def test_save_as_tensor_partitions_by_floormod_and_pages() -> None:
     for part in range(2):
         offset, got = 0, []
         while True:
-            offset, batch = t.save_as_tensor(part, 2, 2, offset)
+            offset, batch = save_as_tensor(t, part, 2, 2, offset)
             got.extend(eht.EntryDump.FromString(b) for b in batch)
             if len(batch) < 2:
                 break
@@ -164,7 +165,7 @@ def test_segments_get_their_own_learning_rates() -> None:
     # Segment 0 SGD lr 0.5; segment 1 Adagrad lr 0.1, norm 1 + g^2.
     expected = [-0.5, -0.1 / np.sqrt(2.0), -0.1 / np.sqrt(5.0) * 2.0]
     np.testing.assert_allclose(t.lookup([4])[0], expected, rtol=1e-6)
-    dump = eht.EntryDump.FromString(t.lookup_entry([4])[0])
+    dump = eht.EntryDump.FromString(lookup_entry(t, [4])[0])
     assert [d.WhichOneof("type") for d in dump.opt.dump] == ["sgd", "adagrad"]
     np.testing.assert_allclose(dump.opt.dump[1].adagrad.norm, [2.0, 5.0])
 
@@ -173,11 +174,11 @@ def test_timestamps_follow_every_write_and_clock_keeps_the_max() -> None:
     t = sgd_table(1)
     t.assign([1], [[1.0]], req_time=100)
     t.apply_gradients([1], [[0.0]], [0.1], req_time=50)
-    dump = eht.EntryDump.FromString(t.lookup_entry([1])[0])
+    dump = eht.EntryDump.FromString(lookup_entry(t, [1])[0])
     assert dump.last_update_ts_sec == 50
     assert t.max_update_ts == 100
     t.assign_add([2], [[1.0]], req_time=0)
-    assert eht.EntryDump.FromString(t.lookup_entry([2])[0]).last_update_ts_sec == 0
+    assert eht.EntryDump.FromString(lookup_entry(t, [2])[0]).last_update_ts_sec == 0
     t.lookup([1, 2])
     assert t.max_update_ts == 100
     t.clear()
@@ -224,12 +225,12 @@ def test_keep_rows_compacts_without_losing_entries() -> None:
 def test_reserve_sizes_storage_once_and_keeps_everything() -> None:
     t = EmbeddingHashTable(configs.table_config(2, optimizer=configs.adagrad(0.5)))
     t.apply_gradients([4, -9], [[1.0, 0.0], [0.0, 2.0]], [1.0], req_time=7)
-    entries = t.lookup_entry([4, -9])
+    entries = lookup_entry(t, [4, -9])
     t.reserve(1000)
     grown = t.nbytes()
     assert t.size() == 2 and t.max_update_ts == 7
     assert t.export_columns().ids.tolist() == [4, -9]  # rows unchanged
-    assert t.lookup_entry([4, -9]) == entries
+    assert lookup_entry(t, [4, -9]) == entries
     # adagrad, init 0.5, lr 1: norm = 0.5 + g^2, w = -g / sqrt(norm)
     np.testing.assert_allclose(
         t.lookup([4, -9]), [[-1 / np.sqrt(1.5), 0.0], [0.0, -2 / np.sqrt(4.5)]], rtol=1e-6
@@ -253,7 +254,7 @@ def test_serving_table_stores_compressed_values_and_refuses_training_ops() -> No
     with pytest.raises(ServingEntryError, match="SERVING"):
         t.apply_gradients([1], [[1.0, 1.0]], [0.1])
     with pytest.raises(ServingEntryError):
-        t.lookup_entry([1])
+        lookup_entry(t, [1])
 
 
 def test_skip_zero_embedding_requires_serving() -> None:

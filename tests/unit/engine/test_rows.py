@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ps_server.engine.rows import put_rows, row_items
+from protos.wire import row_items
+from ps_server.engine.rows import put_rows
 
 
 def test_matches_fancy_assignment_on_contiguous_rows() -> None:

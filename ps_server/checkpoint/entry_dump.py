@@ -50,6 +50,18 @@ import numpy.typing as npt
 from google.protobuf.message import DecodeError
 
 from protos import embedding_hash_table_pb2 as eht
+from protos.wire import (
+    WIRE_I32,
+    WIRE_I64,
+    WIRE_LEN,
+    WIRE_VARINT,
+    as_u64,
+    key,
+    put_varints,
+    varint_lengths,
+    varint_values,
+)
+from ps_server.engine.hash_table import EmbeddingHashTable, EntrySelection
 from ps_server.engine.optimizers.base import Optimizer, State, StateSlot
 from ps_server.engine.types import Floats, Ids
 from ps_server.errors import (
@@ -62,52 +74,17 @@ from ps_server.errors import (
 Buffer = npt.NDArray[np.uint8]
 Offsets = npt.NDArray[np.int64]
 
-_WIRE_VARINT = 0
-_WIRE_FIXED64 = 1
-_WIRE_LEN = 2
-_WIRE_FIXED32 = 5
-
 # Target bytes per group chunk: bounds temporaries while keeping numpy calls large.
 _CHUNK_BYTES = 1 << 24
 # Runs of at least this many equal-length records are read through a template.
 _MIN_RUN = 128
 
 
-def _varint(value: int) -> bytes:
-    """Base-128 varint of a non-negative Python int."""
-    out = bytearray()
-    while True:
-        low = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(low | 0x80)
-        else:
-            out.append(low)
-            return bytes(out)
-
-
-def _tag(field: int, wire_type: int) -> bytes:
-    return _varint((field << 3) | wire_type)
-
-
-_ID_TAG = _tag(1, _WIRE_FIXED64)
-_NUM_TAG = _tag(2, _WIRE_FIXED32)
-_OPT_TAG = _tag(3, _WIRE_LEN)
-_TS_TAG = _tag(4, _WIRE_VARINT)
-_DUMP_TAG = _tag(1, _WIRE_LEN)
-
-
-def _varint_len(values: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
-    """Bytes of the varint of each ``uint64`` value (1..10)."""
-    length = np.ones(values.shape, np.int64)
-    for k in range(1, 10):
-        length += values >= np.uint64(1 << (7 * k))
-    return length
-
-
-def _as_u64(values: npt.NDArray[Any]) -> npt.NDArray[np.uint64]:
-    """int64 → its two's-complement uint64 (how protobuf puts a negative int64 on the wire)."""
-    return np.ascontiguousarray(values, dtype=np.int64).view(np.uint64)
+_ID_TAG = key(1, WIRE_I64)
+_NUM_TAG = key(2, WIRE_I32)
+_OPT_TAG = key(3, WIRE_LEN)
+_TS_TAG = key(4, WIRE_VARINT)
+_DUMP_TAG = key(1, WIRE_LEN)
 
 
 @dataclass(frozen=True)
@@ -155,17 +132,17 @@ def _segment_codec(index: int, optimizer: Optimizer) -> _SegmentCodec:
                 raise ConfigError(f"{where}: the schema field is not a matching float field")
             if not slot.repeated and slot.width != 1:
                 raise ConfigError(f"{where}: a scalar slot must have width 1")
-            tag = _tag(slot.field, _WIRE_FIXED32)
+            tag = key(slot.field, WIRE_I32)
             fixed += slot.width * (len(tag) + 4)
         elif slot.dtype == np.int64:
             if fd.type != fd.TYPE_INT64 or repeated or slot.repeated or slot.width != 1:
                 raise ConfigError(f"{where}: only scalar int64 fields are supported")
-            tag = _tag(slot.field, _WIRE_VARINT)
+            tag = key(slot.field, WIRE_VARINT)
             fixed += len(tag)
         else:
             raise ConfigError(f"{where}: unsupported dtype {slot.dtype}")
         slots.append(_SlotCodec(slot, tag, is_float))
-    return _SegmentCodec(index, optimizer, holder.name, _tag(field, _WIRE_LEN), tuple(slots), fixed)
+    return _SegmentCodec(index, optimizer, holder.name, key(field, WIRE_LEN), tuple(slots), fixed)
 
 
 def _check_dims(optimizers: Sequence[Optimizer], dim: int) -> None:
@@ -239,15 +216,6 @@ def _put_const(rec: Buffer, pos: int, const: bytes) -> int:
     return pos + len(const)
 
 
-def _put_varint(rec: Buffer, pos: int, values: npt.NDArray[np.uint64], length: int) -> int:
-    for k in range(length):
-        byte = (values >> np.uint64(7 * k)) & np.uint64(0x7F)
-        if k < length - 1:
-            byte |= np.uint64(0x80)
-        rec[:, pos + k] = byte
-    return pos + length
-
-
 def encode_entry_dumps(
     values: Floats,
     segments: Sequence[tuple[Optimizer, State]],
@@ -304,15 +272,15 @@ def encode_entry_dumps(
     for codec, state in zip(codecs, states, strict=True):
         if codec.dump_name is None:
             continue
-        scalars = [_as_u64(state[sc.slot.name].reshape(n)) for sc in codec.slots if not sc.is_float]
+        scalars = [as_u64(state[sc.slot.name].reshape(n)) for sc in codec.slots if not sc.is_float]
         inner_len = np.full(n, codec.fixed_inner_len, np.int64)
         for raw in scalars:
-            inner_len += _varint_len(raw)
-        single_len = len(codec.dump_tag) + _varint_len(inner_len.view(np.uint64)) + inner_len
-        opt_len += len(_DUMP_TAG) + _varint_len(single_len.view(np.uint64)) + single_len
+            inner_len += varint_lengths(raw)
+        single_len = len(codec.dump_tag) + varint_lengths(inner_len.view(np.uint64)) + inner_len
+        opt_len += len(_DUMP_TAG) + varint_lengths(single_len.view(np.uint64)) + single_len
         per_segment.append([single_len.view(np.uint64), inner_len.view(np.uint64), *scalars])
-    varints = [opt_len.view(np.uint64), *itertools.chain(*per_segment), _as_u64(ts)]
-    lengths = [_varint_len(v) for v in varints]
+    varints = [opt_len.view(np.uint64), *itertools.chain(*per_segment), as_u64(ts)]
+    lengths = [varint_lengths(v) for v in varints]
 
     record_len = (
         (len(_ID_TAG) + 8 if ids is not None else 0)
@@ -371,25 +339,25 @@ def _write_records(
         pos += 8
     pos = _put_floats(rec, pos, _NUM_TAG, values[sel])
     pos = _put_const(rec, pos, _OPT_TAG)
-    pos = _put_varint(rec, pos, varints[0][sel], layout[0])
+    pos = put_varints(rec, pos, varints[0][sel], layout[0])
     v = 1
     for codec, state in zip(codecs, states, strict=True):
         if codec.dump_name is None:
             continue
         pos = _put_const(rec, pos, _DUMP_TAG)
-        pos = _put_varint(rec, pos, varints[v][sel], layout[v])
+        pos = put_varints(rec, pos, varints[v][sel], layout[v])
         pos = _put_const(rec, pos, codec.dump_tag)
-        pos = _put_varint(rec, pos, varints[v + 1][sel], layout[v + 1])
+        pos = put_varints(rec, pos, varints[v + 1][sel], layout[v + 1])
         v += 2
         for sc in codec.slots:
             if sc.is_float:
                 pos = _put_floats(rec, pos, sc.tag, state[sc.slot.name][sel])
             else:
                 pos = _put_const(rec, pos, sc.tag)
-                pos = _put_varint(rec, pos, varints[v][sel], layout[v])
+                pos = put_varints(rec, pos, varints[v][sel], layout[v])
                 v += 1
     pos = _put_const(rec, pos, _TS_TAG)
-    pos = _put_varint(rec, pos, varints[v][sel], layout[v])
+    pos = put_varints(rec, pos, varints[v][sel], layout[v])
     assert pos == rec.shape[1], "layout arithmetic out of step with the writer"
 
 
@@ -556,14 +524,6 @@ def _sinks(codecs: list[_SegmentCodec], ids: Ids, out: DecodedEntries | None) ->
     return _Sinks(ids, floats, ints)
 
 
-def _varint_columns(raw: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint64]:
-    """Values of ``[m, k]`` varint bytes (continuation bits already checked)."""
-    value = (raw[:, 0] & 0x7F).astype(np.uint64)
-    for k in range(1, raw.shape[1]):
-        value |= (raw[:, k] & 0x7F).astype(np.uint64) << np.uint64(7 * k)
-    return value
-
-
 @dataclass(frozen=True)
 class _Template:
     """The byte layout shared by records of one length and one set of varint lengths.
@@ -701,7 +661,7 @@ def _take(tpl: _Template, rec: Buffer, rows: slice | Ids, dest: slice | Ids, sin
     for (at, tag, width), target in zip(tpl.floats, sinks.floats, strict=True):
         target[dest] = _rows(_strided(rec, at + len(tag), width, len(tag) + 4, "<f4"), rows)
     for (at, k), target in zip(tpl.values, sinks.ints, strict=True):
-        target[dest] = _varint_columns(_rows(rec[:, at : at + k], rows)).view(np.int64)
+        target[dest] = varint_values(_rows(rec[:, at : at + k], rows)).view(np.int64)
 
 
 def _rows(a: npt.NDArray[Any], rows: slice | Ids) -> npt.NDArray[Any]:
@@ -992,3 +952,34 @@ def _decode_slow(
                     state[sc.slot.name][o] = got
                 else:
                     state[sc.slot.name][o, 0] = got
+
+
+def encode_selection(selection: EntrySelection) -> list[bytes]:
+    """One serialized ``EntryDump`` per answer slot of ``selection`` (``b""`` where no
+    entry was picked), encoded in one batch."""
+    out = [b""] * selection.count
+    if selection.positions.size:
+        buf, offsets = encode_entry_dumps(selection.values, selection.segments,
+                                          selection.timestamps, selection.ids)
+        for i, rec in zip(selection.positions.tolist(), split_records(buf, offsets),
+                          strict=True):
+            out[i] = rec
+    return out
+
+
+def lookup_entry(table: EmbeddingHashTable, ids: Any) -> list[bytes]:
+    """Serialized ``EntryDump`` per id (``id`` unset), ``b""`` for missing ids.
+
+    :raises ServingEntryError: SERVING tables keep no entry dumps.
+    """
+    return encode_selection(table.select_entries(ids))
+
+
+def save_as_tensor(
+    table: EmbeddingHashTable, shard_idx: int, num_shards: int, limit: int, offset: int
+) -> tuple[int, list[bytes]]:
+    """Up to ``limit`` entries of part ``shard_idx`` of ``num_shards`` from cursor
+    ``offset``, as serialized ``EntryDump`` records with ``id`` set, and the next cursor
+    (see :meth:`EmbeddingHashTable.entries_page`)."""
+    cursor, selection = table.entries_page(shard_idx, num_shards, limit, offset)
+    return cursor, encode_selection(selection)

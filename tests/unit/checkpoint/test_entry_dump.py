@@ -19,8 +19,8 @@ from hypothesis.extra import numpy as hnp
 
 from protos import embedding_hash_table_pb2 as eht
 from protos import optimizer_pb2 as opt_pb
-from ps_server.engine import entry_dump
-from ps_server.engine.entry_dump import (
+from ps_server.checkpoint import entry_dump
+from ps_server.checkpoint.entry_dump import (
     check_entry_dumps,
     decode_entry_dumps,
     encode_entry_dumps,
