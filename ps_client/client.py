@@ -4,9 +4,11 @@ A :class:`PsClient` starts one private thread running an asyncio event loop and 
 :class:`ps_client.AsyncPsClient` on it; every method submits the matching
 coroutine to that loop and waits for it. There is no second implementation: the
 sync classes only translate calls (sync handles in, sync handles out, ``self`` back
-from table updates so calls chain). A client may be shared by many threads (their
-calls run concurrently on the loop). Do not call it from inside a learning-rate
-function (that runs on the loop thread).
+from table updates so calls chain). Each method keeps the parameters and defaults
+of its async twin; ``tests/unit/test_client_congruence.py`` holds the two faces to
+that. A client may be shared by many threads (their calls run concurrently on the
+loop). Do not call it from inside a learning-rate function (that runs on the loop
+thread).
 """
 
 from __future__ import annotations
