@@ -16,15 +16,15 @@ Calls:
     ``UNAVAILABLE`` with exponential backoff and jitter;
   - tagged mutating RPCs (:data:`protos.contract.TAGGED_RPCS`) carry a
     ``RequestTag`` (:meth:`Transport.next_tag`): this client's random id and a
-    sequence number of its own for each request to each shard. The shard remembers
-    recent tags and answers a repeat with the first answer, without applying it
-    again (``ps_server.dedup``), so these are retried too, with the same tag (the
+    sequence number of its own for each request to each shard. The shard keeps a
+    ledger of recent tags and answers a repeat with the first answer, without
+    applying it again, so these are retried too, with the same tag (the
     very same request bytes): on ``UNAVAILABLE`` and on ``DEADLINE_EXCEEDED`` of one
     attempt, whose deadline (:attr:`RetryPolicy.attempt_timeout`) is shorter than
     the call's, so a lost answer leads to a resend. When the retries run out, the
     error raised (``PsUnavailable``, ``PsDeadlineExceeded``) leaves open whether the
     shard applied the update. Limit: a shard restarted between the attempts has an
-    empty ledger and applies the resend (see ``ps_server.dedup``);
+    empty ledger and applies the resend;
   - other RPCs that change state (creation, saves, restores) are never retried;
 
 * a fan-out waits for every shard before raising the first failure (in shard
