@@ -5,8 +5,9 @@ the asyncio core it runs on a private thread. Errors raised by either are
 :class:`PsError` subclasses (see :mod:`ps_client.errors`).
 """
 
-from ps_client._core import AsyncPsClient, RetryPolicy
-from ps_client._table import AsyncHashFilters, AsyncTable, TableSpec
+from ps_client.async_client import AsyncPsClient
+from ps_client.async_hash_filters import AsyncHashFilters
+from ps_client.async_table import AsyncTable, TableSpec
 from ps_client.client import HashFilters, PsClient, Table
 from ps_client.errors import (
     PsAlreadyExists,
@@ -26,6 +27,7 @@ from ps_client.errors import (
     PsUnimplemented,
 )
 from ps_client.learning_rate_functions import LearningRateFunction, PolynomialDecay
+from ps_client.transport import RetryPolicy
 
 __all__ = [
     "AsyncHashFilters",

@@ -1,11 +1,14 @@
 """The synchronous client of ``API.md``: :class:`PsClient`, :class:`Table`, :class:`HashFilters`.
 
 A :class:`PsClient` starts one private thread running an asyncio event loop and an
-:class:`ps_client._core.AsyncPsClient` on it; every method submits the matching
+:class:`ps_client.AsyncPsClient` on it; every method submits the matching
 coroutine to that loop and waits for it. There is no second implementation: the
-sync classes only translate calls. A client may be shared by many threads (their
-calls run concurrently on the loop). Do not call it from inside a learning-rate
-function (that runs on the loop thread).
+sync classes only translate calls (sync handles in, sync handles out, ``self`` back
+from table updates so calls chain). Each method keeps the parameters and defaults
+of its async twin; ``tests/unit/test_client_congruence.py`` holds the two faces to
+that. A client may be shared by many threads (their calls run concurrently on the
+loop). Do not call it from inside a learning-rate function (that runs on the loop
+thread).
 """
 
 from __future__ import annotations
@@ -21,13 +24,16 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
+from protos import contract
 from protos import embedding_hash_table_pb2 as eht
-from ps_client._core import AsyncPsClient, FusedLookupResult, RetryPolicy
-from ps_client._table import AsyncHashFilters, AsyncTable, TableSpec
-from ps_client.channel import ChannelOptions
+from ps_client.async_client import AsyncPsClient
+from ps_client.async_hash_filters import AsyncHashFilters
+from ps_client.async_table import AsyncTable, TableSpec
 from ps_client.errors import PsInvalidArgument
+from ps_client.fused_ops import FusedLookupResult
 from ps_client.graph_meta import MetaContext
 from ps_client.learning_rate_functions import LearningRate
+from ps_client.transport import ChannelOptions, RetryPolicy
 
 T = TypeVar("T")
 
@@ -71,6 +77,8 @@ class PsClient:
     :param retry: retries of read-only calls and of updates (see
         :class:`ps_client.RetryPolicy`: updates carry a tag the shards deduplicate, so a
         resent update is applied once).
+    :param max_message_bytes: largest message sent or accepted (default: the
+        servers' default, :data:`protos.contract.MAX_MESSAGE_BYTES`).
     :raises PsInvalidArgument: no addresses.
 
     Use it as a context manager (``with PsClient(...) as client:``) or call
@@ -87,6 +95,7 @@ class PsClient:
         auth_token: str | None = None,
         file_timeout: float = 3600.0,
         retry: RetryPolicy | None = None,
+        max_message_bytes: int = contract.MAX_MESSAGE_BYTES,
     ) -> None:
         if isinstance(addresses, str) or not addresses:
             raise PsInvalidArgument(
@@ -95,7 +104,10 @@ class PsClient:
         self._meta = MetaContext()
         self._meta_scopes: list[contextlib.AbstractContextManager[MetaContext]] = []
         self._loop = _LoopThread()
-        options = ChannelOptions(credentials=credentials, auth_token=auth_token)
+        options = ChannelOptions(
+            credentials=credentials, auth_token=auth_token,
+            max_message_bytes=int(max_message_bytes),
+        )
 
         async def build() -> AsyncPsClient:
             return AsyncPsClient(
@@ -173,10 +185,10 @@ class PsClient:
         enable_hash_filter: bool,
         config: Any = b"",
         *,
-        capacity: int = 300_000_000,
-        split_num: int = 7,
+        capacity: int = contract.DEFAULT_FILTER_CAPACITY,
+        split_num: int = contract.DEFAULT_FILTER_SPLIT_NUM,
         equal_probability: bool = False,
-        filter_type: str = "sliding_hash_filter",
+        filter_type: str = contract.DEFAULT_FILTER_TYPE,
         name_suffix: str = "",
     ) -> HashFilters:
         """One filter per shard, named ``MonolithHashFilter<name_suffix>`` on each.

@@ -145,7 +145,7 @@ def test_assign_lookup_with_duplicates_and_negative_ids(client: PsClient) -> Non
 def test_fan_out_hands_over_each_answer_and_raises_after_all(client: PsClient) -> None:
     """each(on_answer=...) sees every shard's answer (what lookups place rows with);
     a failing hand-over counts as that shard's failure, raised once all calls ended."""
-    core = client._core  # the async core every sync method runs on
+    core = client._core.transport  # the calls of the async core every sync method runs on
     seen: list[int] = []
 
     def record(shard: int, answer: object) -> None:

@@ -37,7 +37,7 @@ from protos import embedding_hash_table_pb2 as eht
 from protos import ps_service_pb2 as pb
 from protos import ps_service_pb2_grpc as ps_grpc
 from ps_client import AsyncPsClient, RetryPolicy
-from ps_client._table import AsyncTable
+from ps_client.async_table import AsyncTable
 from ps_server import codec
 from ps_server.config import ServerConfig
 from ps_server.engine.shard import Shard

@@ -1,7 +1,8 @@
 """Demo trainer: a factorization machine on synthetic click logs, against real shards.
 
-``python -m ps_client.demo`` starts a local cluster (unless ``--addresses`` is given),
-trains a small CTR model whose sparse part lives on the parameter server, saves a
+An example trainer built on the library, not part of it. ``bash scripts/demo.sh`` (or
+``python examples/demo_trainer.py``) starts a local cluster (unless ``--addresses`` is
+given), trains a small CTR model whose sparse part lives on the parameter server, saves a
 checkpoint half-way, kills one shard with SIGKILL, restarts it empty, restores that
 shard from the checkpoint with ``ps-admin restore`` (the other shards keep their newer
 state, as after a real crash) and finishes training, printing loss and AUC as it goes.
@@ -31,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from protos import embedding_hash_table_pb2 as eht
+from ps_client import PsClient
 from ps_client.testing import LocalCluster, local_cluster
 
 SLOT_SHIFT = 48
@@ -163,8 +165,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model_dir", default="", help="checkpoint directory (default: temp)")
     parser.add_argument("--no_fault", action="store_true", help="skip the kill/restore drill")
     args = parser.parse_args(argv)
-
-    from ps_client import PsClient
 
     data = Synthetic()
     truth = data.true_weights()

@@ -1,18 +1,17 @@
-"""Async handles on one logical table and on one set of hash filters.
+"""The async handle on one logical table, which lives on every shard of the cluster.
 
-Both live on every shard of the cluster; the handle routes each id to its owner
-(``floormod(id, num_shards)``), calls the shards concurrently and puts the answers
-back in the caller's order. See :class:`ps_client.client.Table` for the user-facing
-(synchronous) contract; these coroutines implement it.
+:class:`AsyncTable` routes each id to its owner (``floormod(id, num_shards)``), calls
+the shards concurrently through the :class:`ps_client.transport.Transport` and puts
+the answers back in the caller's order. :class:`ps_client.Table` is its synchronous
+face (the user-facing contract); these coroutines implement it.
 """
 
 from __future__ import annotations
 
 import math
-import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -30,9 +29,7 @@ from ps_client.routing import (
     partition,
     scatter_objects,
 )
-
-if TYPE_CHECKING:
-    from ps_client._core import AsyncPsClient
+from ps_client.transport import Transport
 
 CURSOR_SHARD_SHIFT = 40
 """``save_as_tensor`` cursors are ``real_shard << 40 | row offset on that shard``."""
@@ -84,8 +81,8 @@ def check_learning_rate_fns(fns: Sequence[LearningRate], num_segments: int, tabl
 class AsyncTable:
     """One logical table spread over all shards (async twin of :class:`ps_client.Table`)."""
 
-    def __init__(self, client: AsyncPsClient, spec: TableSpec) -> None:
-        self._client = client
+    def __init__(self, transport: Transport, spec: TableSpec) -> None:
+        self._transport = transport
         self.spec = spec
 
     @property
@@ -116,7 +113,7 @@ class AsyncTable:
         ids_ = as_ids(ids)
         dim = self.dim_size
         uniq, inverse = dedup(ids_)
-        positions = partition(uniq, self._client.num_shards)
+        positions = partition(uniq, self._transport.num_shards)
         requests = [
             encode_request(pb.LookupRequest(table=self.name), ids=Gather(uniq, p))
             if p.size else None
@@ -128,20 +125,20 @@ class AsyncTable:
             rows.add(shard, read_rows(answer, pb.LookupResponse, "values",
                                       positions[shard].size, dim, f"Lookup of {self.name!r}"))
 
-        await self._client.each("Lookup", requests, on_answer=place)
+        await self._transport.each("Lookup", requests, on_answer=place)
         return rows.out
 
     async def lookup_entry(self, ids: Any) -> list[bytes]:
         """Serialized ``EntryDump`` per id (``id`` unset), ``b""`` where missing."""
         ids_ = as_ids(ids)
         uniq, inverse = dedup(ids_)
-        positions = partition(uniq, self._client.num_shards)
+        positions = partition(uniq, self._transport.num_shards)
         requests = [
             encode_request(pb.LookupEntryRequest(table=self.name), ids=Gather(uniq, p))
             if p.size else None
             for p in positions
         ]
-        answers = await self._client.each("LookupEntry", requests)
+        answers = await self._transport.each("LookupEntry", requests)
         parts: list[Sequence[bytes]] = []
         for a, p in zip(answers, positions, strict=True):
             got: Sequence[bytes] = (
@@ -158,7 +155,7 @@ class AsyncTable:
 
     async def size(self) -> int:
         """Number of entries over all shards."""
-        answers = await self._client.each("Size", pb.SizeRequest(table=self.name))
+        answers = await self._transport.each("Size", pb.SizeRequest(table=self.name))
         return sum(int(a.size) for a in answers)
 
     async def save_as_tensor(
@@ -176,7 +173,7 @@ class AsyncTable:
 
         :raises PsInvalidArgument: bad part, limit, or a cursor this method did not make.
         """
-        n_real = self._client.num_shards
+        n_real = self._transport.num_shards
         if num_shards <= 0 or not 0 <= shard_idx < num_shards:
             raise PsInvalidArgument(
                 f"save_as_tensor needs 0 <= shard_idx < num_shards, got {shard_idx}/{num_shards}"
@@ -196,7 +193,7 @@ class AsyncTable:
                 real, pos = real + 1, 0
                 continue
             want = limit - len(out)
-            answer = await self._client.call(
+            answer = await self._transport.call(
                 real,
                 "SaveAsTensor",
                 pb.SaveAsTensorRequest(
@@ -224,16 +221,18 @@ class AsyncTable:
     async def _write(self, method: str, ids: Any, values: Any, req_time: int) -> None:
         ids_ = as_ids(ids)
         vals = as_rows(values, ids_.shape[0], self.dim_size)
-        positions = partition(ids_, self._client.num_shards)
+        positions = partition(ids_, self._transport.num_shards)
         requests = [
             encode_request(
-                pb.AssignRequest(table=self.name, req_time=req_time, tag=self._client.next_tag()),
+                pb.AssignRequest(
+                    table=self.name, req_time=req_time, tag=self._transport.next_tag()
+                ),
                 ids=Gather(ids_, p), values=Gather(vals, p),
             )
             if p.size or req_time > 0 else None
             for p in positions
         ]
-        await self._client.each(method, requests)
+        await self._transport.each(method, requests)
 
     async def apply_gradients(
         self, ids: Any, grads: Any, global_step: int, *, enable_dedup: bool = False,
@@ -247,12 +246,12 @@ class AsyncTable:
         ids_ = as_ids(ids)
         g = as_rows(grads, ids_.shape[0], self.dim_size, "grads")
         lrs = evaluate_learning_rates(self.spec.learning_rate_fns, int(global_step))
-        positions = partition(ids_, self._client.num_shards)
+        positions = partition(ids_, self._transport.num_shards)
         requests = [
             encode_request(
                 pb.ApplyGradientsRequest(
                     table=self.name, learning_rates=lrs.tolist(), global_step=int(global_step),
-                    enable_dedup=enable_dedup, req_time=req_time, tag=self._client.next_tag(),
+                    enable_dedup=enable_dedup, req_time=req_time, tag=self._transport.next_tag(),
                 ),
                 ids=Gather(ids_, p), grads=Gather(g, p),
             )
@@ -260,13 +259,13 @@ class AsyncTable:
             if p.size or req_time > 0 else None
             for p in positions
         ]
-        await self._client.each("ApplyGradients", requests)
+        await self._transport.each("ApplyGradients", requests)
 
     # ------------------------------------------------------------ files
 
     async def save(self, basename: str) -> list[str]:
         """Every shard ``i`` writes ``<basename>_<i>-%05d-of-%05d``; returns all files."""
-        answers = await self._client.each(
+        answers = await self._transport.each(
             "Save", pb.SaveRequest(table=self.name, basename=basename), file_op=True
         )
         return [f for a in answers for f in a.files]
@@ -278,88 +277,10 @@ class AsyncTable:
         agree do they restore. Returns the number of entries restored.
         """
         for validate_only in (True, False):
-            answers = await self._client.each(
+            answers = await self._transport.each(
                 "Restore",
                 pb.RestoreRequest(table=self.name, basename=basename,
                                   validate_only=validate_only),
                 file_op=True,
             )
         return sum(int(a.entries) for a in answers)
-
-
-class AsyncHashFilters:
-    """The hash filters of every shard, one per shard, all named :attr:`name`.
-
-    :ivar name: the filter's name on each shard.
-    :ivar enabled: False for dummy filters (disabled or ``no_filter``).
-    :ivar filter_type: as created.
-    """
-
-    def __init__(self, client: AsyncPsClient, name: str, enabled: bool, filter_type: str) -> None:
-        self._client = client
-        self.name = name
-        self.enabled = enabled
-        self.filter_type = filter_type
-
-    def __repr__(self) -> str:
-        return f"AsyncHashFilters({self.name!r}, {self.filter_type}, enabled={self.enabled})"
-
-    async def intercept_gradient(self, ids: Any, grads: Any) -> npt.NDArray[np.float32]:
-        """Count every id (in order) on its owner shard's filter; return ``grads`` with
-        the rows of not-yet-admitted ids zeroed, in the shape given.
-
-        :param grads: ``[len(ids), m]``, or flat with a multiple of ``len(ids)`` values.
-        """
-        ids_ = as_ids(ids)
-        g = np.asarray(grads, dtype=np.float32)
-        n = ids_.shape[0]
-        if n == 0 or g.size % n:
-            if n == 0 and g.size == 0:
-                return g.copy()
-            raise PsInvalidArgument(
-                f"grads of shape {g.shape} cannot be viewed as one row per id ({n} ids)"
-            )
-        width = g.size // n
-        rows = np.ascontiguousarray(g.reshape(n, width))
-        positions = partition(ids_, self._client.num_shards)
-        requests = [
-            encode_request(
-                pb.InterceptGradientRequest(hash_filter=self.name, tag=self._client.next_tag()),
-                ids=Gather(ids_, p), grads=Gather(rows, p),
-            )
-            if p.size else None
-            for p in positions
-        ]
-        out = RowAssembly(positions, None, width)
-
-        def place(shard: int, answer: bytes) -> None:
-            out.add(shard, read_rows(answer, pb.InterceptGradientResponse, "grads",
-                                     positions[shard].size, width, "InterceptGradient"))
-
-        await self._client.each("InterceptGradient", requests, on_answer=place)
-        return out.out.reshape(g.shape)
-
-    async def save(self, asset_dir: str) -> list[str]:
-        """Shard ``i`` writes ``<asset_dir>/hash_filter_<i>-%05d-of-%05d`` (dummies: nothing)."""
-        answers = await self._client.each(
-            "SaveHashFilter", self._requests(asset_dir, validate_only=False), file_op=True
-        )
-        return [f for a in answers for f in a.files]
-
-    async def restore(self, asset_dir: str) -> None:
-        """Load every shard's filter from ``asset_dir``; if any shard's files are missing
-        or bad, no filter changes."""
-        for validate_only in (True, False):
-            await self._client.each(
-                "RestoreHashFilter", self._requests(asset_dir, validate_only), file_op=True
-            )
-
-    def _requests(self, asset_dir: str, validate_only: bool) -> list[Any]:
-        return [
-            pb.HashFilterFilesRequest(
-                hash_filter=self.name,
-                basename=posixpath.join(asset_dir, f"hash_filter_{i}"),
-                validate_only=validate_only,
-            )
-            for i in range(self._client.num_shards)
-        ]

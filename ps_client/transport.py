@@ -1,0 +1,270 @@
+"""How the client talks to the shards: channels, calls, fan-out, request tags, retries.
+
+:class:`Transport` holds one ``grpc.aio`` channel per shard (so it must be created
+inside the event loop that uses it) and knows nothing of tables: it sends a request
+to one shard (:meth:`Transport.call`) or to every shard at once
+(:meth:`Transport.each`) and turns failures into :class:`ps_client.errors.PsError`.
+
+Calls:
+
+* every call has a deadline: ``timeout`` (``file_timeout`` for saves, restores
+  and checkpoints); a call's retries all fit inside its deadline;
+* what may be retried is declared once, per RPC, in ``ps_service.proto`` and read
+  from :mod:`protos.contract`:
+
+  - read-only RPCs (:data:`protos.contract.READ_ONLY_RPCS`) are retried on
+    ``UNAVAILABLE`` with exponential backoff and jitter;
+  - tagged mutating RPCs (:data:`protos.contract.TAGGED_RPCS`) carry a
+    ``RequestTag`` (:meth:`Transport.next_tag`): this client's random id and a
+    sequence number of its own for each request to each shard. The shard keeps a
+    ledger of recent tags and answers a repeat with the first answer, without
+    applying it again, so these are retried too, with the same tag (the
+    very same request bytes): on ``UNAVAILABLE`` and on ``DEADLINE_EXCEEDED`` of one
+    attempt, whose deadline (:attr:`RetryPolicy.attempt_timeout`) is shorter than
+    the call's, so a lost answer leads to a resend. When the retries run out, the
+    error raised (``PsUnavailable``, ``PsDeadlineExceeded``) leaves open whether the
+    shard applied the update. Limit: a shard restarted between the attempts has an
+    empty ledger and applies the resend;
+  - other RPCs that change state (creation, saves, restores) are never retried;
+
+* a fan-out waits for every shard before raising the first failure (in shard
+  order), so no call is left running when the caller sees an error.
+
+Retries are the client's own: gRPC's transparent retries are turned off on the channels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import random
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import grpc
+
+from protos import contract
+from protos import ps_service_pb2 as pb
+from protos import ps_service_pb2_grpc as pb_grpc
+from ps_client.errors import error_from_rpc
+
+SERVICE_PATH: Final = f"/{contract.DATA_SERVICE.full_name}"
+"""Prefix of the data-plane method paths (``/monolith_ps.ParameterServer``)."""
+
+_RETRY_ON: Final[dict[str, tuple[grpc.StatusCode, ...]]] = {
+    **{m: (grpc.StatusCode.UNAVAILABLE,) for m in contract.READ_ONLY_RPCS},
+    **{m: (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+       for m in contract.TAGGED_RPCS},
+}
+"""Status codes each retryable RPC is retried on (absent: never retried)."""
+
+
+# ---------------------------------------------------------------- channels
+
+
+@dataclass(frozen=True)
+class ChannelOptions:
+    """How to reach the shards.
+
+    :param credentials: TLS (or other) channel credentials; None = plaintext.
+    :param auth_token: sent as ``authorization: Bearer <token>`` on every call.
+    :param max_message_bytes: send and receive limit per message (the servers'
+        default, :data:`protos.contract.MAX_MESSAGE_BYTES`, unless given).
+    :param keepalive_ms: ping an idle connection this often (ms) to notice a dead shard.
+    :param keepalive_timeout_ms: a ping unanswered this long (ms) drops the connection.
+    """
+
+    credentials: grpc.ChannelCredentials | None = None
+    auth_token: str | None = None
+    max_message_bytes: int = contract.MAX_MESSAGE_BYTES
+    keepalive_ms: int = 30_000
+    keepalive_timeout_ms: int = 10_000
+
+    def grpc_options(self) -> list[tuple[str, int | str]]:
+        """The ``grpc.*`` channel arguments."""
+        return [
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.keepalive_time_ms", self.keepalive_ms),
+            ("grpc.keepalive_timeout_ms", self.keepalive_timeout_ms),
+            ("grpc.keepalive_permit_without_calls", 0),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.enable_retries", 0),
+            # Reconnect quickly to a restarted shard (gRPC's default waits 1 s and more).
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2_000),
+        ]
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """Metadata attached to every call."""
+        if self.auth_token is None:
+            return ()
+        return (("authorization", f"Bearer {self.auth_token}"),)
+
+
+def make_channel(address: str, options: ChannelOptions) -> grpc.aio.Channel:
+    """An aio channel to ``address`` (``host:port``); call inside the running loop."""
+    opts: Sequence[tuple[str, int | str]] = options.grpc_options()
+    if options.credentials is None:
+        return grpc.aio.insecure_channel(address, options=opts)
+    return grpc.aio.secure_channel(address, options.credentials, options=opts)
+
+
+# ---------------------------------------------------------------- retries
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries of read-only calls that fail with ``UNAVAILABLE``, and of tagged
+    mutating calls that fail with ``UNAVAILABLE`` or whose attempt ran out of time
+    (``DEADLINE_EXCEEDED``).
+
+    Attempt ``k`` (from 1) waits ``min(max_backoff, initial_backoff * multiplier**(k-1))``
+    times a random factor in ``[0.5, 1]`` before the next one, as long as that stays
+    inside the call's deadline.
+
+    :ivar attempt_timeout: deadline (s) of one attempt of a tagged mutating call (the
+        call's own deadline caps it): how long an answer may be missing before the
+        request is sent again. A slow attempt cut short costs nothing but the resend:
+        the shard finishes the first one and answers the resend with its outcome.
+    """
+
+    max_attempts: int = 10
+    initial_backoff: float = 0.1
+    max_backoff: float = 2.0
+    multiplier: float = 2.0
+    attempt_timeout: float = 20.0
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt ``attempt``."""
+        base = min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1))
+        return base * random.uniform(0.5, 1.0)
+
+
+# ---------------------------------------------------------------- calls
+
+
+class Transport:
+    """Calls to the shards of one cluster. Create it inside the running loop.
+
+    :param addresses: ``host:port`` of shard 0, 1, ... (the order is the shard index).
+    :param timeout: deadline (s) of each data-plane call, retries included.
+    :param file_timeout: deadline (s) of calls made with ``file_op=True``.
+    :param channel_options: credentials, auth token, message limits, keepalive.
+    :param retry: retries of read-only and tagged mutating calls.
+    :ivar client_id: this transport's random id, the first half of its request tags.
+    """
+
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        *,
+        timeout: float = 60.0,
+        file_timeout: float = 3600.0,
+        channel_options: ChannelOptions | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.addresses = [str(a) for a in addresses]
+        self.timeout = float(timeout)
+        self.file_timeout = float(file_timeout)
+        self.retry = retry or RetryPolicy()
+        self.client_id = uuid.uuid4().hex
+        opts = channel_options or ChannelOptions()
+        self._metadata = opts.metadata() or None
+        self._channels = [make_channel(a, opts) for a in self.addresses]
+        self._stubs = [pb_grpc.ParameterServerStub(c) for c in self._channels]
+        self._raw: list[dict[str, Callable[..., Any]]] = [{} for _ in self._channels]
+        self._seq = itertools.count(1)
+
+    @property
+    def num_shards(self) -> int:
+        """Number of shards."""
+        return len(self.addresses)
+
+    async def close(self) -> None:
+        """Close every channel (calls in flight are cancelled)."""
+        await asyncio.gather(*(c.close() for c in self._channels))
+
+    def next_tag(self) -> pb.RequestTag:
+        """A fresh tag for a mutating request."""
+        return pb.RequestTag(client_id=self.client_id, seq=next(self._seq))
+
+    async def call(
+        self, shard: int, method: str, request: Any, *, file_op: bool = False
+    ) -> Any:
+        """Send ``request`` to ``shard`` with a deadline; retry read-only and tagged
+        RPCs (see :class:`RetryPolicy`).
+
+        :param request: a request message (the answer is the response message), or
+            request wire bytes (see :mod:`ps_client._codec`; the answer is wire bytes).
+            A tagged request is resent as is: same tag.
+        :raises PsError: the subclass for the final status code, ``from`` the gRPC error.
+        """
+        return await self._call(shard, method, request, file_op, None)
+
+    async def each(
+        self, method: str, requests: Any, *, file_op: bool = False,
+        on_answer: Callable[[int, Any], None] | None = None,
+    ) -> list[Any]:
+        """Call ``method`` on every shard concurrently.
+
+        :param requests: one request for all shards, or a list with one per shard
+            (None = skip that shard; its answer is None).
+        :param on_answer: called as ``on_answer(shard, answer)`` as soon as that
+            shard's call succeeds, while the others may still run (e.g. to place a
+            big answer while it is in cache); an exception it raises counts as that
+            shard's failure.
+        :returns: the answers in shard order.
+        :raises PsError: the first failure in shard order, after every call ended.
+        """
+        reqs = requests if isinstance(requests, list) else [requests] * self.num_shards
+        live = [s for s, r in enumerate(reqs) if r is not None]
+        results = await asyncio.gather(
+            *(self._call(s, method, reqs[s], file_op, on_answer) for s in live),
+            return_exceptions=True,
+        )
+        out: list[Any] = [None] * self.num_shards
+        for s, res in zip(live, results, strict=True):
+            if isinstance(res, BaseException):
+                raise res
+            out[s] = res
+        return out
+
+    async def _call(
+        self, shard: int, method: str, request: Any, file_op: bool,
+        on_answer: Callable[[int, Any], None] | None,
+    ) -> Any:
+        """:meth:`call`, handing a success to ``on_answer`` (one coroutine per shard call)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.file_timeout if file_op else self.timeout)
+        retry_on = _RETRY_ON.get(method, ())
+        attempt_cap = (
+            self.retry.attempt_timeout if method in contract.TAGGED_RPCS else math.inf
+        )
+        rpc: Callable[..., Any]
+        if isinstance(request, bytes):
+            rpc = self._raw[shard].get(method) or self._raw[shard].setdefault(
+                method, self._channels[shard].unary_unary(f"{SERVICE_PATH}/{method}")
+            )
+        else:
+            rpc = getattr(self._stubs[shard], method)
+        attempt = 0
+        while True:
+            attempt += 1
+            remaining = min(max(deadline - loop.time(), 0.001), attempt_cap)
+            try:
+                answer = await rpc(request, timeout=remaining, metadata=self._metadata)
+            except grpc.aio.AioRpcError as err:
+                if err.code() in retry_on and attempt < self.retry.max_attempts:
+                    pause = self.retry.delay(attempt)
+                    if loop.time() + pause < deadline:
+                        await asyncio.sleep(pause)
+                        continue
+                raise error_from_rpc(err, address=self.addresses[shard], method=method) from err
+            if on_answer is not None:
+                on_answer(shard, answer)
+            return answer
