@@ -5,6 +5,10 @@ import (module prefix) and resolve (attributes); every repository path in a code
 must exist, and ``path::name`` must name a function or class defined in that file;
 every ``from … import …`` line of a code block must import. The guide must also cite
 each Monolith symbol and test of the seed documents it maps.
+
+The documentation is self-contained: no text file of the repository points at the
+reference files kept outside it, and every relative link (and anchor) in README.md and
+docs/*.md leads somewhere that exists.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import ast
 import importlib
 import importlib.util
 import re
+import subprocess
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -169,3 +174,98 @@ def test_resolve_rejects_a_missing_name() -> None:
         resolve("ps_client.PsClient.no_such_method")
     with pytest.raises(AssertionError):
         resolve("ps_clientx.nothing")
+
+
+# ---------------------------------------------------------------- self-contained docs
+
+# Built from pieces so this file does not match itself.
+_OUTSIDE = ("../" + "shared", "monolith-" + "semantics.md")
+_LINK = re.compile(r"(?<!!)\[[^\]\n]*\]\(([^)\s]+)\)")
+_HEADING = re.compile(r"^#{1,6}[ \t]+(.+?)[ \t]*#*[ \t]*$", re.MULTILINE)
+
+
+def text_files() -> list[Path]:
+    """Every text file of the repository (git's list when there is one), ``.venv`` aside."""
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files"], cwd=ROOT, check=True, capture_output=True, text=True
+        ).stdout.split("\n")
+        paths = [ROOT / p for p in listed if p]
+    except (OSError, subprocess.CalledProcessError):
+        paths = [p for p in ROOT.rglob("*") if p.is_file()]
+    out = []
+    for path in paths:
+        rel = path.relative_to(ROOT).parts
+        if rel[0] in (".venv", ".git") or not path.is_file():
+            continue
+        try:
+            path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        out.append(path)
+    return out
+
+
+def doc_pages() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to dashes."""
+    text = re.sub(r"`([^`]*)`", r"\1", heading)
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", text).strip().lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    seen: dict[str, int] = {}
+    out = set()
+    for heading in _HEADING.findall(_FENCE.sub("", page.read_text(encoding="utf-8"))):
+        base = slug(heading)
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        out.add(base if n == 0 else f"{base}-{n}")
+    return out
+
+
+def test_nothing_points_outside_the_repository() -> None:
+    files = text_files()
+    assert len(files) > 50
+    offenders = [
+        f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+        for path in files
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if any(word in line for word in _OUTSIDE)
+    ]
+    assert not offenders, "points outside the repository:\n" + "\n".join(offenders)
+
+
+@pytest.mark.parametrize("page", doc_pages(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(page: Path) -> None:
+    links = _LINK.findall(_FENCE.sub("", page.read_text(encoding="utf-8")))
+    broken = []
+    for target in links:
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto:
+            continue
+        path_part, _, anchor = target.partition("#")
+        dest = (page.parent / path_part).resolve() if path_part else page
+        if not dest.exists():
+            broken.append(f"{target}: no such file")
+        elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+            broken.append(f"{target}: no heading with that anchor")
+    assert not broken, f"{page.relative_to(ROOT)}: " + "; ".join(broken)
+
+
+def test_the_docs_pages_exist_and_the_readme_links_them() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for name in ("api.md", "semantics.md", "architecture.md", "operations.md"):
+        assert (ROOT / "docs" / name).is_file(), name
+        assert f"](docs/{name})" in readme, f"README.md does not link docs/{name}"
+
+
+def test_slug_follows_github() -> None:
+    assert slug("14. Monolith's compiled C++ as ground truth") == (
+        "14-monoliths-compiled-c-as-ground-truth"
+    )
+    assert slug("4.2 Operations") == "42-operations"
+    assert slug("`ps-admin`") == "ps-admin"
