@@ -1,6 +1,6 @@
 """Engine benchmark: one shard's table against plain numpy on the same rows.
 
-Reproduces Monolith's ``hash_table_ops_benchmark`` workloads (reference §11) and
+Reproduces Monolith's ``hash_table_ops_benchmark`` workloads (docs/semantics.md §11) and
 adds the headline measurements. Every rate is printed beside a baseline run in
 the same process on the same machine, as a ratio:
 

@@ -1,6 +1,6 @@
 """Client side of monolith-ps: routing, fan-out, fused ops and learning-rate functions.
 
-:class:`PsClient` is the synchronous client of ``API.md``; :class:`AsyncPsClient` is
+:class:`PsClient` is the synchronous client of ``docs/api.md``; :class:`AsyncPsClient` is
 the asyncio core it runs on a private thread. Errors raised by either are
 :class:`PsError` subclasses (see :mod:`ps_client.errors`).
 """

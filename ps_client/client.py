@@ -1,4 +1,4 @@
-"""The synchronous client of ``API.md``: :class:`PsClient`, :class:`Table`, :class:`HashFilters`.
+"""The synchronous client (docs/api.md): :class:`PsClient`, :class:`Table`, :class:`HashFilters`.
 
 A :class:`PsClient` starts one private thread running an asyncio event loop and an
 :class:`ps_client.AsyncPsClient` on it; every method submits the matching
@@ -263,7 +263,7 @@ class PsClient:
         self, tables: Sequence[Table], ids: Any, fused_slot_size: Any, num_of_shards: int,
         req_time: int = 0,
     ) -> FusedLookupResult:
-        """Monolith's ``fused_lookup`` (reference §7), whatever shard owns each id.
+        """Monolith's ``fused_lookup`` (docs/semantics.md §7), whatever shard owns each id.
 
         Block ``i = s * K + t`` (shard-major) holds ``fused_slot_size[i]`` ids of
         ``tables[t]``.
@@ -284,7 +284,7 @@ class PsClient:
         req_time: int, global_step: int, num_of_shards: int,
         enable_grad_accumulation: bool = False,
     ) -> None:
-        """Monolith's ``fused_apply_gradient`` (reference §7), whatever shard owns each id.
+        """Monolith's ``fused_apply_gradient`` (docs/semantics.md §7), whatever shard owns each id.
 
         ``learning_rate_tensors`` is the concatenation of every table's per-segment
         rates; ``indices`` is unused.

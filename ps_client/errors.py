@@ -6,7 +6,7 @@ shard ``address`` and the RPC ``method``; it is raised ``from`` the original
 ``grpc.RpcError``. The client's own argument checks raise the same classes with no
 address.
 
-Where ``API.md`` promises a builtin exception the class also derives from it:
+Where ``docs/api.md`` promises a builtin exception the class also derives from it:
 bad arguments, a name already in use and a state that forbids the request are
 ``ValueError`` (:class:`PsInvalidArgument`, :class:`PsAlreadyExists`,
 :class:`PsFailedPrecondition`); an unknown table or file is a ``KeyError``

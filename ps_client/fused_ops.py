@@ -1,4 +1,4 @@
-"""Monolith's fused ops over logical tables (reference §7), routed to the real shards.
+"""Monolith's fused ops over logical tables (docs/semantics.md §7), routed to the real shards.
 
 Block ``i = s * K + t`` of the logical layout holds ``fused_slot_size[i]`` ids of
 ``tables[t]`` sent by worker ``s`` of ``num_of_shards``; every id is read or updated

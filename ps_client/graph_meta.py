@@ -3,7 +3,7 @@
 In Monolith, ``get_meta(key, factory)`` keeps one dict per TensorFlow graph and
 returns ``dict[key]``, creating it with ``factory()`` on first use; hash tables keep
 the set of names used in the graph under ``"hash_table_metadata"`` so a duplicate
-name raises ``ValueError`` (reference §10).
+name raises ``ValueError`` (docs/semantics.md §10).
 
 Here the "graph" is a :class:`MetaContext`. Each :class:`ps_client.PsClient` owns one,
 so table names are unique per client; while a client is used as a context manager

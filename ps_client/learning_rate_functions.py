@@ -1,4 +1,4 @@
-"""Learning-rate schedules for hash-table segments (reference §9, §4.4).
+"""Learning-rate schedules for hash-table segments (docs/semantics.md §9, §4.4).
 
 A table gets one learning rate per segment. Each may be a number, a zero-argument
 callable (``lambda: 0.1``) or a callable of the global step such as

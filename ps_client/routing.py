@@ -1,10 +1,10 @@
 """Where each id goes and how answers come back: pure numpy, no gRPC.
 
-Routing is Monolith's (reference §8): the owner of id ``x`` among ``n`` shards is
+Routing is Monolith's (docs/semantics.md §8): the owner of id ``x`` among ``n`` shards is
 ``floormod(x, n)`` on int64, so negative ids land in ``[0, n)`` too
 (``-1 -> n - 1``). Every helper works on whole batches; none loops over ids.
 
-The fused ops (reference §7) describe a *logical* layout of ``N = num_of_shards``
+The fused ops (docs/semantics.md §7) describe a *logical* layout of ``N = num_of_shards``
 sending workers and ``K`` tables: block ``i = s * K + t`` holds the ids table ``t``
 received from worker ``s``. :class:`FusedLayout` computes Monolith's offsets for it
 and :class:`FusedRoute` maps its ids onto the *real* shards of a cluster, which may
@@ -203,7 +203,7 @@ def scatter_objects(
 
 @dataclass(frozen=True)
 class FusedLayout:
-    """Monolith's shard-major layout of a fused request (reference §7).
+    """Monolith's shard-major layout of a fused request (docs/semantics.md §7).
 
     For ``N`` logical shards and ``K`` tables, block ``i = s * K + t`` holds
     ``sizes[i]`` ids of table ``t`` from shard ``s``. With ``key_off[0] = emb_off[0] = 0``::

@@ -3,7 +3,7 @@
 :class:`ServerConfig` is declared once: :func:`ps_server.gflags_utils.extract_flags`
 turns its fields and its docstring's ``:param name: help`` lines into the
 ``python -m ps_server`` / ``ps-server`` flags of the same names, defaults and help
-(DESIGN decision 8), so every field must keep such a line (continuation lines
+(docs/architecture.md decision 8), so every field must keep such a line (continuation lines
 are fine) and a plain ``int``/``float``/``str``/``bool`` type.
 """
 

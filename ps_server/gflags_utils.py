@@ -1,4 +1,4 @@
-"""Absl flags derived from dataclass docstrings (Monolith's ``gflags_utils``, reference §10).
+"""Absl flags from dataclass docstrings (Monolith's ``gflags_utils``, docs/semantics.md §10).
 
 A config dataclass documents each field with a ``:param name: help`` line in its class
 docstring. From that:

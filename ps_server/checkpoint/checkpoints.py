@@ -1,6 +1,6 @@
 """Checkpoint directories: every table and filter of a shard under one step's prefix.
 
-Layout (reference §6.5, API.md "Files")::
+Layout (docs/semantics.md §6.5, docs/api.md "Files")::
 
     <model_dir>/checkpoint                         TensorFlow CheckpointState text, names the latest
     <model_dir>/model.ckpt-<step>.assets/

@@ -3,7 +3,7 @@
 Saving shard ``i`` writes ``<basename>_<i>-%05d-of-%05d`` (``<basename>-%05d-of-%05d``,
 Monolith's single-table layout, when no shard index is given). Each record is
 ``EntryDump{id, num, opt, last_update_ts_sec}`` with all four fields present, byte
-for byte what Monolith writes (reference §6.1, §6.2). The number of files is the
+for byte what Monolith writes (docs/semantics.md §6.1, §6.2). The number of files is the
 table's ``saver_parallel`` when it is >= 0 (0 is taken as 1 so a save always leaves
 a file to find), else ``min(4, max(1, size // 1_000_000))``; file ``k`` holds the
 ``k``-th contiguous range of the table's rows, encoded ``SAVE_CHUNK_ROWS`` at a time

@@ -1,4 +1,4 @@
-"""Float compressors (SERVING storage) and retrievers (TRAINING lookup view), §5.3.
+"""Float compressors (SERVING storage) and retrievers (TRAINING view): docs/semantics.md §5.3.
 
 A segment's ``comp_config`` means two different things depending on the entry type:
 

@@ -1,4 +1,4 @@
-"""Feature expiry (reference §6.3): which entries are too old, on save and in memory.
+"""Feature expiry (docs/semantics.md §6.3): which entries are too old, on save and in memory.
 
 An entry expires when ``clock - last_update_ts_sec >= expire_days(slot) * 86400``,
 where ``clock`` is the table's ``max_update_ts`` (never the wall clock) and
@@ -109,7 +109,7 @@ def evict_expired(table: EmbeddingHashTable) -> int:
 
 
 class EvictionScheduler:
-    """When to run periodic eviction (reference §6.3, ``enable_feature_eviction``).
+    """When to run periodic eviction (docs/semantics.md §6.3, ``enable_feature_eviction``).
 
     Pure bookkeeping on wall-clock seconds given by the caller: the first
     :meth:`tick` records the time and returns False; a later tick returns True (and

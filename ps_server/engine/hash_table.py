@@ -4,7 +4,7 @@ Storage is struct-of-arrays: ``values[rows, dim]`` (float32), one array per opti
 state slot and segment, and ``timestamps[rows]`` (uint32 seconds), all indexed by the
 dense rows of an :class:`~ps_server.engine.id_index.IdIndex`. Every operation works
 on a whole batch; duplicates inside a batch keep Monolith's sequential meaning
-(reference §4.2): assign keeps the last occurrence, assign_add accumulates in order,
+(docs/semantics.md §4.2): assign keeps the last occurrence, assign_add accumulates in order,
 apply_gradients runs one optimizer step per occurrence in order (or one step with
 the summed gradient when ``enable_dedup``).
 

@@ -1,4 +1,4 @@
-"""Initial values for newly created entries (reference §5.2).
+"""Initial values for newly created entries (docs/semantics.md §5.2).
 
 An initializer runs only when an entry is created (assign, assign_add, optimize or
 reinitialize on a missing id); lookups of missing ids return zeros and never call it.
@@ -76,7 +76,7 @@ class RandomUniformInitializer(Initializer):
     moved to the float32 just below it so the interval stays half-open. The random
     stream is a seeded :class:`numpy.random.Generator` (PCG64): reproducible for a
     given seed and call sequence, but **not** Monolith's ``std::mt19937`` sequence
-    (the reference does not make that sequence part of the contract).
+    (docs/semantics.md §5.2 does not make that sequence part of the contract).
 
     :param dim: the segment's width.
     :param minval: lower bound (inclusive).

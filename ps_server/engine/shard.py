@@ -580,7 +580,7 @@ class Shard:
 
     def intercept_gradient(self, filter_name: str, ids: Any, grads: Any) -> Floats:
         """Count each id in the filter (count 1, in order) and zero the grad rows of
-        ids not admitted yet (Monolith's forward + backward pair, reference §3.6).
+        ids not admitted yet (Monolith's forward + backward pair, docs/semantics.md §3.6).
 
         :param grads: ``[len(ids), m]`` (or flat, viewed as such).
         """

@@ -74,7 +74,7 @@ def without_clocks(fingerprint: Fingerprint) -> Fingerprint:
     """The fingerprint with every table clock left out.
 
     A restore raises a table's clock to the newest restored timestamp but never
-    lowers it (reference §4.3), so after a restore only the entries must equal the
+    lowers it (docs/semantics.md §4.3), so after a restore only the entries must equal the
     checkpoint's.
     """
     tables = {

@@ -4,7 +4,7 @@ Every kind of file of a checkpoint is damaged in turn (a table part, one part of
 table saved in two files, a hash-filter split, the manifest, the ``checkpoint``
 index) and the checkpoint is restored through the client and through ``ps-admin``.
 Each restore must fail with a clear error naming the file (``DATA_LOSS``) and leave
-every live table and filter bit for bit as it was (DESIGN decision 5). The two
+every live table and filter bit for bit as it was (docs/architecture.md decision 5). The two
 damages that cannot be an error are checked too: a checkpoint without its manifest
 still restores completely into live tables, and without the index there is no
 latest checkpoint to pick (the client says None, ``ps-admin`` fails).

@@ -165,7 +165,7 @@ _FAMILIES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
 
 
 def status_for(e: BaseException) -> grpc.StatusCode:
-    """The status DESIGN decision 6 gives an engine or file error; anything else is a
+    """The status docs/architecture.md decision 6 gives an engine or file error; anything else is a
     bug and fails the test."""
     for cls, code in _FAMILIES:
         if isinstance(e, cls):

@@ -1,4 +1,4 @@
-"""Hostile input against one live shard (issue 7, item 3; DESIGN decision 6).
+"""Hostile input against one live shard (issue 7, item 3; docs/architecture.md decision 6).
 
 Hypothesis generates requests for every RPC of both services (data plane and admin)
 and sends them as raw bytes to ONE in-process shard server: truncated and padded
@@ -17,7 +17,7 @@ The expected outcome of every request is worked out independently of the server:
   found adds its status; a request without such defects is run on a reference
   :class:`Shard` (the engine in this process, fed numpy arrays decoded here) and
   takes the engine's error, if any (``ps_server.errors`` family → status, as
-  DESIGN decision 6 lists them).
+  docs/architecture.md decision 6 lists them).
 
 A rejected request must get a status in that precise set (never ``UNKNOWN`` or
 ``INTERNAL``) and leave the shard exactly as it was (every entry, optimizer slot,

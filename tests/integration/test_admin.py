@@ -3,7 +3,7 @@
 Checkpoints saved through the admin RPCs are restored into clusters of another size;
 readiness during a restore, eviction, stats, drain and every admin error are checked
 through real gRPC. Values are exact: assigned float32 values come back bit for bit,
-and expiry follows reference §6.3 (expired when clock - ts >= expire_days * 86400).
+and expiry follows docs/semantics.md §6.3 (expired when clock - ts >= expire_days * 86400).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ and answers are written by hand (``codec.encode_message_filled``: rows gathered
 straight into the answer's bytes, at a 16-byte aligned offset); small requests take
 protobuf's path. Both must give what the generated classes would: the answers parse
 as protobuf's message with the same fields (plus the ``align`` filler), and values
-are worked out by hand (SGD: ``w -= lr * g`` in float32, monolith semantics §4.2).
+are worked out by hand (SGD: ``w -= lr * g`` in float32, docs/semantics.md §4.2).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 One cluster per shard count for the whole module; every test makes its own tables
 (fresh names), so tests do not see each other's data. Expected values are worked
-out by hand from the reference formulas.
+out by hand from the formulas of docs/semantics.md.
 """
 
 from __future__ import annotations
@@ -188,14 +188,14 @@ def test_assign_shape_error(client: PsClient) -> None:
 def test_lookup_entry_bytes(client: PsClient) -> None:
     t = client.create_table(table_config())
     t.assign([11], [[0.1]])
-    # Reference §4.2: SGD, value 0.1, timestamp 0 -> num (field 2, packed float 0x3dcccccd),
+    # docs/semantics.md §4.2: SGD, value 0.1, timestamp 0 -> num (field 2, packed float 0x3dcccccd),
     # opt = OptimizerDump{dump {sgd {}}}, last_update_ts_sec 0.
     want = bytes.fromhex("15cdcccc3d1a040a0212002000")
     assert t.lookup_entry([11, 12, 11]) == [want, b"", want]
 
 
 def test_apply_gradients_sgd_with_and_without_dedup(client: PsClient) -> None:
-    # Reference §4.2: ids [0,1,0,1,0], grad -1, lr 0.1, dim 10 -> id0 0.3, id1 0.2.
+    # docs/semantics.md §4.2: ids [0,1,0,1,0], grad -1, lr 0.1, dim 10 -> id0 0.3, id1 0.2.
     for dedup in (False, True):
         t = client.create_table(table_config((10,)), learning_rate_fns=(0.1,))
         ids = [0, 1, 0, 1, 0]
@@ -316,7 +316,7 @@ def test_create_hash_filters_rejects_unknown_type(client: PsClient) -> None:
 
 
 def test_intercept_gradient_worked_example(client: PsClient) -> None:
-    # Reference §3.3: threshold 3, capacity 100, split 7, ids [1, 3<<17, 1], count 1 each.
+    # docs/semantics.md §3.3: threshold 3, capacity 100, split 7, ids [1, 3<<17, 1], count 1 each.
     filters = client.create_hash_filters(True, thresholds(3), capacity=100, split_num=7,
                                          name_suffix="_worked")
     ids = [1, 3 << 17, 1]
@@ -415,7 +415,7 @@ def test_fused_apply_gradient_docstring_example(client: PsClient) -> None:
     t1 = client.create_table(table_config((2,)))
     t0.assign([1, 2], [[1], [2]])
     t1.assign([3, 4], [[3, 3], [4, 4]])
-    # Reference §7, SGD, lr [1, 1]; grads [1, 2, 2, 1, 2, 2] laid out as
+    # docs/semantics.md §7, SGD, lr [1, 1]; grads [1, 2, 2, 1, 2, 2] laid out as
     # id1 [1] | id3 [2, 2] | id2 [1] | id4 [2, 2]:
     # id1 1 - 1 = 0; id3 3 - 2 = 1; id2 2 - 1 = 1; id4 4 - 2 = 2.
     client.fused_apply_gradient(

@@ -7,7 +7,7 @@ answer, every entry dump (values, optimizer state, timestamps) and every shard's
 table clock must be *identical* (no tolerance): routing only decides where an id
 lives, never what happens to it.
 
-The reference follows API.md's single-table semantics: without dedup the whole batch
+The reference follows docs/api.md's single-table semantics: without dedup the whole batch
 is applied in order; with ``enable_dedup`` duplicates are summed per owner shard, so
 the reference applies each owner's occurrences (``floormod(id, 3)``, computed here
 independently of the client's routing) as its own deduplicated batch.

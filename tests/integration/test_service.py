@@ -1,7 +1,7 @@
 """Every ParameterServer RPC through a real server and the raw generated stub.
 
-Expected values are worked out by hand from the reference formulas (monolith
-semantics §3.3, §4.2, §5.1, §7) in float32; tensors are built and read here with
+Expected values are worked out by hand from the formulas of
+docs/semantics.md (§3.3, §4.2, §5.1, §7) in float32; tensors are built and read here with
 numpy directly (not with ps_server.codec) so the wire format itself is checked.
 """
 

@@ -1,4 +1,4 @@
-"""One test per status code the shard sends (DESIGN decision 6, aesthetics §2.4).
+"""One test per status code the shard sends (docs/architecture.md decision 6 and "Errors").
 
 Each checks the exact code, that the details name the problem, and that afterwards
 the shard still serves with its state unchanged.
@@ -210,7 +210,7 @@ def test_data_loss_corrupt_filter_file(server: RunningServer, tmp_path: Path) ->
     seed(stub)
     make_filter(stub, "counting", threshold=3, capacity=100, split_num=7)
     ids, ones = [1, 3 << 17, 1], np.ones((3, 2), dtype=np.float32)
-    intercept(stub, "counting", ids, ones)  # §3.3 run 1
+    intercept(stub, "counting", ids, ones)  # docs/semantics.md §3.3 run 1
     base = str(tmp_path / "hash_filter_0")
     files = stub.SaveHashFilter(pb.HashFilterFilesRequest(hash_filter="counting",
                                                           basename=base)).files

@@ -1,4 +1,4 @@
-"""Status code -> client exception mapping, and the builtin bases API.md promises."""
+"""Status code -> client exception mapping, and the builtin bases docs/api.md promises."""
 
 from __future__ import annotations
 

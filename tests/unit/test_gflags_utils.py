@@ -1,4 +1,4 @@
-"""ps_server.gflags_utils against reference §10 (Monolith's gflags_utils and its test cases).
+"""ps_server.gflags_utils against docs/semantics.md §10 (Monolith's gflags_utils, its test cases).
 
 absl keeps one process-wide ``flags.FLAGS``. The ``fv`` fixture swaps it for an empty
 ``FlagValues`` for the length of a test (gflags_utils reads ``flags.FLAGS`` when called), so

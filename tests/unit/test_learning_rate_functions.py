@@ -1,4 +1,4 @@
-"""Learning-rate functions (reference §9) and per-segment evaluation (§4.4)."""
+"""Learning-rate functions (docs/semantics.md §9) and per-segment evaluation (§4.4)."""
 
 from __future__ import annotations
 

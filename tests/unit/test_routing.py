@@ -151,7 +151,7 @@ def test_scatter_objects_places_bytes() -> None:
 
 
 def test_fused_layout_docstring_example() -> None:
-    # Reference §7: K=2 tables of dims [1, 2], N=2, sizes [1, 1, 1, 1].
+    # docs/semantics.md §7: K=2 tables of dims [1, 2], N=2, sizes [1, 1, 1, 1].
     # key_off: 0, 1, 2, 3, 4.  emb_off: 0, +1*1=1, +2*1=3, +1*1=4, +2*1=6.
     # recv_splits: shard 0 = 1*1 + 2*1 = 3, shard 1 = 3.
     lay = fused_layout([1, 1, 1, 1], [1, 2], 2)

@@ -1,6 +1,6 @@
 """Monolith's sliding hash filter: counting cells in a ring of splits, vectorized.
 
-Layout (reference §3.2). ``n = split_num`` splits (``split_num >= 5``), each an array
+Layout (docs/semantics.md §3.2). ``n = split_num`` splits (``split_num >= 5``), each an array
 of ``total_size + 64`` ``uint16`` cells, ``split_capacity = capacity // (n - 1)`` and
 ``total_size = int(split_capacity * 1.2)``. A cell is ``(signature << 4) | count``
 with ``signature = (uint64(id) >> 17) & 0xFFF`` and a 4-bit count saturating at 15;

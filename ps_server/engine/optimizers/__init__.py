@@ -1,4 +1,4 @@
-"""Optimizers of table segments (reference §5.1) and the factory that builds them.
+"""Optimizers of table segments (docs/semantics.md §5.1) and the factory that builds them.
 
 :func:`optimizer_from_config` turns an ``OptimizerConfig`` into an :class:`Optimizer`
 for a segment of ``dim`` columns; the contract lives in :mod:`.base`.
@@ -61,7 +61,7 @@ OPTIMIZERS: dict[str, type[Optimizer]] = {
     "group_adagrad": GroupAdagradOptimizer,
 }
 
-#: Members whose configs exist but that Monolith (at the reference commit) cannot build.
+#: Members whose configs exist but that Monolith (at commit 135c491) cannot build.
 NOT_IMPLEMENTED = ("dynamic_wd_adagrad", "group_ftrl", "dc")
 
 

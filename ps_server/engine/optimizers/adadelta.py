@@ -1,4 +1,4 @@
-"""Adadelta (reference §5.1).
+"""Adadelta (docs/semantics.md §5.1).
 
 Per element, with ``g' = g + wd * w`` and ``rho = averaging_ratio``::
 

@@ -1,4 +1,4 @@
-"""Adagrad (reference §5.1).
+"""Adagrad (docs/semantics.md §5.1).
 
 Per element, with ``g' = g + wd * w``::
 
@@ -8,7 +8,7 @@ Per element, with ``g' = g + wd * w``::
 State ``norm`` starts at ``initial_accumulator_value``; the dump is
 ``SingleOptimizerDump.adagrad`` (field 1) with ``norm`` (field 1, repeated float).
 
-Choice (QUIRK in the reference): Monolith's AVX build moves ``w`` with the raw ``g``
+Choice (docs/semantics.md §12): Monolith's AVX build moves ``w`` with the raw ``g``
 instead of ``g'`` for every full block of 8 dims. We use ``g'`` everywhere, as the
 scalar path does; both agree whenever ``weight_decay_factor`` is 0.
 """

@@ -1,4 +1,4 @@
-"""Adam (reference §5.1).
+"""Adam (docs/semantics.md §5.1).
 
 Per entry, with ``g' = g + wd * w`` per element::
 
@@ -13,7 +13,7 @@ Per entry, with ``g' = g + wd * w`` per element::
 entry. The dump is ``SingleOptimizerDump.adam`` (field 7) with ``m`` (1), ``v`` (2),
 ``beta1_power`` (3) and ``beta2_power`` (4).
 
-Choice (QUIRK in the reference): Monolith's restore writes the dumped ``beta2_power``
+Choice (docs/semantics.md §12): Monolith's restore writes the dumped ``beta2_power``
 into ``beta1_power`` and leaves ``beta2_power`` at its initial value. Our slots map
 one to one onto the dump fields, so both powers restore correctly; the file format
 is unchanged. ``use_beta1_warmup`` and ``warmup_steps`` are ignored.

@@ -1,4 +1,4 @@
-"""AMSGrad (reference §5.1).
+"""AMSGrad (docs/semantics.md §5.1).
 
 Adam (see :mod:`~ps_server.engine.optimizers.adam`) with a running maximum of the
 second moment in the denominator::

@@ -1,4 +1,4 @@
-"""Batch-softmax step-interval estimate (reference §5.1).
+"""Batch-softmax step-interval estimate (docs/semantics.md §5.1).
 
 The entry's single value ``B`` tracks the smoothed number of global steps between
 hits of the id; the gradient is ignored. Per entry, with ``A`` the last step seen::

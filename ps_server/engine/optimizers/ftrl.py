@@ -1,4 +1,4 @@
-"""FTRL-proximal (reference §5.1).
+"""FTRL-proximal (docs/semantics.md §5.1).
 
 Per element, with ``n = norm``::
 
@@ -12,7 +12,7 @@ Per element, with ``n = norm``::
 State: ``norm`` starts at ``initial_accumulator_value``, ``zero`` at 0. The dump is
 ``SingleOptimizerDump.ftrl`` (field 3) with ``zero`` (field 1) and ``norm`` (field 2).
 
-Choice (QUIRK in the reference): ``s`` is 1 when ``zero``'s sign bit is set and 0
+Choice (docs/semantics.md §12): ``s`` is 1 when ``zero``'s sign bit is set and 0
 otherwise, as Monolith computes it, not the textbook sign ±1. Kept for fidelity; the
 two agree when ``l1_regularization_strength`` is 0.
 """

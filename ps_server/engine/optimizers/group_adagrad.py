@@ -1,4 +1,4 @@
-"""Group AdaGrad: one accumulator per entry and a group-lasso (l2) shrink (reference §5.1).
+"""Group AdaGrad: one accumulator per entry and a group-lasso (l2) shrink (docs/semantics.md §5.1).
 
 Per entry, with ``g'_i = g_i + wd * w_i``::
 
@@ -13,7 +13,7 @@ Per entry, with ``g'_i = g_i + wd * w_i``::
 ``SingleOptimizerDump.group_adagrad`` (field 15) with the scalar ``grad_square_sum``
 (field 1).
 
-Choice (the reference is silent): when ``Z`` is 0 (zero weights and a zero gradient)
+Choice (docs/semantics.md §5.1 records it): when ``Z`` is 0 (zero weights and a zero gradient)
 Monolith divides 0 by 0 and stores NaN; we store 0, the limit of the formula. Every
 other case, NaN inputs included, follows the formula. ``warmup_steps`` is ignored.
 """

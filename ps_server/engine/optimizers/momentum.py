@@ -1,4 +1,4 @@
-"""Momentum (reference §5.1).
+"""Momentum (docs/semantics.md §5.1).
 
 Per element, with ``mu = momentum``::
 

@@ -1,4 +1,4 @@
-"""Moving average (reference §5.1): the gradient is a target, not a slope.
+"""Moving average (docs/semantics.md §5.1): the gradient is a target, not a slope.
 
 Per element, with ``mu = momentum``: ``w = mu * w + (1 - mu) * g``.
 

@@ -1,4 +1,4 @@
-"""RMSprop, Monolith's first version (reference §5.1).
+"""RMSprop, Monolith's first version (docs/semantics.md §5.1).
 
 Per element, with ``mu = momentum``, computed in float64 and stored as float32::
 
@@ -9,7 +9,7 @@ Per element, with ``mu = momentum``, computed in float64 and stored as float32::
 ``n`` starts at 0. The dump is ``SingleOptimizerDump.rmsprop`` (field 11) with ``n``
 (field 1).
 
-Choice (QUIRK in the reference): the step size is the **config's** ``learning_rate``
+Choice (docs/semantics.md §12): the step size is the **config's** ``learning_rate``
 (default 0.01); the segment's learning rate passed to :meth:`apply` is ignored, as in
 Monolith. Rounding follows Monolith's mix of widths: the new ``n`` is rounded to
 float32 and its square root taken in float32; everything else is float64 until ``w``

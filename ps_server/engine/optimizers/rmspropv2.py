@@ -1,4 +1,4 @@
-"""RMSprop, Monolith's second version (reference §5.1).
+"""RMSprop, Monolith's second version (docs/semantics.md §5.1).
 
 As :mod:`~ps_server.engine.optimizers.rmsprop` (float64 compute, float32 storage),
 except that the accumulator is not damped on the new term and the step uses the

@@ -1,4 +1,4 @@
-"""Plain stochastic gradient descent (reference §5.1).
+"""Plain stochastic gradient descent (docs/semantics.md §5.1).
 
 ``w -= lr * g`` per element. No state; the dump is an empty
 ``SingleOptimizerDump.sgd`` (field 2). Repeated steps on one entry compose

@@ -1,4 +1,4 @@
-"""Stochastic rounding of updated values to float16 neighbours (reference §5.1).
+"""Stochastic rounding of updated values to float16 neighbours (docs/semantics.md §5.1).
 
 ``OptimizerConfig.stochastic_rounding_float16 = true`` wraps the optimizer: after the
 inner update (called with ``global_step`` 0) every value ``w`` becomes one of its two

@@ -1,4 +1,4 @@
-"""Checkpoint directories (reference §6.5, API.md "Files"): layout, manifest, index, restore."""
+"""Checkpoint directories (docs/semantics.md §6.5): layout, manifest, index, restore."""
 
 from __future__ import annotations
 

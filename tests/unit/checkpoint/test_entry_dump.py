@@ -1,6 +1,6 @@
 """EntryDump codec: byte equality with protobuf, hand-computed records, decoding.
 
-Stand-in optimizers below mirror the real dump layouts (reference §1.3) so these
+Stand-in optimizers below mirror the real dump layouts (docs/semantics.md §1.3) so these
 tests do not depend on the optimizer update code; one test also runs every real
 optimizer's slots through the codec.
 """
@@ -247,7 +247,7 @@ def assert_decoded(out: Any, values: Any, segments: Any, ts: Any, ids: Any) -> N
 
 
 def test_sgd_lookup_entry_example() -> None:
-    # reference §4.2: SGD, value 0.1, ts 0, no id.
+    # docs/semantics.md §4.2: SGD, value 0.1, ts 0, no id.
     buf, off = encode_entry_dumps(
         np.array([[0.1]], np.float32), [(Sgd(None, 1), {})], np.array([0], np.int64), None
     )

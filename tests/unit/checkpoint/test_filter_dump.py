@@ -79,7 +79,7 @@ def snapshot(f: SlidingHashFilter) -> tuple[bytes, list[int], int, int, int]:
 
 
 def test_worked_example_survives_save_and_restore(tmp_path: Path) -> None:
-    """§3.3 with a checkpoint after run 2: runs 3 and 4 on the restored filter."""
+    """docs/semantics.md §3.3 with a checkpoint after run 2: runs 3 and 4 on the restored filter."""
     f = SlidingHashFilter(100, 7, thresholds_all(3))
     ids = [1, 3 << 17, 1]
     assert grads_of(f.should_be_filtered(ids, with_table=False)) == [[0, 0]] * 3
@@ -99,7 +99,7 @@ def test_worked_example_survives_save_and_restore(tmp_path: Path) -> None:
 
 
 def test_hundred_split_checkpoints(tmp_path: Path) -> None:
-    """§3.8 multi-filter test: capacity 300, split 100, threshold 2."""
+    """docs/semantics.md §3.8 multi-filter test: capacity 300, split 100, threshold 2."""
     f = SlidingHashFilter(300, 100, thresholds_all(2))
     ckpt0 = save_filter(f, str(tmp_path / "ckpt0" / "hash_filter_0"))
     assert len(ckpt0) == 100

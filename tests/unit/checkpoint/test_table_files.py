@@ -1,6 +1,6 @@
-"""Table files (reference §6): save/restore, expiry on save, resharding, damage, interop.
+"""Table files (docs/semantics.md §6): save/restore, expiry on save, resharding, damage, interop.
 
-Expected values are worked out by hand from the reference formulas; files from and
+Expected values are worked out by hand from the formulas of docs/semantics.md; files from and
 for other TFRecord implementations are written/read here with ``struct`` and
 ``google_crc32c`` directly.
 """

@@ -1,7 +1,7 @@
 """TFRecord framing: known CRC values, hand-framed files, atomic writes, damage reports.
 
 The framing used as the expectation is built here with ``struct`` and
-``google_crc32c`` directly (reference §6.2), not with the module under test.
+``google_crc32c`` directly (docs/semantics.md §6.2), not with the module under test.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Float compressors and retrievers (reference §5.3), with hand-worked numbers."""
+"""Float compressors and retrievers (docs/semantics.md §5.3), with hand-worked numbers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Expiry (reference §6.3): the mask, in-memory eviction and its scheduler.
+"""Expiry (docs/semantics.md §6.3): the mask, in-memory eviction and its scheduler.
 
 An entry expires iff ``clock - ts >= expire_days(slot_v2(id)) * 86400``.
 """

@@ -1,6 +1,6 @@
 """Hash filters: Monolith's worked examples, its C++ filter tests, and a sequential model.
 
-Expected values come from reference §3 worked by hand (the arithmetic is in the
+Expected values come from docs/semantics.md §3 worked by hand (the arithmetic is in the
 comments). The vectorized sliding filter is also compared bit for bit (masks, old
 counts, cells, head, head_increment, element and failure counts) with
 ``SequentialSliding``, a per-id transcription of §3.2 written here with plain Python

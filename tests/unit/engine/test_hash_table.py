@@ -1,6 +1,6 @@
 """EmbeddingHashTable on one shard: Monolith's hash_table_ops tests that apply to one engine.
 
-Expected values are worked out from reference §4 and §5 (float32 arithmetic).
+Expected values are worked out from docs/semantics.md §4 and §5 (float32 arithmetic).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def test_lookup_entry_bytes_match_monolith_example() -> None:
     t = sgd_table(1)
     t.assign([7], [[0.1]])
     entries = lookup_entry(t, [7, 8])
-    # num 0.1f, opt {dump {sgd {}}}, last_update_ts_sec 0; no id field (reference §4.2).
+    # num 0.1f, opt {dump {sgd {}}}, last_update_ts_sec 0; no id field (docs/semantics.md §4.2).
     assert entries[0] == bytes.fromhex("15cdcccc3d1a040a02120020 00".replace(" ", ""))
     assert entries[1] == b""
     dump = eht.EntryDump.FromString(entries[0])
@@ -103,7 +103,7 @@ def test_gradients_with_learning_rate_fn() -> None:
 
 
 def test_gradients_with_polynomial_decay() -> None:
-    # 0.01 -> 0.11 over 10 steps: at step 1 the rate is 0.02 (reference §9).
+    # 0.01 -> 0.11 over 10 steps: at step 1 the rate is 0.02 (docs/semantics.md §9).
     t = sgd_table(1)
     decay = PolynomialDecay(initial_learning_rate=0.01, decay_steps=10, end_learning_rate=0.11)
     lrs = evaluate_learning_rates([decay], global_step=1)
@@ -341,7 +341,7 @@ def _filtered_table(threshold: int, dim: int = 1) -> EmbeddingHashTable:
 
 
 def test_gradients_with_hash_filter_threshold_3() -> None:
-    # ids [0, 0, 1], grad -1, SGD lr 0.1, threshold 3 (reference §3.7): every
+    # ids [0, 0, 1], grad -1, SGD lr 0.1, threshold 3 (docs/semantics.md §3.7): every
     # occurrence of a missing id is counted against the table as it was before the
     # batch; an occurrence passes once the count before it is >= 3.
     t = _filtered_table(3)

@@ -1,4 +1,4 @@
-"""Initializers (reference §5.2): values, shapes, dtypes, config handling."""
+"""Initializers (docs/semantics.md §5.2): values, shapes, dtypes, config handling."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Optimizers (reference §5.1): update formulas, state layout, the factory.
+"""Optimizers (docs/semantics.md §5.1): update formulas, state layout, the factory.
 
-Expected numbers are worked out from the reference formulas: either written as
+Expected numbers are worked out from the formulas of docs/semantics.md: either written as
 arithmetic in the test, or by a per-element scalar transcription of the formula in
 plain Python floats (``_reference_*``), never from the optimizer code under test.
 """
@@ -136,7 +136,7 @@ def test_sgd_steps_in_float32() -> None:
 
 
 def test_sgd_apply_sequential_duplicates_reference_example() -> None:
-    # Reference §4.2: ids [0,1,0,1,0], grad -1, lr 0.1, dim 10 -> id0 0.3, id1 0.2.
+    # docs/semantics.md §4.2: ids [0,1,0,1,0], grad -1, lr 0.1, dim 10 -> id0 0.3, id1 0.2.
     opt = make("sgd", 10)
     values = np.zeros((2, 10), np.float32)
     rows = np.array([0, 1, 0, 1, 0], np.int64)
@@ -553,7 +553,7 @@ def test_batch_softmax_needs_dim_1() -> None:
 
 
 def _mwc_reference(k: int) -> list[float]:
-    """The reference's generator, one draw at a time, both halves of the state."""
+    """The generator of docs/semantics.md §5.1, one draw at a time, both halves of the state."""
     s0, s1 = 0, 1
     out = []
     for _ in range(k):
