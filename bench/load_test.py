@@ -39,6 +39,8 @@ and ``--inject-lost`` makes the reference apply one logged update twice (the ser
 then looks one update short): both exist to show that the audit can fail.
 
 Exit code 0 iff the audit passes; 3 if the hard timeout (``--hard-timeout``) fires.
+The hard timeout counts from the moment every shard reports SERVING (its gRPC
+health); the start-up has its own limit (:data:`START_LIMIT` seconds).
 The last line printed is a one-line summary.
 
 Usage: ``python bench/load_test.py [--quick] [--seconds S] [--clients C] [--shards N]``.
@@ -67,6 +69,7 @@ from ps_client import PsClient, Table
 from ps_client.testing import LocalCluster, local_cluster
 from ps_server.engine import configs
 from ps_server.engine.hash_table import EmbeddingHashTable
+from ps_server.healthcheck import probe
 
 ZIPF_EXPONENT = 1.1
 SHARED_RANKS = 1 << 16
@@ -77,6 +80,8 @@ MAX_BATCH = 256
 MAX_K = 8
 """Gradient / increment numerators are integers in ``[-MAX_K, MAX_K]``."""
 AUDIT_CHUNK = 65_536
+START_LIMIT = 60.0
+"""Seconds the shards have to start and report SERVING (a safety net)."""
 MAX_CONSECUTIVE_FAILURES = 20
 
 OP_WEIGHTS: dict[str, float] = {
@@ -391,8 +396,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--shards", type=int, default=4, help="local shard processes (default 4)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hard-timeout", type=float, default=None,
-                    help="kill everything and exit 3 after this many seconds "
-                         "(default: load duration + 300)")
+                    help="kill everything and exit 3 after this many seconds, counted "
+                         "once every shard serves (default: load duration + 300)")
     ap.add_argument("--inject-double", action="store_true",
                     help="debug: send one logged update to the cluster twice (audit must fail)")
     ap.add_argument("--inject-lost", action="store_true",
@@ -424,6 +429,9 @@ class Watchdog:
         self._grace = grace
         self._timer = threading.Timer(seconds, self._fire)
         self._timer.daemon = True
+
+    def start(self) -> None:
+        """Start counting (once the cluster serves)."""
         self._timer.start()
 
     def _fire(self) -> None:
@@ -444,6 +452,23 @@ class Watchdog:
     def cancel(self) -> None:
         self._done.set()
         self._timer.cancel()
+
+
+def wait_serving(addresses: Sequence[str], limit: float = START_LIMIT) -> None:
+    """Return once every shard's health says SERVING for the data plane.
+
+    :raises RuntimeError: a shard did not within ``limit`` seconds.
+    """
+    deadline = time.monotonic() + limit
+    for address in addresses:
+        while True:
+            serving, detail = probe(address, service="monolith_ps.ParameterServer",
+                                    timeout=max(1.0, deadline - time.monotonic()))
+            if serving:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"shard {address} not SERVING within {limit:g}s: {detail}")
+            time.sleep(0.05)
 
 
 def first_ok(logs: Sequence[ClientLog], pick: Callable[[Op], bool]) -> Op | None:
@@ -469,11 +494,13 @@ def run(args: argparse.Namespace, watchdog: Watchdog) -> int:
     req_time = int(time.time())
     print(f"load_test: {args.clients} client threads (one PsClient each) x {args.shards} "
           f"shard processes, {args.seconds:g}s, seed {args.seed}, {os.cpu_count()} cores")
-    with local_cluster(args.shards) as cluster:
+    with local_cluster(args.shards, start_timeout=START_LIMIT) as cluster:
         watchdog.cluster = cluster
         print("shards: " + ", ".join(
             f"{a} (pid {p.pid})" for a, p in zip(cluster.addresses, cluster.processes,
-                                                 strict=True)))
+                                                 strict=True)), flush=True)
+        wait_serving(cluster.addresses)
+        watchdog.start()
         with PsClient(cluster.addresses) as admin:
             for d in defs.values():
                 admin.create_table(d.config, name=d.name, learning_rate_fns=d.learning_rates)

@@ -26,6 +26,7 @@ import os
 import signal
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,6 +147,7 @@ async def build_shard_server(
     shard: Shard | None = None,
     *,
     executor: concurrent.futures.Executor | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> ShardServer:
     """A bound, not yet started :class:`ShardServer` for ``shard`` (new if None).
 
@@ -155,6 +157,8 @@ async def build_shard_server(
     :param executor: thread pool for engine work; the caller owns it and shuts it
         down after stopping. None: a new pool of ``config.worker_threads`` threads
         that lives as long as the process.
+    :param interceptors: more server interceptors, innermost (after metrics, the
+        token check, the drain gate and the request guards); tests inject faults here.
     :raises ConfigError: the shard does not match the config, or the address
         cannot be bound.
     """
@@ -178,14 +182,15 @@ async def build_shard_server(
     # Metrics outermost, so refused calls are counted too; then the token check, so an
     # unauthenticated caller learns nothing (not even that the shard drains) and its
     # request is never parsed.
-    interceptors: list[grpc.aio.ServerInterceptor] = [RpcMetricsInterceptor(metrics)]
+    chain: list[grpc.aio.ServerInterceptor] = [RpcMetricsInterceptor(metrics)]
     if tokens.any:
-        interceptors.append(TokenAuthInterceptor(tokens))
-    interceptors += [DrainGate(ops), MalformedRequestGuard()]
+        chain.append(TokenAuthInterceptor(tokens))
+    chain += [DrainGate(ops), MalformedRequestGuard()]
     if config.max_ids_per_request:
-        interceptors.append(BatchLimitGuard(config.max_ids_per_request))
+        chain.append(BatchLimitGuard(config.max_ids_per_request))
+    chain += interceptors
     server = grpc.aio.server(
-        interceptors=interceptors,
+        interceptors=chain,
         options=[
             ("grpc.max_send_message_length", limit),
             ("grpc.max_receive_message_length", limit),
@@ -237,11 +242,13 @@ async def build_server(
     shard: Shard | None = None,
     *,
     executor: concurrent.futures.Executor | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> tuple[grpc.aio.Server, int, Any]:
     """The gRPC part of :func:`build_shard_server` (no metrics endpoint, no periodic
     eviction): ``(server, bound_port, health_servicer)``; ``await server.start()``.
     """
-    built = await build_shard_server(config, shard, executor=executor)
+    built = await build_shard_server(config, shard, executor=executor,
+                                     interceptors=interceptors)
     return built.server, built.port, built.health
 
 

@@ -61,6 +61,12 @@ class Stats:
     seconds: collections.Counter[str] = field(default_factory=collections.Counter)
     #: requests sent by each fuzz test
     by_test: collections.Counter[str] = field(default_factory=collections.Counter)
+    #: calls the shard failed with an error of its own instead of an answer or a precise
+    #: status: UNKNOWN or INTERNAL (an unhandled exception) or UNAVAILABLE (it stopped
+    #: answering); see :data:`CRASH_CODES`
+    crashes: int = 0
+    #: calls unanswered past their deadline (:data:`CALL_DEADLINE` seconds)
+    hangs: int = 0
 
     @property
     def total(self) -> int:
@@ -74,7 +80,7 @@ class Stats:
         rejected = sum(n for (_, o), n in self.outcomes.items() if o != "OK")
         lines = [f"{self.total} requests sent to one live shard: {self.total - rejected} "
                  f"accepted (equal to the reference), {rejected} rejected (precise status, "
-                 "state unchanged); 0 crashes, 0 hangs",
+                 f"state unchanged); {self.crashes} crashes, {self.hangs} hangs",
                  "  by test: " + ", ".join(f"{t} {n}" for t, n in sorted(self.by_test.items()))
                  + f"; {sum(self.seconds.values()):.1f} s waiting for answers"]
         for method in sorted(by_method):
@@ -85,6 +91,10 @@ class Stats:
 
 
 STATS = Stats()
+#: Deadline of one fuzz call (s): far beyond any answer; a call past it is a hang.
+CALL_DEADLINE = 30.0
+#: Statuses no request may get: the shard crashed in the call or stopped answering.
+CRASH_CODES = frozenset({Code.UNKNOWN, Code.INTERNAL, Code.UNAVAILABLE})
 
 
 # ---------------------------------------------------------------- the shard and its twin
@@ -319,7 +329,7 @@ class Harness:
             return
         t0 = time.perf_counter()
         try:
-            answer = self.rpcs[method](payload, timeout=30)
+            answer = self.rpcs[method](payload, timeout=CALL_DEADLINE)
             code, details = Code.OK, ""
         except grpc.RpcError as err:
             call: Any = err
@@ -327,8 +337,14 @@ class Harness:
             answer = None
         STATS.seconds[method] += time.perf_counter() - t0
         STATS.outcomes[(method, code.name)] += 1
-        after = shard_fingerprint(self.shard)
         where = f"{method} of {len(payload)} bytes {payload[:200]!r}"
+        if code == Code.DEADLINE_EXCEEDED:
+            STATS.hangs += 1
+            raise AssertionError(f"{where}: no answer within {CALL_DEADLINE:g} s (a hang)")
+        if code in CRASH_CODES:
+            STATS.crashes += 1
+            raise AssertionError(f"{where}: the shard crashed: {code.name}: {details}")
+        after = shard_fingerprint(self.shard)
         if isinstance(expected, Reject):
             assert code in expected.codes, (
                 f"{where}: expected one of {sorted(c.name for c in expected.codes)}, got "

@@ -88,7 +88,9 @@ def live_shard(base: Path, shard_index: int, num_shards: int) -> Iterator[Harnes
         default_filter_split_num=DEFAULT_SPLIT,
     ) as server:
         yield Harness(server, root, outside)
-        # Nothing ever escaped the data root, and the shard still serves.
+        # No call crashed the shard or hung; nothing ever escaped the data root, and
+        # the shard still serves.
+        assert (STATS.crashes, STATS.hangs) == (0, 0), STATS.report()
         assert list(outside.iterdir()) == []
         assert server.stub.ListTables(pb.ListTablesRequest(), timeout=10).names
 

@@ -193,17 +193,22 @@ class ServerProcess:
 
 @contextlib.contextmanager
 def start_server_process(
-    tmp_path: Path, *flags: str, startup_timeout: float = 30.0
+    tmp_path: Path, *flags: str, startup_timeout: float = 60.0, prelude: str = ""
 ) -> Iterator[ServerProcess]:
-    """Start ``python -m ps_server --port=0 --port_file=...`` and wait for the port file.
+    """Start ``python -m ps_server --port=0 --port_file=...`` and wait for the port file
+    (written once the server serves; ``startup_timeout`` is only a safety net).
 
     :param flags: extra flags, e.g. ``"--shard_index=1", "--num_shards=2"``.
+    :param prelude: Python code the child runs before the server's ``main`` (a test
+        hook, e.g. one that holds engine work until an event).
     The process is killed on exit if still running.
     """
     port_file = tmp_path / f"port-{time.monotonic_ns()}"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    program = (["-c", f"{prelude}\nfrom ps_server.__main__ import main\nmain()\n"]
+               if prelude else ["-m", "ps_server"])
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ps_server", "--port=0", "--host=127.0.0.1",
+        [sys.executable, *program, "--port=0", "--host=127.0.0.1",
          f"--port_file={port_file}", *flags],
         cwd=REPO,
         env=env,

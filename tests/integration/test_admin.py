@@ -158,6 +158,20 @@ class BlockingRestore:
         self._release.set()
 
 
+def wait_until(what: str, check: Callable[[], bool], limit: float = 30.0) -> None:
+    """Wait for ``check()`` to hold (an observed state, asked every 10 ms); ``limit`` is
+    only a safety net against a test that would hang."""
+    deadline = time.monotonic() + limit
+    while not check():
+        assert time.monotonic() < deadline, f"not within {limit:g} s: {what}"
+        time.sleep(0.01)
+
+
+def in_flight(srv: RunningServer) -> int:
+    """Data-plane calls the shard admitted and has not answered (admin Stats)."""
+    return admin(srv).Stats(pb.StatsRequest(), timeout=10).in_flight
+
+
 def in_thread(call: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
     out: dict[str, Any] = {}
 
@@ -233,14 +247,19 @@ def test_readiness_is_not_serving_while_a_restore_runs(
             assert health(srv, "monolith_ps.ParameterServerAdmin") == SERVING
             # Stats answers while the restore holds the shard.
             assert admin(srv).Stats(pb.StatsRequest(), timeout=5).state == "RESTORING"
-            # A data RPC waits for the restore instead of interleaving with it.
+            # A data RPC waits for the restore instead of interleaving with it: the
+            # shard admitted it (in flight), and it has no answer while the restore
+            # is held.
+            assert in_flight(srv) == 0
             reader, read = in_thread(lambda: lookup(srv.stub, "emb", [1]))
-            reader.join(0.5)
+            wait_until("the shard admitted the lookup", lambda: in_flight(srv) == 1)
             assert reader.is_alive() and not read
+            assert in_flight(srv) == 1
         finally:
             hook.release()
-        restore.join(10)
-        reader.join(10)
+        for thread in (restore, reader):
+            thread.join(30)
+            assert not thread.is_alive(), "a call still runs after the restore was released"
         assert "error" not in restored, restored
         np.testing.assert_array_equal(read["result"], values_of([1]))  # the restored value
         assert health(srv) == SERVING
@@ -316,13 +335,11 @@ def test_the_server_runs_periodic_eviction_in_the_background() -> None:
         # every_n_hours = 0: due at every check after the first.
         expiring_table(srv, "hourly0", periodic=True, every_n_hours=0)
         expiring_table(srv, "never", periodic=False)
-        deadline = time.monotonic() + 10
-        while True:
-            sizes = {t.name: t.entries for t in admin(srv).Stats(pb.StatsRequest()).tables}
-            if sizes["hourly0"] == 2 or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        assert sizes == {"hourly0": 2, "never": 3}
+        def sizes() -> dict[str, int]:
+            return {t.name: t.entries for t in admin(srv).Stats(pb.StatsRequest()).tables}
+
+        wait_until("a background eviction of hourly0", lambda: sizes()["hourly0"] == 2)
+        assert sizes() == {"hourly0": 2, "never": 3}
         evicted = {t.name: t.evicted_entries for t in admin(srv).Stats(pb.StatsRequest()).tables}
         assert evicted == {"hourly0": 1, "never": 0}
 
@@ -383,7 +400,7 @@ def test_drain_refuses_data_rpcs_after_the_running_ones(
         assert hook.entered.wait(10)
         # A data call admitted before the drain, waiting behind the restore.
         reader, read = in_thread(lambda: lookup(srv.stub, "emb", [2]))
-        time.sleep(0.2)
+        wait_until("the shard admitted the lookup", lambda: in_flight(srv) == 1)
         t0 = time.monotonic()
         drained = admin(srv).Drain(pb.DrainRequest(grace_seconds=0.5))
         assert drained.in_flight == 1 and drained.waited_seconds >= 0.5
@@ -393,8 +410,9 @@ def test_drain_refuses_data_rpcs_after_the_running_ones(
                                grpc.StatusCode.UNAVAILABLE, "drained", "shard 0 of 1")
         assert "restart" in details
         hook.release()
-        restore.join(10)
-        reader.join(10)
+        for thread in (restore, reader):
+            thread.join(30)
+            assert not thread.is_alive(), "a call still runs after the restore was released"
         # The admitted call was not cut off.
         np.testing.assert_array_equal(read["result"], values_of([2]))
         drained = admin(srv).Drain(pb.DrainRequest(grace_seconds=5))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import glob
 import os
-import time
+import queue
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from ps_client import (
     PsError,
     PsInvalidArgument,
     PsUnavailable,
+    RetryPolicy,
 )
 from ps_client.graph_meta import HASH_TABLE_METADATA, get_meta
 from ps_client.testing import ClusterStartError, local_cluster
@@ -528,13 +529,25 @@ def test_reads_wait_for_a_restarted_shard_and_writes_give_up() -> None:
         assert isinstance(info.value, ConnectionError)
         assert info.value.address == cluster.addresses[1]
         # A read started while shard 1 is down keeps retrying (with backoff) until the
-        # shard is back on its port; the new shard 1 is empty.
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(c.shard_infos)
-            time.sleep(0.3)
+        # shard is back on its port; the new shard 1 is empty. Its client counts the
+        # failed attempts, so "still waiting" is seen after attempts really failed; its
+        # deadline and attempts leave the restart all the time a slow machine needs.
+        failed: queue.Queue[int] = queue.Queue()
+
+        class CountedRetry(RetryPolicy):
+            def delay(self, attempt: int) -> float:
+                failed.put(attempt)
+                return super().delay(attempt)
+
+        with PsClient(cluster.addresses, timeout=120,
+                      retry=CountedRetry(max_attempts=1000, max_backoff=0.5)) as reader, \
+                concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(reader.shard_infos)
+            assert failed.get(timeout=60) == 1
+            assert failed.get(timeout=60) == 2  # a retry failed too: it keeps trying
             assert not pending.done()
             cluster.restart(1)
-            assert [len(i.tables) for i in pending.result(timeout=20)] == [1, 0]
+            assert [len(i.tables) for i in pending.result(timeout=120)] == [1, 0]
         assert t.lookup([0]).tolist() == [[1.0]]
         with pytest.raises(KeyError, match="faulty"):
             t.lookup([1])

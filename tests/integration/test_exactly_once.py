@@ -1,23 +1,31 @@
 """Exactly-once updates: a lost answer is retried by the client and applied once.
 
-Between the client and a real shard sits :class:`AnswerDropper`, a TCP proxy on
-loopback that reads the shard's HTTP/2 frames and loses the first answer after it
-is armed, in one of two ways:
+The shard is built as the product builds it (:func:`ps_server.server.build_shard_server`:
+metrics, bearer-token check, drain gate, request guards), with data and admin tokens.
+Between the client and it sits :class:`AnswerDropper`, a TCP proxy on loopback that
+reads the shard's HTTP/2 frames and loses the first answer after it is armed, in one
+of three ways:
 
 * ``close``: the answer's DATA frame is dropped and both connections are closed;
   the client sees ``UNAVAILABLE`` and resends on a new connection;
-* ``hold``: from the answer on, everything the shard sends is held back; the
-  client's attempt runs out of time (``DEADLINE_EXCEEDED``) and it resends on the
-  same connection. Once the shard answered the resend from its ledger, the held
-  bytes are delivered (the stale answer first, for a stream the client gave up).
+* ``hold``: from the answer on, everything the shard sends is held back, and the
+  proxy ends the client's attempt with ``DEADLINE_EXCEEDED`` (a trailers frame, as
+  if its deadline had passed); the client resends on the same connection. Once the
+  shard answered the resend from its ledger, the held bytes are delivered (the
+  stale answer first, for a stream the client gave up);
+* ``stall``: as ``hold``, but the attempt ends on the client's own attempt
+  deadline (:attr:`RetryPolicy.attempt_timeout`).
 
-In both the shard applied the update before its answer was lost. The resend
-carries the same tag, so the shard answers it from its ledger (``replayed``, the
+Every resend is caused by an event the test makes (the proxy saw the answer), not by
+a clock racing the shard: attempts get the whole call deadline, except in ``stall``,
+whose assertions hold however many attempts run out of time. In each the shard
+applied the update before its answer was lost. The resend carries the same tag, so
+the shard answers it from its ledger (``replayed``, the
 ``monolith_ps_replayed_requests_total`` counter) and the value is exactly one
 update, worked out by hand. A server interceptor that applies a call and then
 fails it with ``UNAVAILABLE`` is the same fault one level up. Concurrent
 duplicates, repeats of failed requests and untagged requests are sent with a raw
-stub.
+stub (with the data token).
 """
 
 from __future__ import annotations
@@ -38,12 +46,12 @@ from protos import ps_service_pb2 as pb
 from protos import ps_service_pb2_grpc as ps_grpc
 from ps_client import AsyncPsClient, RetryPolicy
 from ps_client.async_table import AsyncTable
+from ps_client.transport import ChannelOptions
 from ps_server import codec
 from ps_server.config import ServerConfig
-from ps_server.engine.shard import Shard
 from ps_server.runtime import ShardRuntime
 from ps_server.server import ShardServer, build_shard_server
-from ps_server.service import SERVICE_NAME, ParameterServerServicer, add_servicer_to_server
+from ps_server.service import SERVICE_NAME
 
 pytestmark = pytest.mark.integration
 
@@ -55,9 +63,11 @@ ONE_SGD_STEP = [[0.0 - 0.5 * 0.5, 0.0 - 0.5 * -1.0], [0.0 - 0.5 * 2.0, 0.0 - 0.5
 assert ONE_SGD_STEP == [[-0.25, 0.5], [-1.0, -0.125]]
 VALUES = np.array([[1.5, -2.0], [0.25, 4.0]], dtype=np.float32)
 ONE_ADD = [[0.0 + 1.5, 0.0 - 2.0], [0.0 + 0.25, 0.0 + 4.0]]
-TIMEOUT = 10.0
-# An attempt whose answer is held back is resent after this long.
-RETRY = RetryPolicy(attempt_timeout=1.0)
+TIMEOUT = 60.0
+# An attempt lasts as long as its call: only a fault the test makes causes a resend.
+RETRY = RetryPolicy(attempt_timeout=TIMEOUT)
+DATA, ADMIN = "exactly-once-data-token", "exactly-once-admin-token"
+AUTH = (("authorization", f"Bearer {DATA}"),)
 
 
 def sgd_table_config() -> eht.EmbeddingHashTableConfig:
@@ -109,7 +119,7 @@ class AnswerDropper:
         await asyncio.gather(*self._connections, return_exceptions=True)
 
     def arm(self, mode: str) -> None:
-        assert mode in ("close", "hold")
+        assert mode in ("close", "hold", "stall")
         self._mode = mode
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -159,6 +169,9 @@ class AnswerDropper:
                         return  # _serve aborts both connections
                     held = []
                     releaser = asyncio.create_task(deliver_when_released())
+                    if mode == "hold":
+                        writer.write(deadline_exceeded(head[5:9]))
+                        await writer.drain()
                 if held is not None:
                     held.append(frame)
                 else:
@@ -169,6 +182,22 @@ class AnswerDropper:
         finally:
             if releaser is not None:
                 releaser.cancel()
+
+
+def _hpack_literal(name: bytes, value: bytes) -> bytes:
+    """One header field as an HPACK literal without indexing (RFC 7541 §6.2.2): the
+    client's header table is left as the shard's own frames expect it."""
+    assert len(name) < 127 and len(value) < 127
+    return b"\x00" + bytes([len(name)]) + name + bytes([len(value)]) + value
+
+
+def deadline_exceeded(stream_id: bytes) -> bytes:
+    """A trailers-only HEADERS frame (END_STREAM | END_HEADERS) ending the stream
+    ``stream_id`` (4 bytes) with ``grpc-status: 4``, what the client sees when its
+    attempt's deadline passes."""
+    block = (_hpack_literal(b"grpc-status", b"%d" % grpc.StatusCode.DEADLINE_EXCEEDED.value[0])
+             + _hpack_literal(b"grpc-message", b"Deadline Exceeded (test proxy)"))
+    return len(block).to_bytes(3, "big") + bytes([0x1, 0x1 | 0x4]) + stream_id + block
 
 
 # ---------------------------------------------------------------- harness
@@ -189,22 +218,47 @@ class Setup:
         return self.shard.metrics.registry.get_sample_value(
             "monolith_ps_replayed_requests_total", {"method": method})
 
-    def answered(self, method: str) -> float | None:
-        """How many calls of ``method`` the shard answered OK."""
-        return self.shard.metrics.registry.get_sample_value(
-            "monolith_ps_rpcs_total",
-            {"service": SERVICE_NAME, "method": method, "code": "OK"})
+    def answered(self, method: str, code: str = "OK") -> float | None:
+        """How many calls of ``method`` the shard answered with ``code``."""
+        return answered(self.shard, method, code)
+
+
+def answered(shard: ShardServer, method: str, code: str = "OK") -> float | None:
+    """How many calls of ``method`` ``shard`` answered with ``code`` (its metrics)."""
+    return shard.metrics.registry.get_sample_value(
+        "monolith_ps_rpcs_total", {"service": SERVICE_NAME, "method": method, "code": code})
 
 
 @contextlib.asynccontextmanager
-async def shard_behind_proxy() -> AsyncIterator[Setup]:
-    """One real shard, the proxy in front of it, a client of the proxy and table "t"."""
+async def running_shard(
+    interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+) -> AsyncIterator[ShardServer]:
+    """A shard as the product assembles it, with data and admin tokens; the
+    ``interceptors`` innermost (test faults)."""
+    config = ServerConfig(host="127.0.0.1", port=0, workers=2, data_token=DATA,
+                          admin_token=ADMIN)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        shard = await build_shard_server(ServerConfig(port=0, workers=2), executor=pool)
+        shard = await build_shard_server(config, executor=pool,
+                                         interceptors=list(interceptors))
         await shard.start()
+        try:
+            yield shard
+        finally:
+            await shard.stop(0)
+
+
+def new_client(address: str, retry: RetryPolicy = RETRY) -> AsyncPsClient:
+    return AsyncPsClient([address], timeout=TIMEOUT, retry=retry,
+                         channel_options=ChannelOptions(auth_token=DATA))
+
+
+@contextlib.asynccontextmanager
+async def shard_behind_proxy(retry: RetryPolicy = RETRY) -> AsyncIterator[Setup]:
+    """One real shard, the proxy in front of it, a client of the proxy and table "t"."""
+    async with running_shard() as shard:
         proxy = AnswerDropper(shard.port)
         address = await proxy.start()
-        client = AsyncPsClient([address], timeout=TIMEOUT, retry=RETRY)
+        client = new_client(address, retry)
         try:
             table = await client.create_table(sgd_table_config(), name="t",
                                               learning_rate_fns=(LR,))
@@ -212,7 +266,6 @@ async def shard_behind_proxy() -> AsyncIterator[Setup]:
         finally:
             await client.close()
             await proxy.stop()
-            await shard.stop(0)
 
 
 async def update(setup: Setup, method: str) -> None:
@@ -243,7 +296,7 @@ def test_a_lost_answer_is_retried_and_the_update_applied_once(method: str, mode:
             ledger = setup.runtime.ledger
 
             async def release_after_the_replay() -> None:
-                while ledger.replayed.get(method, 0) < 1:
+                while ledger.replayed.get(method, 0) < 1:  # the shard's own count
                     await asyncio.sleep(0.01)
                 setup.proxy.release.set()
 
@@ -257,6 +310,31 @@ def test_a_lost_answer_is_retried_and_the_update_applied_once(method: str, mode:
             assert ledger.replayed == {method: 1}
             assert setup.replayed_metric(method) == 1.0
             assert (await setup.table.lookup(IDS)).tolist() == ONCE[method]
+
+    run(body)
+
+
+def test_an_attempt_past_its_own_deadline_is_resent_and_applied_once() -> None:
+    """The client's attempt deadline (not the proxy) ends the stalled attempt. How
+    many attempts run out of time depends on the machine's speed; that the update is
+    applied once, and the resend answered from the ledger, does not."""
+    async def body() -> None:
+        retry = RetryPolicy(attempt_timeout=0.5, max_attempts=1000)
+        async with shard_behind_proxy(retry) as setup:
+            ledger = setup.runtime.ledger
+
+            async def release_after_the_replay() -> None:
+                while ledger.replayed.get("ApplyGradients", 0) < 1:
+                    await asyncio.sleep(0.01)
+                setup.proxy.release.set()
+
+            watcher = asyncio.create_task(release_after_the_replay())
+            setup.proxy.arm("stall")
+            await update(setup, "ApplyGradients")
+            await watcher
+            assert setup.proxy.lost == 1
+            assert ledger.replayed.get("ApplyGradients", 0) >= 1
+            assert (await setup.table.lookup(IDS)).tolist() == ONE_SGD_STEP
 
     run(body)
 
@@ -287,6 +365,7 @@ def apply_request(tag: pb.RequestTag | None, grads: np.ndarray = GRADS,
 
 @contextlib.asynccontextmanager
 async def raw_stub(setup: Setup) -> AsyncIterator[ps_grpc.ParameterServerStub]:
+    """A stub straight to the shard; calls pass ``metadata=AUTH``."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{setup.shard.port}") as channel:
         yield ps_grpc.ParameterServerStub(channel)
 
@@ -295,15 +374,32 @@ def test_concurrent_duplicates_are_applied_once() -> None:
     async def body() -> None:
         async with shard_behind_proxy() as setup, raw_stub(setup) as stub:
             servicer = setup.runtime
+            ledger = servicer.ledger
             request = apply_request(pb.RequestTag(client_id="twin", seq=1))
+            # Both copies asked the ledger for the tag (seen by a wrapper of its claim);
+            # the first claim returns at once, the second waits for the first's outcome.
+            claims = {"asked": 0, "claimed": 0}
+            both_asked = asyncio.Event()
+            claim = ledger.claim
+
+            async def counted_claim(client_id: str, seq: int, rpc: str) -> Any:
+                claims["asked"] += 1
+                if claims["asked"] == 2:
+                    both_asked.set()
+                outcome = await claim(client_id, seq, rpc)
+                claims["claimed"] += outcome is None
+                return outcome
+
+            ledger.claim = counted_claim  # type: ignore[method-assign]
             # Hold the table so both copies are in the shard before either runs.
             async with servicer.locks.hold(servicer.shard, tables=["t"]):
-                calls = [asyncio.ensure_future(stub.ApplyGradients(request, timeout=TIMEOUT))
-                         for _ in range(2)]
-                while setup.shard.ops.in_flight < 2:
-                    await asyncio.sleep(0.01)
-                await asyncio.sleep(0.05)
-                assert servicer.ledger.in_flight == 1  # one claimed it, one waits
+                calls = [asyncio.ensure_future(
+                    stub.ApplyGradients(request, timeout=TIMEOUT, metadata=AUTH))
+                    for _ in range(2)]
+                await asyncio.wait_for(both_asked.wait(), TIMEOUT)
+                assert setup.shard.ops.in_flight == 2
+                assert claims == {"asked": 2, "claimed": 1}
+                assert ledger.in_flight == 1  # one claimed it, one waits
             answers = await asyncio.gather(*calls)
             assert sorted(a.replayed for a in answers) == [False, True]
             assert (await setup.table.lookup(IDS)).tolist() == ONE_SGD_STEP
@@ -314,9 +410,14 @@ def test_concurrent_duplicates_are_applied_once() -> None:
 def test_untagged_requests_apply_every_time() -> None:
     async def body() -> None:
         async with shard_behind_proxy() as setup, raw_stub(setup) as stub:
+            # Without the data token: refused before it runs.
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.ApplyGradients(apply_request(None), timeout=TIMEOUT)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
             for untagged in (None, pb.RequestTag(client_id="c", seq=0),
                              pb.RequestTag(client_id="", seq=9)):
-                answer = await stub.ApplyGradients(apply_request(untagged), timeout=TIMEOUT)
+                answer = await stub.ApplyGradients(apply_request(untagged), timeout=TIMEOUT,
+                                                   metadata=AUTH)
                 assert not answer.replayed
             three_steps = [[3 * -0.25, 3 * 0.5], [3 * -1.0, 3 * -0.125]]
             assert (await setup.table.lookup(IDS)).tolist() == three_steps
@@ -333,14 +434,14 @@ def test_a_repeat_of_a_failed_request_fails_again_without_running() -> None:
             details = []
             for _ in range(2):
                 with pytest.raises(grpc.aio.AioRpcError) as info:
-                    await stub.ApplyGradients(bad, timeout=TIMEOUT)
+                    await stub.ApplyGradients(bad, timeout=TIMEOUT, metadata=AUTH)
                 assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
                 details.append(info.value.details())
             assert details[0] == details[1]
             assert setup.runtime.ledger.replayed == {"ApplyGradients": 1}
             # The same tag with other content is still that failed request.
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                await stub.ApplyGradients(apply_request(tag), timeout=TIMEOUT)
+                await stub.ApplyGradients(apply_request(tag), timeout=TIMEOUT, metadata=AUTH)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert setup.table.name == "t" and await setup.table.size() == 0
 
@@ -352,11 +453,11 @@ def test_a_request_refused_before_it_ran_is_not_remembered() -> None:
         async with shard_behind_proxy() as setup, raw_stub(setup) as stub:
             request = apply_request(pb.RequestTag(client_id="c", seq=1), table="later")
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                await stub.ApplyGradients(request, timeout=TIMEOUT)
+                await stub.ApplyGradients(request, timeout=TIMEOUT, metadata=AUTH)
             assert info.value.code() == grpc.StatusCode.NOT_FOUND
             later = await setup.client.create_table(sgd_table_config(), name="later",
                                                     learning_rate_fns=(LR,))
-            answer = await stub.ApplyGradients(request, timeout=TIMEOUT)
+            answer = await stub.ApplyGradients(request, timeout=TIMEOUT, metadata=AUTH)
             assert not answer.replayed
             assert (await later.lookup(IDS)).tolist() == ONE_SGD_STEP
             assert setup.runtime.ledger.replayed == {}
@@ -397,13 +498,9 @@ class LoseFirstAnswer(grpc.aio.ServerInterceptor):
 def test_answers_lost_after_applying_are_replayed_from_the_ledger() -> None:
     async def body() -> None:
         lossy = LoseFirstAnswer(["ApplyGradients", "InterceptGradient"])
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            server = grpc.aio.server(interceptors=[lossy])
-            servicer = ParameterServerServicer(ShardRuntime(Shard(0, 1), pool))
-            add_servicer_to_server(servicer, server)
-            port = server.add_insecure_port("127.0.0.1:0")
-            await server.start()
-            client = AsyncPsClient([f"127.0.0.1:{port}"], timeout=TIMEOUT, retry=RETRY)
+        async with running_shard([lossy]) as shard:
+            servicer = shard.runtime
+            client = new_client(f"127.0.0.1:{shard.port}")
             try:
                 table = await client.create_table(sgd_table_config(), name="t",
                                                   learning_rate_fns=(LR,))
@@ -420,10 +517,13 @@ def test_answers_lost_after_applying_are_replayed_from_the_ledger() -> None:
                           for _ in range(3)]
                 assert counts == [[[0.0]], [[0.0]], [[4.0]]]  # the first answer was lost
                 assert not lossy.armed
-                assert servicer.runtime.ledger.replayed == {"ApplyGradients": 1,
+                assert servicer.ledger.replayed == {"ApplyGradients": 1,
                                                     "InterceptGradient": 1}
+                # The metrics saw each lost answer and the resend answered from the ledger.
+                for method, sent in (("ApplyGradients", 2), ("InterceptGradient", 4)):
+                    assert answered(shard, method, "UNAVAILABLE") == 1
+                    assert answered(shard, method) == sent - 1
             finally:
                 await client.close()
-                await server.stop(0)
 
     run(body)

@@ -33,7 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import ps_service_pb2 as pb
 from protos import ps_service_pb2_grpc as ps_grpc
-from ps_client import PsClient
+from ps_client import PsClient, RetryPolicy
 from ps_client.errors import (
     PsPermissionDenied,
     PsUnauthenticated,
@@ -378,10 +378,13 @@ def test_cluster_over_mutual_tls_with_tokens(pki: Pki, tmp_path: Path) -> None:
         with PsClient(addresses, credentials=creds, timeout=10) as client, \
                 pytest.raises(PsUnauthenticated, match="needs a bearer token"):
             client.tables()
+        # A refused handshake is UNAVAILABLE at once: one attempt, no retry, and a
+        # deadline far beyond it (a slow machine must not turn it into DEADLINE_EXCEEDED).
+        once = RetryPolicy(max_attempts=1)
         with PsClient(addresses, credentials=pki.channel_credentials(), auth_token=DATA,
-                      timeout=1) as client, pytest.raises(PsUnavailable):
+                      timeout=60, retry=once) as client, pytest.raises(PsUnavailable):
             client.tables()  # no client certificate
-        with PsClient(addresses, auth_token=DATA, timeout=1) as client, \
+        with PsClient(addresses, auth_token=DATA, timeout=60, retry=once) as client, \
                 pytest.raises(PsUnavailable):
             client.tables()  # plaintext
 
@@ -411,7 +414,7 @@ def test_cluster_over_mutual_tls_with_tokens(pki: Pki, tmp_path: Path) -> None:
                                  f"--tls_cert_file={pki.client_cert}",
                                  f"--tls_key_file={pki.client_key}",
                                  "--tls_server_name=localhost"]) == 0
-        serving, detail = healthcheck.probe(addresses[0], timeout=2)
+        serving, detail = healthcheck.probe(addresses[0], timeout=60)  # plaintext
         assert not serving and detail.startswith("UNAVAILABLE")
 
 
