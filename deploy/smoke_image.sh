@@ -35,6 +35,7 @@
 #   DOCKERD_FLAGS   flags for a dockerd this script starts (default --storage-driver=vfs)
 #   HEALTH_TIMEOUT  seconds to wait for "healthy" (default 120)
 #   KEEP_IMAGE=0    remove the built image on exit (default: keep it)
+#   BUILD_FLAGS     more docker build flags, e.g. --no-cache to time a cold build
 
 set -uo pipefail
 
@@ -165,24 +166,25 @@ if [[ $PYTHON_IMAGE == "$BASE_TAG" ]]; then
     else
         say "reusing $BASE_TAG (REBUILD_BASE=1 makes it again)"
     fi
-    "${DOCKER[@]}" run --rm "$BASE_TAG" sh -c \
-        'python --version && pip --version && command -v useradd groupadd' > /dev/null \
-        || die "$BASE_TAG lacks python, pip, useradd or groupadd"
-fi
-
-# ------------------------------------------------------------------ build
-if [[ -z ${BUILD_NETWORK:-} ]]; then
-    BUILD_NETWORK=default
-    if [[ $PYTHON_IMAGE == "$BASE_TAG" ]] && ! "${DOCKER[@]}" run --rm "$BASE_TAG" python -c \
-        'import urllib.request as u; u.urlopen("https://pypi.org/simple/pip/", timeout=20)' \
-        > /dev/null 2>&1; then
+    # One container (each costs a full copy of the image on vfs): what the Dockerfile
+    # needs of the base, and whether the default network reaches PyPI.
+    probe=$("${DOCKER[@]}" run --rm "$BASE_TAG" sh -c '
+        python --version && pip --version && command -v useradd groupadd && echo tools-ok
+        python -c "import urllib.request as u; u.urlopen(\"https://pypi.org/simple/pip/\", timeout=20)" \
+            && echo pypi-ok' 2>&1)
+    [[ $probe == *tools-ok* ]] || { echo "$probe"; die "$BASE_TAG lacks python, pip, useradd or groupadd"; }
+    if [[ -z ${BUILD_NETWORK:-} && $probe != *pypi-ok* ]]; then
         say "a container on the default network cannot reach PyPI: building with --network=host"
         BUILD_NETWORK=host
     fi
 fi
+
+# ------------------------------------------------------------------ build
+BUILD_NETWORK=${BUILD_NETWORK:-default}
 say "building $IMAGE from $REPO/Dockerfile (PYTHON_IMAGE=$PYTHON_IMAGE, network $BUILD_NETWORK; log: $WORK/build.log)"
 t0=$(now)
-if ! "${BUILD[@]}" --network="$BUILD_NETWORK" --build-arg "PYTHON_IMAGE=$PYTHON_IMAGE" \
+# shellcheck disable=SC2086  # BUILD_FLAGS is a list of flags
+if ! "${BUILD[@]}" ${BUILD_FLAGS:-} --network="$BUILD_NETWORK" --build-arg "PYTHON_IMAGE=$PYTHON_IMAGE" \
     -t "$IMAGE" "$REPO" > "$WORK/build.log" 2>&1; then
     tail -40 "$WORK/build.log"
     fail build "docker build failed (PYTHON_IMAGE=$PYTHON_IMAGE)"
