@@ -10,6 +10,7 @@
 #             mounted at /data, and the files are still in the volume after the container
 #   sigterm   `docker stop -t 30` (SIGTERM) drains: the server logs its shutdown and
 #             the container exits with code 0 before the timeout
+#   reflect   gRPC server reflection lists the services under v1 and v1alpha
 #
 # Engine: uses the running Docker engine; if none answers, starts
 # `dockerd --storage-driver=vfs` (needs root) and stops it again on exit. BuildKit is
@@ -223,6 +224,30 @@ if [[ $uids == "$UID_EXPECTED $UID_EXPECTED $UID_EXPECTED $UID_EXPECTED" ]]; the
     pass uid "PID 1 ($("${DOCKER[@]}" exec "$CONTAINER" cat /proc/1/comm 2> /dev/null)) runs as uid $UID_EXPECTED (real, effective, saved, fs)"
 else
     fail uid "PID 1 uids are '$uids', expected $UID_EXPECTED"
+fi
+
+# (e) server reflection answers under v1 (what grpcurl asks first) and v1alpha
+reflected=$("${DOCKER[@]}" exec "$CONTAINER" python -c '
+import grpc
+from grpc_reflection.v1alpha import reflection_pb2 as r
+with grpc.insecure_channel("127.0.0.1:50051") as ch:
+    for v in ("v1", "v1alpha"):
+        call = ch.stream_stream(f"/grpc.reflection.{v}.ServerReflection/ServerReflectionInfo",
+                                request_serializer=r.ServerReflectionRequest.SerializeToString,
+                                response_deserializer=r.ServerReflectionResponse.FromString)
+        (resp,) = call(iter([r.ServerReflectionRequest(list_services="")]), timeout=10)
+        print(v, *sorted(s.name for s in resp.list_services_response.service))
+' 2>&1)
+want=(monolith_ps.ParameterServer monolith_ps.ParameterServerAdmin grpc.health.v1.Health)
+reflect_ok=1
+for v in v1 v1alpha; do
+    line=$(grep "^$v " <<< "$reflected")
+    for name in "${want[@]}"; do [[ " $line " == *" $name "* ]] || reflect_ok=0; done
+done
+if ((reflect_ok)); then
+    pass reflect "v1 and v1alpha both list ${want[*]}"
+else
+    fail reflect "reflection answered: $reflected"
 fi
 
 # (c) ps-admin save into the fresh named volume, with one table to save
