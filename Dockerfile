@@ -7,8 +7,11 @@
 # Needs BuildKit (the default builder since Docker 23) for RUN --mount.
 # Ports: 50051 gRPC (ParameterServer + grpc.health.v1.Health), 9100 Prometheus /metrics.
 # Checkpoints: mount a volume at /data; it must be writable by uid 10001.
-# See deploy/README.md for compose and Kubernetes.
+# See deploy/README.md for compose and Kubernetes. deploy/smoke_image.sh builds this file
+# and checks the container (health, uid, a save into a volume, SIGTERM), by hand.
 
+# Any image providing what python:3.11-slim does: python and pip on PATH installing to
+# /usr/local, groupadd/useradd (deploy/smoke_image.sh makes such a stand-in locally).
 ARG PYTHON_IMAGE=python:3.11-slim
 
 # --- builder: the project's wheel and every locked dependency as wheels -----------------

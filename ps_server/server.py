@@ -32,9 +32,9 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from protos import ps_service_pb2_grpc as ps_grpc
+from ps_server import reflection
 from ps_server.admin import ADMIN_SERVICE_NAME, AdminServicer
 from ps_server.config import ServerConfig, format_address
 from ps_server.engine import EvictionScheduler, Shard, ShardLimits
@@ -219,7 +219,7 @@ async def build_shard_server(
     for name in ("", SERVICE_NAME, ADMIN_SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+        (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME),
         server,
     )
     try:
