@@ -67,6 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from protos import embedding_hash_table_pb2 as eht
 from ps_client import PsClient, Table
 from ps_client.testing import LocalCluster, local_cluster
+from ps_server.checkpoint.entry_dump import lookup_entry
 from ps_server.engine import configs
 from ps_server.engine.hash_table import EmbeddingHashTable
 from ps_server.healthcheck import probe
@@ -347,7 +348,7 @@ def audit_table(key: str, d: TableDef, table: Table, ref: EmbeddingHashTable,
     for lo in range(0, touched.size, AUDIT_CHUNK):
         ids = touched[lo:lo + AUDIT_CHUNK]
         got_e = np.array(table.lookup_entry(ids), dtype=object)
-        want_e = np.array(ref.lookup_entry(ids), dtype=object)
+        want_e = np.array(lookup_entry(ref, ids), dtype=object)
         mismatched += int(np.count_nonzero(got_e != want_e))
         got_n, got_whole = tallies(table.lookup(ids)[:, -1], d.tally_step)
         want_n, want_whole = tallies(ref.lookup(ids)[:, -1], d.tally_step)
