@@ -21,6 +21,7 @@ from protos import ps_service_pb2 as ps_pb2
 __all__ = [
     "ADMIN_SERVICE",
     "BULK_RPCS",
+    "CHECKPOINT_RPCS",
     "DATA_SERVICE",
     "DEFAULT_FILTER_CAPACITY",
     "DEFAULT_FILTER_SPLIT_NUM",
@@ -57,6 +58,13 @@ READ_ONLY_RPCS: Final = rpcs_with_idempotency(DATA_SERVICE, "NO_SIDE_EFFECTS")
 #: are retried with the same tag (on ``UNAVAILABLE`` and on an attempt's deadline).
 TAGGED_RPCS: Final = rpcs_with_idempotency(DATA_SERVICE, "IDEMPOTENT")
 
+
+#: Admin-plane RPCs of whole checkpoints: a trainer's data-plane token may call them
+#: too (``PsClient.save_checkpoint`` / ``restore_checkpoint``); the other admin RPCs
+#: (evict, stats, drain) need the admin token.
+CHECKPOINT_RPCS: Final = frozenset(
+    m.name for m in ADMIN_SERVICE.methods if m.name.endswith("Checkpoint")
+)
 
 #: Data-plane RPCs whose request messages have ``Tensor`` fields.
 BULK_RPCS: Final = frozenset(

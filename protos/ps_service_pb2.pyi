@@ -352,32 +352,6 @@ class HashFilterFilesResponse(_message.Message):
     files: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, files: _Optional[_Iterable[str]] = ...) -> None: ...
 
-class CheckpointRequest(_message.Message):
-    __slots__ = ("model_dir", "global_step", "max_to_keep", "prefix", "validate_only")
-    MODEL_DIR_FIELD_NUMBER: _ClassVar[int]
-    GLOBAL_STEP_FIELD_NUMBER: _ClassVar[int]
-    MAX_TO_KEEP_FIELD_NUMBER: _ClassVar[int]
-    PREFIX_FIELD_NUMBER: _ClassVar[int]
-    VALIDATE_ONLY_FIELD_NUMBER: _ClassVar[int]
-    model_dir: str
-    global_step: int
-    max_to_keep: int
-    prefix: str
-    validate_only: bool
-    def __init__(self, model_dir: _Optional[str] = ..., global_step: _Optional[int] = ..., max_to_keep: _Optional[int] = ..., prefix: _Optional[str] = ..., validate_only: _Optional[bool] = ...) -> None: ...
-
-class CheckpointResponse(_message.Message):
-    __slots__ = ("prefix", "files", "entries", "tables")
-    PREFIX_FIELD_NUMBER: _ClassVar[int]
-    FILES_FIELD_NUMBER: _ClassVar[int]
-    ENTRIES_FIELD_NUMBER: _ClassVar[int]
-    TABLES_FIELD_NUMBER: _ClassVar[int]
-    prefix: str
-    files: _containers.RepeatedScalarFieldContainer[str]
-    entries: int
-    tables: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, prefix: _Optional[str] = ..., files: _Optional[_Iterable[str]] = ..., entries: _Optional[int] = ..., tables: _Optional[_Iterable[str]] = ...) -> None: ...
-
 class AdminSaveRequest(_message.Message):
     __slots__ = ("model_dir", "global_step", "max_to_keep")
     MODEL_DIR_FIELD_NUMBER: _ClassVar[int]
@@ -389,14 +363,16 @@ class AdminSaveRequest(_message.Message):
     def __init__(self, model_dir: _Optional[str] = ..., global_step: _Optional[int] = ..., max_to_keep: _Optional[int] = ...) -> None: ...
 
 class AdminRestoreRequest(_message.Message):
-    __slots__ = ("model_dir", "prefix", "validate_only")
+    __slots__ = ("model_dir", "prefix", "validate_only", "missing_ok")
     MODEL_DIR_FIELD_NUMBER: _ClassVar[int]
     PREFIX_FIELD_NUMBER: _ClassVar[int]
     VALIDATE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    MISSING_OK_FIELD_NUMBER: _ClassVar[int]
     model_dir: str
     prefix: str
     validate_only: bool
-    def __init__(self, model_dir: _Optional[str] = ..., prefix: _Optional[str] = ..., validate_only: _Optional[bool] = ...) -> None: ...
+    missing_ok: bool
+    def __init__(self, model_dir: _Optional[str] = ..., prefix: _Optional[str] = ..., validate_only: _Optional[bool] = ..., missing_ok: _Optional[bool] = ...) -> None: ...
 
 class AdminCheckpointResponse(_message.Message):
     __slots__ = ("prefix", "files", "entries", "bytes", "tables", "duration_seconds")

@@ -104,13 +104,13 @@ class ParameterServerStub:
                 request_serializer=protos_dot_ps__service__pb2.SaveAsTensorRequest.SerializeToString,
                 response_deserializer=protos_dot_ps__service__pb2.SaveAsTensorResponse.FromString,
                 _registered_method=True)
-        self.Save = channel.unary_unary(
-                '/monolith_ps.ParameterServer/Save',
+        self.SaveTable = channel.unary_unary(
+                '/monolith_ps.ParameterServer/SaveTable',
                 request_serializer=protos_dot_ps__service__pb2.SaveRequest.SerializeToString,
                 response_deserializer=protos_dot_ps__service__pb2.SaveResponse.FromString,
                 _registered_method=True)
-        self.Restore = channel.unary_unary(
-                '/monolith_ps.ParameterServer/Restore',
+        self.RestoreTable = channel.unary_unary(
+                '/monolith_ps.ParameterServer/RestoreTable',
                 request_serializer=protos_dot_ps__service__pb2.RestoreRequest.SerializeToString,
                 response_deserializer=protos_dot_ps__service__pb2.RestoreResponse.FromString,
                 _registered_method=True)
@@ -123,21 +123,6 @@ class ParameterServerStub:
                 '/monolith_ps.ParameterServer/RestoreHashFilter',
                 request_serializer=protos_dot_ps__service__pb2.HashFilterFilesRequest.SerializeToString,
                 response_deserializer=protos_dot_ps__service__pb2.HashFilterFilesResponse.FromString,
-                _registered_method=True)
-        self.SaveCheckpoint = channel.unary_unary(
-                '/monolith_ps.ParameterServer/SaveCheckpoint',
-                request_serializer=protos_dot_ps__service__pb2.CheckpointRequest.SerializeToString,
-                response_deserializer=protos_dot_ps__service__pb2.CheckpointResponse.FromString,
-                _registered_method=True)
-        self.CommitCheckpoint = channel.unary_unary(
-                '/monolith_ps.ParameterServer/CommitCheckpoint',
-                request_serializer=protos_dot_ps__service__pb2.CheckpointRequest.SerializeToString,
-                response_deserializer=protos_dot_ps__service__pb2.CheckpointResponse.FromString,
-                _registered_method=True)
-        self.RestoreCheckpoint = channel.unary_unary(
-                '/monolith_ps.ParameterServer/RestoreCheckpoint',
-                request_serializer=protos_dot_ps__service__pb2.CheckpointRequest.SerializeToString,
-                response_deserializer=protos_dot_ps__service__pb2.CheckpointResponse.FromString,
                 _registered_method=True)
 
 
@@ -228,13 +213,14 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Save(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+    def SaveTable(self, request, context):
+        """One table's or one filter's files (whole checkpoints are on the admin plane).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Restore(self, request, context):
+    def RestoreTable(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -247,24 +233,6 @@ class ParameterServerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RestoreHashFilter(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def SaveCheckpoint(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def CommitCheckpoint(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def RestoreCheckpoint(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -343,13 +311,13 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     request_deserializer=protos_dot_ps__service__pb2.SaveAsTensorRequest.FromString,
                     response_serializer=protos_dot_ps__service__pb2.SaveAsTensorResponse.SerializeToString,
             ),
-            'Save': grpc.unary_unary_rpc_method_handler(
-                    servicer.Save,
+            'SaveTable': grpc.unary_unary_rpc_method_handler(
+                    servicer.SaveTable,
                     request_deserializer=protos_dot_ps__service__pb2.SaveRequest.FromString,
                     response_serializer=protos_dot_ps__service__pb2.SaveResponse.SerializeToString,
             ),
-            'Restore': grpc.unary_unary_rpc_method_handler(
-                    servicer.Restore,
+            'RestoreTable': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreTable,
                     request_deserializer=protos_dot_ps__service__pb2.RestoreRequest.FromString,
                     response_serializer=protos_dot_ps__service__pb2.RestoreResponse.SerializeToString,
             ),
@@ -362,21 +330,6 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.RestoreHashFilter,
                     request_deserializer=protos_dot_ps__service__pb2.HashFilterFilesRequest.FromString,
                     response_serializer=protos_dot_ps__service__pb2.HashFilterFilesResponse.SerializeToString,
-            ),
-            'SaveCheckpoint': grpc.unary_unary_rpc_method_handler(
-                    servicer.SaveCheckpoint,
-                    request_deserializer=protos_dot_ps__service__pb2.CheckpointRequest.FromString,
-                    response_serializer=protos_dot_ps__service__pb2.CheckpointResponse.SerializeToString,
-            ),
-            'CommitCheckpoint': grpc.unary_unary_rpc_method_handler(
-                    servicer.CommitCheckpoint,
-                    request_deserializer=protos_dot_ps__service__pb2.CheckpointRequest.FromString,
-                    response_serializer=protos_dot_ps__service__pb2.CheckpointResponse.SerializeToString,
-            ),
-            'RestoreCheckpoint': grpc.unary_unary_rpc_method_handler(
-                    servicer.RestoreCheckpoint,
-                    request_deserializer=protos_dot_ps__service__pb2.CheckpointRequest.FromString,
-                    response_serializer=protos_dot_ps__service__pb2.CheckpointResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -768,7 +721,7 @@ class ParameterServer:
             _registered_method=True)
 
     @staticmethod
-    def Save(request,
+    def SaveTable(request,
             target,
             options=(),
             channel_credentials=None,
@@ -781,7 +734,7 @@ class ParameterServer:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/monolith_ps.ParameterServer/Save',
+            '/monolith_ps.ParameterServer/SaveTable',
             protos_dot_ps__service__pb2.SaveRequest.SerializeToString,
             protos_dot_ps__service__pb2.SaveResponse.FromString,
             options,
@@ -795,7 +748,7 @@ class ParameterServer:
             _registered_method=True)
 
     @staticmethod
-    def Restore(request,
+    def RestoreTable(request,
             target,
             options=(),
             channel_credentials=None,
@@ -808,7 +761,7 @@ class ParameterServer:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/monolith_ps.ParameterServer/Restore',
+            '/monolith_ps.ParameterServer/RestoreTable',
             protos_dot_ps__service__pb2.RestoreRequest.SerializeToString,
             protos_dot_ps__service__pb2.RestoreResponse.FromString,
             options,
@@ -875,87 +828,6 @@ class ParameterServer:
             metadata,
             _registered_method=True)
 
-    @staticmethod
-    def SaveCheckpoint(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/monolith_ps.ParameterServer/SaveCheckpoint',
-            protos_dot_ps__service__pb2.CheckpointRequest.SerializeToString,
-            protos_dot_ps__service__pb2.CheckpointResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def CommitCheckpoint(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/monolith_ps.ParameterServer/CommitCheckpoint',
-            protos_dot_ps__service__pb2.CheckpointRequest.SerializeToString,
-            protos_dot_ps__service__pb2.CheckpointResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def RestoreCheckpoint(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/monolith_ps.ParameterServer/RestoreCheckpoint',
-            protos_dot_ps__service__pb2.CheckpointRequest.SerializeToString,
-            protos_dot_ps__service__pb2.CheckpointResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
 
 class ParameterServerAdminStub:
     """Missing associated documentation comment in .proto file."""
@@ -966,18 +838,18 @@ class ParameterServerAdminStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Save = channel.unary_unary(
-                '/monolith_ps.ParameterServerAdmin/Save',
+        self.SaveCheckpoint = channel.unary_unary(
+                '/monolith_ps.ParameterServerAdmin/SaveCheckpoint',
                 request_serializer=protos_dot_ps__service__pb2.AdminSaveRequest.SerializeToString,
                 response_deserializer=protos_dot_ps__service__pb2.AdminCheckpointResponse.FromString,
                 _registered_method=True)
-        self.Commit = channel.unary_unary(
-                '/monolith_ps.ParameterServerAdmin/Commit',
+        self.CommitCheckpoint = channel.unary_unary(
+                '/monolith_ps.ParameterServerAdmin/CommitCheckpoint',
                 request_serializer=protos_dot_ps__service__pb2.AdminSaveRequest.SerializeToString,
                 response_deserializer=protos_dot_ps__service__pb2.AdminCheckpointResponse.FromString,
                 _registered_method=True)
-        self.Restore = channel.unary_unary(
-                '/monolith_ps.ParameterServerAdmin/Restore',
+        self.RestoreCheckpoint = channel.unary_unary(
+                '/monolith_ps.ParameterServerAdmin/RestoreCheckpoint',
                 request_serializer=protos_dot_ps__service__pb2.AdminRestoreRequest.SerializeToString,
                 response_deserializer=protos_dot_ps__service__pb2.AdminCheckpointResponse.FromString,
                 _registered_method=True)
@@ -1001,21 +873,21 @@ class ParameterServerAdminStub:
 class ParameterServerAdminServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def Save(self, request, context):
+    def SaveCheckpoint(self, request, context):
         """This shard writes its part of checkpoint <model_dir>/model.ckpt-<global_step>.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Commit(self, request, context):
-        """Manifest + `checkpoint` index: run on one shard after every shard's Save.
+    def CommitCheckpoint(self, request, context):
+        """Manifest + `checkpoint` index: run on one shard after every shard's SaveCheckpoint.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Restore(self, request, context):
+    def RestoreCheckpoint(self, request, context):
         """Restore (or validate) a checkpoint into this shard, all or nothing; tables
         missing here are created from the manifest; entries go to floormod(id, num_shards).
         Health of monolith_ps.ParameterServer is NOT_SERVING while it runs.
@@ -1048,18 +920,18 @@ class ParameterServerAdminServicer:
 
 def add_ParameterServerAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Save': grpc.unary_unary_rpc_method_handler(
-                    servicer.Save,
+            'SaveCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.SaveCheckpoint,
                     request_deserializer=protos_dot_ps__service__pb2.AdminSaveRequest.FromString,
                     response_serializer=protos_dot_ps__service__pb2.AdminCheckpointResponse.SerializeToString,
             ),
-            'Commit': grpc.unary_unary_rpc_method_handler(
-                    servicer.Commit,
+            'CommitCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitCheckpoint,
                     request_deserializer=protos_dot_ps__service__pb2.AdminSaveRequest.FromString,
                     response_serializer=protos_dot_ps__service__pb2.AdminCheckpointResponse.SerializeToString,
             ),
-            'Restore': grpc.unary_unary_rpc_method_handler(
-                    servicer.Restore,
+            'RestoreCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreCheckpoint,
                     request_deserializer=protos_dot_ps__service__pb2.AdminRestoreRequest.FromString,
                     response_serializer=protos_dot_ps__service__pb2.AdminCheckpointResponse.SerializeToString,
             ),
@@ -1090,7 +962,7 @@ class ParameterServerAdmin:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def Save(request,
+    def SaveCheckpoint(request,
             target,
             options=(),
             channel_credentials=None,
@@ -1103,7 +975,7 @@ class ParameterServerAdmin:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/monolith_ps.ParameterServerAdmin/Save',
+            '/monolith_ps.ParameterServerAdmin/SaveCheckpoint',
             protos_dot_ps__service__pb2.AdminSaveRequest.SerializeToString,
             protos_dot_ps__service__pb2.AdminCheckpointResponse.FromString,
             options,
@@ -1117,7 +989,7 @@ class ParameterServerAdmin:
             _registered_method=True)
 
     @staticmethod
-    def Commit(request,
+    def CommitCheckpoint(request,
             target,
             options=(),
             channel_credentials=None,
@@ -1130,7 +1002,7 @@ class ParameterServerAdmin:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/monolith_ps.ParameterServerAdmin/Commit',
+            '/monolith_ps.ParameterServerAdmin/CommitCheckpoint',
             protos_dot_ps__service__pb2.AdminSaveRequest.SerializeToString,
             protos_dot_ps__service__pb2.AdminCheckpointResponse.FromString,
             options,
@@ -1144,7 +1016,7 @@ class ParameterServerAdmin:
             _registered_method=True)
 
     @staticmethod
-    def Restore(request,
+    def RestoreCheckpoint(request,
             target,
             options=(),
             channel_credentials=None,
@@ -1157,7 +1029,7 @@ class ParameterServerAdmin:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/monolith_ps.ParameterServerAdmin/Restore',
+            '/monolith_ps.ParameterServerAdmin/RestoreCheckpoint',
             protos_dot_ps__service__pb2.AdminRestoreRequest.SerializeToString,
             protos_dot_ps__service__pb2.AdminCheckpointResponse.FromString,
             options,

@@ -266,7 +266,7 @@ class AsyncTable:
     async def save(self, basename: str) -> list[str]:
         """Every shard ``i`` writes ``<basename>_<i>-%05d-of-%05d``; returns all files."""
         answers = await self._transport.each(
-            "Save", pb.SaveRequest(table=self.name, basename=basename), file_op=True
+            "SaveTable", pb.SaveRequest(table=self.name, basename=basename), file_op=True
         )
         return [f for a in answers for f in a.files]
 
@@ -278,7 +278,7 @@ class AsyncTable:
         """
         for validate_only in (True, False):
             answers = await self._transport.each(
-                "Restore",
+                "RestoreTable",
                 pb.RestoreRequest(table=self.name, basename=basename,
                                   validate_only=validate_only),
                 file_op=True,

@@ -12,6 +12,9 @@ from __future__ import annotations
 from protos import ps_service_pb2 as pb
 from ps_client.transport import Transport
 
+# The checkpoint RPCs are the admin plane's (``ParameterServerAdmin``); they take the
+# data-plane token too, so a trainer's client checkpoints with its own token.
+
 
 async def save_checkpoint(
     transport: Transport, model_dir: str, global_step: int, max_to_keep: int
@@ -21,7 +24,7 @@ async def save_checkpoint(
     :param max_to_keep: older checkpoints beyond this many are deleted (0 = keep all).
     :returns: the prefix ``<model_dir>/model.ckpt-<global_step>``.
     """
-    request = pb.CheckpointRequest(
+    request = pb.AdminSaveRequest(
         model_dir=model_dir, global_step=int(global_step), max_to_keep=int(max_to_keep)
     )
     await transport.each("SaveCheckpoint", request, file_op=True)
@@ -37,7 +40,8 @@ async def restore_checkpoint(
     :returns: the restored prefix and the names of the tables restored (or created
         from the manifest) on any shard; None when ``model_dir`` has no checkpoint.
     """
-    probe = pb.CheckpointRequest(model_dir=model_dir, prefix=prefix or "", validate_only=True)
+    probe = pb.AdminRestoreRequest(model_dir=model_dir, prefix=prefix or "",
+                                   validate_only=True, missing_ok=True)
     first = await transport.call(0, "RestoreCheckpoint", probe, file_op=True)
     resolved = str(first.prefix)
     if not resolved:
@@ -45,7 +49,8 @@ async def restore_checkpoint(
     for validate_only in (True, False):
         answers = await transport.each(
             "RestoreCheckpoint",
-            pb.CheckpointRequest(model_dir=model_dir, prefix=resolved, validate_only=validate_only),
+            pb.AdminRestoreRequest(model_dir=model_dir, prefix=resolved,
+                                   validate_only=validate_only),
             file_op=True,
         )
     return resolved, {n for a in answers for n in a.tables}

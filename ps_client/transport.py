@@ -52,6 +52,7 @@ from protos import ps_service_pb2_grpc as pb_grpc
 from ps_client.errors import error_from_rpc
 
 SERVICE_PATH: Final = f"/{contract.DATA_SERVICE.full_name}"
+_ADMIN_RPCS: Final = frozenset(m.name for m in contract.ADMIN_SERVICE.methods)
 """Prefix of the data-plane method paths (``/monolith_ps.ParameterServer``)."""
 
 _RETRY_ON: Final[dict[str, tuple[grpc.StatusCode, ...]]] = {
@@ -177,6 +178,8 @@ class Transport:
         self._metadata = opts.metadata() or None
         self._channels = [make_channel(a, opts) for a in self.addresses]
         self._stubs = [pb_grpc.ParameterServerStub(c) for c in self._channels]
+        # Whole checkpoints are admin-plane RPCs (their names are the admin service's own).
+        self._admin_stubs = [pb_grpc.ParameterServerAdminStub(c) for c in self._channels]
         self._raw: list[dict[str, Callable[..., Any]]] = [{} for _ in self._channels]
         self._seq = itertools.count(1)
 
@@ -251,7 +254,8 @@ class Transport:
                 method, self._channels[shard].unary_unary(f"{SERVICE_PATH}/{method}")
             )
         else:
-            rpc = getattr(self._stubs[shard], method)
+            stubs = self._admin_stubs if method in _ADMIN_RPCS else self._stubs
+            rpc = getattr(stubs[shard], method)
         attempt = 0
         while True:
             attempt += 1

@@ -1,13 +1,18 @@
 """The ops plane of a shard: ``monolith_ps.ParameterServerAdmin``, a thin translator.
 
-One shard per call; ``ps-admin`` (:mod:`ps_server.admin_cli`) fans out to every
-shard. The RPCs:
+One shard per call; ``ps-admin`` (:mod:`ps_server.admin_cli`) and ``PsClient``'s
+checkpoint methods fan out to every shard. The RPCs:
 
-* ``Save`` / ``Commit``: this shard's part of a checkpoint, then (on one shard,
-  after every shard saved) the manifest and the ``checkpoint`` index.
-* ``Restore``: validate or restore a checkpoint, all or nothing on this shard,
-  creating missing tables from the manifest and keeping the ids this shard owns
-  (any saving shard count). Readiness is ``NOT_SERVING`` while it runs.
+* ``SaveCheckpoint`` / ``CommitCheckpoint``: this shard's part of a whole checkpoint,
+  then (on one shard, after every shard saved) the manifest and the ``checkpoint``
+  index.
+* ``RestoreCheckpoint``: validate or restore a checkpoint, all or nothing on this
+  shard, creating missing tables from the manifest and keeping the ids this shard owns
+  (any saving shard count). Readiness is ``NOT_SERVING`` while it runs. No checkpoint
+  is ``NOT_FOUND``, or an empty prefix with ``missing_ok``.
+
+These three take the data-plane token too (trainers checkpoint); the rest need the
+admin token (:mod:`ps_server.security`).
 * ``Evict``: delete expired entries now.
 * ``Stats``: sizes, filters, last save/restore, state, uptime.
 * ``Drain``: readiness ``NOT_SERVING``, new data-plane calls refused with
@@ -77,15 +82,15 @@ class AdminServicer(ps_grpc.ParameterServerAdminServicer):
         self._grace_seconds = grace_seconds
 
     @translate_errors
-    async def Save(self, request: ps_pb2.AdminSaveRequest, context: Any
-                   ) -> ps_pb2.AdminCheckpointResponse:
+    async def SaveCheckpoint(self, request: ps_pb2.AdminSaveRequest, context: Any
+                             ) -> ps_pb2.AdminCheckpointResponse:
         t0 = time.perf_counter()
         result, nbytes = await self._runtime.save_checkpoint(request.model_dir, request.global_step)
         return _checkpoint_response(result, nbytes, time.perf_counter() - t0)
 
     @translate_errors
-    async def Commit(self, request: ps_pb2.AdminSaveRequest, context: Any
-                     ) -> ps_pb2.AdminCheckpointResponse:
+    async def CommitCheckpoint(self, request: ps_pb2.AdminSaveRequest, context: Any
+                               ) -> ps_pb2.AdminCheckpointResponse:
         t0 = time.perf_counter()
         result, nbytes = await self._runtime.commit_checkpoint(
             request.model_dir, request.global_step, request.max_to_keep
@@ -93,13 +98,13 @@ class AdminServicer(ps_grpc.ParameterServerAdminServicer):
         return _checkpoint_response(result, nbytes, time.perf_counter() - t0)
 
     @translate_errors
-    async def Restore(self, request: ps_pb2.AdminRestoreRequest, context: Any
-                      ) -> ps_pb2.AdminCheckpointResponse:
+    async def RestoreCheckpoint(self, request: ps_pb2.AdminRestoreRequest, context: Any
+                                ) -> ps_pb2.AdminCheckpointResponse:
         t0 = time.perf_counter()
         result, nbytes = await self._runtime.restore_checkpoint(
             request.model_dir, request.prefix, request.validate_only
         )
-        if not result.prefix:
+        if not result.prefix and not request.missing_ok:
             raise CheckpointNotFoundError(
                 f"no checkpoint in {request.model_dir!r}: no `checkpoint` index names one "
                 "and there is not exactly one model.ckpt-<step>.assets directory; nothing "

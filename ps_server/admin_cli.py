@@ -264,14 +264,14 @@ def cmd_save(cluster: Cluster, args: argparse.Namespace) -> None:
           "shards", file=cluster.out)
     try:
         parts = cluster.each(
-            "saving", lambda i, s: s.Save(request, timeout=cluster.timeout), _saved
+            "saving", lambda i, s: s.SaveCheckpoint(request, timeout=cluster.timeout), _saved
         )
     except AdminCommandError as e:
         raise AdminCommandError(f"{e}\nsave: not committed; the previous checkpoint "
                                 "stays the latest") from e
     try:
         cluster.each(
-            "committing", lambda i, s: s.Commit(request, timeout=cluster.timeout),
+            "committing", lambda i, s: s.CommitCheckpoint(request, timeout=cluster.timeout),
             lambda r: f"committed {r.prefix}", shards=[0],
         )
     except AdminCommandError as e:
@@ -292,7 +292,7 @@ def cmd_restore(cluster: Cluster, args: argparse.Namespace) -> None:
           f"{len(cluster.addresses)} shards", file=cluster.out)
     try:
         checked = cluster.each(
-            "validating", lambda i, s: s.Restore(validate, timeout=cluster.timeout),
+            "validating", lambda i, s: s.RestoreCheckpoint(validate, timeout=cluster.timeout),
             lambda r: f"ok {r.entries} entries would be held ({_size(r.bytes)} read)",
         )
     except AdminCommandError as e:
@@ -312,7 +312,7 @@ def cmd_restore(cluster: Cluster, args: argparse.Namespace) -> None:
     print(f"restoring {prefixes[0]}", file=cluster.out)
     try:
         done = cluster.each(
-            "restoring", lambda i, s: s.Restore(restore, timeout=cluster.timeout),
+            "restoring", lambda i, s: s.RestoreCheckpoint(restore, timeout=cluster.timeout),
             lambda r: f"restored {r.entries} entries, {len(r.tables)} tables in "
                       f"{r.duration_seconds:.1f}s",
         )

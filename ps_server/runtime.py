@@ -383,7 +383,7 @@ class ShardRuntime:
             return table_files.save_table(slot.table, path, shard_index=self.shard.shard_index,
                                           nshards=slot.saver_parallel)
 
-        return await self.run("Save", work, tables=[table])
+        return await self.run("SaveTable", work, tables=[table])
 
     async def restore_table(self, table: str, basename: str, *, validate_only: bool = False
                             ) -> table_files.RestoreResult:
@@ -397,7 +397,7 @@ class ShardRuntime:
                 num_shards=self.shard.num_shards, validate_only=validate_only,
             )
 
-        return await self.run("Restore", work, tables=[table])
+        return await self.run("RestoreTable", work, tables=[table])
 
     async def save_filter(self, name: str, basename: str) -> list[str]:
         """Write hash filter ``name``'s files; return them."""

@@ -9,10 +9,13 @@ Server side (:mod:`ps_server.server` wires these in):
 * :class:`TokenAuthInterceptor`: every call of ``monolith_ps.ParameterServer`` must
   carry ``authorization: Bearer <data token>`` (the admin token is accepted too: an
   operator may read and write tables), every call of
-  ``monolith_ps.ParameterServerAdmin`` the admin token. Health and reflection need
-  none (probes and ``grpcurl describe`` keep working). No or a wrong token is
-  ``UNAUTHENTICATED``; the data token on the admin service is ``PERMISSION_DENIED``.
-  An empty token turns the check of its service off. Tokens are compared in
+  ``monolith_ps.ParameterServerAdmin`` the admin token, except its whole-checkpoint
+  RPCs (:data:`protos.contract.CHECKPOINT_RPCS`), which take either token (trainers
+  save and restore checkpoints). Health and reflection need none (probes and
+  ``grpcurl describe`` keep working). No or a wrong token is ``UNAUTHENTICATED``; the
+  data token on the other admin RPCs is ``PERMISSION_DENIED``. An empty token turns
+  the check of its service off (the checkpoint RPCs stay checked while either token
+  is set). Tokens are compared in
   constant time, and a refused call's request is never parsed.
 
 Client side: :func:`channel_credentials` builds TLS credentials from PEM files (for
@@ -31,6 +34,7 @@ from typing import Any, Final
 
 import grpc
 
+from protos import contract
 from protos import ps_service_pb2 as ps_pb2
 from ps_server.config import ServerConfig
 from ps_server.errors import ConfigError
@@ -207,6 +211,9 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         or None when it may go ahead."""
         if method.startswith(self._data_prefix):
             service, needed, also = _DATA_SERVICE, self._data, self._admin
+        elif method[len(self._admin_prefix):] in contract.CHECKPOINT_RPCS and (
+                method.startswith(self._admin_prefix)):
+            service, needed, also = _ADMIN_SERVICE, self._admin or self._data, self._data
         elif method.startswith(self._admin_prefix):
             service, needed, also = _ADMIN_SERVICE, self._admin, b""
         else:

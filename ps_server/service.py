@@ -4,7 +4,9 @@ Each RPC turns its request into arrays (:mod:`ps_server.codec`), hands the engin
 to the :class:`~ps_server.runtime.ShardRuntime` (which runs it on its executor under
 the right locks, at most once per request tag) and turns the answer back into a
 message. Errors become statuses in :func:`~ps_server.status.translate_errors`. There is
-no math, no locking and no file handling here.
+no math, no locking and no file handling here. Whole checkpoints are the admin
+plane's (:mod:`ps_server.admin`); this plane saves and restores one table or one
+filter at a time.
 
 Wire. :func:`add_servicer_to_server` registers the service. The bulk RPCs
 (:data:`protos.contract.BULK_RPCS`) receive a :class:`~ps_server.codec.BulkRequest`
@@ -31,7 +33,7 @@ from protos import contract
 from protos import ps_service_pb2 as ps_pb2
 from protos import ps_service_pb2_grpc as ps_grpc
 from ps_server import codec
-from ps_server.runtime import CheckpointResult, ShardRuntime
+from ps_server.runtime import ShardRuntime
 from ps_server.status import translate_errors
 
 __all__ = ["SERVICE_NAME", "ParameterServerServicer", "add_servicer_to_server"]
@@ -44,13 +46,6 @@ _T = TypeVar("_T")
 
 def _update(answer: tuple[None, bool]) -> ps_pb2.UpdateResponse:
     return ps_pb2.UpdateResponse(replayed=answer[1])
-
-
-def checkpoint_response(result: CheckpointResult) -> ps_pb2.CheckpointResponse:
-    """The data plane's answer to a whole-checkpoint operation."""
-    return ps_pb2.CheckpointResponse(
-        prefix=result.prefix, files=result.files, entries=result.entries, tables=result.tables,
-    )
 
 
 class ParameterServerServicer(ps_grpc.ParameterServerServicer):
@@ -277,13 +272,14 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
     # ------------------------------------------------------------ one table's / filter's files
 
     @translate_errors
-    async def Save(self, request: ps_pb2.SaveRequest, context: Any) -> ps_pb2.SaveResponse:
+    async def SaveTable(self, request: ps_pb2.SaveRequest, context: Any
+                        ) -> ps_pb2.SaveResponse:
         result = await self.runtime.save_table(request.table, request.basename)
         return ps_pb2.SaveResponse(files=result.files, entries=result.entries)
 
     @translate_errors
-    async def Restore(self, request: ps_pb2.RestoreRequest, context: Any
-                      ) -> ps_pb2.RestoreResponse:
+    async def RestoreTable(self, request: ps_pb2.RestoreRequest, context: Any
+                           ) -> ps_pb2.RestoreResponse:
         result = await self.runtime.restore_table(request.table, request.basename,
                                                   validate_only=request.validate_only)
         return ps_pb2.RestoreResponse(entries=result.entries, files=result.files)
@@ -300,30 +296,6 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
         files = await self.runtime.restore_filter(request.hash_filter, request.basename,
                                                   validate_only=request.validate_only)
         return ps_pb2.HashFilterFilesResponse(files=files)
-
-    # ------------------------------------------------------------ whole checkpoints
-
-    @translate_errors
-    async def SaveCheckpoint(self, request: ps_pb2.CheckpointRequest, context: Any
-                             ) -> ps_pb2.CheckpointResponse:
-        result, _ = await self.runtime.save_checkpoint(request.model_dir, request.global_step)
-        return checkpoint_response(result)
-
-    @translate_errors
-    async def CommitCheckpoint(self, request: ps_pb2.CheckpointRequest, context: Any
-                               ) -> ps_pb2.CheckpointResponse:
-        result, _ = await self.runtime.commit_checkpoint(
-            request.model_dir, request.global_step, request.max_to_keep
-        )
-        return checkpoint_response(result)
-
-    @translate_errors
-    async def RestoreCheckpoint(self, request: ps_pb2.CheckpointRequest, context: Any
-                                ) -> ps_pb2.CheckpointResponse:
-        result, _ = await self.runtime.restore_checkpoint(
-            request.model_dir, request.prefix, request.validate_only
-        )
-        return checkpoint_response(result)
 
 
 def add_servicer_to_server(servicer: ParameterServerServicer, server: Any) -> None:

@@ -359,8 +359,7 @@ class Harness:
         assert same_answer(method, got, expected.response), (
             f"{where}: answer differs from the reference\n got  {got}\n want "
             f"{expected.response}")
-        if method in ("CreateHashFilter", "RestoreHashFilter", "RestoreCheckpoint",
-                      "Admin.Restore"):
+        if method in ("CreateHashFilter", "RestoreHashFilter", "Admin.RestoreCheckpoint"):
             self.sync_new_random_filters()
             after = shard_fingerprint(self.shard)
         ref_after = shard_fingerprint(self.ref)
@@ -403,10 +402,7 @@ def same_answer(method: str, got: Message, want: Message) -> bool:
         return tables == [(t.name, t.entries, t.memory_bytes, t.dim_size, t.hash_filter,
                            t.max_update_ts, t.feature_eviction) for t in want.tables] and list(
             got.hash_filters) == list(want.hash_filters)
-    if method in ("Admin.Save", "Admin.Commit", "Admin.Restore"):
-        return (got.prefix, sorted(got.files), got.entries, list(got.tables)) == (
-            want.prefix, sorted(want.files), want.entries, list(want.tables))
-    if method in ("SaveCheckpoint", "CommitCheckpoint", "RestoreCheckpoint"):
+    if method in ("Admin.SaveCheckpoint", "Admin.CommitCheckpoint", "Admin.RestoreCheckpoint"):
         return (got.prefix, sorted(got.files), got.entries, list(got.tables)) == (
             want.prefix, sorted(want.files), want.entries, list(want.tables))
     return _without_filler(got) == _without_filler(want)
@@ -729,7 +725,7 @@ def a_restore_filter(h: Harness, m: pb.HashFilterFilesRequest) -> Expected:
     return answer(pb.HashFilterFilesResponse(files=out)) if ok else rejected({out})
 
 
-def _checkpoint_save(h: Harness, model_dir: str, step: int, admin: bool) -> Expected:
+def _checkpoint_save(h: Harness, model_dir: str, step: int) -> Expected:
     codes: set[grpc.StatusCode] = set()
     full = _path(h, model_dir, codes, prefix=False)
     if step < 0:
@@ -742,11 +738,8 @@ def _checkpoint_save(h: Harness, model_dir: str, step: int, admin: bool) -> Expe
         return rejected(codes)
     prefix = checkpoints.checkpoint_prefix(full, step)
     files, entries = saved_files(h.ref, prefix)
-    if admin:
-        return answer(pb.AdminCheckpointResponse(prefix=prefix, files=files, entries=entries,
-                                                 tables=sorted(h.ref.tables)))
-    return answer(pb.CheckpointResponse(prefix=prefix, files=files, entries=entries,
-                                        tables=sorted(h.ref.tables)))
+    return answer(pb.AdminCheckpointResponse(prefix=prefix, files=files, entries=entries,
+                                             tables=sorted(h.ref.tables)))
 
 
 def saved_files(shard: Shard, prefix: str) -> tuple[list[str], int]:
@@ -772,8 +765,7 @@ def saved_files(shard: Shard, prefix: str) -> tuple[list[str], int]:
     return files, entries
 
 
-def _checkpoint_commit(h: Harness, model_dir: str, step: int, keep: int, admin: bool
-                       ) -> Expected:
+def _checkpoint_commit(h: Harness, model_dir: str, step: int, keep: int) -> Expected:
     codes: set[grpc.StatusCode] = set()
     full = _path(h, model_dir, codes, prefix=False)
     if step < 0 or keep < 0:
@@ -786,12 +778,12 @@ def _checkpoint_commit(h: Harness, model_dir: str, step: int, keep: int, admin: 
     prefix = checkpoints.checkpoint_prefix(full, step)
     files = [os.path.join(checkpoints.asset_dir(prefix), "manifest.json"),
              os.path.join(full, "checkpoint")]
-    cls = pb.AdminCheckpointResponse if admin else pb.CheckpointResponse
-    return answer(cls(prefix=prefix, files=files, entries=0, tables=sorted(h.ref.tables)))
+    return answer(pb.AdminCheckpointResponse(prefix=prefix, files=files, entries=0,
+                                             tables=sorted(h.ref.tables)))
 
 
-def _checkpoint_restore(h: Harness, model_dir: str, prefix: str, validate: bool, admin: bool
-                        ) -> Expected:
+def _checkpoint_restore(h: Harness, model_dir: str, prefix: str, validate: bool,
+                        missing_ok: bool) -> Expected:
     codes: set[grpc.StatusCode] = set()
     full = _path(h, model_dir, codes, prefix=False)
     if prefix and not os.path.dirname(prefix):
@@ -812,11 +804,10 @@ def _checkpoint_restore(h: Harness, model_dir: str, prefix: str, validate: bool,
         h.ref, full, resolved, validate))
     if not ok:
         return rejected({out})
-    if admin and not out.prefix:
+    if not out.prefix and not missing_ok:
         return rejected({Code.NOT_FOUND})
-    cls = pb.AdminCheckpointResponse if admin else pb.CheckpointResponse
-    return answer(cls(prefix=out.prefix, files=out.files, entries=out.entries,
-                      tables=out.tables))
+    return answer(pb.AdminCheckpointResponse(prefix=out.prefix, files=out.files,
+                                             entries=out.entries, tables=out.tables))
 
 
 def a_evict(h: Harness, m: pb.EvictRequest) -> Expected:
@@ -875,20 +866,15 @@ ANALYZERS: dict[str, Callable[[Harness, Any], Expected]] = {
     "InterceptGradient": a_intercept,
     "Size": a_size,
     "SaveAsTensor": a_save_as_tensor,
-    "Save": a_save,
-    "Restore": a_restore,
+    "SaveTable": a_save,
+    "RestoreTable": a_restore,
     "SaveHashFilter": a_save_filter,
     "RestoreHashFilter": a_restore_filter,
-    "SaveCheckpoint": lambda h, m: _checkpoint_save(h, m.model_dir, m.global_step, False),
-    "CommitCheckpoint": lambda h, m: _checkpoint_commit(
-        h, m.model_dir, m.global_step, m.max_to_keep, False),
-    "RestoreCheckpoint": lambda h, m: _checkpoint_restore(
-        h, m.model_dir, m.prefix, m.validate_only, False),
-    "Admin.Save": lambda h, m: _checkpoint_save(h, m.model_dir, m.global_step, True),
-    "Admin.Commit": lambda h, m: _checkpoint_commit(
-        h, m.model_dir, m.global_step, m.max_to_keep, True),
-    "Admin.Restore": lambda h, m: _checkpoint_restore(
-        h, m.model_dir, m.prefix, m.validate_only, True),
+    "Admin.SaveCheckpoint": lambda h, m: _checkpoint_save(h, m.model_dir, m.global_step),
+    "Admin.CommitCheckpoint": lambda h, m: _checkpoint_commit(
+        h, m.model_dir, m.global_step, m.max_to_keep),
+    "Admin.RestoreCheckpoint": lambda h, m: _checkpoint_restore(
+        h, m.model_dir, m.prefix, m.validate_only, m.missing_ok),
     "Admin.Evict": a_evict,
     "Admin.Stats": a_stats,
     "Admin.Drain": a_drain,

@@ -322,34 +322,29 @@ def prefixes(model_dir: str) -> st.SearchStrategy[str]:
 @st.composite
 def file_calls(draw: st.DrawFn) -> tuple[str, Message]:
     method = draw(st.sampled_from([
-        "Save", "Save", "Restore", "Restore", "SaveHashFilter", "RestoreHashFilter",
-        "SaveCheckpoint", "CommitCheckpoint", "RestoreCheckpoint", "Admin.Save",
-        "Admin.Commit", "Admin.Restore", "Admin.Evict", "Admin.Stats", "Admin.Drain"]))
+        "SaveTable", "SaveTable", "RestoreTable", "RestoreTable", "SaveHashFilter",
+        "RestoreHashFilter", "Admin.SaveCheckpoint", "Admin.SaveCheckpoint",
+        "Admin.CommitCheckpoint", "Admin.CommitCheckpoint", "Admin.RestoreCheckpoint",
+        "Admin.RestoreCheckpoint", "Admin.Evict", "Admin.Stats", "Admin.Drain"]))
     step = draw(st.one_of(st.integers(0, 3), st.sampled_from([-1, I64_MAX])))
-    if method in ("Save", "Restore"):
+    if method in ("SaveTable", "RestoreTable"):
         return method, METHODS[method][1](table=draw(table_names), basename=draw(paths),
                                           **({"validate_only": draw(st.booleans())}
-                                             if method == "Restore" else {}))
+                                             if method == "RestoreTable" else {}))
     if method in ("SaveHashFilter", "RestoreHashFilter"):
         return method, pb.HashFilterFilesRequest(
             hash_filter=draw(filter_names), basename=draw(paths),
             validate_only=draw(st.booleans()))
-    if method in ("SaveCheckpoint", "CommitCheckpoint", "RestoreCheckpoint"):
-        model_dir = draw(paths)
-        return method, pb.CheckpointRequest(
-            model_dir=model_dir, global_step=step,
-            max_to_keep=draw(st.sampled_from([0, 1, 2, -1])),
-            prefix=draw(prefixes(model_dir)),
-            validate_only=draw(st.booleans()))
-    if method in ("Admin.Save", "Admin.Commit"):
+    if method in ("Admin.SaveCheckpoint", "Admin.CommitCheckpoint"):
         return method, pb.AdminSaveRequest(model_dir=draw(paths), global_step=step,
-                                           max_to_keep=draw(st.sampled_from([0, 1, -1])))
-    if method == "Admin.Restore":
+                                           max_to_keep=draw(st.sampled_from([0, 1, 2, -1])))
+    if method == "Admin.RestoreCheckpoint":
         model_dir = draw(paths)
         return method, pb.AdminRestoreRequest(
             model_dir=model_dir,
             prefix=draw(prefixes(model_dir)),
-            validate_only=draw(st.booleans()))
+            validate_only=draw(st.booleans()),
+            missing_ok=draw(st.booleans()))
     if method == "Admin.Evict":
         return method, pb.EvictRequest(table=draw(st.sampled_from(["", ""]) | table_names))
     if method == "Admin.Drain":
@@ -367,9 +362,9 @@ def table_cycles(draw: st.DrawFn) -> list[tuple[str, Message]]:
     """Save a table, change things, restore it (or another table) from those files."""
     path = draw(cycle_paths)
     calls: list[tuple[str, Message]] = [
-        ("Save", pb.SaveRequest(table=draw(_known_tables), basename=path))]
+        ("SaveTable", pb.SaveRequest(table=draw(_known_tables), basename=path))]
     calls += draw(st.lists(writes, max_size=3))
-    calls.append(("Restore", pb.RestoreRequest(table=draw(_known_tables), basename=path,
+    calls.append(("RestoreTable", pb.RestoreRequest(table=draw(_known_tables), basename=path,
                                                validate_only=draw(st.booleans()))))
     return calls
 
@@ -387,17 +382,13 @@ def filter_cycles(draw: st.DrawFn) -> list[tuple[str, Message]]:
 
 @st.composite
 def checkpoint_cycles(draw: st.DrawFn) -> list[tuple[str, Message]]:
-    """Save and commit a whole checkpoint (data plane or admin), change things, restore."""
+    """Save and commit a whole checkpoint, change things, restore it."""
     model_dir = draw(weighted((6, st.sampled_from(["ck", "m", "."])), (1, paths)))
     step = draw(st.integers(0, 3))
     keep = draw(st.sampled_from([0, 0, 1, 2]))
-    admin = draw(st.booleans())
-    if admin:
-        save = pb.AdminSaveRequest(model_dir=model_dir, global_step=step, max_to_keep=keep)
-        calls: list[tuple[str, Message]] = [("Admin.Save", save), ("Admin.Commit", save)]
-    else:
-        save_ = pb.CheckpointRequest(model_dir=model_dir, global_step=step, max_to_keep=keep)
-        calls = [("SaveCheckpoint", save_), ("CommitCheckpoint", save_)]
+    save = pb.AdminSaveRequest(model_dir=model_dir, global_step=step, max_to_keep=keep)
+    calls: list[tuple[str, Message]] = [("Admin.SaveCheckpoint", save),
+                                        ("Admin.CommitCheckpoint", save)]
     if draw(st.integers(0, 3)) == 0:
         calls.append(draw(create_calls()))
     calls += draw(st.lists(writes, max_size=3))
@@ -405,12 +396,9 @@ def checkpoint_cycles(draw: st.DrawFn) -> list[tuple[str, Message]]:
                            (1, st.just(f"{model_dir}/model.ckpt-{step}")),
                            (1, st.just("model.ckpt-9"))))
     validate = draw(st.booleans())
-    if draw(st.booleans()):
-        calls.append(("Admin.Restore", pb.AdminRestoreRequest(
-            model_dir=model_dir, prefix=prefix, validate_only=validate)))
-    else:
-        calls.append(("RestoreCheckpoint", pb.CheckpointRequest(
-            model_dir=model_dir, prefix=prefix, validate_only=validate)))
+    calls.append(("Admin.RestoreCheckpoint", pb.AdminRestoreRequest(
+        model_dir=model_dir, prefix=prefix, validate_only=validate,
+        missing_ok=draw(st.booleans()))))
     return calls
 
 

@@ -75,8 +75,8 @@ GARBAGE = {"bad key": b"\xff\xff", "cut field": b"\x0a\x05ab",
 
 @pytest.mark.parametrize(("method", "garbage"), [
     (method, kind)
-    for method in ("Lookup", "Assign", "CreateTable", "GetShardInfo", "RestoreCheckpoint",
-                   "Admin.Restore", "Admin.Drain")
+    for method in ("Lookup", "Assign", "CreateTable", "GetShardInfo", "RestoreTable",
+                   "Admin.RestoreCheckpoint", "Admin.Drain")
     for kind in GARBAGE
     if kind != "bad UTF-8" or method not in ("GetShardInfo", "Admin.Drain")
 ])
@@ -90,11 +90,11 @@ def test_bytes_that_are_no_request_are_invalid_argument(
 
 
 @pytest.mark.parametrize(("method", "request_"), [
-    ("Save", pb.SaveRequest(table="emb", basename="a\0b")),
-    ("Restore", pb.RestoreRequest(table="emb", basename="ck/\0")),
-    ("SaveCheckpoint", pb.CheckpointRequest(model_dir="m\0", global_step=1)),
-    ("Admin.Restore", pb.AdminRestoreRequest(model_dir="m", prefix="x\0")),
-], ids=["Save", "Restore", "SaveCheckpoint", "Admin.Restore"])
+    ("SaveTable", pb.SaveRequest(table="emb", basename="a\0b")),
+    ("RestoreTable", pb.RestoreRequest(table="emb", basename="ck/\0")),
+    ("Admin.SaveCheckpoint", pb.AdminSaveRequest(model_dir="m\0", global_step=1)),
+    ("Admin.RestoreCheckpoint", pb.AdminRestoreRequest(model_dir="m", prefix="x\0")),
+], ids=["SaveTable", "RestoreTable", "Admin.SaveCheckpoint", "Admin.RestoreCheckpoint"])
 def test_nul_in_a_path_is_invalid_argument(shard: RunningServer, method: str,
                                            request_: Any) -> None:
     # Was INTERNAL (ValueError: embedded null byte).
@@ -106,8 +106,9 @@ def test_nul_in_a_path_is_invalid_argument(shard: RunningServer, method: str,
 def test_overlong_and_overdeep_paths_are_invalid_argument(shard: RunningServer,
                                                           path: str) -> None:
     # Were INTERNAL: ENAMETOOLONG, and RecursionError in os.makedirs for deep paths.
-    refused(shard, "Save", pb.SaveRequest(table="emb", basename=path), Code.INVALID_ARGUMENT)
-    refused(shard, "SaveCheckpoint", pb.CheckpointRequest(model_dir=path, global_step=1),
+    refused(shard, "SaveTable", pb.SaveRequest(table="emb", basename=path),
+            Code.INVALID_ARGUMENT)
+    refused(shard, "Admin.SaveCheckpoint", pb.AdminSaveRequest(model_dir=path, global_step=1),
             Code.INVALID_ARGUMENT)
 
 

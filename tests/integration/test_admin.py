@@ -111,8 +111,8 @@ def save_all(servers: list[RunningServer], model_dir: str, step: int,
              max_to_keep: int = 0) -> list[pb.AdminCheckpointResponse]:
     """What ``ps-admin save`` does: every shard saves, then shard 0 commits."""
     req = pb.AdminSaveRequest(model_dir=model_dir, global_step=step, max_to_keep=max_to_keep)
-    parts = [admin(s).Save(req) for s in servers]
-    admin(servers[0]).Commit(req)
+    parts = [admin(s).SaveCheckpoint(req) for s in servers]
+    admin(servers[0]).CommitCheckpoint(req)
     return parts
 
 
@@ -206,7 +206,8 @@ def test_save_then_restore_into_a_cluster_of_another_size(tmp_path: Path) -> Non
 
     with cluster(2) as new:
         stubs = [admin(s) for s in new]
-        checked = [a.Restore(pb.AdminRestoreRequest(model_dir=model_dir, validate_only=True))
+        checked = [a.RestoreCheckpoint(pb.AdminRestoreRequest(model_dir=model_dir,
+                                                              validate_only=True))
                    for a in stubs]
         # Validation changes nothing: no table was created yet.
         assert [list(s.stub.ListTables(pb.ListTablesRequest()).names) for s in new] == [[], []]
@@ -214,7 +215,7 @@ def test_save_then_restore_into_a_cluster_of_another_size(tmp_path: Path) -> Non
         # floormod(id, 2): the even ids on shard 0, the odd (negative ones too) on shard 1.
         own = [[0, 2, 10], [-7, -3, 1, 5, 9, 11, 1_000_003]]
         assert [c.entries for c in checked] == [len(o) for o in own]
-        done = [a.Restore(pb.AdminRestoreRequest(model_dir=model_dir, prefix=prefix))
+        done = [a.RestoreCheckpoint(pb.AdminRestoreRequest(model_dir=model_dir, prefix=prefix))
                 for a in stubs]
         assert [d.entries for d in done] == [len(o) for o in own]
         assert all(list(d.tables) == ["emb"] for d in done)
@@ -239,7 +240,7 @@ def test_readiness_is_not_serving_while_a_restore_runs(
         assign(srv.stub, "emb", [1], [[100.0, 100.0]])  # changed after the save
         hook = BlockingRestore(monkeypatch)
         restore, restored = in_thread(
-            lambda: admin(srv).Restore(pb.AdminRestoreRequest(model_dir=model_dir)))
+            lambda: admin(srv).RestoreCheckpoint(pb.AdminRestoreRequest(model_dir=model_dir)))
         assert hook.entered.wait(10)
         try:
             assert health(srv) == NOT_SERVING
@@ -270,7 +271,7 @@ def test_a_failed_restore_puts_readiness_back_and_is_recorded(tmp_path: Path) ->
     with start_inprocess_server() as srv:
         missing = str(tmp_path / "model" / "model.ckpt-5")
         expect_error(
-            lambda: admin(srv).Restore(pb.AdminRestoreRequest(
+            lambda: admin(srv).RestoreCheckpoint(pb.AdminRestoreRequest(
                 model_dir=str(tmp_path / "model"), prefix=missing)),
             grpc.StatusCode.NOT_FOUND, missing,
         )
@@ -375,7 +376,7 @@ def test_stats_reports_tables_filters_and_the_last_save(tmp_path: Path) -> None:
         assert f.fill_ratio == pytest.approx(4 / 1000)
 
         model_dir = str(tmp_path / "m")
-        saved = a.Save(pb.AdminSaveRequest(model_dir=model_dir, global_step=3))
+        saved = a.SaveCheckpoint(pb.AdminSaveRequest(model_dir=model_dir, global_step=3))
         rec = a.Stats(pb.StatsRequest()).last_save
         assert (rec.op, rec.prefix, rec.entries, rec.error) == (
             "save", f"{model_dir}/model.ckpt-3", 3, "")
@@ -396,7 +397,7 @@ def test_drain_refuses_data_rpcs_after_the_running_ones(
         save_all([srv], model_dir, step=1)
         hook = BlockingRestore(monkeypatch)
         restore, _ = in_thread(
-            lambda: admin(srv).Restore(pb.AdminRestoreRequest(model_dir=model_dir)))
+            lambda: admin(srv).RestoreCheckpoint(pb.AdminRestoreRequest(model_dir=model_dir)))
         assert hook.entered.wait(10)
         # A data call admitted before the drain, waiting behind the restore.
         reader, read = in_thread(lambda: lookup(srv.stub, "emb", [2]))
@@ -439,20 +440,23 @@ def test_every_admin_error_maps_to_a_precise_status(tmp_path: Path) -> None:
         assert saved[0].prefix == prefix
 
         codes = grpc.StatusCode
-        expect_error(lambda: a.Save(pb.AdminSaveRequest(model_dir="", global_step=1)),
+        expect_error(lambda: a.SaveCheckpoint(pb.AdminSaveRequest(model_dir="", global_step=1)),
                      codes.INVALID_ARGUMENT, "model_dir must not be empty")
-        expect_error(lambda: a.Save(pb.AdminSaveRequest(model_dir="m", global_step=-1)),
+        expect_error(lambda: a.SaveCheckpoint(pb.AdminSaveRequest(model_dir="m", global_step=-1)),
                      codes.INVALID_ARGUMENT, "global_step must be >= 0, got -1")
         expect_error(
-            lambda: a.Commit(pb.AdminSaveRequest(model_dir="m", global_step=1, max_to_keep=-2)),
+            lambda: a.CommitCheckpoint(pb.AdminSaveRequest(model_dir="m", global_step=1,
+                                                           max_to_keep=-2)),
             codes.INVALID_ARGUMENT, "max_to_keep must be >= 0")
         expect_error(
-            lambda: a.Save(pb.AdminSaveRequest(model_dir=str(tmp_path / "out"), global_step=1)),
+            lambda: a.SaveCheckpoint(pb.AdminSaveRequest(model_dir=str(tmp_path / "out"),
+                                                         global_step=1)),
             codes.PERMISSION_DENIED, "outside the data root")
-        expect_error(lambda: a.Restore(pb.AdminRestoreRequest(model_dir="nothing_here")),
+        expect_error(lambda: a.RestoreCheckpoint(pb.AdminRestoreRequest(model_dir="nothing_here")),
                      codes.NOT_FOUND, "no checkpoint in 'nothing_here'", "nothing was restored")
         expect_error(
-            lambda: a.Restore(pb.AdminRestoreRequest(model_dir="model", prefix="model.ckpt-9")),
+            lambda: a.RestoreCheckpoint(pb.AdminRestoreRequest(model_dir="model",
+                                                               prefix="model.ckpt-9")),
             codes.NOT_FOUND, "model.ckpt-9")
         expect_error(lambda: a.Evict(pb.EvictRequest(table="nope")),
                      codes.NOT_FOUND, "'nope'")
@@ -461,7 +465,7 @@ def test_every_admin_error_maps_to_a_precise_status(tmp_path: Path) -> None:
 
         # A live table the checkpoint has no files for.
         make_table(srv.stub, "extra", configs.table_config(1))
-        expect_error(lambda: a.Restore(pb.AdminRestoreRequest(model_dir="model")),
+        expect_error(lambda: a.RestoreCheckpoint(pb.AdminRestoreRequest(model_dir="model")),
                      codes.FAILED_PRECONDITION, "'extra'")
         srv.stub.ListTables(pb.ListTablesRequest())  # still serving
         assert health(srv) == SERVING
@@ -472,7 +476,8 @@ def test_every_admin_error_maps_to_a_precise_status(tmp_path: Path) -> None:
         data = bytearray(Path(part).read_bytes())
         data[len(data) // 2] ^= 0xFF
         Path(part).write_bytes(bytes(data))
-        expect_error(lambda: admin(fresh).Restore(pb.AdminRestoreRequest(model_dir="model")),
-                     codes.DATA_LOSS, os.path.basename(part))
+        expect_error(
+            lambda: admin(fresh).RestoreCheckpoint(pb.AdminRestoreRequest(model_dir="model")),
+            codes.DATA_LOSS, os.path.basename(part))
         assert list(fresh.stub.ListTables(pb.ListTablesRequest()).names) == []
         assert health(fresh) == SERVING

@@ -101,10 +101,10 @@ def test_rpc_table_filter_eviction_and_checkpoint_metrics(tmp_path: Path) -> Non
         evicted = a.Evict(pb.EvictRequest(table="t"))
         assert evicted.evicted == 2  # ids 1 and 2: age 86400 >= 1 day
         model_dir = str(tmp_path / "m")
-        saved = a.Save(pb.AdminSaveRequest(model_dir=model_dir, global_step=1))
-        a.Commit(pb.AdminSaveRequest(model_dir=model_dir, global_step=1))
-        restored = a.Restore(pb.AdminRestoreRequest(model_dir=model_dir))
-        stub.SaveCheckpoint(pb.CheckpointRequest(model_dir=model_dir, global_step=2))
+        saved = a.SaveCheckpoint(pb.AdminSaveRequest(model_dir=model_dir, global_step=1))
+        a.CommitCheckpoint(pb.AdminSaveRequest(model_dir=model_dir, global_step=1))
+        restored = a.RestoreCheckpoint(pb.AdminRestoreRequest(model_dir=model_dir))
+        a.SaveCheckpoint(pb.AdminSaveRequest(model_dir=model_dir, global_step=2))
 
         samples = scrape(port)
         assert value(samples, "monolith_ps_evicted_entries_total", table="t",
@@ -126,7 +126,7 @@ def test_rpc_table_filter_eviction_and_checkpoint_metrics(tmp_path: Path) -> Non
         assert value(samples, "monolith_ps_checkpoint_entries_sum", op="restore") == 1
         assert value(samples, "monolith_ps_last_checkpoint_timestamp_seconds", op="save") > 0
 
-        expect_error(lambda: a.Restore(pb.AdminRestoreRequest(
+        expect_error(lambda: a.RestoreCheckpoint(pb.AdminRestoreRequest(
             model_dir=model_dir, prefix="model.ckpt-99")), grpc.StatusCode.NOT_FOUND)
         a.Drain(pb.DrainRequest(grace_seconds=1))
         expect_error(lambda: lookup(stub, "t", [3]), grpc.StatusCode.UNAVAILABLE, "drained")

@@ -301,6 +301,36 @@ def test_token_matrix(guarded: Any, service: str, token: str | None, code: grpc.
         expect(code, lambda: _call(guarded, service, token), words)
 
 
+def _restore_nothing(srv: Any, token: str | None) -> Any:
+    """A whole-checkpoint RPC (admin plane) that changes nothing: no checkpoint there."""
+    metadata = (("authorization", f"Bearer {token}"),) if token is not None else None
+    return ps_grpc.ParameterServerAdminStub(srv.channel).RestoreCheckpoint(
+        pb.AdminRestoreRequest(model_dir="/nonexistent-model-dir", missing_ok=True),
+        timeout=10, metadata=metadata)
+
+
+@pytest.mark.parametrize(
+    ("token", "code"),
+    [(None, Code.UNAUTHENTICATED), ("wrong", Code.UNAUTHENTICATED), (DATA, Code.OK),
+     (ADMIN, Code.OK)],
+)
+def test_checkpoint_rpcs_take_either_token(guarded: Any, token: str | None,
+                                           code: grpc.StatusCode) -> None:
+    # Trainers save and restore whole checkpoints with their data-plane token; the other
+    # admin RPCs refuse it (test_token_matrix).
+    if code == Code.OK:
+        assert _restore_nothing(guarded, token).prefix == ""
+    else:
+        expect(code, lambda: _restore_nothing(guarded, token), "ParameterServerAdmin")
+
+
+def test_checkpoint_rpcs_stay_checked_with_only_a_data_token() -> None:
+    with start_inprocess_server(data_token=DATA) as srv:
+        expect(Code.UNAUTHENTICATED, lambda: _restore_nothing(srv, None), "bearer token")
+        assert _restore_nothing(srv, DATA).prefix == ""
+        _call(srv, "admin", None)  # Stats: the admin plane is open without an admin token
+
+
 def test_token_edge_cases(guarded: Any) -> None:
     stub = ps_grpc.ParameterServerStub(guarded.channel)
 
@@ -449,12 +479,13 @@ ESCAPES = ["../outside/x", "../../etc/x", "escape/x", "sub/../../outside/x"]
 def test_data_plane_paths_stay_inside_the_data_root(rooted: tuple[Any, Path, Path]) -> None:
     srv, _, outside = rooted
     stub = srv.stub
+    admin = ps_grpc.ParameterServerAdminStub(srv.channel)  # whole checkpoints
     for path in [*ESCAPES, str(outside / "x"), "/etc/x"]:
         for call in (
-            lambda p=path: stub.Save(pb.SaveRequest(table="t", basename=p)),
-            lambda p=path: stub.Restore(pb.RestoreRequest(table="t", basename=p)),
-            lambda p=path: stub.SaveCheckpoint(pb.CheckpointRequest(model_dir=p)),
-            lambda p=path: stub.RestoreCheckpoint(pb.CheckpointRequest(model_dir=p)),
+            lambda p=path: stub.SaveTable(pb.SaveRequest(table="t", basename=p)),
+            lambda p=path: stub.RestoreTable(pb.RestoreRequest(table="t", basename=p)),
+            lambda p=path: admin.SaveCheckpoint(pb.AdminSaveRequest(model_dir=p)),
+            lambda p=path: admin.RestoreCheckpoint(pb.AdminRestoreRequest(model_dir=p)),
         ):
             expect(Code.PERMISSION_DENIED, call, repr(path), "outside the data root")
     assert os.listdir(outside) == []
@@ -466,25 +497,26 @@ def test_admin_paths_stay_inside_the_data_root(rooted: tuple[Any, Path, Path]) -
     admin = ps_grpc.ParameterServerAdminStub(srv.channel)
     for path in [*ESCAPES, str(outside), "/etc"]:
         expect(Code.PERMISSION_DENIED,
-               lambda p=path: admin.Save(pb.AdminSaveRequest(model_dir=p, global_step=1)),
+               lambda p=path: admin.SaveCheckpoint(pb.AdminSaveRequest(model_dir=p, global_step=1)),
                "outside the data root")
         expect(Code.PERMISSION_DENIED,
-               lambda p=path: admin.Restore(pb.AdminRestoreRequest(model_dir=p)),
+               lambda p=path: admin.RestoreCheckpoint(pb.AdminRestoreRequest(model_dir=p)),
                "outside the data root")
         expect(Code.PERMISSION_DENIED,
-               lambda p=path: admin.Restore(pb.AdminRestoreRequest(model_dir="m", prefix=p)),
+               lambda p=path: admin.RestoreCheckpoint(
+                   pb.AdminRestoreRequest(model_dir="m", prefix=p)),
                "outside the data root")
     assert os.listdir(outside) == []
 
     # A checkpoint index inside the root naming a checkpoint outside it: refused too.
-    admin.Save(pb.AdminSaveRequest(model_dir="m", global_step=3))
-    admin.Commit(pb.AdminSaveRequest(model_dir="m", global_step=3))
+    admin.SaveCheckpoint(pb.AdminSaveRequest(model_dir="m", global_step=3))
+    admin.CommitCheckpoint(pb.AdminSaveRequest(model_dir="m", global_step=3))
     (root / "m" / "checkpoint").write_text(
         f'model_checkpoint_path: "{outside}/model.ckpt-3"\n')
     expect(Code.PERMISSION_DENIED,
-           lambda: admin.Restore(pb.AdminRestoreRequest(model_dir="m")),
+           lambda: admin.RestoreCheckpoint(pb.AdminRestoreRequest(model_dir="m")),
            "the latest checkpoint of 'm'", "outside the data root")
     # A bare prefix names a checkpoint of model_dir (inside the root): it restores.
-    restored = admin.Restore(pb.AdminRestoreRequest(model_dir="m", prefix="model.ckpt-3"))
+    restored = admin.RestoreCheckpoint(pb.AdminRestoreRequest(model_dir="m", prefix="model.ckpt-3"))
     assert restored.prefix == str(root / "m" / "model.ckpt-3")
     assert restored.entries == 2

@@ -357,15 +357,15 @@ def test_save_and_restore_table(stub: Stub, tmp_path: Path) -> None:
     make_table(stub, "t", configs.table_config(2))
     assign(stub, "t", [1, 2, 3], [[1, 1], [2, 2], [3, 3]])
     base = str(tmp_path / "emb")
-    saved = stub.Save(pb.SaveRequest(table="t", basename=base))
+    saved = stub.SaveTable(pb.SaveRequest(table="t", basename=base))
     assert saved.entries == 3
     assert [Path(f).name for f in saved.files] == ["emb_0-00000-of-00001"]
     assign(stub, "t", [1, 4], [[9, 9], [4, 4]])
     # validate_only checks the files and leaves the table alone.
-    checked = stub.Restore(pb.RestoreRequest(table="t", basename=base, validate_only=True))
+    checked = stub.RestoreTable(pb.RestoreRequest(table="t", basename=base, validate_only=True))
     assert checked.entries == 3
     np.testing.assert_array_equal(lookup(stub, "t", [1, 4]), [[9, 9], [4, 4]])
-    restored = stub.Restore(pb.RestoreRequest(table="t", basename=base))
+    restored = stub.RestoreTable(pb.RestoreRequest(table="t", basename=base))
     assert restored.entries == 3
     np.testing.assert_array_equal(lookup(stub, "t", [1, 2, 3, 4]),
                                   [[1, 1], [2, 2], [3, 3], [0, 0]])
@@ -389,19 +389,21 @@ def test_save_and_restore_hash_filter(stub: Stub, tmp_path: Path) -> None:
                                       [[1, 1], [0, 0], [1, 1]])
 
 
-def test_checkpoint_save_commit_restore(stub: Stub, tmp_path: Path) -> None:
-    pytest.importorskip("ps_server.checkpoint.checkpoints")
+def test_checkpoint_save_commit_restore(server: RunningServer, tmp_path: Path) -> None:
+    # Whole checkpoints are admin-plane RPCs.
+    stub, admin = server.stub, ps_grpc.ParameterServerAdminStub(server.channel)
     make_table(stub, "t", configs.table_config(2))
     assign(stub, "t", [1, 2], [[1, 1], [2, 2]])
     model_dir = str(tmp_path / "model")
-    req = pb.CheckpointRequest(model_dir=model_dir, global_step=7)
-    saved = stub.SaveCheckpoint(req)
-    committed = stub.CommitCheckpoint(req)
+    req = pb.AdminSaveRequest(model_dir=model_dir, global_step=7)
+    saved = admin.SaveCheckpoint(req)
+    committed = admin.CommitCheckpoint(req)
     assert saved.prefix == committed.prefix == f"{model_dir}/model.ckpt-7"
     assert (Path(model_dir) / "checkpoint").exists()
     with start_inprocess_server() as fresh:
         # An empty shard rebuilds its tables from the checkpoint's manifest.
-        resp = fresh.stub.RestoreCheckpoint(pb.CheckpointRequest(model_dir=model_dir))
+        fresh_admin = ps_grpc.ParameterServerAdminStub(fresh.channel)
+        resp = fresh_admin.RestoreCheckpoint(pb.AdminRestoreRequest(model_dir=model_dir))
         assert resp.prefix == f"{model_dir}/model.ckpt-7"
         assert list(resp.tables) == ["t"]
         np.testing.assert_array_equal(lookup(fresh.stub, "t", [1, 2]), [[1, 1], [2, 2]])

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from protos import ps_service_pb2 as pb
+from protos import ps_service_pb2_grpc as ps_grpc
 from ps_server import errors
 from ps_server.engine import configs
 from ps_server.engine.shard import Shard, TableSlot
@@ -167,7 +168,7 @@ def test_not_found_missing_files(seeded: RunningServer, tmp_path: Path) -> None:
     pytest.importorskip("ps_server.checkpoint.table_files")
     base = str(tmp_path / "never_saved")
     expect(Code.NOT_FOUND,
-           lambda: seeded.stub.Restore(pb.RestoreRequest(table="t", basename=base)),
+           lambda: seeded.stub.RestoreTable(pb.RestoreRequest(table="t", basename=base)),
            "never_saved")
 
 
@@ -243,22 +244,23 @@ def test_permission_denied_outside_data_root(tmp_path: Path) -> None:
         seed(stub)
         before = snapshot(stub)
         for path in ["../outside/t", str(outside / "t"), "link/t", ".", str(root)]:
-            save = functools.partial(stub.Save, pb.SaveRequest(table="t", basename=path))
+            save = functools.partial(stub.SaveTable, pb.SaveRequest(table="t", basename=path))
             # The root itself as a file prefix would write <root>_0-... next to the root.
             expect(Code.PERMISSION_DENIED, save, repr(path), "outside the data root")
         expect(Code.PERMISSION_DENIED,
-               lambda: stub.Restore(pb.RestoreRequest(table="t", basename="../outside/t")),
+               lambda: stub.RestoreTable(pb.RestoreRequest(table="t", basename="../outside/t")),
                "outside the data root")
         expect(Code.PERMISSION_DENIED,
                lambda: stub.SaveHashFilter(pb.HashFilterFilesRequest(hash_filter="f",
                                                                      basename="/tmp/x")),
                "outside the data root")
+        admin = ps_grpc.ParameterServerAdminStub(srv.channel)  # whole checkpoints
         expect(Code.PERMISSION_DENIED,
-               lambda: stub.SaveCheckpoint(pb.CheckpointRequest(model_dir="../outside")),
+               lambda: admin.SaveCheckpoint(pb.AdminSaveRequest(model_dir="../outside")),
                "outside the data root")
         expect(Code.PERMISSION_DENIED,
-               lambda: stub.RestoreCheckpoint(pb.CheckpointRequest(model_dir="m",
-                                                                   prefix="../x/model.ckpt-1")),
+               lambda: admin.RestoreCheckpoint(pb.AdminRestoreRequest(
+                   model_dir="m", prefix="../x/model.ckpt-1")),
                "outside the data root")
         assert os.listdir(outside) == []
         assert snapshot(stub) == before
@@ -268,7 +270,7 @@ def test_relative_path_is_taken_under_data_root(tmp_path: Path) -> None:
     pytest.importorskip("ps_server.checkpoint.table_files")
     with start_inprocess_server(data_root=str(tmp_path)) as srv:
         seed(srv.stub)
-        saved = srv.stub.Save(pb.SaveRequest(table="t", basename="sub/emb"))
+        saved = srv.stub.SaveTable(pb.SaveRequest(table="t", basename="sub/emb"))
         assert [os.path.dirname(f) for f in saved.files] == [
             os.path.realpath(tmp_path / "sub")]
 
