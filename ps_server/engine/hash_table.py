@@ -39,6 +39,7 @@ from ps_server.engine.optimizers.base import (
     State,
     first_occurrences,
     has_duplicates,
+    max_multiplicity,
     occurrence_waves,
 )
 from ps_server.engine.rows import put_rows
@@ -48,6 +49,7 @@ from ps_server.errors import (
     ConfigError,
     DimMismatchError,
     InvalidArgumentError,
+    ResourceExhaustedError,
     ServingEntryError,
 )
 
@@ -62,6 +64,13 @@ _FLT_MIN = np.float32(1.17549435e-38)
 #: ``new_entries`` entries (``new_bytes`` = that many times :attr:`EmbeddingHashTable.entry_bytes`)
 #: before it changes anything (clock and hash filter included); it raises to refuse.
 CapacityGuard = Callable[[str, int, int], None]
+
+#: Most occurrences of one id an ``apply_gradients`` request (without ``enable_dedup``)
+#: may carry when a segment of the table steps repeated ids wave by wave (an optimizer
+#: without a run form, or a transforming retriever): each occurrence past the first
+#: costs a pass over the batch's state. SGD and Adagrad without weight decay take any
+#: multiplicity at about the cost of distinct ids (docs/semantics.md §4.2).
+MAX_SEQUENTIAL_REPEATS = 4096
 
 
 @dataclass
@@ -134,6 +143,8 @@ class EmbeddingHashTable:
             )
         self.hash_filter = hash_filter
         self.capacity_guard = capacity_guard
+        #: Per-request multiplicity limit (see :data:`MAX_SEQUENTIAL_REPEATS`).
+        self.max_sequential_repeats = MAX_SEQUENTIAL_REPEATS
         self.dim = self.layout.dim
         self.max_update_ts = 0
         cap = max(16, min(int(config.initial_capacity), 1 << 20))
@@ -329,6 +340,8 @@ class EmbeddingHashTable:
         for seg in self.layout.segments:
             if seg.optimizer is not None:
                 seg.optimizer.check_step(step)
+        if not enable_dedup:
+            self._check_repeats(ids_)
         if ids_.size == 0:
             self._advance_clock(req)
             return
@@ -506,6 +519,33 @@ class EmbeddingHashTable:
                 f"{self.num_segments} learning rate(s); got {lrs.shape[0]}"
             )
         return lrs
+
+    def _wave_segments(self) -> list[str]:
+        """Names of the optimizers of segments that step repeated ids wave by wave."""
+        return [
+            type(seg.optimizer).__name__
+            for seg in self.layout.segments
+            if seg.optimizer is not None
+            and (not seg.optimizer.has_run_form() or not isinstance(seg.retriever, RawRetriever))
+        ]
+
+    def _check_repeats(self, ids: Ids) -> None:
+        """Refuse, before any change, a request repeating one id more than
+        :data:`MAX_SEQUENTIAL_REPEATS` times when some segment steps repeats in waves."""
+        if ids.size <= self.max_sequential_repeats:
+            return
+        slow = self._wave_segments()
+        if not slow:
+            return
+        count, worst = max_multiplicity(ids)
+        if count > self.max_sequential_repeats:
+            raise ResourceExhaustedError(
+                f"table {self.name!r}: id {worst} occurs {count} times in one "
+                f"apply_gradients request; the limit is {self.max_sequential_repeats} "
+                f"occurrences of one id per request for this table ({', '.join(slow)} "
+                "steps repeated ids one occurrence at a time); split the batch or set "
+                "enable_dedup"
+            )
 
     def _advance_clock(self, req: int) -> None:
         self.max_update_ts = max(self.max_update_ts, req)

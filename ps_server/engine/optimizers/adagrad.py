@@ -18,9 +18,16 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
+import numpy.typing as npt
 
 from protos import optimizer_pb2 as opt_pb
-from ps_server.engine.optimizers.base import Optimizer, State, StateSlot, float_slot
+from ps_server.engine.optimizers.base import (
+    Optimizer,
+    State,
+    StateSlot,
+    float_slot,
+    sequence_ends,
+)
 from ps_server.engine.types import Floats
 
 
@@ -57,3 +64,37 @@ class AdagradOptimizer(Optimizer):
             np.divide(np.float32(lr), step, out=step)
         step *= g
         params -= step
+
+    def has_run_form(self) -> bool:
+        # With weight decay the gradient reads w, so each step needs the previous one.
+        return not self.weight_decay
+
+    def apply_run(
+        self,
+        params: Floats,
+        state: State,
+        grads: Floats,
+        ends: npt.NDArray[np.intp],
+        lr: float,
+        global_step: int,
+    ) -> None:
+        """Without weight decay ``norm_k = norm_{k-1} + g_k^2`` is a float32
+        ``np.add.accumulate``; each step ``lr / sqrt(norm_k) * g_k`` then depends on
+        ``norm_k`` only, and ``w`` is a ``np.subtract.accumulate`` of them: the same
+        operations, in the same order, as one :meth:`apply` per occurrence."""
+        norm = state["norm"]
+        c = grads.shape[0]
+        norms = np.empty((c + 1, *norm.shape), dtype=np.float32)
+        norms[0] = norm
+        np.multiply(grads, grads, out=norms[1:])
+        np.add.accumulate(norms, axis=0, out=norms)
+        seq = np.empty((c + 1, *params.shape), dtype=np.float32)
+        seq[0] = params
+        step = seq[1:]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            np.sqrt(norms[1:], out=step)
+            np.divide(np.float32(lr), step, out=step)
+            step *= grads
+        np.subtract.accumulate(seq, axis=0, out=seq)
+        params[...] = sequence_ends(seq, ends)
+        norm[...] = sequence_ends(norms, ends)

@@ -100,18 +100,51 @@ class Optimizer(abc.ABC):
         """Apply one step per (row, grad) pair, in order, duplicates included.
 
         ``values`` is the segment's storage view ``[capacity, dim]`` and ``state`` the
-        full state storage; ``rows`` may repeat. Occurrences are applied in waves:
-        wave k holds the k-th occurrence of every row, so rows inside a wave are
-        distinct and each row sees its steps in input order. Optimizers whose
-        repeated steps compose exactly (SGD) override this with a single pass.
+        full state storage; ``rows`` may repeat.
+
+        Optimizers with a run form (:meth:`has_run_form`) step every row through all
+        its occurrences at once (:func:`apply_in_runs`). The others are applied in
+        waves: wave k holds the k-th occurrence of every row, so rows inside a wave
+        are distinct and each row sees its steps in input order; a row repeated r
+        times costs r waves.
         """
         if rows.size == 0:
             return
         if not has_duplicates(rows):
             self._apply_rows(values, state, rows, grads, lr, global_step)
             return
+        if self.has_run_form():
+            apply_in_runs(self, values, state, rows, grads, lr, global_step)
+            return
         for wave in occurrence_waves(rows):
             self._apply_rows(values, state, rows[wave], grads[wave], lr, global_step)
+
+    def has_run_form(self) -> bool:
+        """Whether :meth:`apply_run` can step rows through many occurrences at once
+        with exactly the bits of one :meth:`apply` per occurrence. False by default:
+        such optimizers are applied wave by wave and tables cap how often one id may
+        repeat in a request (docs/semantics.md §4.2)."""
+        return False
+
+    def apply_run(
+        self,
+        params: Floats,
+        state: State,
+        grads: Floats,
+        ends: npt.NDArray[np.intp],
+        lr: float,
+        global_step: int,
+    ) -> None:
+        """Step each of ``m`` distinct entries through its occurrences, in place.
+
+        :param params: ``float32[m, dim]`` values before the first occurrence.
+        :param state: ``{slot: array[m, width]}`` state before the first occurrence.
+        :param grads: ``float32[c, m, dim]``: ``grads[k, j]`` is entry ``j``'s
+            (k+1)-th gradient; entries with fewer than ``c`` occurrences are padded
+            with zeros, which must not affect the steps before them.
+        :param ends: ``ends[j]`` = entry ``j``'s number of occurrences (>= 1).
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no run form")
 
     def _apply_rows(
         self,
@@ -180,4 +213,62 @@ def occurrence_waves(rows: Rows) -> list[npt.NDArray[np.intp]]:
     starts = np.flatnonzero(np.r_[True, sorted_rows[1:] != sorted_rows[:-1]])
     lengths = np.diff(np.r_[starts, sorted_rows.size])
     rank = np.arange(sorted_rows.size) - np.repeat(starts, lengths)
-    return [np.sort(order[rank == k]) for k in range(int(lengths.max()))]
+    # One sort by (rank, position) instead of a pass over the batch per wave.
+    by_rank = order[np.lexsort((order, rank))]
+    return np.split(by_rank, np.cumsum(np.bincount(rank))[:-1])
+
+
+def max_multiplicity(ids: npt.NDArray[Any]) -> tuple[int, int]:
+    """``(count, value)`` of the most repeated value of ``ids`` (``(0, 0)`` if empty)."""
+    if ids.size == 0:
+        return 0, 0
+    s = np.sort(ids)
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+    lengths = np.diff(np.r_[starts, s.size])
+    top = int(np.argmax(lengths))
+    return int(lengths[top]), int(s[starts[top]])
+
+
+def apply_in_runs(
+    optimizer: Optimizer,
+    values: Floats,
+    state: State,
+    rows: Rows,
+    grads: Floats,
+    lr: float,
+    global_step: int,
+) -> None:
+    """One step per (row, grad) pair in order, through ``optimizer.apply_run``.
+
+    Rows are grouped by their number of occurrences into classes ``[2^e, 2^(e+1))``;
+    each class is one ``apply_run`` call on a ``[c, m, dim]`` block of gradients
+    padded with zeros (at most twice the class's occurrences), so the cost is a
+    handful of numpy passes per class whatever the multiplicities.
+    """
+    order = np.argsort(rows, kind="stable")
+    sorted_rows = rows[order]
+    starts = np.flatnonzero(np.r_[True, sorted_rows[1:] != sorted_rows[:-1]])
+    counts = np.diff(np.r_[starts, sorted_rows.size])
+    classes = np.frexp(counts.astype(np.float64))[1]  # bit length of each count
+    for e in np.unique(classes):
+        picked = np.flatnonzero(classes == e)
+        n_occ = counts[picked]
+        c = int(n_occ.max())
+        rank = np.arange(c)[:, None]
+        live = rank < n_occ[None, :]  # [c, m]
+        pos = order[starts[picked][None, :] + np.minimum(rank, n_occ[None, :] - 1)]
+        block = np.take(grads, pos, axis=0)  # [c, m, dim]
+        block[~live] = 0
+        r = sorted_rows[starts[picked]]
+        params = np.take(values, r, axis=0)
+        gathered = {name: np.take(arr, r, axis=0) for name, arr in state.items()}
+        optimizer.apply_run(params, gathered, block, n_occ, lr, global_step)
+        put_rows(values, r, params)
+        for name, arr in state.items():
+            put_rows(arr, r, gathered[name])
+
+
+def sequence_ends(seq: Floats, ends: npt.NDArray[np.intp]) -> Floats:
+    """``seq[ends[j], j]`` for each ``j``: each entry's value after its last occurrence
+    in a ``[c + 1, m, ...]`` running sequence (index 0 = before the first)."""
+    return seq[ends, np.arange(ends.size)]

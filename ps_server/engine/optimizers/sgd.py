@@ -1,8 +1,8 @@
 """Plain stochastic gradient descent (docs/semantics.md §5.1).
 
 ``w -= lr * g`` per element. No state; the dump is an empty
-``SingleOptimizerDump.sgd`` (field 2). Repeated steps on one entry compose
-exactly, so :meth:`SgdOptimizer.apply_sequential` needs no waves.
+``SingleOptimizerDump.sgd`` (field 2). Repeated occurrences of one entry run as one
+sequential float32 accumulate (:meth:`SgdOptimizer.apply_run`), so they need no waves.
 """
 
 from __future__ import annotations
@@ -10,17 +10,16 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
+import numpy.typing as npt
 
 from protos import optimizer_pb2 as opt_pb
 from ps_server.engine.optimizers.base import (
     Optimizer,
     State,
     StateSlot,
-    has_duplicates,
-    repeated_positions,
+    sequence_ends,
 )
-from ps_server.engine.rows import put_rows
-from ps_server.engine.types import Floats, Rows
+from ps_server.engine.types import Floats
 
 
 class SgdOptimizer(Optimizer):
@@ -46,34 +45,23 @@ class SgdOptimizer(Optimizer):
     ) -> None:
         params -= np.float32(lr) * grads
 
-    def apply_sequential(
+    def has_run_form(self) -> bool:
+        return True
+
+    def apply_run(
         self,
-        values: Floats,
+        params: Floats,
         state: State,
-        rows: Rows,
         grads: Floats,
+        ends: npt.NDArray[np.intp],
         lr: float,
         global_step: int,
     ) -> None:
-        """One step per occurrence, in order.
-
-        All rows take one gather/scatter. Rows that repeat are then put back as they
-        were and stepped through ``np.subtract.at``, which is unbuffered and walks
-        their occurrences in input order, so every occurrence is its own float32
-        step as in Monolith.
-        """
-        if rows.size == 0:
-            return
-        delta = np.float32(lr) * grads
-        repeated = repeated_positions(rows) if has_duplicates(rows) else None
-        if repeated is not None:
-            repeated_rows = np.unique(rows[repeated])
-            before = np.take(values, repeated_rows, axis=0)
-        # np.take moves whole rows, several times faster than fancy indexing; the
-        # scatter leaves each repeated row with one occurrence applied, undone below.
-        current = np.take(values, rows, axis=0)
-        current -= delta
-        put_rows(values, rows, current)
-        if repeated is not None:
-            put_rows(values, repeated_rows, before)
-            np.subtract.at(values, rows[repeated], delta[repeated])
+        """``w_k = w_{k-1} - lr * g_k`` for every occurrence: the deltas are independent
+        and ``np.subtract.accumulate`` runs the float32 subtractions strictly in order,
+        so each occurrence is its own step as in Monolith."""
+        seq = np.empty((grads.shape[0] + 1, *params.shape), dtype=np.float32)
+        seq[0] = params
+        np.multiply(np.float32(lr), grads, out=seq[1:])
+        np.subtract.accumulate(seq, axis=0, out=seq)
+        params[...] = sequence_ends(seq, ends)
