@@ -70,7 +70,7 @@ CapacityGuard = Callable[[str, int, int], None]
 #: without a run form, or a transforming retriever): each occurrence past the first
 #: costs a pass over the batch's state. SGD and Adagrad without weight decay take any
 #: multiplicity at about the cost of distinct ids (docs/semantics.md §4.2).
-MAX_SEQUENTIAL_REPEATS = 4096
+MAX_SEQUENTIAL_REPEATS = 1024
 
 
 @dataclass

@@ -62,7 +62,7 @@ class AdagradOptimizer(Optimizer):
         with np.errstate(divide="ignore", invalid="ignore"):
             np.sqrt(norm, out=step)
             np.divide(np.float32(lr), step, out=step)
-        step *= g
+            step *= g
         params -= step
 
     def has_run_form(self) -> bool:

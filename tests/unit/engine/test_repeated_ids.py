@@ -1,0 +1,198 @@
+"""Repeated ids in one apply (docs/semantics.md §4.2): the fast paths against the old ones.
+
+Every occurrence of an id is its own optimizer step, in order. The run forms (SGD,
+Adagrad without weight decay) and the one-sort waves must give exactly the bits of the
+implementation they replaced, kept here as the reference (``_old_*``): waves found by a
+pass per occurrence rank, one ``apply`` per wave, and SGD's ``np.subtract.at``.
+Optimizers without a run form are capped per request (RESOURCE_EXHAUSTED, nothing
+changed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from protos import embedding_hash_table_pb2 as eht
+from ps_server.engine import configs
+from ps_server.engine.hash_table import MAX_SEQUENTIAL_REPEATS, EmbeddingHashTable
+from ps_server.engine.optimizers import Optimizer, SgdOptimizer, optimizer_from_config
+from ps_server.engine.optimizers.base import State, occurrence_waves
+from ps_server.errors import ResourceExhaustedError
+
+CASES: list[tuple[str, dict[str, Any]]] = [
+    ("sgd", {}),
+    ("adagrad", {"initial_accumulator_value": 0.1}),
+    ("adagrad", {"initial_accumulator_value": 0.0}),  # first step divides by sqrt(g^2)
+    ("adagrad", {"initial_accumulator_value": 0.1, "weight_decay_factor": 0.01}),
+    ("ftrl", {"initial_accumulator_value": 0.1, "beta": 1.0}),
+    ("ftrl", {"initial_accumulator_value": 0.1, "l1_regularization_strength": 0.1,
+              "l2_regularization_strength": 0.2}),
+    ("adam", {"beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8}),
+    ("adam", {"beta1": 0.9, "beta2": 0.99, "epsilon": 1e-6, "weight_decay_factor": 0.01,
+              "use_nesterov": True}),
+    ("amsgrad", {"beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8}),
+    ("adadelta", {"averaging_ratio": 0.9, "epsilon": 1e-6}),
+    ("momentum", {"momentum": 0.9, "use_nesterov": True}),
+    ("moving_average", {"momentum": 0.9}),
+    ("rmsprop", {"learning_rate": 0.01, "momentum": 0.9}),
+    ("rmspropv2", {"momentum": 0.9}),
+    ("group_adagrad", {"initial_accumulator_value": 0.1, "l2_regularization_strength": 0.1}),
+]
+
+
+def _optimizer(kind: str, fields: dict[str, Any], dim: int) -> Optimizer:
+    cfg = eht.OptimizerConfig()
+    getattr(cfg, kind).SetInParent()
+    for k, v in fields.items():
+        setattr(getattr(cfg, kind), k, v)
+    return optimizer_from_config(cfg, dim)
+
+
+def _old_occurrence_waves(rows: npt.NDArray[np.int64]) -> list[npt.NDArray[np.intp]]:
+    order = np.argsort(rows, kind="stable")
+    sorted_rows = rows[order]
+    starts = np.flatnonzero(np.r_[True, sorted_rows[1:] != sorted_rows[:-1]])
+    lengths = np.diff(np.r_[starts, sorted_rows.size])
+    rank = np.arange(sorted_rows.size) - np.repeat(starts, lengths)
+    return [np.sort(order[rank == k]) for k in range(int(lengths.max()))]
+
+
+def _old_apply_sequential(opt: Optimizer, values: Any, state: State, rows: Any, grads: Any,
+                          lr: float, step: int) -> None:
+    if isinstance(opt, SgdOptimizer):
+        # The single pass SGD used before: one gather/scatter, then np.subtract.at over
+        # the rows that repeat (unbuffered, in input order).
+        delta = np.float32(lr) * grads
+        order = np.argsort(rows)
+        s = rows[order]
+        same = s[1:] == s[:-1]
+        in_group = np.zeros(rows.size, dtype=bool)
+        in_group[1:] |= same
+        in_group[:-1] |= same
+        repeated = np.sort(order[in_group])
+        repeated_rows = np.unique(rows[repeated])
+        before = values[repeated_rows].copy()
+        current = values[rows] - delta
+        values[rows] = current
+        values[repeated_rows] = before
+        np.subtract.at(values, rows[repeated], delta[repeated])
+        return
+    for wave in _old_occurrence_waves(rows):
+        opt._apply_rows(values, state, rows[wave], grads[wave], lr, step)
+
+
+def _batch(seed: int, capacity: int, n: int, dim: int) -> tuple[Any, Any, Any]:
+    """Rows with heavy repeats: one row ~n/3 times, a few dozens of times, the rest rare."""
+    rng = np.random.default_rng(seed)
+    heavy = np.full(n // 3, 5, np.int64)
+    mid = rng.integers(0, 8, size=n // 3)
+    rare = rng.integers(0, capacity, size=n - heavy.size - mid.size)
+    rows = rng.permutation(np.concatenate([heavy, mid, rare])).astype(np.int64)
+    grads = rng.normal(scale=2.0, size=(n, dim)).astype(np.float32)
+    grads[rng.random(n) < 0.05] = 0  # zero gradients, as padding is
+    values = rng.normal(size=(capacity, dim)).astype(np.float32)
+    return rows, grads, values
+
+
+def _bits(a: Any) -> Any:
+    a = np.ascontiguousarray(a)
+    return a.view(np.uint32 if a.dtype == np.float32 else np.uint64)
+
+
+@pytest.mark.parametrize(("kind", "fields"), CASES, ids=lambda c: str(c))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_apply_sequential_bit_identical_to_old_path(kind: str, fields: dict[str, Any],
+                                                     seed: int) -> None:
+    dim, capacity, n = 1 if kind == "batch_softmax" else 5, 40, 600
+    opt = _optimizer(kind, fields, dim)
+    rows, grads, values = _batch(seed, capacity, n, dim)
+    state = opt.init_state(capacity)
+    old_values, old_state = values.copy(), {k: v.copy() for k, v in state.items()}
+    lr = 0.05
+    _old_apply_sequential(opt, old_values, old_state, rows, grads, lr, 3)
+    opt.apply_sequential(values, state, rows, grads, lr, 3)
+    np.testing.assert_array_equal(_bits(values), _bits(old_values))
+    for k in state:
+        np.testing.assert_array_equal(_bits(state[k]), _bits(old_state[k]))
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adagrad"])
+def test_run_form_exact_on_extreme_values(kind: str) -> None:
+    """Huge, tiny, zero and non-finite gradients: still the old bits (NaN included)."""
+    dim, capacity = 4, 6
+    opt = _optimizer(kind, {"initial_accumulator_value": 0.0} if kind == "adagrad" else {}, dim)
+    rng = np.random.default_rng(11)
+    rows = rng.integers(0, 3, size=300).astype(np.int64)
+    grads = (rng.normal(size=(300, dim)) * 10.0 ** rng.integers(-40, 30, size=(300, 1))
+             ).astype(np.float32)
+    grads[17, 0], grads[40, 1], grads[90] = np.inf, np.nan, 0
+    values = rng.normal(size=(capacity, dim)).astype(np.float32)
+    state = opt.init_state(capacity)
+    old_values, old_state = values.copy(), {k: v.copy() for k, v in state.items()}
+    with np.errstate(all="ignore"):
+        _old_apply_sequential(opt, old_values, old_state, rows, grads, 1e-3, 0)
+        opt.apply_sequential(values, state, rows, grads, 1e-3, 0)
+    np.testing.assert_array_equal(_bits(values), _bits(old_values))
+    for k in state:
+        np.testing.assert_array_equal(_bits(state[k]), _bits(old_state[k]))
+
+
+def test_occurrence_waves_unchanged() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        rows = rng.integers(0, rng.integers(1, 30), size=rng.integers(1, 200)).astype(np.int64)
+        new, old = occurrence_waves(rows), _old_occurrence_waves(rows)
+        assert len(new) == len(old)
+        for a, b in zip(new, old, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def _table(opt: eht.OptimizerConfig) -> EmbeddingHashTable:
+    return EmbeddingHashTable(configs.table_config(4, optimizer=opt), name="t")
+
+
+ADAM = eht.OptimizerConfig(adam=eht.AdamOptimizerConfig(beta1=0.9, beta2=0.999, epsilon=1e-8))
+
+
+def test_limit_refuses_before_any_change() -> None:
+    table = _table(ADAM)
+    table.apply_gradients([1, 2], np.ones((2, 4), np.float32), [0.1], req_time=5)
+    before = table.lookup([1, 2, 9])
+    n = MAX_SEQUENTIAL_REPEATS + 1
+    ids = np.r_[np.full(n, 9, np.int64), [1, 3]]
+    with pytest.raises(ResourceExhaustedError) as err:
+        table.apply_gradients(ids, np.ones((ids.size, 4), np.float32), [0.1], req_time=99)
+    msg = str(err.value)
+    assert "id 9" in msg and f"{n} times" in msg and str(MAX_SEQUENTIAL_REPEATS) in msg
+    assert table.size() == 2 and table.max_update_ts == 5
+    np.testing.assert_array_equal(table.lookup([1, 2, 9]), before)
+
+
+def test_limit_allows_its_own_count_and_dedup() -> None:
+    table = _table(ADAM)
+    ids = np.full(MAX_SEQUENTIAL_REPEATS, 9, np.int64)
+    table.apply_gradients(ids, np.ones((ids.size, 4), np.float32), [0.1])
+    ids = np.full(MAX_SEQUENTIAL_REPEATS + 1, 9, np.int64)
+    table.apply_gradients(ids, np.ones((ids.size, 4), np.float32), [0.1], enable_dedup=True)
+    assert table.size() == 1
+
+
+@pytest.mark.parametrize("opt", [configs.sgd(0.1), configs.adagrad(0.1)])
+def test_run_form_optimizers_take_any_multiplicity(opt: eht.OptimizerConfig) -> None:
+    table = _table(opt)
+    n = 4 * MAX_SEQUENTIAL_REPEATS
+    table.apply_gradients(np.full(n, 9, np.int64), np.ones((n, 4), np.float32), [0.1])
+    assert table.size() == 1
+
+
+def test_limit_applies_when_any_segment_lacks_a_run_form() -> None:
+    segs = [configs.segment(2, configs.sgd(0.1)), configs.segment(2, ADAM)]
+    table = EmbeddingHashTable(configs.table_config(segments=segs), name="t")
+    n = MAX_SEQUENTIAL_REPEATS + 1
+    with pytest.raises(ResourceExhaustedError, match="AdamOptimizer"):
+        table.apply_gradients(np.full(n, 4, np.int64), np.ones((n, 4), np.float32), [0.1, 0.1])
+    assert table.size() == 0
