@@ -116,8 +116,48 @@ class Optimizer(abc.ABC):
         if self.has_run_form():
             apply_in_runs(self, values, state, rows, grads, lr, global_step)
             return
+        if self.rows_independent:
+            self._apply_compact_waves(values, state, rows, grads, lr, global_step)
+            return
         for wave in occurrence_waves(rows):
             self._apply_rows(values, state, rows[wave], grads[wave], lr, global_step)
+
+    #: Whether :meth:`apply` computes each row from that row's inputs alone, so the
+    #: rows of a wave may be stepped in any order (False for stochastic rounding,
+    #: whose random draws follow the rows' order).
+    rows_independent: ClassVar[bool] = True
+
+    def _apply_compact_waves(
+        self,
+        values: Floats,
+        state: State,
+        rows: Rows,
+        grads: Floats,
+        lr: float,
+        global_step: int,
+    ) -> None:
+        """Waves on one gathered copy of the touched rows: rows are ordered by number of
+        occurrences (most first), so wave k steps a prefix of the copy in place, and
+        the copy is scattered back once."""
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        starts = np.flatnonzero(np.r_[True, sorted_rows[1:] != sorted_rows[:-1]])
+        counts = np.diff(np.r_[starts, sorted_rows.size])
+        most_first = np.argsort(-counts, kind="stable")
+        first = starts[most_first]
+        r = sorted_rows[first]
+        # active[k] = how many rows have more than k occurrences.
+        active = (r.size - np.cumsum(np.bincount(counts))).tolist()
+        params = np.take(values, r, axis=0)
+        gathered = {name: np.take(arr, r, axis=0) for name, arr in state.items()}
+        for k in range(int(counts.max())):
+            a = active[k]
+            wave_grads = np.take(grads, order[first[:a] + k], axis=0)
+            self.apply(params[:a], {name: arr[:a] for name, arr in gathered.items()},
+                       wave_grads, lr, global_step)
+        put_rows(values, r, params)
+        for name, arr in state.items():
+            put_rows(arr, r, gathered[name])
 
     def has_run_form(self) -> bool:
         """Whether :meth:`apply_run` can step rows through many occurrences at once

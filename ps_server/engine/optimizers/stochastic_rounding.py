@@ -25,6 +25,7 @@ on its own. The dump and slots are the inner optimizer's.
 from __future__ import annotations
 
 import threading
+from typing import ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -94,6 +95,9 @@ class StochasticRoundingFloat16(Optimizer):
     ``dump_field``, slots and state are the inner optimizer's (Monolith's decorator
     forwards them). The inner optimizer always sees ``global_step`` 0.
     """
+
+    #: The random draws follow the order of the rows in each wave.
+    rows_independent: ClassVar[bool] = False
 
     def __init__(self, inner: Optimizer) -> None:
         super().__init__(inner.config, inner.dim)

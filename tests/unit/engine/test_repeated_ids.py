@@ -41,11 +41,15 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("rmsprop", {"learning_rate": 0.01, "momentum": 0.9}),
     ("rmspropv2", {"momentum": 0.9}),
     ("group_adagrad", {"initial_accumulator_value": 0.1, "l2_regularization_strength": 0.1}),
+    ("adagrad", {"initial_accumulator_value": 0.1, "stochastic_rounding_float16": True}),
+    ("adam", {"beta1": 0.9, "beta2": 0.999, "stochastic_rounding_float16": True}),
 ]
 
 
 def _optimizer(kind: str, fields: dict[str, Any], dim: int) -> Optimizer:
-    cfg = eht.OptimizerConfig()
+    fields = dict(fields)
+    cfg = eht.OptimizerConfig(stochastic_rounding_float16=fields.pop(
+        "stochastic_rounding_float16", False))
     getattr(cfg, kind).SetInParent()
     for k, v in fields.items():
         setattr(getattr(cfg, kind), k, v)
@@ -113,7 +117,8 @@ def test_apply_sequential_bit_identical_to_old_path(kind: str, fields: dict[str,
     state = opt.init_state(capacity)
     old_values, old_state = values.copy(), {k: v.copy() for k, v in state.items()}
     lr = 0.05
-    _old_apply_sequential(opt, old_values, old_state, rows, grads, lr, 3)
+    twin = _optimizer(kind, fields, dim)  # its own random stream, if it rounds
+    _old_apply_sequential(twin, old_values, old_state, rows, grads, lr, 3)
     opt.apply_sequential(values, state, rows, grads, lr, 3)
     np.testing.assert_array_equal(_bits(values), _bits(old_values))
     for k in state:
