@@ -11,6 +11,7 @@ tables exist. :class:`ps_client.PsClient` runs it on a private event-loop thread
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +30,8 @@ from ps_client.graph_meta import HASH_TABLE_METADATA, MetaContext
 from ps_client.learning_rate_functions import LearningRate
 from ps_client.routing import shard_of
 from ps_client.transport import ChannelOptions, RetryPolicy, Transport
+
+_log = logging.getLogger(__name__)
 
 
 class AsyncPsClient:
@@ -311,17 +314,29 @@ class AsyncPsClient:
             self.transport, model_dir, global_step, max_to_keep
         )
 
-    async def restore_checkpoint(self, model_dir: str, *, prefix: str | None = None) -> str | None:
+    async def restore_checkpoint(
+        self, model_dir: str, *, prefix: str | None = None, required: bool = False
+    ) -> str | None:
         """Restore every table and filter of a checkpoint on every shard, all-or-nothing.
 
         Shard 0 resolves the checkpoint (``prefix`` or the latest of ``model_dir``);
         every shard then checks its files, and only if all pass do they restore.
         Tables the checkpoint's manifest creates become known to this client.
 
-        :returns: the restored prefix, or None when ``model_dir`` has no checkpoint.
+        :param required: nothing to restore is an error (:class:`PsNotFound`) instead
+            of None.
+        :returns: the restored prefix, or None when ``model_dir`` has no checkpoint
+            (logged at WARNING, naming ``model_dir``: a mistyped directory would
+            otherwise start a training from scratch without a word).
         """
         restored = await checkpoints.restore_checkpoint(self.transport, model_dir, prefix)
         if restored is None:
+            what = f"no checkpoint to restore in model_dir {model_dir!r}" + (
+                f" (prefix {prefix!r})" if prefix else ""
+            )
+            if required:
+                raise PsNotFound(f"{what}, and restore_checkpoint was called with required=True")
+            _log.warning("%s: nothing restored, the tables keep their state", what)
             return None
         resolved, names = restored
         await self._learn_tables(names)

@@ -14,7 +14,7 @@ import numpy.typing as npt
 from protos import ps_service_pb2 as pb
 from ps_client._codec import Gather, encode_request, read_rows
 from ps_client.errors import PsInvalidArgument
-from ps_client.routing import RowAssembly, as_ids, partition
+from ps_client.routing import RowAssembly, as_float32, as_ids, partition
 from ps_client.transport import Transport
 
 
@@ -44,7 +44,7 @@ class AsyncHashFilters:
         :param grads: ``[len(ids), m]``, or flat with a multiple of ``len(ids)`` values.
         """
         ids_ = as_ids(ids)
-        g = np.asarray(grads, dtype=np.float32)
+        g = np.asarray(as_float32(grads, "grads"), dtype=np.float32)
         n = ids_.shape[0]
         if n == 0 or g.size % n:
             if n == 0 and g.size == 0:

@@ -23,6 +23,7 @@ from ps_client.errors import PsInvalidArgument
 from ps_client.learning_rate_functions import LearningRate, evaluate_learning_rates
 from ps_client.routing import (
     RowAssembly,
+    as_global_step,
     as_ids,
     as_rows,
     dedup,
@@ -242,15 +243,21 @@ class AsyncTable:
 
         Learning rates are evaluated here at ``global_step``. With ``enable_dedup`` each
         owner shard sums its duplicates and makes one step per id.
+
+        :raises PsInvalidArgument: before any call: ``global_step`` not an int64 >= 0,
+            grads complex or beyond float32's range, or of the wrong shape. A shard
+            refuses NaN or infinite grads and rates (INVALID_ARGUMENT) unless started
+            with ``--allow_non_finite``.
         """
+        step = as_global_step(global_step)
         ids_ = as_ids(ids)
         g = as_rows(grads, ids_.shape[0], self.dim_size, "grads")
-        lrs = evaluate_learning_rates(self.spec.learning_rate_fns, int(global_step))
+        lrs = evaluate_learning_rates(self.spec.learning_rate_fns, step)
         positions = partition(ids_, self._transport.num_shards)
         requests = [
             encode_request(
                 pb.ApplyGradientsRequest(
-                    table=self.name, learning_rates=lrs.tolist(), global_step=int(global_step),
+                    table=self.name, learning_rates=lrs.tolist(), global_step=step,
                     enable_dedup=enable_dedup, req_time=req_time, tag=self._transport.next_tag(),
                 ),
                 ids=Gather(ids_, p), grads=Gather(g, p),

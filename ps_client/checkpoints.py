@@ -10,6 +10,7 @@ files, and only if all pass do they restore.
 from __future__ import annotations
 
 from protos import ps_service_pb2 as pb
+from ps_client.routing import as_global_step
 from ps_client.transport import Transport
 
 # The checkpoint RPCs are the admin plane's (``ParameterServerAdmin``); they take the
@@ -25,7 +26,8 @@ async def save_checkpoint(
     :returns: the prefix ``<model_dir>/model.ckpt-<global_step>``.
     """
     request = pb.AdminSaveRequest(
-        model_dir=model_dir, global_step=int(global_step), max_to_keep=int(max_to_keep)
+        model_dir=model_dir, global_step=as_global_step(global_step),
+        max_to_keep=int(max_to_keep),
     )
     await transport.each("SaveCheckpoint", request, file_op=True)
     answer = await transport.call(0, "CommitCheckpoint", request, file_op=True)

@@ -310,13 +310,20 @@ class PsClient:
         return self._run(self._core.save_checkpoint(model_dir, global_step,
                                                     max_to_keep=max_to_keep))
 
-    def restore_checkpoint(self, model_dir: str, *, prefix: str | None = None) -> str | None:
+    def restore_checkpoint(
+        self, model_dir: str, *, prefix: str | None = None, required: bool = False
+    ) -> str | None:
         """Restore the latest checkpoint of ``model_dir`` (or ``prefix``) on every shard,
         all-or-nothing; tables it creates become known to this client.
 
-        :returns: the restored prefix, or None when there is no checkpoint.
+        :param required: nothing to restore raises :class:`ps_client.errors.PsNotFound`
+            instead of returning None.
+        :returns: the restored prefix, or None when there is no checkpoint (logged at
+            WARNING, naming ``model_dir``).
         """
-        return self._run(self._core.restore_checkpoint(model_dir, prefix=prefix))
+        return self._run(
+            self._core.restore_checkpoint(model_dir, prefix=prefix, required=required)
+        )
 
 
 def _cores(tables: Sequence[Table | AsyncTable]) -> list[AsyncTable]:

@@ -167,14 +167,52 @@ ERROR_BY_CODE: dict[str, type[PsError]] = {
 }
 
 
-def error_from_rpc(err: Any, *, address: str, method: str) -> PsError:
+def error_from_rpc(
+    err: Any, *, address: str, method: str, hint: str | None = None
+) -> PsError:
     """The :class:`PsError` for a failed call (``grpc.RpcError``); raise it ``from err``.
 
     Unknown codes (``UNKNOWN``, ``ABORTED``...) become :class:`PsInternal` keeping the code.
+
+    :param hint: what the failure likely means (see :func:`tls_mismatch_hint`),
+        appended to the details.
     """
     code_obj = err.code() if callable(getattr(err, "code", None)) else None
     code = getattr(code_obj, "name", None) or "UNKNOWN"
-    details_fn = getattr(err, "details", None)
-    details = (details_fn() if callable(details_fn) else None) or str(err)
+    details = rpc_details(err)
+    if hint:
+        details = f"{details}; {hint}"
     cls = ERROR_BY_CODE.get(code, PsInternal)
     return cls(details, code=code, address=address, method=method)
+
+
+def rpc_details(err: Any) -> str:
+    """The details of a failed call (``grpc.RpcError``), or its text."""
+    details_fn = getattr(err, "details", None)
+    return str((details_fn() if callable(details_fn) else None) or err)
+
+
+def tls_mismatch_hint(details: str, *, secure: bool) -> str | None:
+    """What an ``UNAVAILABLE`` failure to connect means when the client and the shard
+    disagree about TLS, or None when the details do not look like that.
+
+    * a TLS client (``secure``) whose handshake failed: the shard may speak plaintext,
+      its certificate may not be signed by the client's CA, or it may want a client
+      certificate;
+    * a plaintext client whose connection was closed before gRPC came up ("failed to
+      connect ... Socket closed"): what a TLS shard does to a plaintext hello.
+    """
+    text = details.lower()
+    if secure and ("handshake" in text or "ssl" in text or "certificate" in text):
+        return (
+            "the TLS handshake with the shard failed: the shard may speak plaintext (then "
+            "pass no credentials), its certificate may not be signed by the CA in the "
+            "client's credentials, or it may require a client certificate (mutual TLS)"
+        )
+    if not secure and "failed to connect" in text and "socket closed" in text:
+        return (
+            "the shard closed the connection before answering: it may speak TLS "
+            "(started with tls_cert_file) while this client passed no credentials; pass "
+            "credentials=grpc.ssl_channel_credentials(<the shards' CA>)"
+        )
+    return None

@@ -19,7 +19,14 @@ from protos import ps_service_pb2 as pb
 from ps_client._codec import Gather, encode_request, read_floats
 from ps_client.async_table import AsyncTable
 from ps_client.errors import PsInvalidArgument
-from ps_client.routing import FusedRoute, as_ids, fused_layout, to_int32
+from ps_client.routing import (
+    FusedRoute,
+    as_float32,
+    as_global_step,
+    as_ids,
+    fused_layout,
+    to_int32,
+)
 from ps_client.transport import Transport
 
 FusedLookupResult = tuple[
@@ -82,19 +89,25 @@ async def fused_apply_gradient(
     every table's per-segment rates). Blocks run in order on each owner shard; with
     ``enable_grad_accumulation`` duplicates inside one block are summed first.
 
-    :raises PsInvalidArgument: offsets, sizes, grads or rates that do not fit.
+    :raises PsInvalidArgument: offsets, sizes, grads or rates that do not fit; grads or
+        rates complex or beyond float32's range; ``global_step`` not an int64 >= 0.
     """
+    step = as_global_step(global_step)
     ids_ = as_ids(ids)
     names = [t.name for t in tables]
     layout = fused_layout(fused_slot_size, [t.dim_size for t in tables], num_of_shards)
     id_off = layout.check_offsets(
         id_offsets, np.ones_like(layout.sizes), ids_.shape[0], "id_offsets"
     )
-    grads = np.ascontiguousarray(np.asarray(id_grads, dtype=np.float32).reshape(-1))
+    grads = np.ascontiguousarray(
+        np.asarray(as_float32(id_grads, "id_grads"), dtype=np.float32).reshape(-1)
+    )
     grad_off = layout.check_offsets(
         grad_offsets, layout.dims[layout.block_tables], grads.shape[0], "grad_offsets"
     )
-    lrs = np.asarray(learning_rate_tensors, dtype=np.float32).reshape(-1)
+    lrs = np.asarray(
+        as_float32(learning_rate_tensors, "learning_rate_tensors"), dtype=np.float32
+    ).reshape(-1)
     want_lrs = sum(t.spec.num_segments for t in tables)
     if lrs.shape[0] != want_lrs:
         raise PsInvalidArgument(
@@ -129,7 +142,7 @@ async def fused_apply_gradient(
                 pb.FusedOptimizeRequest(
                     tables=names,
                     blocks=[pb.FusedBlock(table_index=t, num_ids=c) for t, c in blocks],
-                    learning_rates=lrs.tolist(), global_step=int(global_step),
+                    learning_rates=lrs.tolist(), global_step=step,
                     enable_grad_accumulation=bool(enable_grad_accumulation),
                     req_time=int(req_time), tag=transport.next_tag(),
                 ),

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import abc
 import inspect
+import math
 import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from ps_client.errors import PsInvalidArgument
 
 LearningRate = float | Callable[[], float] | Callable[[int], float]
 
@@ -108,6 +111,8 @@ def evaluate_learning_rates(
     :returns: ``float32[len(fns)]``.
     :raises TypeError: an item is neither a number nor such a callable, or a callable
         returns something that is not a real number.
+    :raises PsInvalidArgument: a rate beyond float32's range (NaN and infinity pass: the
+        shards refuse them unless started with ``--allow_non_finite``).
     """
     out = np.empty(len(fns), dtype=np.float32)
     for i, fn in enumerate(fns):
@@ -116,7 +121,13 @@ def evaluate_learning_rates(
             raise TypeError(
                 f"learning rate #{i} must be a number or a callable returning one, got {value!r}"
             )
-        out[i] = value
+        with np.errstate(over="ignore"):
+            out[i] = value
+        if np.isinf(out[i]) and math.isfinite(value):
+            raise PsInvalidArgument(
+                f"learning rate #{i} is {value!r} at global_step {global_step}, beyond "
+                "float32's range: it would reach the shards as infinity"
+            )
     return out
 
 

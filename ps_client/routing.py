@@ -14,6 +14,7 @@ order, and the answers are put back where Monolith's single process would put th
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,10 +51,97 @@ def as_ids(ids: Any, what: str = "ids") -> Ids:
 def as_rows(values: Any, n: int, dim: int, what: str = "values") -> Floats:
     """``values`` as C-contiguous ``float32[n, dim]``; a flat ``n * dim`` array is reshaped.
 
-    :raises PsInvalidArgument: not float32-convertible or the wrong shape (the message
-        gives the expected and the actual shape).
+    :raises PsInvalidArgument: not float32-convertible, complex, a finite value beyond
+        float32's range (see :func:`as_float32`) or the wrong shape (the message gives
+        the expected and the actual shape).
     """
-    return np.ascontiguousarray(wire.as_rows(values, n, dim, what, _ERRORS))
+    arr = as_float32(values, what, row_width=dim)
+    return np.ascontiguousarray(wire.as_rows(arr, n, dim, what, _ERRORS))
+
+
+#: Largest finite float32; a wider float beyond it would reach the shards as infinity.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def as_float32(values: Any, what: str, *, row_width: int | None = None) -> Any:
+    """``values`` narrowed to float32 (any shape) when that loses nothing but precision.
+
+    float32 input passes untouched. NaN and infinity pass too (the shards refuse them
+    unless started with ``--allow_non_finite``). Input that does not convert at all is
+    returned as given, for the caller's conversion to say why.
+
+    :param row_width: floats per row of a flat input, to name the bad row.
+    :raises PsInvalidArgument: complex numbers (their imaginary part would be dropped),
+        or a finite value that float32 cannot hold (it would become infinity), naming
+        the first such row.
+    """
+    if isinstance(values, np.ndarray) and values.dtype == np.float32:
+        return values
+    try:
+        arr = np.asarray(values)
+    except (TypeError, ValueError):
+        return values
+    kind = arr.dtype.kind
+    if kind == "c":
+        raise PsInvalidArgument(
+            f"{what} are complex ({arr.dtype}); tables hold float32, so pass real numbers "
+            "(numpy.real(...) if the imaginary part is meant to be dropped)"
+        )
+    if not (kind == "O" or (kind == "f" and arr.dtype.itemsize > 4)):
+        return arr  # ints, bools and narrower floats always fit
+    try:
+        wide = arr.astype(np.float64) if kind == "O" else arr
+        with np.errstate(over="ignore"):
+            narrow = wide.astype(np.float32)
+    except OverflowError as e:
+        raise PsInvalidArgument(f"{what}: a value is beyond float32's range: {e}") from e
+    except (TypeError, ValueError):
+        return values
+    over = np.isinf(narrow) & np.isfinite(wide)
+    if not over.any():
+        return narrow
+    first = int(np.argmax(over.reshape(-1)))
+    if arr.ndim >= 2:
+        where = f"row {int(np.unravel_index(first, arr.shape)[0])}"
+    elif row_width:
+        where = f"row {first // row_width}"
+    else:
+        where = f"element {first}"
+    raise PsInvalidArgument(
+        f"{what} {where} holds {float(wide.reshape(-1)[first])!r}, beyond float32's range "
+        f"(±{FLOAT32_MAX:.7g}): it would reach the shard as infinity "
+        f"({int(over.sum())} value(s) overflow); nothing was sent"
+    )
+
+
+#: Largest int64: ``global_step`` travels as one.
+INT64_MAX = 2**63 - 1
+
+
+def as_global_step(global_step: Any) -> int:
+    """``global_step`` checked: an integer (``int``, a numpy integer, anything with
+    ``__index__``) in ``[0, 2**63 - 1]``, the range checkpoints and the wire hold.
+
+    The one check of every ``global_step`` the client sends (``apply_gradients``,
+    ``fused_apply_gradient``, ``save_checkpoint``), before any RPC.
+
+    :raises PsInvalidArgument: naming ``global_step``: not an integer (``1.5`` would be
+        truncated), negative, or beyond int64.
+    """
+    if isinstance(global_step, bool | np.bool_):
+        raise PsInvalidArgument(f"global_step must be an integer, got {global_step!r}")
+    try:
+        step = operator.index(global_step)
+    except TypeError:
+        raise PsInvalidArgument(
+            f"global_step must be an integer (an int64 >= 0), got {global_step!r} "
+            f"({type(global_step).__name__})"
+        ) from None
+    if not 0 <= step <= INT64_MAX:
+        raise PsInvalidArgument(
+            f"global_step must be in [0, 2**63 - 1] (an int64 >= 0), got {step}"
+        )
+    return step
 
 
 # ---------------------------------------------------------------- routing

@@ -28,7 +28,10 @@ Calls:
   - other RPCs that change state (creation, saves, restores) are never retried;
 
 * a fan-out waits for every shard before raising the first failure (in shard
-  order), so no call is left running when the caller sees an error.
+  order), so no call is left running when the caller sees an error;
+* a connection that fails as a TLS mismatch does (a failed handshake; a plaintext
+  connection closed before gRPC came up) is not retried further and its
+  ``PsUnavailable`` says so (:func:`ps_client.errors.tls_mismatch_hint`).
 
 Retries are the client's own: gRPC's transparent retries are turned off on the channels.
 """
@@ -49,7 +52,7 @@ import grpc
 from protos import contract
 from protos import ps_service_pb2 as pb
 from protos import ps_service_pb2_grpc as pb_grpc
-from ps_client.errors import error_from_rpc
+from ps_client.errors import error_from_rpc, rpc_details, tls_mismatch_hint
 
 SERVICE_PATH: Final = f"/{contract.DATA_SERVICE.full_name}"
 _ADMIN_RPCS: Final = frozenset(m.name for m in contract.ADMIN_SERVICE.methods)
@@ -176,6 +179,7 @@ class Transport:
         self.client_id = uuid.uuid4().hex
         opts = channel_options or ChannelOptions()
         self._metadata = opts.metadata() or None
+        self._secure = opts.credentials is not None
         self._channels = [make_channel(a, opts) for a in self.addresses]
         self._stubs = [pb_grpc.ParameterServerStub(c) for c in self._channels]
         # Whole checkpoints are admin-plane RPCs (their names are the admin service's own).
@@ -263,12 +267,20 @@ class Transport:
             try:
                 answer = await rpc(request, timeout=remaining, metadata=self._metadata)
             except grpc.aio.AioRpcError as err:
-                if err.code() in retry_on and attempt < self.retry.max_attempts:
+                hint = None
+                if err.code() == grpc.StatusCode.UNAVAILABLE:
+                    hint = tls_mismatch_hint(rpc_details(err), secure=self._secure)
+                # A failed TLS handshake fails again: no retry. A plaintext connection
+                # closed at once may be a shard going down: one more attempt.
+                give_up = hint is not None and (self._secure or attempt >= 2)
+                if err.code() in retry_on and attempt < self.retry.max_attempts and not give_up:
                     pause = self.retry.delay(attempt)
                     if loop.time() + pause < deadline:
                         await asyncio.sleep(pause)
                         continue
-                raise error_from_rpc(err, address=self.addresses[shard], method=method) from err
+                raise error_from_rpc(
+                    err, address=self.addresses[shard], method=method, hint=hint
+                ) from err
             if on_answer is not None:
                 on_answer(shard, answer)
             return answer

@@ -2,7 +2,7 @@
 
 Every flag is a field of :class:`ps_server.config.ServerConfig` with the same name,
 default and help, defined from the dataclass by
-:func:`ps_server.gflags_utils.extract_flags` (``--helpfull`` lists them), e.g.::
+:func:`ps_server.gflags_utils.extract_flags` (``--help`` lists them), e.g.::
 
     python -m ps_server --port=0 --shard_index=1 --num_shards=4 --port_file=/tmp/p1 \\
         --metrics_port=9100
@@ -64,8 +64,25 @@ def _main(argv: Sequence[str]) -> None:
         sys.exit(f"ps_server: {e}")
 
 
+def _help_lists_flags(program: str) -> None:
+    """Make ``--help`` list every flag when the program is ``program``.
+
+    absl's ``--help`` lists the key flags of the module named by ``sys.argv[0]`` and
+    prints that module's docstring. Run as ``python -m ps_server`` that is this module,
+    whose flags are declared key above; run as the ``ps-server`` console script it is
+    the script's wrapper, which declares none (``--help`` said only "Try --helpfull")
+    and has no docstring.
+    """
+    for field in dataclasses.fields(ServerConfig):
+        flags.FLAGS.register_key_flag_for_module(program, flags.FLAGS[field.name])
+    main_module = sys.modules.get("__main__")
+    if main_module is not None and not main_module.__doc__:
+        main_module.__doc__ = __doc__
+
+
 def main() -> None:
     """Entry point of ``ps-server`` and ``python -m ps_server``."""
+    _help_lists_flags(sys.argv[0])
     app.run(_main)
 
 

@@ -84,6 +84,10 @@ class ServerConfig:
         least recently seen client is forgotten first).
     :param ledger_max_bytes: memory the remembered updates may take, answers included (the
         oldest are forgotten first).
+    :param allow_non_finite: accept NaN and infinity in written values, gradients and
+        learning rates; by default such a write is refused with INVALID_ARGUMENT naming
+        its first bad row and changes nothing (one NaN makes a row and its optimizer
+        state NaN for good).
     """
 
     host: str = "127.0.0.1"
@@ -113,6 +117,7 @@ class ServerConfig:
     ledger_window: int = DEFAULT_LEDGER_WINDOW
     ledger_max_clients: int = DEFAULT_LEDGER_CLIENTS
     ledger_max_bytes: int = DEFAULT_LEDGER_BYTES
+    allow_non_finite: bool = False
 
     def __post_init__(self) -> None:
         if not self.host:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import hmac
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -45,6 +46,7 @@ __all__ = [
     "TokenAuthInterceptor",
     "bearer_metadata",
     "channel_credentials",
+    "check_key_matches_cert",
     "load_tokens",
     "read_pem",
     "server_credentials",
@@ -78,12 +80,14 @@ def read_pem(path: str, what: str) -> bytes:
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     """TLS credentials of the gRPC port, or None for plaintext (no ``tls_cert_file``).
 
-    :raises ConfigError: a file cannot be read or is not PEM.
+    :raises ConfigError: a file cannot be read or is not PEM, or the key is not the
+        certificate's (see :func:`check_key_matches_cert`).
     """
     if not config.tls_cert_file:
         return None
     cert = read_pem(config.tls_cert_file, "tls_cert_file")
     key = read_pem(config.tls_key_file, "tls_key_file")
+    check_key_matches_cert(config.tls_cert_file, config.tls_key_file)
     client_ca = (
         read_pem(config.tls_client_ca_file, "tls_client_ca_file")
         if config.tls_client_ca_file else None
@@ -91,6 +95,35 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
+
+
+def check_key_matches_cert(cert_file: str, key_file: str) -> None:
+    """Check at start-up that ``key_file`` is the private key of ``cert_file``'s
+    certificate (and that both load): gRPC itself would only report "Failed to bind
+    to address" when the server starts.
+
+    :raises ConfigError: naming both files and what is wrong.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # A password callable, so an encrypted key fails instead of prompting on a tty.
+        context.load_cert_chain(cert_file, key_file, password=lambda: b"")
+    except ssl.SSLError as e:
+        text = f"{e.reason or ''} {e}".lower()
+        if "mismatch" in text:
+            raise ConfigError(
+                f"tls_key_file {key_file!r} is not the private key of the certificate in "
+                f"tls_cert_file {cert_file!r} (key values mismatch): give the key the "
+                "certificate was issued for"
+            ) from e
+        raise ConfigError(
+            f"tls_cert_file {cert_file!r} and tls_key_file {key_file!r} do not load as a "
+            f"certificate chain and its unencrypted private key: {e}"
+        ) from e
+    except OSError as e:
+        raise ConfigError(
+            f"tls_cert_file {cert_file!r} / tls_key_file {key_file!r}: {e.strerror or e}"
+        ) from e
 
 
 def channel_credentials(

@@ -173,6 +173,7 @@ async def build_shard_server(
         )
     if limits.enabled:
         shard.set_limits(limits)
+    shard.allow_non_finite = config.allow_non_finite
     credentials = server_credentials(config)
     tokens = load_tokens(config)
     health_servicer = health.aio.HealthServicer()

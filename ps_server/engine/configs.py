@@ -7,9 +7,11 @@ sub-configs for anything else; the results are plain protobuf messages.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 from protos import embedding_hash_table_pb2 as eht
+from ps_server.errors import ConfigError
 
 
 def sgd(learning_rate: float = 0.01) -> eht.OptimizerConfig:
@@ -63,7 +65,20 @@ def table_config(
     serving: bool = False,
     expire_days: int | None = None,
 ) -> eht.EmbeddingHashTableConfig:
-    """A cuckoo ``EmbeddingHashTableConfig`` with one segment of ``dim`` or the given segments."""
+    """A cuckoo ``EmbeddingHashTableConfig`` with one segment of ``dim`` or the given segments.
+
+    :param dim: the segment's dim (None: 1); it must be a positive integer.
+    :raises ConfigError: ``dim`` is not a positive integer (``table_config(0)`` made a
+        dim-1 table once).
+    """
+    if dim is not None:
+        try:
+            size = -1 if isinstance(dim, bool) else operator.index(dim)
+        except TypeError:
+            size = -1
+        if size < 1:
+            raise ConfigError(f"table_config: dim must be a positive integer, got {dim!r}")
+        dim = size
     segs = list(segments) or [segment(dim or 1, optimizer, initializer, compressor)]
     config = eht.EmbeddingHashTableConfig(
         entry_config=eht.EntryConfig(

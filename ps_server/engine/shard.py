@@ -27,9 +27,10 @@ from ps_server.engine.filters import (
     filter_from_options,
 )
 from ps_server.engine.hash_table import EmbeddingHashTable, EntrySelection
-from ps_server.engine.types import Floats, as_ids
+from ps_server.engine.types import Floats, Ids, as_ids, as_rows_matrix
 from ps_server.errors import (
     AlreadyExistsError,
+    BadTensorError,
     ConfigError,
     DimMismatchError,
     InvalidArgumentError,
@@ -207,6 +208,13 @@ class Shard:
     """Tables and filters of shard ``shard_index`` of ``num_shards``.
 
     ``limits`` apply to the tables created through :meth:`create_table`.
+
+    Writes (:meth:`assign`, :meth:`assign_add`, :meth:`apply_gradients`,
+    :meth:`fused_optimize`) holding a NaN or an infinity in their values, gradients or
+    learning rates are refused with :class:`InvalidArgumentError` naming the first bad
+    row, before anything changes: one NaN would make a row and its optimizer state NaN
+    for good. ``allow_non_finite`` (the server's ``allow_non_finite`` option) accepts
+    them. A negative ``global_step`` is refused too (checkpoints cannot carry it).
     """
 
     shard_index: int = 0
@@ -214,6 +222,7 @@ class Shard:
     tables: dict[str, TableSlot] = field(default_factory=dict)
     filters: dict[str, FilterSlot] = field(default_factory=dict)
     limits: ShardLimits = field(default_factory=ShardLimits)
+    allow_non_finite: bool = False
 
     def __post_init__(self) -> None:
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
@@ -337,19 +346,17 @@ class Shard:
         """The table ``name`` with its declaration."""
         slot = self.tables.get(name)
         if slot is None:
-            known = ", ".join(sorted(self.tables)) or "none"
-            raise UnknownTableError(
-                f"no table named {name!r} on shard {self.shard_index} (tables: {known})"
-            )
+            # The missing name only: listing every table would hand any caller the
+            # shard's whole catalogue (ListTables answers that, under its own token).
+            raise UnknownTableError(f"no table named {name!r} on shard {self.shard_index}")
         return slot
 
     def hash_filter(self, name: str) -> FilterSlot:
         """The filter ``name``; :class:`UnknownFilterError` if absent."""
         slot = self.filters.get(name)
         if slot is None:
-            known = ", ".join(sorted(self.filters)) or "none"
             raise UnknownFilterError(
-                f"no hash filter named {name!r} on shard {self.shard_index} (filters: {known})"
+                f"no hash filter named {name!r} on shard {self.shard_index}"
             )
         return slot
 
@@ -371,11 +378,41 @@ class Shard:
 
     def assign(self, table: str, ids: Any, values: Any, req_time: int = 0) -> None:
         """Set the embeddings of ``ids`` in ``table`` (see :meth:`EmbeddingHashTable.assign`)."""
-        self.table(table).assign(ids, values, req_time)
+        t = self.table(table)
+        ids_, vals = self._checked_rows(table, t, ids, values, "values")
+        t.assign(ids_, vals, req_time)
 
     def assign_add(self, table: str, ids: Any, values: Any, req_time: int = 0) -> None:
         """Add ``values`` to the embeddings of ``ids`` in ``table``."""
-        self.table(table).assign_add(ids, values, req_time)
+        t = self.table(table)
+        ids_, vals = self._checked_rows(table, t, ids, values, "values")
+        t.assign_add(ids_, vals, req_time)
+
+    def _checked_rows(
+        self, name: str, table: EmbeddingHashTable, ids: Any, rows: Any, what: str
+    ) -> tuple[Ids, Floats]:
+        """``ids`` and ``rows`` converted as the table would (same errors), with rows
+        holding a NaN or an infinity refused unless ``allow_non_finite``."""
+        ids_ = as_ids(ids)
+        arr = as_rows_matrix(rows, ids_.shape[0], table.dim, what)
+        if not self.allow_non_finite:
+            _refuse_non_finite_rows(f"table {name!r}", what, arr, ids_)
+        return ids_, arr
+
+    def _check_learning_rates(self, subject: str, learning_rates: Any) -> Any:
+        """``learning_rates`` as float32 (unchanged if they do not convert: the table
+        says why), a NaN or infinite one refused unless ``allow_non_finite``."""
+        try:
+            lrs = np.asarray(learning_rates, dtype=np.float32).reshape(-1)
+        except (TypeError, ValueError):
+            return learning_rates
+        if not self.allow_non_finite and not np.isfinite(lrs).all():
+            i = int(np.argmin(np.isfinite(lrs)))
+            raise BadTensorError(
+                f"{subject}: learning rate #{i} is {lrs[i]}, not a finite number; nothing "
+                f"was changed{_NON_FINITE_ADVICE}"
+            )
+        return lrs
 
     def apply_gradients(
         self,
@@ -390,7 +427,12 @@ class Shard:
     ) -> None:
         """One optimizer step of ``table`` per occurrence of each id (or per distinct id
         with ``enable_dedup``), see :meth:`EmbeddingHashTable.apply_gradients`."""
-        self.table(table).apply_gradients(
+        t = self.table(table)
+        if not t.layout.serving:  # (a SERVING table refuses the call as it is)
+            ids, grads = self._checked_rows(table, t, ids, grads, "grads")
+            learning_rates = self._check_learning_rates(f"table {table!r}", learning_rates)
+            _check_global_step(global_step)
+        t.apply_gradients(
             ids, grads, learning_rates, global_step, enable_dedup=enable_dedup,
             req_time=req_time,
         )
@@ -539,6 +581,12 @@ class Shard:
                     f"table {table_names[t]!r} (fused table index {t}) has SERVING entries; "
                     "fused_optimize needs TRAINING entries"
                 )
+        _check_global_step(global_step)
+        if not self.allow_non_finite:
+            names = ", ".join(repr(n) for n in table_names)
+            self._check_learning_rates(f"fused_optimize on tables {names}", lrs)
+            _refuse_non_finite_fused(tables, table_names, blocks, bounds, ids_, flat)
+        for t in sorted({t for t, _ in blocks}):
             for seg in tables[t].layout.segments:
                 if seg.optimizer is not None:
                     seg.optimizer.check_step(int(global_step))
@@ -596,6 +644,67 @@ class Shard:
         filtered = flt.should_be_filtered(ids_, None, with_table=False)
         g[filtered] = 0
         return g
+
+
+_NON_FINITE_ADVICE = (
+    ". A NaN or an infinity would make the row and its optimizer state NaN for good; "
+    "the shard accepts them only when started with --allow_non_finite"
+)
+
+
+def _refuse_non_finite_rows(subject: str, what: str, rows: Floats, ids: Ids) -> None:
+    """:raises BadTensorError: a row of ``rows`` holds a NaN or an infinity, naming
+    the first such row, its id and the bad value."""
+    # One vectorized pass (numpy's isfinite is SIMD: faster than a summing shortcut,
+    # 0.25 ms for 65,536 x 32); rows are looked at only when something is wrong.
+    finite = np.isfinite(rows)
+    if finite.all():
+        return
+    bad = ~finite.all(axis=1)
+    row = int(np.argmax(bad))
+    col = int(np.argmin(finite[row]))
+    raise BadTensorError(
+        f"{subject}: {what} row {row} (id {int(ids[row])}) holds {rows[row, col]} at column "
+        f"{col}, not a finite number ({int(bad.sum())} of {rows.shape[0]} rows hold NaN or "
+        f"infinity); nothing was changed{_NON_FINITE_ADVICE}"
+    )
+
+
+def _refuse_non_finite_fused(
+    tables: Sequence[EmbeddingHashTable],
+    table_names: Sequence[str],
+    blocks: Sequence[tuple[int, int]],
+    bounds: Sequence[tuple[int, int]],
+    ids: Ids,
+    flat: Floats,
+) -> None:
+    """:raises BadTensorError: the fused grads hold a NaN or an infinity, naming the
+    first bad row: its block, table, id and position in the request's ids."""
+    finite = np.isfinite(flat)
+    if finite.all():
+        return
+    first = int(np.argmin(finite))
+    pos = 0
+    for i, ((t, _), (lo, hi)) in enumerate(zip(blocks, bounds, strict=True)):
+        n = (hi - lo) * tables[t].dim
+        if first < pos + n:
+            row = (first - pos) // tables[t].dim
+            raise BadTensorError(
+                f"fused_optimize: grads of block {i} (table {table_names[t]!r}) row {row} "
+                f"(id {int(ids[lo + row])}, row {lo + row} of the request) holds "
+                f"{flat[first]}, not a finite number; nothing was changed{_NON_FINITE_ADVICE}"
+            )
+        pos += n
+
+
+def _check_global_step(global_step: int) -> None:
+    """:raises InvalidArgumentError: a negative ``global_step`` (a checkpoint could
+    not be saved under it)."""
+    if global_step < 0:
+        raise InvalidArgumentError(
+            f"apply_gradients needs a non-negative global_step (an int64 >= 0), got "
+            f"{global_step}; nothing was changed"
+        )
 
 
 def _bad_grads(shape: tuple[int, ...], n: int) -> Floats:

@@ -466,8 +466,9 @@ def _assign(h: Harness, m: pb.AssignRequest, add: bool) -> Expected:
         codes.add(Code.INVALID_ARGUMENT)
     if codes:
         return rejected(codes)
-    op = table.assign_add if add else table.assign
-    ok, status = attempt(lambda: op(ids, values, m.req_time))
+    # Through the reference shard, which refuses NaN and infinity as the live one does.
+    op = h.ref.assign_add if add else h.ref.assign
+    ok, status = attempt(lambda: op(m.table, ids, values, m.req_time))
     return answer(pb.UpdateResponse()) if ok else rejected({status})
 
 
@@ -485,8 +486,9 @@ def a_apply_gradients(h: Harness, m: pb.ApplyGradientsRequest) -> Expected:
     if codes:
         return rejected(codes)
     lrs = np.array(m.learning_rates, dtype=np.float32)
-    ok, status = attempt(lambda: table.apply_gradients(
-        ids, grads, lrs, m.global_step, enable_dedup=m.enable_dedup, req_time=m.req_time))
+    ok, status = attempt(lambda: h.ref.apply_gradients(
+        m.table, ids, grads, lrs, m.global_step, enable_dedup=m.enable_dedup,
+        req_time=m.req_time))
     return answer(pb.UpdateResponse()) if ok else rejected({status})
 
 
