@@ -54,19 +54,26 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+
+import google_crc32c
 
 from protos import embedding_hash_table_pb2 as eht
 from ps_server.checkpoint import filter_dump
 from ps_server.checkpoint.table_files import (
+    RESTORE_THREADS,
     list_table_parts,
     load_table_files,
     save_table,
     scan_table_parts,
     validate_table_files,
 )
+from ps_server.checkpoint.tfrecord import FileFacts, file_facts
 from ps_server.engine.hash_table import EmbeddingHashTable
+from ps_server.engine.names import FILTER_FILE_STEM, file_stem
 from ps_server.engine.shard import FilterOptions, Shard
 from ps_server.errors import (
     CheckpointCorruptError,
@@ -81,6 +88,7 @@ __all__ = [
     "CHECKPOINT_BASENAME",
     "INDEX_NAME",
     "MANIFEST_NAME",
+    "PARTS_PREFIX",
     "CheckpointResult",
     "asset_dir",
     "checkpoint_prefix",
@@ -95,9 +103,13 @@ __all__ = [
 CHECKPOINT_BASENAME = "model.ckpt"
 INDEX_NAME = "checkpoint"
 MANIFEST_NAME = "manifest.json"
+#: ``<assets>/parts-<i>.json``: what shard ``i`` wrote for the checkpoint.
+PARTS_PREFIX = "parts-"
 _FORMAT = "monolith-ps-checkpoint"
+_PARTS_FORMAT = "monolith-ps-checkpoint-parts"
 _VERSION = 1
-_FILTER_STEM = "hash_filter"
+_FILTER_STEM = FILTER_FILE_STEM
+_CHECKSUM_KEY = "manifest_crc32c"
 _INDEX_LINE = re.compile(r'\s*(\w+)\s*:\s*"((?:[^"\\]|\\.)*)"\s*')
 
 
@@ -117,11 +129,6 @@ class CheckpointResult:
     files: list[str]
     entries: int
     tables: list[str]
-
-
-def file_stem(name: str) -> str:
-    """A table or filter name as used in file names: ``:`` and ``/`` become ``-``."""
-    return name.replace(":", "-").replace("/", "-")
 
 
 def checkpoint_prefix(model_dir: str, global_step: int) -> str:
@@ -165,6 +172,9 @@ def save_shard_checkpoint(shard: Shard, model_dir: str, global_step: int) -> Che
     files: list[str] = []
     entries = 0
     names = sorted(shard.tables)
+    facts: dict[str, FileFacts] = {}
+    table_files: dict[str, list[str]] = {}
+    filter_files: dict[str, list[str]] = {}
     for name in names:
         slot = shard.tables[name]
         result = save_table(
@@ -175,16 +185,109 @@ def save_shard_checkpoint(shard: Shard, model_dir: str, global_step: int) -> Che
         )
         files += result.files
         entries += result.entries
+        table_files[name] = [os.path.basename(f.path) for f in result.facts]
+        facts.update((os.path.basename(f.path), f) for f in result.facts)
     for name, stem in sorted(_filter_stems(shard).items()):
         if stem is not None:
             basename = os.path.join(assets, f"{stem}_{shard.shard_index}")
-            files += filter_dump.save_filter(shard.hash_filter(name).hash_filter, basename)
+            written: list[FileFacts] = []
+            files += filter_dump.save_filter(
+                shard.hash_filter(name).hash_filter, basename, written
+            )
+            filter_files[name] = [os.path.basename(f.path) for f in written]
+            facts.update((os.path.basename(f.path), f) for f in written)
+    parts = {
+        "format": _PARTS_FORMAT,
+        "version": _VERSION,
+        "global_step": int(global_step),
+        "shard_index": shard.shard_index,
+        "num_shards": shard.num_shards,
+        "tables": table_files,
+        "hash_filters": filter_files,
+        "files": {n: _facts_json(f) for n, f in sorted(facts.items())},
+    }
+    _write_atomic(_parts_path(assets, shard.shard_index), _json_bytes(parts))
     return CheckpointResult(prefix, files, entries, names)
 
 
-def _manifest(shard: Shard, global_step: int) -> dict[str, Any]:
+def _parts_path(assets: str, shard_index: int) -> str:
+    return os.path.join(assets, f"{PARTS_PREFIX}{shard_index}.json")
+
+
+def _facts_json(facts: FileFacts) -> dict[str, int]:
+    return {"size": facts.size, "records": facts.records, "crc32c": facts.crc32c}
+
+
+def _json_bytes(obj: dict[str, Any]) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode("utf-8")
+
+
+def _manifest_checksum(manifest: Mapping[str, Any]) -> int:
+    """CRC-32C of the manifest's canonical JSON, without its own checksum field."""
+    body = {k: v for k, v in manifest.items() if k != _CHECKSUM_KEY}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return int(google_crc32c.value(canonical.encode("ascii")))
+
+
+def _read_parts(assets: str, shard: Shard, global_step: int) -> list[dict[str, Any]]:
+    """Every shard's part list of this checkpoint, checked; refuses if any is missing."""
+    lists: list[dict[str, Any]] = []
+    missing: list[int] = []
+    for i in range(shard.num_shards):
+        path = _parts_path(assets, i)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            missing.append(i)
+            continue
+        try:
+            parts = json.loads(raw.decode("utf-8"))
+            if parts.get("format") != _PARTS_FORMAT:
+                raise ValueError("not a monolith-ps part list")
+            if (int(parts["shard_index"]), int(parts["num_shards"]),
+                    int(parts["global_step"])) != (i, shard.num_shards, int(global_step)):
+                raise ValueError(
+                    f"it is shard {parts['shard_index']} of {parts['num_shards']}'s list for "
+                    f"step {parts['global_step']}, expected shard {i} of {shard.num_shards} "
+                    f"for step {global_step}"
+                )
+            names = _check_file_names(parts["files"])
+            for what in ("tables", "hash_filters"):
+                for listed in parts[what].values():
+                    unknown = set(listed) - names
+                    if unknown:
+                        raise ValueError(f"{what} name files it has no facts of: {unknown}")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointCorruptError(f"{path}: unreadable part list: {e}") from e
+        lists.append(parts)
+    if missing:
+        raise FailedPreconditionError(
+            f"checkpoint {assets} is incomplete: shard(s) {', '.join(map(str, missing))} of "
+            f"{shard.num_shards} did not save their part (no "
+            f"{', '.join(os.path.basename(_parts_path(assets, i)) for i in missing)}); "
+            "nothing was committed: save on every shard, then commit"
+        )
+    return lists
+
+
+def _check_file_names(files: Mapping[str, Any]) -> set[str]:
+    """The names of a ``files`` map, each a plain file name with integer facts."""
+    names = set()
+    for name, facts in files.items():
+        if not isinstance(name, str) or name in ("", ".", "..") or os.path.basename(name) != name:
+            raise ValueError(f"file name {name!r} is not a plain file name")
+        for key in ("size", "records", "crc32c"):
+            value = facts[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"file {name!r}: {key} is not a non-negative integer")
+        names.add(name)
+    return names
+
+
+def _manifest(shard: Shard, global_step: int, parts: list[dict[str, Any]]) -> dict[str, Any]:
     stems = _filter_stems(shard)
-    tables = {
+    tables: dict[str, dict[str, Any]] = {
         name: {
             "file_stem": file_stem(name),
             "config": base64.b64encode(slot.config_bytes).decode("ascii"),
@@ -194,7 +297,7 @@ def _manifest(shard: Shard, global_step: int) -> dict[str, Any]:
         }
         for name, slot in sorted(shard.tables.items())
     }
-    filters = {}
+    filters: dict[str, dict[str, Any]] = {}
     for name, stem in sorted(stems.items()):
         options = shard.hash_filter(name).options
         filters[name] = {
@@ -208,14 +311,24 @@ def _manifest(shard: Shard, global_step: int) -> dict[str, Any]:
             "split_num": options.split_num,
             "equal_probability": options.equal_probability,
         }
-    return {
+    files: dict[str, Any] = {}
+    for part in parts:  # shard order: each table's files in reading order
+        files.update(part["files"])
+        for name, decl in tables.items():
+            decl.setdefault("files", []).extend(part["tables"].get(name, []))
+        for name, decl in filters.items():
+            decl.setdefault("files", []).extend(part["hash_filters"].get(name, []))
+    manifest: dict[str, Any] = {
         "format": _FORMAT,
         "version": _VERSION,
         "global_step": int(global_step),
         "num_shards": shard.num_shards,
         "tables": tables,
         "hash_filters": filters,
+        "files": files,
     }
+    manifest[_CHECKSUM_KEY] = _manifest_checksum(manifest)
+    return manifest
 
 
 def commit_checkpoint(
@@ -238,8 +351,8 @@ def commit_checkpoint(
     assets = asset_dir(prefix)
     os.makedirs(assets, exist_ok=True)
     manifest_path = os.path.join(assets, MANIFEST_NAME)
-    body = json.dumps(_manifest(shard, global_step), indent=1, sort_keys=True) + "\n"
-    _write_atomic(manifest_path, body.encode("utf-8"))
+    parts = _read_parts(assets, shard, global_step)
+    _write_atomic(manifest_path, _json_bytes(_manifest(shard, global_step, parts)))
 
     name = os.path.basename(prefix)
     _, listed = read_checkpoint_index(model_dir)
@@ -404,10 +517,31 @@ def _read_manifest(assets: str) -> dict[str, Any] | None:
                 raise KeyError(f"table {name!r} lacks {', '.join(sorted(missing))}")
         for decl in manifest.get("hash_filters", {}).values():
             _filter_options(decl)
+        if "files" in manifest:
+            _check_listing(manifest)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointCorruptError(f"{path}: unreadable manifest: {e}") from e
     result: dict[str, Any] = manifest
     return result
+
+
+def _check_listing(manifest: dict[str, Any]) -> None:
+    """A manifest that lists files: its own checksum, and every listed file has facts."""
+    if _CHECKSUM_KEY not in manifest:
+        raise ValueError(f"it lists files but has no {_CHECKSUM_KEY}")
+    recorded = manifest[_CHECKSUM_KEY]
+    computed = _manifest_checksum(manifest)
+    if recorded != computed:
+        raise ValueError(
+            f"its checksum differs ({_CHECKSUM_KEY} records {recorded!r}, its content has "
+            f"{computed}): the manifest was changed or damaged"
+        )
+    names = _check_file_names(manifest["files"])
+    for what in ("tables", "hash_filters"):
+        for name, decl in manifest.get(what, {}).items():
+            listed = decl.get("files", [])
+            if not isinstance(listed, list) or set(listed) - names:
+                raise ValueError(f"{what} {name!r} lists files the manifest has no facts of")
 
 
 def _filter_options(decl: dict[str, Any]) -> FilterOptions:
@@ -479,10 +613,16 @@ def _plan(
             filters[name] = _FilterPlan(name, shard.hash_filter(name).options, basename, False)
 
     saving_shards = int(manifest["num_shards"]) if manifest is not None else None
+
+    def table_paths(name: str, candidates: list[str]) -> list[str]:
+        if manifest is None or "files" not in manifest:
+            return _table_paths(assets, name, candidates, saving_shards)
+        return _listed_table_paths(manifest, assets, name, candidates)
+
     tables: list[_TablePlan] = []
     for name in sorted(shard.tables):
         slot = shard.tables[name]
-        paths = _table_paths(assets, name, [name, *slot.extra_restore_names], saving_shards)
+        paths = table_paths(name, [name, *slot.extra_restore_names])
         tables.append(_TablePlan(name, slot.table, paths, None))
     declared = manifest["tables"] if manifest is not None else {}
     for name in sorted(set(declared) - set(shard.tables)):
@@ -501,9 +641,113 @@ def _plan(
             raise CheckpointCorruptError(
                 f"{assets}/{MANIFEST_NAME}: table {name!r} has an unusable config: {e}"
             ) from e
-        paths = _table_paths(assets, name, [name, *decl["extra_restore_names"]], saving_shards)
+        paths = table_paths(name, [name, *decl["extra_restore_names"]])
         tables.append(_TablePlan(name, stand_in, paths, decl))
     return tables, list(filters.values())
+
+
+def _listed_table_paths(
+    manifest: dict[str, Any], assets: str, name: str, candidates: list[str]
+) -> list[str]:
+    """The files the manifest lists for the first of ``candidates`` it declares."""
+    for candidate in candidates:
+        decl = manifest["tables"].get(candidate)
+        if decl is not None:
+            return [os.path.join(assets, f) for f in decl.get("files", [])]
+    tried = ", ".join(repr(c) for c in candidates)
+    raise ConfigMismatchError(
+        f"table {name!r} has no files in checkpoint {assets}: its manifest declares no "
+        f"table named {tried}"
+    )
+
+
+def _listed_filter_files(manifest: dict[str, Any], fp: _FilterPlan) -> list[str]:
+    """This shard's files of filter ``fp`` as the manifest lists them; the files on disk
+    under its basename must be exactly these."""
+    assert fp.basename is not None
+    assets = os.path.dirname(fp.basename)
+    start = os.path.basename(fp.basename) + "-"
+    listed = sorted(
+        os.path.join(assets, f)
+        for f in manifest["hash_filters"][fp.name].get("files", [])
+        if f.startswith(start)
+    )
+    try:
+        found = sorted(filter_dump.list_filter_files(fp.basename))
+    except CheckpointNotFoundError:
+        found = []
+    if found != listed:
+        extra = sorted(set(found) - set(listed))
+        absent = sorted(set(listed) - set(found))
+        raise CheckpointCorruptError(
+            f"hash filter {fp.name!r}: the files of {fp.basename} differ from the manifest"
+            + (f"; not listed in it: {', '.join(extra)}" if extra else "")
+            + (f"; listed but missing: {', '.join(absent)}" if absent else "")
+        )
+    return listed
+
+
+def _verify_files(manifest: dict[str, Any], paths: list[str]) -> None:
+    """Check each file's size, record count and CRC-32C against the manifest.
+
+    Sizes first (a stat each), then every file is read once (on up to
+    ``RESTORE_THREADS`` threads); the error reported is that of the first file in
+    ``paths`` order that disagrees.
+
+    :raises CheckpointCorruptError: a file is missing or differs (names it and what
+        differs).
+    """
+    facts = manifest["files"]
+    unique = list(dict.fromkeys(paths))
+    for path in unique:
+        expected = facts[os.path.basename(path)]
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            raise CheckpointCorruptError(
+                f"{path}: listed in the checkpoint's manifest but missing"
+            ) from None
+        if size != expected["size"]:
+            raise _differs(path, f"it has {size} bytes, the manifest records {expected['size']}")
+
+    def check(path: str) -> None:
+        expected = facts[os.path.basename(path)]
+        try:
+            got = file_facts(path)
+        except FileNotFoundError:
+            raise CheckpointCorruptError(
+                f"{path}: listed in the checkpoint's manifest but missing"
+            ) from None
+        if got.size != expected["size"]:
+            raise _differs(path, f"it has {got.size} bytes, the manifest records "
+                                 f"{expected['size']}")
+        if got.records != expected["records"]:
+            raise _differs(path, f"it holds {got.records} records, the manifest records "
+                                 f"{expected['records']}")
+        if got.crc32c != expected["crc32c"]:
+            raise _differs(path, f"its CRC-32C is {got.crc32c:#010x}, the manifest records "
+                                 f"{expected['crc32c']:#010x}")
+
+    workers = min(RESTORE_THREADS, len(unique))
+    if workers <= 1:
+        for path in unique:
+            check(path)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="ckpt-verify") as pool:
+        futures = [pool.submit(check, path) for path in unique]
+        try:
+            for f in futures:
+                f.result()
+        finally:
+            for f in futures:
+                f.cancel()
+
+
+def _differs(path: str, detail: str) -> CheckpointCorruptError:
+    return CheckpointCorruptError(
+        f"{path} does not match the checkpoint's manifest: {detail} (the file was changed, "
+        "truncated or replaced after the checkpoint was written); nothing was restored"
+    )
 
 
 def _has_files(basename: str) -> bool:
@@ -559,6 +803,13 @@ def restore_shard_checkpoint(
             "their files use, e.g. MonolithHashTable_<merged>), then restore"
         )
     tables, filters = _plan(shard, manifest, assets)
+    if manifest is not None and "files" in manifest:
+        # Every file is checked against the manifest before anything changes.
+        listed = [p for tp in tables for p in tp.paths]
+        for fp in filters:
+            if fp.basename is not None:
+                listed += _listed_filter_files(manifest, fp)
+        _verify_files(manifest, listed)
 
     names = [tp.name for tp in tables]
     if validate_only:

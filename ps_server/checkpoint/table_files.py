@@ -48,7 +48,7 @@ import re
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 import numpy as np
@@ -62,7 +62,12 @@ from ps_server.checkpoint.entry_dump import (
     decode_entry_dumps,
     encode_entry_dumps,
 )
-from ps_server.checkpoint.tfrecord import TFRecordWriter, frame_record_runs, read_framed_runs
+from ps_server.checkpoint.tfrecord import (
+    FileFacts,
+    TFRecordWriter,
+    frame_record_runs,
+    read_framed_runs,
+)
 from ps_server.engine.expiry import expire_seconds_by_slot, expired_mask
 from ps_server.engine.hash_table import EmbeddingHashTable, EntryColumns
 from ps_server.engine.optimizers import optimizer_from_config
@@ -111,10 +116,15 @@ _FLT_MIN = np.float32(1.17549435e-38)
 
 @dataclass(frozen=True)
 class SaveResult:
-    """What a save wrote: the files (in part order) and the number of records."""
+    """What a save wrote: the files (in part order) and the number of records.
+
+    ``facts``: per file (same order), its size, record count and whole-file CRC-32C,
+    computed while writing (for the checkpoint manifest).
+    """
 
     files: list[str]
     entries: int
+    facts: list[FileFacts] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -214,6 +224,7 @@ def save_table(
                 entries += n
             behind.written(writer)
         behind.finish()
+        facts = [w.facts() for w in writers]
         while writers:
             writers[0].close()
             writers.pop(0)
@@ -223,7 +234,7 @@ def save_table(
             writer.abort()
         raise
     _remove_stale_parts(basename, shard_index, count)
-    return SaveResult(paths, entries)
+    return SaveResult(paths, entries, facts)
 
 
 class _WriteBehind:
