@@ -230,7 +230,16 @@ def _manifest_checksum(manifest: Mapping[str, Any]) -> int:
 
 
 def _read_parts(assets: str, shard: Shard, global_step: int) -> list[dict[str, Any]]:
-    """Every shard's part list of this checkpoint, checked; refuses if any is missing."""
+    """Every shard's part list of this checkpoint, checked.
+
+    ``[]`` when no shard left one (nothing was saved at this step through
+    :func:`save_shard_checkpoint`): the manifest then lists no files, as before part
+    lists existed.
+
+    :raises FailedPreconditionError: some shards' lists are there and others missing
+        (a save that did not reach every shard).
+    :raises CheckpointCorruptError: a list is unreadable or belongs to another save.
+    """
     lists: list[dict[str, Any]] = []
     missing: list[int] = []
     for i in range(shard.num_shards):
@@ -261,7 +270,7 @@ def _read_parts(assets: str, shard: Shard, global_step: int) -> list[dict[str, A
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointCorruptError(f"{path}: unreadable part list: {e}") from e
         lists.append(parts)
-    if missing:
+    if missing and lists:
         raise FailedPreconditionError(
             f"checkpoint {assets} is incomplete: shard(s) {', '.join(map(str, missing))} of "
             f"{shard.num_shards} did not save their part (no "
@@ -311,13 +320,6 @@ def _manifest(shard: Shard, global_step: int, parts: list[dict[str, Any]]) -> di
             "split_num": options.split_num,
             "equal_probability": options.equal_probability,
         }
-    files: dict[str, Any] = {}
-    for part in parts:  # shard order: each table's files in reading order
-        files.update(part["files"])
-        for name, decl in tables.items():
-            decl.setdefault("files", []).extend(part["tables"].get(name, []))
-        for name, decl in filters.items():
-            decl.setdefault("files", []).extend(part["hash_filters"].get(name, []))
     manifest: dict[str, Any] = {
         "format": _FORMAT,
         "version": _VERSION,
@@ -325,8 +327,27 @@ def _manifest(shard: Shard, global_step: int, parts: list[dict[str, Any]]) -> di
         "num_shards": shard.num_shards,
         "tables": tables,
         "hash_filters": filters,
-        "files": files,
     }
+    if not parts:
+        return manifest  # no shard saved this step: nothing to list
+    for part in parts:
+        absent = sorted(set(tables) - set(part["tables"])) + sorted(
+            n for n, st in stems.items() if st is not None and n not in part["hash_filters"]
+        )
+        if absent:
+            raise FailedPreconditionError(
+                f"shard {part['shard_index']} saved no files for {', '.join(map(repr, absent))} "
+                f"at step {global_step} (created after the save?); nothing was committed: "
+                "save again on every shard, then commit"
+            )
+    files: dict[str, Any] = {}
+    for part in parts:  # shard order: each table's files in reading order
+        files.update(part["files"])
+        for name, decl in tables.items():
+            decl.setdefault("files", []).extend(part["tables"].get(name, []))
+        for name, decl in filters.items():
+            decl.setdefault("files", []).extend(part["hash_filters"].get(name, []))
+    manifest["files"] = files
     manifest[_CHECKSUM_KEY] = _manifest_checksum(manifest)
     return manifest
 
