@@ -6,11 +6,15 @@ Layout (docs/semantics.md §6.5, docs/api.md "Files")::
     <model_dir>/model.ckpt-<step>.assets/
         <P>_<i>-%05d-of-%05d                       table parts of shard i (P: name, ':' '/' -> '-')
         hash_filter_<i>-%05d-of-%05d               the filter of shard i
+        parts-<i>.json                             shard i's files: size, records, CRC-32C each
         manifest.json                              what an empty shard needs to rebuild everything
 
 A save is two steps. Every shard runs :func:`save_shard_checkpoint` (its table parts
-and its filters' files, each atomic); then one shard runs :func:`commit_checkpoint`,
-which writes ``manifest.json`` and, last, the ``checkpoint`` index. Until the index
+and its filters' files, each atomic, then ``parts-<i>.json`` with each file's size,
+record count and CRC-32C, computed while writing); then one shard runs
+:func:`commit_checkpoint`, which merges every shard's part list into ``manifest.json``
+(refusing, FAILED_PRECONDITION, when some shards' lists are there and others are
+missing) and writes, last, the ``checkpoint`` index. Until the index
 is replaced the previous checkpoint stays the latest, so a crash mid-save loses
 nothing. Beyond ``max_to_keep`` checkpoints the oldest are deleted whole (every
 ``<prefix>.*``, assets included) after the index no longer names them.
@@ -31,7 +35,16 @@ Filter files: a shard whose tables use exactly one file-saving filter writes it 
                                  "split_num": 7, "equal_probability": false}}}
 
 ``hash_filters`` lists every filter a table uses; ``file_stem`` is null for filters
-that write no files (dummy, probabilistic).
+that write no files (dummy, probabilistic). When part lists were found, the manifest
+also has ``"files": {<file name>: {"size", "records", "crc32c"}}``, a ``"files"`` list
+per table and filter (reading order: saving shard 0, 1, ...) and ``"manifest_crc32c"``
+(CRC-32C of its canonical JSON without that field).
+
+With such a manifest, restore checks the manifest's checksum and then every file it
+will read (size, record count, CRC-32C: :func:`~ps_server.checkpoint.tfrecord.file_facts`)
+before anything is created or changed, and reads each table from exactly the files
+listed for it; the glob of ``<P>_<i>-…`` / ``<P>-…`` serves only manifests without
+file lists and Monolith's checkpoints (no manifest).
 
 Restore (:func:`restore_shard_checkpoint`) resolves the prefix and plans every table
 of the shard and of the manifest. Tables and filters the shard lacks are created from

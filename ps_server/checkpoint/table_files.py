@@ -36,7 +36,8 @@ loaded timestamp (each shard's own records).
 
 Naming caveat: ``<basename>_<i>-…`` of saving shard ``i`` and Monolith's single layout
 of a table literally named ``<basename>_<i>`` look the same; restore reads both as
-parts of ``<basename>``.
+parts of ``<basename>``. Checkpoints avoid this: their manifest lists each table's
+files, and only manifest-less (Monolith) checkpoints are globbed.
 """
 
 from __future__ import annotations
