@@ -7,6 +7,7 @@ Layout (docs/semantics.md §6.5, docs/api.md "Files")::
         <P>_<i>-%05d-of-%05d                       table parts of shard i (P: name, ':' '/' -> '-')
         hash_filter_<i>-%05d-of-%05d               the filter of shard i
         parts-<i>.json                             shard i's files: size, records, CRC-32C each
+                                                   (until the commit has merged them)
         manifest.json                              what an empty shard needs to rebuild everything
 
 A save is two steps. Every shard runs :func:`save_shard_checkpoint` (its table parts
@@ -14,7 +15,8 @@ and its filters' files, each atomic, then ``parts-<i>.json`` with each file's si
 record count and CRC-32C, computed while writing); then one shard runs
 :func:`commit_checkpoint`, which merges every shard's part list into ``manifest.json``
 (refusing, FAILED_PRECONDITION, when some shards' lists are there and others are
-missing) and writes, last, the ``checkpoint`` index. Until the index
+missing) and writes, last, the ``checkpoint`` index; then the part lists are removed
+(a repeated commit of the step keeps the committed manifest's file lists). Until the index
 is replaced the previous checkpoint stays the latest, so a crash mid-save loses
 nothing. Beyond ``max_to_keep`` checkpoints the oldest are deleted whole (every
 ``<prefix>.*``, assets included) after the index no longer names them.
@@ -293,6 +295,45 @@ def _read_parts(assets: str, shard: Shard, global_step: int) -> list[dict[str, A
     return lists
 
 
+def _parts_of_committed(assets: str, shard: Shard) -> list[dict[str, Any]]:
+    """A commit repeated without a new save: the file lists of the manifest already
+    committed for this step, as one part list (``[]`` if it has none or is unreadable).
+
+    The part lists are removed once a commit completes, so a second commit of the same
+    step keeps the facts the first one recorded instead of dropping them.
+    """
+    try:
+        previous = _read_manifest(assets)
+    except CheckpointCorruptError:
+        return []
+    if previous is None or "files" not in previous:
+        return []
+    stems = _filter_stems(shard)
+    filters: dict[str, list[str]] = {}
+    for name, stem in stems.items():
+        decl = previous.get("hash_filters", {}).get(name)
+        if stem is None or decl is None or decl.get("file_stem") != stem:
+            continue  # written under another stem: reported as saving no files
+        filters[name] = list(decl.get("files", []))
+    tables = {
+        name: list(decl.get("files", []))
+        for name, decl in previous["tables"].items()
+        if decl.get("file_stem") == file_stem(name)
+    }
+    return [{"shard_index": 0, "tables": tables, "hash_filters": filters,
+             "files": dict(previous["files"])}]
+
+
+def _remove_part_lists(assets: str) -> None:
+    """Delete ``parts-<i>.json`` once the manifest holds what they said."""
+    pattern = re.compile(re.escape(PARTS_PREFIX) + r"\d+\.json")
+    with contextlib.suppress(OSError):
+        for name in os.listdir(assets):
+            if pattern.fullmatch(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(assets, name))
+
+
 def _check_file_names(files: Mapping[str, Any]) -> set[str]:
     """The names of a ``files`` map, each a plain file name with integer facts."""
     names = set()
@@ -386,6 +427,8 @@ def commit_checkpoint(
     os.makedirs(assets, exist_ok=True)
     manifest_path = os.path.join(assets, MANIFEST_NAME)
     parts = _read_parts(assets, shard, global_step)
+    if not parts:
+        parts = _parts_of_committed(assets, shard)
     _write_atomic(manifest_path, _json_bytes(_manifest(shard, global_step, parts)))
 
     name = os.path.basename(prefix)
@@ -396,6 +439,7 @@ def commit_checkpoint(
         dropped, kept = kept[:-max_to_keep], kept[-max_to_keep:]
     index_path = os.path.join(model_dir, INDEX_NAME)
     _write_atomic(index_path, _index_text(name, kept).encode("utf-8"))
+    _remove_part_lists(assets)
     for old in dropped:
         _delete_checkpoint(_resolve(model_dir, old))
     return CheckpointResult(prefix, [manifest_path, index_path], 0, sorted(shard.tables))
@@ -687,11 +731,32 @@ def _listed_table_paths(
     for candidate in candidates:
         decl = manifest["tables"].get(candidate)
         if decl is not None:
-            return [os.path.join(assets, f) for f in decl.get("files", [])]
+            paths = [os.path.join(assets, f) for f in decl.get("files", [])]
+            _check_listed_parts_exist(assets, name, file_stem(candidate), paths)
+            return paths
     tried = ", ".join(repr(c) for c in candidates)
     raise ConfigMismatchError(
         f"table {name!r} has no files in checkpoint {assets}: its manifest declares no "
         f"table named {tried}"
+    )
+
+
+def _check_listed_parts_exist(assets: str, name: str, stem: str, paths: list[str]) -> None:
+    """Refuse (naming the table, the saving shards and the files) when listed parts
+    are gone: a saving shard without files would otherwise restore as empty."""
+    missing = [p for p in paths if not os.path.exists(p)]
+    if not missing:
+        return
+    pattern = re.compile(re.escape(stem) + r"_(\d+)-\d{5,}-of-\d{5,}")
+    shards = sorted({
+        m.group(1) if (m := pattern.fullmatch(os.path.basename(p))) else "?" for p in missing
+    }, key=lambda x: (len(x), x))
+    basename = os.path.join(assets, stem)
+    expected = ", ".join(f"{basename}_{i}-NNNNN-of-NNNNN" for i in shards)
+    raise CheckpointCorruptError(
+        f"table {name!r} in checkpoint {assets} is incomplete: files of saving shard(s) "
+        f"{', '.join(shards)} listed in its manifest are missing: "
+        f"{', '.join(os.path.basename(p) for p in missing)} (expected {expected})"
     )
 
 

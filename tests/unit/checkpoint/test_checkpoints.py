@@ -74,7 +74,7 @@ def test_layout_manifest_and_index(tmp_path: Path) -> None:
     assert prefix == str(tmp_path / "model.ckpt-7")
     assert file_stem(TABLE) == "scope-emb-0"
     assets = sorted(os.listdir(tmp_path / "model.ckpt-7.assets"))
-    expected = ["manifest.json", "parts-0.json", "parts-1.json"]
+    expected = ["manifest.json"]
     expected += [f"hash_filter_{i}-{k:05d}-of-00007" for i in (0, 1) for k in range(7)]
     expected += [f"scope-emb-0_{i}-{k:05d}-of-00002" for i in (0, 1) for k in range(2)]
     assert assets == sorted(expected)

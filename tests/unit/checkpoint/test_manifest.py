@@ -125,9 +125,21 @@ def test_the_manifest_lists_every_file_with_its_facts_and_its_own_checksum(
     assert manifest["hash_filters"]["f"]["files"] == [
         f"hash_filter_{i}-{k:05d}-of-00005" for i in (0, 1) for k in range(5)]
     assert manifest["manifest_crc32c"] == checkpoints._manifest_checksum(manifest)
+    # the part lists are merged and gone; a repeated commit keeps the file facts
+    assert not [n for n in os.listdir(assets) if n.startswith("parts-")]
+    commit_checkpoint(group[0], str(tmp_path), STEP, 0)
+    assert manifest_of(assets) == manifest
+
+
+def test_each_shard_leaves_a_part_list_until_the_commit(tmp_path: Path) -> None:
+    group = shards(2)
+    for shard in group:
+        save_shard_checkpoint(shard, str(tmp_path), STEP)
+    assets = tmp_path / f"model.ckpt-{STEP}.assets"
     for i in (0, 1):
         parts = json.loads((assets / f"parts-{i}.json").read_text())
         assert (parts["shard_index"], parts["num_shards"], parts["global_step"]) == (i, 2, STEP)
+        assert parts["tables"]["a"] == [f"a_{i}-00000-of-00001"]
 
 
 # ---------------------------------------------------------------- refusals
