@@ -3,15 +3,15 @@
 Layout (docs/semantics.md §6.5, docs/api.md "Files")::
 
     <model_dir>/checkpoint                         TensorFlow CheckpointState text, names the latest
+    <model_dir>/model.ckpt-<step>.parts-<i>.json   shard i's files: size, records, CRC-32C each
+                                                   (until the commit has merged them)
     <model_dir>/model.ckpt-<step>.assets/
         <P>_<i>-%05d-of-%05d                       table parts of shard i (P: name, ':' '/' -> '-')
         hash_filter_<i>-%05d-of-%05d               the filter of shard i
-        parts-<i>.json                             shard i's files: size, records, CRC-32C each
-                                                   (until the commit has merged them)
         manifest.json                              what an empty shard needs to rebuild everything
 
 A save is two steps. Every shard runs :func:`save_shard_checkpoint` (its table parts
-and its filters' files, each atomic, then ``parts-<i>.json`` with each file's size,
+and its filters' files, each atomic, then ``<prefix>.parts-<i>.json`` with each file's size,
 record count and CRC-32C, computed while writing); then one shard runs
 :func:`commit_checkpoint`, which merges every shard's part list into ``manifest.json``
 (refusing, FAILED_PRECONDITION, when some shards' lists are there and others are
@@ -118,8 +118,10 @@ __all__ = [
 CHECKPOINT_BASENAME = "model.ckpt"
 INDEX_NAME = "checkpoint"
 MANIFEST_NAME = "manifest.json"
-#: ``<assets>/parts-<i>.json``: what shard ``i`` wrote for the checkpoint.
-PARTS_PREFIX = "parts-"
+#: ``<prefix>.parts-<i>.json``: what shard ``i`` wrote for the checkpoint (beside the
+#: assets directory, which keeps Monolith's layout plus the manifest; deleted with
+#: the checkpoint's other ``<prefix>.*`` files).
+PARTS_PREFIX = ".parts-"
 _FORMAT = "monolith-ps-checkpoint"
 _PARTS_FORMAT = "monolith-ps-checkpoint-parts"
 _VERSION = 1
@@ -221,12 +223,12 @@ def save_shard_checkpoint(shard: Shard, model_dir: str, global_step: int) -> Che
         "hash_filters": filter_files,
         "files": {n: _facts_json(f) for n, f in sorted(facts.items())},
     }
-    _write_atomic(_parts_path(assets, shard.shard_index), _json_bytes(parts))
+    _write_atomic(_parts_path(prefix, shard.shard_index), _json_bytes(parts))
     return CheckpointResult(prefix, files, entries, names)
 
 
-def _parts_path(assets: str, shard_index: int) -> str:
-    return os.path.join(assets, f"{PARTS_PREFIX}{shard_index}.json")
+def _parts_path(prefix: str, shard_index: int) -> str:
+    return f"{prefix}{PARTS_PREFIX}{shard_index}.json"
 
 
 def _facts_json(facts: FileFacts) -> dict[str, int]:
@@ -244,7 +246,7 @@ def _manifest_checksum(manifest: Mapping[str, Any]) -> int:
     return int(google_crc32c.value(canonical.encode("ascii")))
 
 
-def _read_parts(assets: str, shard: Shard, global_step: int) -> list[dict[str, Any]]:
+def _read_parts(prefix: str, shard: Shard, global_step: int) -> list[dict[str, Any]]:
     """Every shard's part list of this checkpoint, checked.
 
     ``[]`` when no shard left one (nothing was saved at this step through
@@ -258,7 +260,7 @@ def _read_parts(assets: str, shard: Shard, global_step: int) -> list[dict[str, A
     lists: list[dict[str, Any]] = []
     missing: list[int] = []
     for i in range(shard.num_shards):
-        path = _parts_path(assets, i)
+        path = _parts_path(prefix, i)
         try:
             with open(path, "rb") as f:
                 raw = f.read()
@@ -287,9 +289,9 @@ def _read_parts(assets: str, shard: Shard, global_step: int) -> list[dict[str, A
         lists.append(parts)
     if missing and lists:
         raise FailedPreconditionError(
-            f"checkpoint {assets} is incomplete: shard(s) {', '.join(map(str, missing))} of "
+            f"checkpoint {prefix} is incomplete: shard(s) {', '.join(map(str, missing))} of "
             f"{shard.num_shards} did not save their part (no "
-            f"{', '.join(os.path.basename(_parts_path(assets, i)) for i in missing)}); "
+            f"{', '.join(os.path.basename(_parts_path(prefix, i)) for i in missing)}); "
             "nothing was committed: save on every shard, then commit"
         )
     return lists
@@ -324,14 +326,15 @@ def _parts_of_committed(assets: str, shard: Shard) -> list[dict[str, Any]]:
              "files": dict(previous["files"])}]
 
 
-def _remove_part_lists(assets: str) -> None:
-    """Delete ``parts-<i>.json`` once the manifest holds what they said."""
-    pattern = re.compile(re.escape(PARTS_PREFIX) + r"\d+\.json")
+def _remove_part_lists(prefix: str) -> None:
+    """Delete ``<prefix>.parts-<i>.json`` once the manifest holds what they said."""
+    pattern = re.compile(re.escape(os.path.basename(prefix) + PARTS_PREFIX) + r"\d+\.json")
+    directory = os.path.dirname(prefix) or "."
     with contextlib.suppress(OSError):
-        for name in os.listdir(assets):
+        for name in os.listdir(directory):
             if pattern.fullmatch(name):
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(assets, name))
+                    os.unlink(os.path.join(directory, name))
 
 
 def _check_file_names(files: Mapping[str, Any]) -> set[str]:
@@ -426,7 +429,7 @@ def commit_checkpoint(
     assets = asset_dir(prefix)
     os.makedirs(assets, exist_ok=True)
     manifest_path = os.path.join(assets, MANIFEST_NAME)
-    parts = _read_parts(assets, shard, global_step)
+    parts = _read_parts(prefix, shard, global_step)
     if not parts:
         parts = _parts_of_committed(assets, shard)
     _write_atomic(manifest_path, _json_bytes(_manifest(shard, global_step, parts)))
@@ -439,7 +442,7 @@ def commit_checkpoint(
         dropped, kept = kept[:-max_to_keep], kept[-max_to_keep:]
     index_path = os.path.join(model_dir, INDEX_NAME)
     _write_atomic(index_path, _index_text(name, kept).encode("utf-8"))
-    _remove_part_lists(assets)
+    _remove_part_lists(prefix)
     for old in dropped:
         _delete_checkpoint(_resolve(model_dir, old))
     return CheckpointResult(prefix, [manifest_path, index_path], 0, sorted(shard.tables))

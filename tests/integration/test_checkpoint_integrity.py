@@ -180,7 +180,7 @@ def test_a_save_that_missed_a_shard_commits_nothing(tmp_path: Path) -> None:
         req = pb.AdminSaveRequest(model_dir=model_dir, global_step=2, max_to_keep=1)
         admin(servers[0]).SaveCheckpoint(req)  # shard 1 is not reached
         expect_error(lambda: admin(servers[0]).CommitCheckpoint(req),
-                     codes.FAILED_PRECONDITION, "shard(s) 1 of 2", "parts-1.json")
+                     codes.FAILED_PRECONDITION, "shard(s) 1 of 2", "model.ckpt-2.parts-1.json")
         index = Path(model_dir, "checkpoint").read_text()
         assert 'model_checkpoint_path: "model.ckpt-1"' in index
         assert os.path.isdir(f"{model_dir}/model.ckpt-1.assets")  # max_to_keep deleted nothing

@@ -126,7 +126,7 @@ def test_the_manifest_lists_every_file_with_its_facts_and_its_own_checksum(
         f"hash_filter_{i}-{k:05d}-of-00005" for i in (0, 1) for k in range(5)]
     assert manifest["manifest_crc32c"] == checkpoints._manifest_checksum(manifest)
     # the part lists are merged and gone; a repeated commit keeps the file facts
-    assert not [n for n in os.listdir(assets) if n.startswith("parts-")]
+    assert not [n for n in os.listdir(tmp_path) if ".parts-" in n]
     commit_checkpoint(group[0], str(tmp_path), STEP, 0)
     assert manifest_of(assets) == manifest
 
@@ -135,9 +135,8 @@ def test_each_shard_leaves_a_part_list_until_the_commit(tmp_path: Path) -> None:
     group = shards(2)
     for shard in group:
         save_shard_checkpoint(shard, str(tmp_path), STEP)
-    assets = tmp_path / f"model.ckpt-{STEP}.assets"
     for i in (0, 1):
-        parts = json.loads((assets / f"parts-{i}.json").read_text())
+        parts = json.loads((tmp_path / f"model.ckpt-{STEP}.parts-{i}.json").read_text())
         assert (parts["shard_index"], parts["num_shards"], parts["global_step"]) == (i, 2, STEP)
         assert parts["tables"]["a"] == [f"a_{i}-00000-of-00001"]
 
@@ -317,7 +316,8 @@ def test_a_commit_missing_a_shards_part_list_commits_nothing(tmp_path: Path) -> 
     fill(group, "a", [1, 2], 1.0)
     save(group, tmp_path, step=1)
     save_shard_checkpoint(group[0], str(tmp_path), 2)  # shard 1 never saves step 2
-    with pytest.raises(FailedPreconditionError, match=r"shard\(s\) 1 of 2 .*parts-1.json"):
+    with pytest.raises(FailedPreconditionError,
+                       match=r"shard\(s\) 1 of 2 .*model\.ckpt-2\.parts-1\.json"):
         commit_checkpoint(group[0], str(tmp_path), 2, 1)
     assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "model.ckpt-1")
     assert (tmp_path / "model.ckpt-1.assets" / "manifest.json").exists()
