@@ -26,8 +26,17 @@ memory is the largest rise of any run. The machine should be
 quiet: the bench watches ``/proc/stat`` and warns when other processes kept a CPU
 busy while it measured.
 
+With ``--checkpoint`` it measures whole checkpoints instead (a one-table shard,
+``saver_parallel=4``): ``save_shard_checkpoint`` + ``commit_checkpoint``, and
+``restore_shard_checkpoint`` in place and into a new shard, files evicted from the
+page cache before each restore. This is where the manifest's file facts cost: CRC-32C
+while writing, and on restore one read of every listed file before anything changes.
+Measured on this machine (1M entries, 360 MB, best of 3, two alternating rounds each,
+quiet machine): save + commit 0.80 s before, 0.78 s after (1.0x); restore in place
+0.80 s -> 0.96 s (1.2x); restore into a new shard 0.50 s -> 0.62 s (1.24x).
+
 Usage: ``python bench/checkpoint_bench.py [--quick] [--entries N] [--dir PATH]
-[--repeat R]``.
+[--repeat R] [--checkpoint]``.
 """
 
 from __future__ import annotations
