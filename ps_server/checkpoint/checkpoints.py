@@ -3,14 +3,20 @@
 Layout (docs/semantics.md §6.5, docs/api.md "Files")::
 
     <model_dir>/checkpoint                         TensorFlow CheckpointState text, names the latest
+    <model_dir>/model.ckpt-<step>.parts-<i>.json   shard i's files: size, records, CRC-32C each
+                                                   (until the commit has merged them)
     <model_dir>/model.ckpt-<step>.assets/
         <P>_<i>-%05d-of-%05d                       table parts of shard i (P: name, ':' '/' -> '-')
         hash_filter_<i>-%05d-of-%05d               the filter of shard i
         manifest.json                              what an empty shard needs to rebuild everything
 
 A save is two steps. Every shard runs :func:`save_shard_checkpoint` (its table parts
-and its filters' files, each atomic); then one shard runs :func:`commit_checkpoint`,
-which writes ``manifest.json`` and, last, the ``checkpoint`` index. Until the index
+and its filters' files, each atomic, then ``<prefix>.parts-<i>.json`` with each file's size,
+record count and CRC-32C, computed while writing); then one shard runs
+:func:`commit_checkpoint`, which merges every shard's part list into ``manifest.json``
+(refusing, FAILED_PRECONDITION, when some shards' lists are there and others are
+missing) and writes, last, the ``checkpoint`` index; then the part lists are removed
+(a repeated commit of the step keeps the committed manifest's file lists). Until the index
 is replaced the previous checkpoint stays the latest, so a crash mid-save loses
 nothing. Beyond ``max_to_keep`` checkpoints the oldest are deleted whole (every
 ``<prefix>.*``, assets included) after the index no longer names them.
@@ -31,7 +37,16 @@ Filter files: a shard whose tables use exactly one file-saving filter writes it 
                                  "split_num": 7, "equal_probability": false}}}
 
 ``hash_filters`` lists every filter a table uses; ``file_stem`` is null for filters
-that write no files (dummy, probabilistic).
+that write no files (dummy, probabilistic). When part lists were found, the manifest
+also has ``"files": {<file name>: {"size", "records", "crc32c"}}``, a ``"files"`` list
+per table and filter (reading order: saving shard 0, 1, ...) and ``"manifest_crc32c"``
+(CRC-32C of its canonical JSON without that field).
+
+With such a manifest, restore checks the manifest's checksum and then every file it
+will read (size, record count, CRC-32C: :func:`~ps_server.checkpoint.tfrecord.file_facts`)
+before anything is created or changed, and reads each table from exactly the files
+listed for it; the glob of ``<P>_<i>-…`` / ``<P>-…`` serves only manifests without
+file lists and Monolith's checkpoints (no manifest).
 
 Restore (:func:`restore_shard_checkpoint`) resolves the prefix and plans every table
 of the shard and of the manifest. Tables and filters the shard lacks are created from
@@ -54,19 +69,26 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+
+import google_crc32c
 
 from protos import embedding_hash_table_pb2 as eht
 from ps_server.checkpoint import filter_dump
 from ps_server.checkpoint.table_files import (
+    RESTORE_THREADS,
     list_table_parts,
     load_table_files,
     save_table,
     scan_table_parts,
     validate_table_files,
 )
+from ps_server.checkpoint.tfrecord import FileFacts, file_facts
 from ps_server.engine.hash_table import EmbeddingHashTable
+from ps_server.engine.names import FILTER_FILE_STEM, file_stem
 from ps_server.engine.shard import FilterOptions, Shard
 from ps_server.errors import (
     CheckpointCorruptError,
@@ -81,6 +103,7 @@ __all__ = [
     "CHECKPOINT_BASENAME",
     "INDEX_NAME",
     "MANIFEST_NAME",
+    "PARTS_PREFIX",
     "CheckpointResult",
     "asset_dir",
     "checkpoint_prefix",
@@ -95,9 +118,15 @@ __all__ = [
 CHECKPOINT_BASENAME = "model.ckpt"
 INDEX_NAME = "checkpoint"
 MANIFEST_NAME = "manifest.json"
+#: ``<prefix>.parts-<i>.json``: what shard ``i`` wrote for the checkpoint (beside the
+#: assets directory, which keeps Monolith's layout plus the manifest; deleted with
+#: the checkpoint's other ``<prefix>.*`` files).
+PARTS_PREFIX = ".parts-"
 _FORMAT = "monolith-ps-checkpoint"
+_PARTS_FORMAT = "monolith-ps-checkpoint-parts"
 _VERSION = 1
-_FILTER_STEM = "hash_filter"
+_FILTER_STEM = FILTER_FILE_STEM
+_CHECKSUM_KEY = "manifest_crc32c"
 _INDEX_LINE = re.compile(r'\s*(\w+)\s*:\s*"((?:[^"\\]|\\.)*)"\s*')
 
 
@@ -117,11 +146,6 @@ class CheckpointResult:
     files: list[str]
     entries: int
     tables: list[str]
-
-
-def file_stem(name: str) -> str:
-    """A table or filter name as used in file names: ``:`` and ``/`` become ``-``."""
-    return name.replace(":", "-").replace("/", "-")
 
 
 def checkpoint_prefix(model_dir: str, global_step: int) -> str:
@@ -165,6 +189,9 @@ def save_shard_checkpoint(shard: Shard, model_dir: str, global_step: int) -> Che
     files: list[str] = []
     entries = 0
     names = sorted(shard.tables)
+    facts: dict[str, FileFacts] = {}
+    table_files: dict[str, list[str]] = {}
+    filter_files: dict[str, list[str]] = {}
     for name in names:
         slot = shard.tables[name]
         result = save_table(
@@ -175,16 +202,158 @@ def save_shard_checkpoint(shard: Shard, model_dir: str, global_step: int) -> Che
         )
         files += result.files
         entries += result.entries
+        table_files[name] = [os.path.basename(f.path) for f in result.facts]
+        facts.update((os.path.basename(f.path), f) for f in result.facts)
     for name, stem in sorted(_filter_stems(shard).items()):
         if stem is not None:
             basename = os.path.join(assets, f"{stem}_{shard.shard_index}")
-            files += filter_dump.save_filter(shard.hash_filter(name).hash_filter, basename)
+            written: list[FileFacts] = []
+            files += filter_dump.save_filter(
+                shard.hash_filter(name).hash_filter, basename, written
+            )
+            filter_files[name] = [os.path.basename(f.path) for f in written]
+            facts.update((os.path.basename(f.path), f) for f in written)
+    parts = {
+        "format": _PARTS_FORMAT,
+        "version": _VERSION,
+        "global_step": int(global_step),
+        "shard_index": shard.shard_index,
+        "num_shards": shard.num_shards,
+        "tables": table_files,
+        "hash_filters": filter_files,
+        "files": {n: _facts_json(f) for n, f in sorted(facts.items())},
+    }
+    _write_atomic(_parts_path(prefix, shard.shard_index), _json_bytes(parts))
     return CheckpointResult(prefix, files, entries, names)
 
 
-def _manifest(shard: Shard, global_step: int) -> dict[str, Any]:
+def _parts_path(prefix: str, shard_index: int) -> str:
+    return f"{prefix}{PARTS_PREFIX}{shard_index}.json"
+
+
+def _facts_json(facts: FileFacts) -> dict[str, int]:
+    return {"size": facts.size, "records": facts.records, "crc32c": facts.crc32c}
+
+
+def _json_bytes(obj: dict[str, Any]) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode("utf-8")
+
+
+def _manifest_checksum(manifest: Mapping[str, Any]) -> int:
+    """CRC-32C of the manifest's canonical JSON, without its own checksum field."""
+    body = {k: v for k, v in manifest.items() if k != _CHECKSUM_KEY}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return int(google_crc32c.value(canonical.encode("ascii")))
+
+
+def _read_parts(prefix: str, shard: Shard, global_step: int) -> list[dict[str, Any]]:
+    """Every shard's part list of this checkpoint, checked.
+
+    ``[]`` when no shard left one (nothing was saved at this step through
+    :func:`save_shard_checkpoint`): the manifest then lists no files, as before part
+    lists existed.
+
+    :raises FailedPreconditionError: some shards' lists are there and others missing
+        (a save that did not reach every shard).
+    :raises CheckpointCorruptError: a list is unreadable or belongs to another save.
+    """
+    lists: list[dict[str, Any]] = []
+    missing: list[int] = []
+    for i in range(shard.num_shards):
+        path = _parts_path(prefix, i)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            missing.append(i)
+            continue
+        try:
+            parts = json.loads(raw.decode("utf-8"))
+            if parts.get("format") != _PARTS_FORMAT:
+                raise ValueError("not a monolith-ps part list")
+            if (int(parts["shard_index"]), int(parts["num_shards"]),
+                    int(parts["global_step"])) != (i, shard.num_shards, int(global_step)):
+                raise ValueError(
+                    f"it is shard {parts['shard_index']} of {parts['num_shards']}'s list for "
+                    f"step {parts['global_step']}, expected shard {i} of {shard.num_shards} "
+                    f"for step {global_step}"
+                )
+            names = _check_file_names(parts["files"])
+            for what in ("tables", "hash_filters"):
+                for listed in parts[what].values():
+                    unknown = set(listed) - names
+                    if unknown:
+                        raise ValueError(f"{what} name files it has no facts of: {unknown}")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointCorruptError(f"{path}: unreadable part list: {e}") from e
+        lists.append(parts)
+    if missing and lists:
+        raise FailedPreconditionError(
+            f"checkpoint {prefix} is incomplete: shard(s) {', '.join(map(str, missing))} of "
+            f"{shard.num_shards} did not save their part (no "
+            f"{', '.join(os.path.basename(_parts_path(prefix, i)) for i in missing)}); "
+            "nothing was committed: save on every shard, then commit"
+        )
+    return lists
+
+
+def _parts_of_committed(assets: str, shard: Shard) -> list[dict[str, Any]]:
+    """A commit repeated without a new save: the file lists of the manifest already
+    committed for this step, as one part list (``[]`` if it has none or is unreadable).
+
+    The part lists are removed once a commit completes, so a second commit of the same
+    step keeps the facts the first one recorded instead of dropping them.
+    """
+    try:
+        previous = _read_manifest(assets)
+    except CheckpointCorruptError:
+        return []
+    if previous is None or "files" not in previous:
+        return []
     stems = _filter_stems(shard)
+    filters: dict[str, list[str]] = {}
+    for name, stem in stems.items():
+        decl = previous.get("hash_filters", {}).get(name)
+        if stem is None or decl is None or decl.get("file_stem") != stem:
+            continue  # written under another stem: reported as saving no files
+        filters[name] = list(decl.get("files", []))
     tables = {
+        name: list(decl.get("files", []))
+        for name, decl in previous["tables"].items()
+        if decl.get("file_stem") == file_stem(name)
+    }
+    return [{"shard_index": 0, "tables": tables, "hash_filters": filters,
+             "files": dict(previous["files"])}]
+
+
+def _remove_part_lists(prefix: str) -> None:
+    """Delete ``<prefix>.parts-<i>.json`` once the manifest holds what they said."""
+    pattern = re.compile(re.escape(os.path.basename(prefix) + PARTS_PREFIX) + r"\d+\.json")
+    directory = os.path.dirname(prefix) or "."
+    with contextlib.suppress(OSError):
+        for name in os.listdir(directory):
+            if pattern.fullmatch(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(directory, name))
+
+
+def _check_file_names(files: Mapping[str, Any]) -> set[str]:
+    """The names of a ``files`` map, each a plain file name with integer facts."""
+    names = set()
+    for name, facts in files.items():
+        if not isinstance(name, str) or name in ("", ".", "..") or os.path.basename(name) != name:
+            raise ValueError(f"file name {name!r} is not a plain file name")
+        for key in ("size", "records", "crc32c"):
+            value = facts[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"file {name!r}: {key} is not a non-negative integer")
+        names.add(name)
+    return names
+
+
+def _manifest(shard: Shard, global_step: int, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    stems = _filter_stems(shard)
+    tables: dict[str, dict[str, Any]] = {
         name: {
             "file_stem": file_stem(name),
             "config": base64.b64encode(slot.config_bytes).decode("ascii"),
@@ -194,7 +363,7 @@ def _manifest(shard: Shard, global_step: int) -> dict[str, Any]:
         }
         for name, slot in sorted(shard.tables.items())
     }
-    filters = {}
+    filters: dict[str, dict[str, Any]] = {}
     for name, stem in sorted(stems.items()):
         options = shard.hash_filter(name).options
         filters[name] = {
@@ -208,7 +377,7 @@ def _manifest(shard: Shard, global_step: int) -> dict[str, Any]:
             "split_num": options.split_num,
             "equal_probability": options.equal_probability,
         }
-    return {
+    manifest: dict[str, Any] = {
         "format": _FORMAT,
         "version": _VERSION,
         "global_step": int(global_step),
@@ -216,6 +385,28 @@ def _manifest(shard: Shard, global_step: int) -> dict[str, Any]:
         "tables": tables,
         "hash_filters": filters,
     }
+    if not parts:
+        return manifest  # no shard saved this step: nothing to list
+    for part in parts:
+        absent = sorted(set(tables) - set(part["tables"])) + sorted(
+            n for n, st in stems.items() if st is not None and n not in part["hash_filters"]
+        )
+        if absent:
+            raise FailedPreconditionError(
+                f"shard {part['shard_index']} saved no files for {', '.join(map(repr, absent))} "
+                f"at step {global_step} (created after the save?); nothing was committed: "
+                "save again on every shard, then commit"
+            )
+    files: dict[str, Any] = {}
+    for part in parts:  # shard order: each table's files in reading order
+        files.update(part["files"])
+        for name, decl in tables.items():
+            decl.setdefault("files", []).extend(part["tables"].get(name, []))
+        for name, decl in filters.items():
+            decl.setdefault("files", []).extend(part["hash_filters"].get(name, []))
+    manifest["files"] = files
+    manifest[_CHECKSUM_KEY] = _manifest_checksum(manifest)
+    return manifest
 
 
 def commit_checkpoint(
@@ -238,8 +429,10 @@ def commit_checkpoint(
     assets = asset_dir(prefix)
     os.makedirs(assets, exist_ok=True)
     manifest_path = os.path.join(assets, MANIFEST_NAME)
-    body = json.dumps(_manifest(shard, global_step), indent=1, sort_keys=True) + "\n"
-    _write_atomic(manifest_path, body.encode("utf-8"))
+    parts = _read_parts(prefix, shard, global_step)
+    if not parts:
+        parts = _parts_of_committed(assets, shard)
+    _write_atomic(manifest_path, _json_bytes(_manifest(shard, global_step, parts)))
 
     name = os.path.basename(prefix)
     _, listed = read_checkpoint_index(model_dir)
@@ -249,6 +442,7 @@ def commit_checkpoint(
         dropped, kept = kept[:-max_to_keep], kept[-max_to_keep:]
     index_path = os.path.join(model_dir, INDEX_NAME)
     _write_atomic(index_path, _index_text(name, kept).encode("utf-8"))
+    _remove_part_lists(prefix)
     for old in dropped:
         _delete_checkpoint(_resolve(model_dir, old))
     return CheckpointResult(prefix, [manifest_path, index_path], 0, sorted(shard.tables))
@@ -404,10 +598,31 @@ def _read_manifest(assets: str) -> dict[str, Any] | None:
                 raise KeyError(f"table {name!r} lacks {', '.join(sorted(missing))}")
         for decl in manifest.get("hash_filters", {}).values():
             _filter_options(decl)
+        if "files" in manifest:
+            _check_listing(manifest)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointCorruptError(f"{path}: unreadable manifest: {e}") from e
     result: dict[str, Any] = manifest
     return result
+
+
+def _check_listing(manifest: dict[str, Any]) -> None:
+    """A manifest that lists files: its own checksum, and every listed file has facts."""
+    if _CHECKSUM_KEY not in manifest:
+        raise ValueError(f"it lists files but has no {_CHECKSUM_KEY}")
+    recorded = manifest[_CHECKSUM_KEY]
+    computed = _manifest_checksum(manifest)
+    if recorded != computed:
+        raise ValueError(
+            f"its checksum differs ({_CHECKSUM_KEY} records {recorded!r}, its content has "
+            f"{computed}): the manifest was changed or damaged"
+        )
+    names = _check_file_names(manifest["files"])
+    for what in ("tables", "hash_filters"):
+        for name, decl in manifest.get(what, {}).items():
+            listed = decl.get("files", [])
+            if not isinstance(listed, list) or set(listed) - names:
+                raise ValueError(f"{what} {name!r} lists files the manifest has no facts of")
 
 
 def _filter_options(decl: dict[str, Any]) -> FilterOptions:
@@ -479,10 +694,16 @@ def _plan(
             filters[name] = _FilterPlan(name, shard.hash_filter(name).options, basename, False)
 
     saving_shards = int(manifest["num_shards"]) if manifest is not None else None
+
+    def table_paths(name: str, candidates: list[str]) -> list[str]:
+        if manifest is None or "files" not in manifest:
+            return _table_paths(assets, name, candidates, saving_shards)
+        return _listed_table_paths(manifest, assets, name, candidates)
+
     tables: list[_TablePlan] = []
     for name in sorted(shard.tables):
         slot = shard.tables[name]
-        paths = _table_paths(assets, name, [name, *slot.extra_restore_names], saving_shards)
+        paths = table_paths(name, [name, *slot.extra_restore_names])
         tables.append(_TablePlan(name, slot.table, paths, None))
     declared = manifest["tables"] if manifest is not None else {}
     for name in sorted(set(declared) - set(shard.tables)):
@@ -501,9 +722,134 @@ def _plan(
             raise CheckpointCorruptError(
                 f"{assets}/{MANIFEST_NAME}: table {name!r} has an unusable config: {e}"
             ) from e
-        paths = _table_paths(assets, name, [name, *decl["extra_restore_names"]], saving_shards)
+        paths = table_paths(name, [name, *decl["extra_restore_names"]])
         tables.append(_TablePlan(name, stand_in, paths, decl))
     return tables, list(filters.values())
+
+
+def _listed_table_paths(
+    manifest: dict[str, Any], assets: str, name: str, candidates: list[str]
+) -> list[str]:
+    """The files the manifest lists for the first of ``candidates`` it declares."""
+    for candidate in candidates:
+        decl = manifest["tables"].get(candidate)
+        if decl is not None:
+            paths = [os.path.join(assets, f) for f in decl.get("files", [])]
+            _check_listed_parts_exist(assets, name, file_stem(candidate), paths)
+            return paths
+    tried = ", ".join(repr(c) for c in candidates)
+    raise ConfigMismatchError(
+        f"table {name!r} has no files in checkpoint {assets}: its manifest declares no "
+        f"table named {tried}"
+    )
+
+
+def _check_listed_parts_exist(assets: str, name: str, stem: str, paths: list[str]) -> None:
+    """Refuse (naming the table, the saving shards and the files) when listed parts
+    are gone: a saving shard without files would otherwise restore as empty."""
+    missing = [p for p in paths if not os.path.exists(p)]
+    if not missing:
+        return
+    pattern = re.compile(re.escape(stem) + r"_(\d+)-\d{5,}-of-\d{5,}")
+    shards = sorted({
+        m.group(1) if (m := pattern.fullmatch(os.path.basename(p))) else "?" for p in missing
+    }, key=lambda x: (len(x), x))
+    basename = os.path.join(assets, stem)
+    expected = ", ".join(f"{basename}_{i}-NNNNN-of-NNNNN" for i in shards)
+    raise CheckpointCorruptError(
+        f"table {name!r} in checkpoint {assets} is incomplete: files of saving shard(s) "
+        f"{', '.join(shards)} listed in its manifest are missing: "
+        f"{', '.join(os.path.basename(p) for p in missing)} (expected {expected})"
+    )
+
+
+def _listed_filter_files(manifest: dict[str, Any], fp: _FilterPlan) -> list[str]:
+    """This shard's files of filter ``fp`` as the manifest lists them; the files on disk
+    under its basename must be exactly these."""
+    assert fp.basename is not None
+    assets = os.path.dirname(fp.basename)
+    start = os.path.basename(fp.basename) + "-"
+    listed = sorted(
+        os.path.join(assets, f)
+        for f in manifest["hash_filters"][fp.name].get("files", [])
+        if f.startswith(start)
+    )
+    try:
+        found = sorted(filter_dump.list_filter_files(fp.basename))
+    except CheckpointNotFoundError:
+        found = []
+    if found != listed:
+        extra = sorted(set(found) - set(listed))
+        absent = sorted(set(listed) - set(found))
+        raise CheckpointCorruptError(
+            f"hash filter {fp.name!r}: the files of {fp.basename} differ from the manifest"
+            + (f"; not listed in it: {', '.join(extra)}" if extra else "")
+            + (f"; listed but missing: {', '.join(absent)}" if absent else "")
+        )
+    return listed
+
+
+def _verify_files(manifest: dict[str, Any], paths: list[str]) -> None:
+    """Check each file's size, record count and CRC-32C against the manifest.
+
+    Sizes first (a stat each), then every file is read once (on up to
+    ``RESTORE_THREADS`` threads); the error reported is that of the first file in
+    ``paths`` order that disagrees.
+
+    :raises CheckpointCorruptError: a file is missing or differs (names it and what
+        differs).
+    """
+    facts = manifest["files"]
+    unique = list(dict.fromkeys(paths))
+    for path in unique:
+        expected = facts[os.path.basename(path)]
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            raise CheckpointCorruptError(
+                f"{path}: listed in the checkpoint's manifest but missing"
+            ) from None
+        if size != expected["size"]:
+            raise _differs(path, f"it has {size} bytes, the manifest records {expected['size']}")
+
+    def check(path: str) -> None:
+        expected = facts[os.path.basename(path)]
+        try:
+            got = file_facts(path)
+        except FileNotFoundError:
+            raise CheckpointCorruptError(
+                f"{path}: listed in the checkpoint's manifest but missing"
+            ) from None
+        if got.size != expected["size"]:
+            raise _differs(path, f"it has {got.size} bytes, the manifest records "
+                                 f"{expected['size']}")
+        if got.records != expected["records"]:
+            raise _differs(path, f"it holds {got.records} records, the manifest records "
+                                 f"{expected['records']}")
+        if got.crc32c != expected["crc32c"]:
+            raise _differs(path, f"its CRC-32C is {got.crc32c:#010x}, the manifest records "
+                                 f"{expected['crc32c']:#010x}")
+
+    workers = min(RESTORE_THREADS, len(unique))
+    if workers <= 1:
+        for path in unique:
+            check(path)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="ckpt-verify") as pool:
+        futures = [pool.submit(check, path) for path in unique]
+        try:
+            for f in futures:
+                f.result()
+        finally:
+            for f in futures:
+                f.cancel()
+
+
+def _differs(path: str, detail: str) -> CheckpointCorruptError:
+    return CheckpointCorruptError(
+        f"{path} does not match the checkpoint's manifest: {detail} (the file was changed, "
+        "truncated or replaced after the checkpoint was written); nothing was restored"
+    )
 
 
 def _has_files(basename: str) -> bool:
@@ -559,6 +905,13 @@ def restore_shard_checkpoint(
             "their files use, e.g. MonolithHashTable_<merged>), then restore"
         )
     tables, filters = _plan(shard, manifest, assets)
+    if manifest is not None and "files" in manifest:
+        # Every file is checked against the manifest before anything changes.
+        listed = [p for tp in tables for p in tp.paths]
+        for fp in filters:
+            if fp.basename is not None:
+                listed += _listed_filter_files(manifest, fp)
+        _verify_files(manifest, listed)
 
     names = [tp.name for tp in tables]
     if validate_only:

@@ -27,7 +27,7 @@ from google.protobuf.message import DecodeError
 
 from protos import embedding_hash_table_pb2 as eht
 from protos.wire import WireError, read_varint, varint
-from ps_server.checkpoint.tfrecord import TFRecordWriter, read_framed
+from ps_server.checkpoint.tfrecord import FileFacts, TFRecordWriter, read_framed
 from ps_server.engine.filters.base import FilterSplit, HashFilter
 from ps_server.errors import (
     CheckpointCorruptError,
@@ -230,8 +230,13 @@ def _split_batches(cells: npt.NDArray[np.uint16]) -> Iterator[tuple[_U8, _I64]]:
         yield encode_data_records(cells[first : first + step], first)
 
 
-def save_filter(hash_filter: HashFilter, basename: str) -> list[str]:
+def save_filter(
+    hash_filter: HashFilter, basename: str, facts: list[FileFacts] | None = None
+) -> list[str]:
     """Write the filter's splits to ``<basename>-%05d-of-%05d``; returns the paths.
+
+    :param facts: if given, each file's size, record count and CRC-32C (computed while
+        writing) are appended to it, in path order.
 
     Every file is first written completely under a temporary name; the renames happen
     only once all of them are written, so a failed save leaves earlier files in place.
@@ -249,6 +254,7 @@ def save_filter(hash_filter: HashFilter, basename: str) -> list[str]:
             writer.write(split.meta.SerializeToString())
             for buffer, offsets in _split_batches(split.cells):
                 writer.write_buffer(buffer, offsets)
+        written = [w.facts() for w in writers]
         while writers:
             writers[0].close()
             writers.pop(0)
@@ -256,6 +262,8 @@ def save_filter(hash_filter: HashFilter, basename: str) -> list[str]:
         for writer in writers:
             writer.abort()
         raise
+    if facts is not None:
+        facts.extend(written)
     return [filter_file_name(basename, i, count) for i in range(count)]
 
 

@@ -36,7 +36,8 @@ loaded timestamp (each shard's own records).
 
 Naming caveat: ``<basename>_<i>-…`` of saving shard ``i`` and Monolith's single layout
 of a table literally named ``<basename>_<i>`` look the same; restore reads both as
-parts of ``<basename>``.
+parts of ``<basename>``. Checkpoints avoid this: their manifest lists each table's
+files, and only manifest-less (Monolith) checkpoints are globbed.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ import re
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 import numpy as np
@@ -62,7 +63,12 @@ from ps_server.checkpoint.entry_dump import (
     decode_entry_dumps,
     encode_entry_dumps,
 )
-from ps_server.checkpoint.tfrecord import TFRecordWriter, frame_record_runs, read_framed_runs
+from ps_server.checkpoint.tfrecord import (
+    FileFacts,
+    TFRecordWriter,
+    frame_record_runs,
+    read_framed_runs,
+)
 from ps_server.engine.expiry import expire_seconds_by_slot, expired_mask
 from ps_server.engine.hash_table import EmbeddingHashTable, EntryColumns
 from ps_server.engine.optimizers import optimizer_from_config
@@ -111,10 +117,15 @@ _FLT_MIN = np.float32(1.17549435e-38)
 
 @dataclass(frozen=True)
 class SaveResult:
-    """What a save wrote: the files (in part order) and the number of records."""
+    """What a save wrote: the files (in part order) and the number of records.
+
+    ``facts``: per file (same order), its size, record count and whole-file CRC-32C,
+    computed while writing (for the checkpoint manifest).
+    """
 
     files: list[str]
     entries: int
+    facts: list[FileFacts] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -214,6 +225,7 @@ def save_table(
                 entries += n
             behind.written(writer)
         behind.finish()
+        facts = [w.facts() for w in writers]
         while writers:
             writers[0].close()
             writers.pop(0)
@@ -223,7 +235,7 @@ def save_table(
             writer.abort()
         raise
     _remove_stale_parts(basename, shard_index, count)
-    return SaveResult(paths, entries)
+    return SaveResult(paths, entries, facts)
 
 
 class _WriteBehind:

@@ -29,6 +29,7 @@ import os
 import secrets
 import struct
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from types import TracebackType
 from typing import BinaryIO
 
@@ -40,8 +41,10 @@ from ps_server.errors import CheckpointCorruptError
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
+    "FileFacts",
     "TFRecordWriter",
     "crc32c",
+    "file_facts",
     "frame_record",
     "frame_records",
     "masked_crc32c",
@@ -153,8 +156,27 @@ def frame_records(buffer: npt.ArrayLike, offsets: npt.ArrayLike) -> bytes:
     return out.tobytes()
 
 
+@dataclass(frozen=True)
+class FileFacts:
+    """What a checkpoint manifest records of one TFRecord file.
+
+    :param path: the file.
+    :param size: its length in bytes.
+    :param records: the records it holds.
+    :param crc32c: CRC-32C (unmasked, Castagnoli) of the whole file's bytes.
+    """
+
+    path: str
+    size: int
+    records: int
+    crc32c: int
+
+
 class TFRecordWriter:
     """Streaming, atomic TFRecord writer (a context manager).
+
+    It keeps the facts of what it wrote (:meth:`facts`: bytes, records and the CRC-32C
+    of the whole file, extended over each buffer as it is written, never re-read).
 
     Records go to ``<path>-tmp-<random u64 hex>`` in ``path``'s directory (created if
     missing). :meth:`close` flushes, fsyncs, renames the temporary file to ``path`` and
@@ -170,6 +192,7 @@ class TFRecordWriter:
         self._file: BinaryIO | None = open(self.tmp_path, "xb", buffering=1 << 20)  # noqa: SIM115
         self.records_written = 0
         self.bytes_written = 0
+        self.crc32c = 0
 
     def _out(self) -> BinaryIO:
         if self._file is None:
@@ -182,6 +205,7 @@ class TFRecordWriter:
         self._out().write(framed)
         self.records_written += 1
         self.bytes_written += len(framed)
+        self.crc32c = google_crc32c.extend(self.crc32c, framed)
 
     def write_many(self, records: Iterable[bytes]) -> None:
         """Append records in order."""
@@ -193,6 +217,11 @@ class TFRecordWriter:
         self._out().write(framed)
         self.records_written += count
         self.bytes_written += len(framed)
+        self.crc32c = google_crc32c.extend(self.crc32c, framed)
+
+    def facts(self) -> FileFacts:
+        """Size, record count and whole-file CRC-32C of what was written (final name)."""
+        return FileFacts(self.path, self.bytes_written, self.records_written, self.crc32c)
 
     def write_buffer(self, buffer: npt.ArrayLike, offsets: npt.ArrayLike) -> None:
         """Append the records ``buffer[offsets[i]:offsets[i+1]]`` (see :func:`frame_records`)."""
@@ -691,3 +720,53 @@ def read_framed_runs(
                         )
                     raise _corrupt(name, base, problem)
                 return
+
+
+def file_facts(path: str | os.PathLike[str], chunk_bytes: int = DEFAULT_CHUNK_BYTES
+               ) -> FileFacts:
+    """Size, record count and whole-file CRC-32C of a TFRecord file, in one read.
+
+    Records are counted by walking the headers (length CRCs checked, runs of one
+    length at once, as :func:`read_framed_runs` does); data CRCs are not checked and
+    no record is copied. Compare the result with what the writer's
+    :meth:`TFRecordWriter.facts` recorded.
+
+    :raises CheckpointCorruptError: bad length CRC, truncated header or data.
+    :raises OSError: the file cannot be opened or read.
+    """
+    name = os.fspath(path)
+    chunk_bytes = max(int(chunk_bytes), _HEADER_BYTES)
+    length_crc: dict[int, int] = {}
+    crc = 0
+    records = 0
+    with open(name, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        buf = np.empty(min(chunk_bytes, size) + _EOF_PROBE, dtype=np.uint8)
+        have = 0  # unparsed bytes at the start of buf
+        base = 0  # file offset of buf[0]
+        need = 0
+        while True:
+            want = max(need, have + chunk_bytes)
+            if want > buf.size:
+                grown = np.empty(want + _EOF_PROBE, dtype=np.uint8)
+                grown[:have] = buf[:have]
+                buf = grown
+            got = f.readinto(buf[have:want].data) or 0
+            if got:
+                crc = google_crc32c.extend(crc, buf[have : have + got])
+            end = have + got
+            data = buf[:end]
+            runs, pos, need = _scan_runs(data.data, data, base, name, max(size - base, end),
+                                         length_crc)
+            records += sum(r[2] for r in runs)
+            have = end - pos
+            buf[:have] = buf[pos:end]
+            base += pos
+            if not got:
+                if have:
+                    problem = (
+                        f"truncated header ({have} of 12 bytes)" if have < _HEADER_BYTES
+                        else "truncated data"
+                    )
+                    raise _corrupt(name, base, problem)
+                return FileFacts(name, base, records, crc)

@@ -10,7 +10,7 @@ numpy arrays, validates everything before changing anything, and raises
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ from ps_server.engine.filters import (
     filter_from_options,
 )
 from ps_server.engine.hash_table import EmbeddingHashTable, EntrySelection
+from ps_server.engine.names import FILTER_FILE_STEM, reserved_table_stem, stem_collision
 from ps_server.engine.types import Floats, Ids, as_ids, as_rows_matrix
 from ps_server.errors import (
     AlreadyExistsError,
@@ -240,6 +241,7 @@ class Shard:
         :raises ConfigError: invalid options.
         """
         _check_name(name, "hash filter")
+        _check_stem(name, "hash filter", self.filters)
         existing = self.filters.get(name)
         if existing is not None:
             if existing.options != options:
@@ -267,9 +269,18 @@ class Shard:
             (returns False); without it any existing name is ``AlreadyExistsError``.
         :param saver_parallel: files per save (< 0: automatic); at most
             :data:`MAX_FILES_PER_SAVE`.
-        :raises AlreadyExistsError, ConfigError, UnknownFilterError.
+        :raises AlreadyExistsError: also when another table's name has the same file
+            stem (:mod:`ps_server.engine.names`).
+        :raises InvalidArgumentError: the name's file stem is a hash filter's.
+        :raises ConfigError, UnknownFilterError.
         """
         _check_name(name, "table")
+        if reserved_table_stem(name):
+            raise InvalidArgumentError(
+                f"table name {name!r} is reserved: its checkpoint files would be named like "
+                f"hash-filter files ({FILTER_FILE_STEM!r}, {FILTER_FILE_STEM + '_*'!r})"
+            )
+        _check_stem(name, "table", self.tables)
         if saver_parallel > MAX_FILES_PER_SAVE:
             raise ConfigError(
                 f"table {name!r}: saver_parallel (files per save) must be <= "
@@ -722,6 +733,17 @@ def _check_name(name: str, what: str) -> None:
             f"{what} name {name[:60]!r}{'...' if len(name) > 60 else ''} must have no NUL "
             "character and at most "
             f"{MAX_NAME_BYTES} bytes (it names checkpoint files), got {len(name.encode())}"
+        )
+
+
+def _check_stem(name: str, what: str, existing: Iterable[str]) -> None:
+    """Refuse ``name`` if another live table (filter) has its checkpoint file stem."""
+    other = stem_collision(name, existing)
+    if other is not None:
+        raise AlreadyExistsError(
+            f"{what} {name!r} cannot be created: {what} {other!r} exists and both names "
+            "map to the same checkpoint file names (':' and '/' are written as '-'); "
+            "choose another name"
         )
 
 
