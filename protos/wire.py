@@ -229,6 +229,8 @@ def _merge_tensor(buf: memoryview, start: int, end: int,
     while pos < end:
         k, pos = read_varint(buf, pos, end)
         number, wire_type = k >> 3, k & 7
+        if number == 0:
+            raise WireError("field number 0 in a Tensor (protobuf allows none)")
         if number == 1 and wire_type == WIRE_LEN:
             length, pos = read_varint(buf, pos, end)
             if pos + length > end:
@@ -272,6 +274,8 @@ def split_tensors(
         start = pos
         k, pos = read_varint(view, pos, end)
         number, wire_type = k >> 3, k & 7
+        if number == 0:
+            raise WireError("field number 0 (protobuf allows none)")
         if wire_type == WIRE_LEN and number in tensor_fields:
             length, pos = read_varint(view, pos, end)
             if pos + length > end:
