@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Final
 
 from ps_server.errors import InvalidArgumentError, PathOutsideRootError
 
-__all__ = ["MAX_PATH_CHARS", "MAX_PATH_DEPTH", "resolve_path"]
+__all__ = ["MAX_PATH_CHARS", "MAX_PATH_DEPTH", "UNCONFINED", "DataRoot", "resolve_path"]
 
 #: Save/restore paths must be shorter than this many characters (Linux's PATH_MAX)...
 MAX_PATH_CHARS: Final = 4096
@@ -51,3 +53,50 @@ def resolve_path(path: str, data_root: str, what: str = "path", *, prefix: bool 
             "the data root; name a file prefix under it (e.g. 'dir/name')"
         )
     return full
+
+
+@dataclass(frozen=True)
+class DataRoot:
+    """The confinement of the files a save or restore touches below its request path.
+
+    :func:`resolve_path` checks the path a request names; the checkpoint code derives
+    more paths below it (assets directories, part files, part lists, the manifest, the
+    ``checkpoint`` index) and checks each with :meth:`check` right before it opens,
+    creates, lists or deletes it, so a symbolic link planted at any level inside the
+    root cannot lead outside it. ``root`` is the real path of the data root; ``""``
+    confines nothing (a server without ``--data_root``).
+    """
+
+    root: str = ""
+
+    @classmethod
+    def of(cls, data_root: str) -> DataRoot:
+        """The confinement to ``data_root`` (``""``: none)."""
+        return cls(os.path.realpath(data_root) if data_root else "")
+
+    def check(self, path: str, what: str = "file") -> str:
+        """``path`` itself, once its real path (every symbolic link resolved, at every
+        level; a missing tail taken as named) is found inside the root.
+
+        :raises PathOutsideRootError: it resolves outside the root.
+        """
+        if not self.root:
+            return path
+        full = os.path.realpath(path)
+        if os.path.commonpath([self.root, full]) != self.root:
+            raise PathOutsideRootError(
+                f"{what} {path} resolves to {full}, which is outside the data root "
+                f"{self.root} (a symbolic link leads out of it); nothing was read or "
+                "written there: replace the link with a directory or file inside the root"
+            )
+        return path
+
+    def check_all(self, paths: Iterable[str], what: str = "file") -> None:
+        """:meth:`check` each of ``paths``."""
+        if self.root:
+            for path in paths:
+                self.check(path, what)
+
+
+#: No confinement (the default of the checkpoint functions).
+UNCONFINED: Final = DataRoot()

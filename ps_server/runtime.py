@@ -51,7 +51,7 @@ from ps_server.engine import FilterOptions, Shard, ShardDescription
 from ps_server.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
 from ps_server.ledger import Outcome, RequestLedger
 from ps_server.locks import ShardLocks
-from ps_server.paths import resolve_path
+from ps_server.paths import DataRoot, resolve_path
 
 __all__ = [
     "CheckpointOutcome",
@@ -178,6 +178,8 @@ class ShardRuntime:
         self.shard: Final = shard
         self.executor: Final = executor
         self.data_root: Final = data_root
+        #: Confinement of every file the checkpoint code derives below a request's path.
+        self.confinement: Final = DataRoot.of(data_root)
         self.max_message_bytes: Final = max_message_bytes
         self.locks: Final = locks if locks is not None else ShardLocks()
         self.events: ShardEvents = events if events is not None else NO_EVENTS
@@ -381,7 +383,7 @@ class ShardRuntime:
         def work() -> table_files.SaveResult:
             slot = self.shard.table_slot(table)
             return table_files.save_table(slot.table, path, shard_index=self.shard.shard_index,
-                                          nshards=slot.saver_parallel)
+                                          nshards=slot.saver_parallel, root=self.confinement)
 
         return await self.run("SaveTable", work, tables=[table])
 
@@ -395,6 +397,7 @@ class ShardRuntime:
             return table_files.restore_table(
                 self.shard.table(table), path, shard_index=self.shard.shard_index,
                 num_shards=self.shard.num_shards, validate_only=validate_only,
+                root=self.confinement,
             )
 
         return await self.run("RestoreTable", work, tables=[table])
@@ -404,7 +407,8 @@ class ShardRuntime:
         path = self.path(basename, "basename")
         return await self.run(
             "SaveHashFilter",
-            lambda: filter_dump.save_filter(self.shard.hash_filter(name).hash_filter, path),
+            lambda: filter_dump.save_filter(self.shard.hash_filter(name).hash_filter, path,
+                                            root=self.confinement),
             filters=[name],
         )
 
@@ -415,7 +419,8 @@ class ShardRuntime:
 
         def work() -> list[str]:
             flt = self.shard.hash_filter(name).hash_filter
-            return filter_dump.restore_filter(flt, path, validate_only=validate_only) or []
+            return filter_dump.restore_filter(flt, path, validate_only=validate_only,
+                                              root=self.confinement) or []
 
         return await self.run("RestoreHashFilter", work, filters=[name])
 
@@ -459,7 +464,8 @@ class ShardRuntime:
         path = self.path(model_dir, "model_dir", prefix=False)
         _check_step(global_step)
         return await self._checkpoint(
-            "save", lambda: checkpoints.save_shard_checkpoint(self.shard, path, global_step))
+            "save", lambda: checkpoints.save_shard_checkpoint(self.shard, path, global_step,
+                                                              root=self.confinement))
 
     async def commit_checkpoint(
         self, model_dir: str, global_step: int, max_to_keep: int
@@ -474,7 +480,8 @@ class ShardRuntime:
         _check_step(global_step)
         return await self._checkpoint(
             "commit",
-            lambda: checkpoints.commit_checkpoint(self.shard, path, global_step, max_to_keep),
+            lambda: checkpoints.commit_checkpoint(self.shard, path, global_step, max_to_keep,
+                                                  root=self.confinement),
         )
 
     async def restore_checkpoint(
@@ -500,10 +507,11 @@ class ShardRuntime:
             target = resolved
             if target is None and self.data_root:
                 # The index is just a file: the checkpoint it names must be in the root too.
-                latest = checkpoints.latest_checkpoint(path)
+                latest = checkpoints.latest_checkpoint(path, root=self.confinement)
                 if latest is not None:
                     target = self.path(latest, f"the latest checkpoint of {model_dir!r}")
-            return checkpoints.restore_shard_checkpoint(self.shard, path, target, validate_only)
+            return checkpoints.restore_shard_checkpoint(self.shard, path, target, validate_only,
+                                                        root=self.confinement)
 
         op = "validate" if validate_only else "restore"
         return await self._checkpoint(op, work, restoring=not validate_only)

@@ -98,6 +98,7 @@ from ps_server.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
 )
+from ps_server.paths import UNCONFINED, DataRoot
 
 __all__ = [
     "CHECKPOINT_BASENAME",
@@ -171,7 +172,9 @@ def _filter_stems(shard: Shard) -> dict[str, str | None]:
     return stems
 
 
-def save_shard_checkpoint(shard: Shard, model_dir: str, global_step: int) -> CheckpointResult:
+def save_shard_checkpoint(
+    shard: Shard, model_dir: str, global_step: int, *, root: DataRoot = UNCONFINED
+) -> CheckpointResult:
     """Write this shard's part of checkpoint ``global_step``: its table parts and filters.
 
     Each table ``T`` goes to ``<assets>/<P(T)>_<shard_index>-…`` (expired entries left
@@ -182,10 +185,13 @@ def save_shard_checkpoint(shard: Shard, model_dir: str, global_step: int) -> Che
     :raises ServingEntryError: a table has SERVING entries.
     :raises OSError: files cannot be written (files already renamed stay; the
         checkpoint is not committed).
+    :raises PathOutsideRootError: the assets directory or the part list resolves
+        outside ``root`` (a symbolic link; nothing is written).
     """
     prefix = checkpoint_prefix(model_dir, global_step)
     assets = asset_dir(prefix)
-    os.makedirs(assets, exist_ok=True)
+    parts_path = root.check(_parts_path(prefix, shard.shard_index), "part list")
+    _make_dirs(assets, root)
     files: list[str] = []
     entries = 0
     names = sorted(shard.tables)
@@ -199,6 +205,7 @@ def save_shard_checkpoint(shard: Shard, model_dir: str, global_step: int) -> Che
             os.path.join(assets, file_stem(name)),
             shard_index=shard.shard_index,
             nshards=slot.saver_parallel,
+            root=root,
         )
         files += result.files
         entries += result.entries
@@ -209,7 +216,7 @@ def save_shard_checkpoint(shard: Shard, model_dir: str, global_step: int) -> Che
             basename = os.path.join(assets, f"{stem}_{shard.shard_index}")
             written: list[FileFacts] = []
             files += filter_dump.save_filter(
-                shard.hash_filter(name).hash_filter, basename, written
+                shard.hash_filter(name).hash_filter, basename, written, root=root
             )
             filter_files[name] = [os.path.basename(f.path) for f in written]
             facts.update((os.path.basename(f.path), f) for f in written)
@@ -223,8 +230,16 @@ def save_shard_checkpoint(shard: Shard, model_dir: str, global_step: int) -> Che
         "hash_filters": filter_files,
         "files": {n: _facts_json(f) for n, f in sorted(facts.items())},
     }
-    _write_atomic(_parts_path(prefix, shard.shard_index), _json_bytes(parts))
+    _write_atomic(parts_path, _json_bytes(parts))
     return CheckpointResult(prefix, files, entries, names)
+
+
+def _make_dirs(directory: str, root: DataRoot) -> None:
+    """``os.makedirs(directory)``, refused before and checked after if it resolves
+    outside ``root`` (a symbolic link at any level)."""
+    root.check(directory, "checkpoint directory")
+    os.makedirs(directory, exist_ok=True)
+    root.check(directory, "checkpoint directory")
 
 
 def _parts_path(prefix: str, shard_index: int) -> str:
@@ -246,7 +261,9 @@ def _manifest_checksum(manifest: Mapping[str, Any]) -> int:
     return int(google_crc32c.value(canonical.encode("ascii")))
 
 
-def _read_parts(prefix: str, shard: Shard, global_step: int) -> list[dict[str, Any]]:
+def _read_parts(
+    prefix: str, shard: Shard, global_step: int, root: DataRoot
+) -> list[dict[str, Any]]:
     """Every shard's part list of this checkpoint, checked.
 
     ``[]`` when no shard left one (nothing was saved at this step through
@@ -260,7 +277,7 @@ def _read_parts(prefix: str, shard: Shard, global_step: int) -> list[dict[str, A
     lists: list[dict[str, Any]] = []
     missing: list[int] = []
     for i in range(shard.num_shards):
-        path = _parts_path(prefix, i)
+        path = root.check(_parts_path(prefix, i), "part list")
         try:
             with open(path, "rb") as f:
                 raw = f.read()
@@ -297,7 +314,7 @@ def _read_parts(prefix: str, shard: Shard, global_step: int) -> list[dict[str, A
     return lists
 
 
-def _parts_of_committed(assets: str, shard: Shard) -> list[dict[str, Any]]:
+def _parts_of_committed(assets: str, shard: Shard, root: DataRoot) -> list[dict[str, Any]]:
     """A commit repeated without a new save: the file lists of the manifest already
     committed for this step, as one part list (``[]`` if it has none or is unreadable).
 
@@ -305,7 +322,7 @@ def _parts_of_committed(assets: str, shard: Shard) -> list[dict[str, Any]]:
     step keeps the facts the first one recorded instead of dropping them.
     """
     try:
-        previous = _read_manifest(assets)
+        previous = _read_manifest(assets, root)
     except CheckpointCorruptError:
         return []
     if previous is None or "files" not in previous:
@@ -410,7 +427,8 @@ def _manifest(shard: Shard, global_step: int, parts: list[dict[str, Any]]) -> di
 
 
 def commit_checkpoint(
-    shard: Shard, model_dir: str, global_step: int, max_to_keep: int
+    shard: Shard, model_dir: str, global_step: int, max_to_keep: int,
+    *, root: DataRoot = UNCONFINED,
 ) -> CheckpointResult:
     """Make checkpoint ``global_step`` the latest: manifest, then the ``checkpoint`` index.
 
@@ -422,29 +440,36 @@ def commit_checkpoint(
 
     :returns: the prefix, the manifest and index paths, 0 entries, the table names.
     :raises OSError: the manifest or the index cannot be written.
+    :raises PathOutsideRootError: a file or directory it would read, write or delete
+        (the assets directory, a part list, the manifest, the index, a dropped
+        checkpoint's directory) resolves outside ``root``; nothing is written.
     """
     if max_to_keep < 0:
         raise InvalidArgumentError(f"max_to_keep must be >= 0 (0 keeps all), got {max_to_keep}")
     prefix = checkpoint_prefix(model_dir, global_step)
     assets = asset_dir(prefix)
-    os.makedirs(assets, exist_ok=True)
-    manifest_path = os.path.join(assets, MANIFEST_NAME)
-    parts = _read_parts(prefix, shard, global_step)
-    if not parts:
-        parts = _parts_of_committed(assets, shard)
-    _write_atomic(manifest_path, _json_bytes(_manifest(shard, global_step, parts)))
-
     name = os.path.basename(prefix)
-    _, listed = read_checkpoint_index(model_dir)
+    _, listed = read_checkpoint_index(model_dir, root=root)
     kept = [p for p in listed if _resolve(model_dir, p) != prefix] + [name]
     dropped: list[str] = []
     if max_to_keep and len(kept) > max_to_keep:
         dropped, kept = kept[:-max_to_keep], kept[-max_to_keep:]
-    index_path = os.path.join(model_dir, INDEX_NAME)
+    for old in dropped:
+        # The index is just a file: what it names is deleted only inside the root.
+        root.check(os.path.dirname(_resolve(model_dir, old)) or ".",
+                   f"the directory of checkpoint {old!r} (to be deleted)")
+    index_path = root.check(os.path.join(model_dir, INDEX_NAME), "checkpoint index")
+    manifest_path = root.check(os.path.join(assets, MANIFEST_NAME), "manifest")
+    _make_dirs(assets, root)
+    parts = _read_parts(prefix, shard, global_step, root)
+    if not parts:
+        parts = _parts_of_committed(assets, shard, root)
+    _write_atomic(manifest_path, _json_bytes(_manifest(shard, global_step, parts)))
+
     _write_atomic(index_path, _index_text(name, kept).encode("utf-8"))
     _remove_part_lists(prefix)
     for old in dropped:
-        _delete_checkpoint(_resolve(model_dir, old))
+        _delete_checkpoint(_resolve(model_dir, old), root)
     return CheckpointResult(prefix, [manifest_path, index_path], 0, sorted(shard.tables))
 
 
@@ -466,8 +491,13 @@ def _resolve(model_dir: str, path: str) -> str:
     return path if os.path.isabs(path) else os.path.join(model_dir, path)
 
 
-def _delete_checkpoint(prefix: str) -> None:
-    """Remove everything named ``<prefix>.*`` (TF files and the assets directory)."""
+def _delete_checkpoint(prefix: str, root: DataRoot) -> None:
+    """Remove everything named ``<prefix>.*`` (TF files and the assets directory).
+
+    Its directory must resolve inside ``root``; a symbolic link among the files is
+    removed itself, never followed.
+    """
+    root.check(os.path.dirname(prefix) or ".", "checkpoint directory")
     for path in glob.glob(glob.escape(prefix) + ".*"):
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=True)
@@ -500,22 +530,28 @@ def _write_atomic(path: str, data: bytes) -> None:
 # ---------------------------------------------------------------------- index
 
 
-def read_checkpoint_index(model_dir: str) -> tuple[str | None, list[str]]:
+def read_checkpoint_index(
+    model_dir: str, *, root: DataRoot = UNCONFINED
+) -> tuple[str | None, list[str]]:
     """``(model_checkpoint_path, all_model_checkpoint_paths)`` as written in the index.
 
     Paths are as recorded (usually relative to ``model_dir``). No index gives
     ``(None, [])``; unknown fields are ignored.
 
-    :raises CheckpointCorruptError: a line is not ``key: "value"``, or the file is not UTF-8.
+    :raises CheckpointCorruptError: a line is not ``key: "value"``, or the file is not
+        UTF-8 (the message names the file and the line, never quotes its content).
+    :raises PathOutsideRootError: the index resolves outside ``root`` (nothing read).
     """
-    path = os.path.join(model_dir, INDEX_NAME)
+    path = root.check(os.path.join(model_dir, INDEX_NAME), "checkpoint index")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except FileNotFoundError:
         return None, []
     except UnicodeDecodeError as e:
-        raise CheckpointCorruptError(f"{path}: the checkpoint index is not UTF-8 text: {e}") from e
+        raise CheckpointCorruptError(
+            f"{path}: the checkpoint index is not UTF-8 text (byte {e.start})"
+        ) from None
     latest: str | None = None
     listed: list[str] = []
     for number, line in enumerate(text.splitlines(), 1):
@@ -525,7 +561,10 @@ def read_checkpoint_index(model_dir: str) -> tuple[str | None, list[str]]:
         if match is None:
             if re.fullmatch(r"\s*\w+\s*:\s*[-+0-9.eE]+\s*", line):
                 continue  # numeric fields (TF's timestamps)
-            raise CheckpointCorruptError(f"{path}: line {number} is not `key: \"value\"`: {line!r}")
+            raise CheckpointCorruptError(
+                f"{path}: line {number} is not `key: \"value\"` (not a TensorFlow "
+                "CheckpointState text file)"
+            )
         key, value = match.group(1), _unquote(match.group(2))
         if key == "model_checkpoint_path":
             latest = value
@@ -534,21 +573,21 @@ def read_checkpoint_index(model_dir: str) -> tuple[str | None, list[str]]:
     return latest, listed
 
 
-def latest_checkpoint(model_dir: str) -> str | None:
+def latest_checkpoint(model_dir: str, *, root: DataRoot = UNCONFINED) -> str | None:
     """The latest checkpoint prefix named by ``<model_dir>/checkpoint``, or None.
 
     A relative path in the index is taken relative to ``model_dir``.
     """
-    latest, _ = read_checkpoint_index(model_dir)
+    latest, _ = read_checkpoint_index(model_dir, root=root)
     if not latest:
         return None
     return _resolve(model_dir, latest)
 
 
-def _resolve_prefix(model_dir: str, prefix: str | None) -> str | None:
+def _resolve_prefix(model_dir: str, prefix: str | None, root: DataRoot) -> str | None:
     if prefix:
         return prefix if os.path.dirname(prefix) else os.path.join(model_dir, prefix)
-    latest = latest_checkpoint(model_dir)
+    latest = latest_checkpoint(model_dir, root=root)
     if latest is not None:
         return latest
     found = sorted(glob.glob(os.path.join(glob.escape(model_dir), "*.assets")))
@@ -577,8 +616,8 @@ class _FilterPlan:
     create: bool
 
 
-def _read_manifest(assets: str) -> dict[str, Any] | None:
-    path = os.path.join(assets, MANIFEST_NAME)
+def _read_manifest(assets: str, root: DataRoot) -> dict[str, Any] | None:
+    path = root.check(os.path.join(assets, MANIFEST_NAME), "manifest")
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -598,6 +637,10 @@ def _read_manifest(assets: str) -> dict[str, Any] | None:
                 raise KeyError(f"table {name!r} lacks {', '.join(sorted(missing))}")
         for decl in manifest.get("hash_filters", {}).values():
             _filter_options(decl)
+            stem = decl.get("file_stem")
+            if stem is not None and (not isinstance(stem, str) or stem in (".", "..")
+                                     or os.path.basename(stem) != stem):
+                raise ValueError("a hash filter's file_stem is not a plain file name")
         if "files" in manifest:
             _check_listing(manifest)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -639,7 +682,8 @@ def _filter_options(decl: dict[str, Any]) -> FilterOptions:
 
 
 def _table_paths(
-    assets: str, name: str, candidates: list[str], saving_shards: int | None = None
+    assets: str, name: str, candidates: list[str], saving_shards: int | None = None,
+    root: DataRoot = UNCONFINED,
 ) -> list[str]:
     """Parts of the first candidate with files (``P_<i>-…`` or ``P-…``, not ``P*``).
 
@@ -661,7 +705,9 @@ def _table_paths(
                         f"by {saving_shards} shards but the files of saving shard(s) "
                         f"{', '.join(map(str, missing))} are missing (expected {expected})"
                     )
-            return [p.path for p in parts]
+            paths = [p.path for p in parts]
+            root.check_all(paths, "table part")
+            return paths
     tried = ", ".join(repr(file_stem(c)) for c in candidates)
     raise ConfigMismatchError(
         f"table {name!r} has no files in checkpoint {assets} (looked for {tried} as "
@@ -670,7 +716,7 @@ def _table_paths(
 
 
 def _plan(
-    shard: Shard, manifest: dict[str, Any] | None, assets: str
+    shard: Shard, manifest: dict[str, Any] | None, assets: str, root: DataRoot
 ) -> tuple[list[_TablePlan], list[_FilterPlan]]:
     filters: dict[str, _FilterPlan] = {}
     same_layout = manifest is not None and int(manifest["num_shards"]) == shard.num_shards
@@ -697,8 +743,8 @@ def _plan(
 
     def table_paths(name: str, candidates: list[str]) -> list[str]:
         if manifest is None or "files" not in manifest:
-            return _table_paths(assets, name, candidates, saving_shards)
-        return _listed_table_paths(manifest, assets, name, candidates)
+            return _table_paths(assets, name, candidates, saving_shards, root)
+        return _listed_table_paths(manifest, assets, name, candidates, root)
 
     tables: list[_TablePlan] = []
     for name in sorted(shard.tables):
@@ -728,13 +774,14 @@ def _plan(
 
 
 def _listed_table_paths(
-    manifest: dict[str, Any], assets: str, name: str, candidates: list[str]
+    manifest: dict[str, Any], assets: str, name: str, candidates: list[str], root: DataRoot
 ) -> list[str]:
     """The files the manifest lists for the first of ``candidates`` it declares."""
     for candidate in candidates:
         decl = manifest["tables"].get(candidate)
         if decl is not None:
             paths = [os.path.join(assets, f) for f in decl.get("files", [])]
+            root.check_all(paths, "table part")
             _check_listed_parts_exist(assets, name, file_stem(candidate), paths)
             return paths
     tried = ", ".join(repr(c) for c in candidates)
@@ -763,7 +810,7 @@ def _check_listed_parts_exist(assets: str, name: str, stem: str, paths: list[str
     )
 
 
-def _listed_filter_files(manifest: dict[str, Any], fp: _FilterPlan) -> list[str]:
+def _listed_filter_files(manifest: dict[str, Any], fp: _FilterPlan, root: DataRoot) -> list[str]:
     """This shard's files of filter ``fp`` as the manifest lists them; the files on disk
     under its basename must be exactly these."""
     assert fp.basename is not None
@@ -786,6 +833,7 @@ def _listed_filter_files(manifest: dict[str, Any], fp: _FilterPlan) -> list[str]
             + (f"; not listed in it: {', '.join(extra)}" if extra else "")
             + (f"; listed but missing: {', '.join(absent)}" if absent else "")
         )
+    root.check_all(listed, "filter file")
     return listed
 
 
@@ -872,7 +920,8 @@ def _parse_config(b64: str) -> eht.EmbeddingHashTableConfig:
 
 
 def restore_shard_checkpoint(
-    shard: Shard, model_dir: str, prefix: str | None = None, validate_only: bool = False
+    shard: Shard, model_dir: str, prefix: str | None = None, validate_only: bool = False,
+    *, root: DataRoot = UNCONFINED,
 ) -> CheckpointResult:
     """Restore every table and filter of a checkpoint into this shard, all or nothing.
 
@@ -888,14 +937,17 @@ def restore_shard_checkpoint(
     :raises CheckpointCorruptError: damaged or incomplete files, unreadable manifest.
     :raises ConfigMismatchError: a table has no files under any of its names, or files
         do not fit a table (dims, optimizer state) or a filter (split count, metas).
+    :raises PathOutsideRootError: a file or directory it would read (the index, the
+        assets directory, the manifest, a part) resolves outside ``root``; nothing is
+        read there and nothing changes.
     """
-    resolved = _resolve_prefix(model_dir, prefix)
+    resolved = _resolve_prefix(model_dir, prefix, root)
     if resolved is None:
         return CheckpointResult("", [], 0, [])
-    assets = asset_dir(resolved)
+    assets = root.check(asset_dir(resolved), "assets directory")
     if not os.path.isdir(assets):
         raise CheckpointNotFoundError(f"checkpoint {resolved} not found: no directory {assets}")
-    manifest = _read_manifest(assets)
+    manifest = _read_manifest(assets, root)
     if manifest is None and not shard.tables:
         # A Monolith checkpoint has no manifest, so nothing says which tables to
         # build; restoring "nothing" successfully would hide the mistake.
@@ -904,23 +956,23 @@ def restore_shard_checkpoint(
             f"{shard.shard_index} has no tables: create the tables first (with the names "
             "their files use, e.g. MonolithHashTable_<merged>), then restore"
         )
-    tables, filters = _plan(shard, manifest, assets)
+    tables, filters = _plan(shard, manifest, assets, root)
     if manifest is not None and "files" in manifest:
         # Every file is checked against the manifest before anything changes.
         listed = [p for tp in tables for p in tp.paths]
         for fp in filters:
             if fp.basename is not None:
-                listed += _listed_filter_files(manifest, fp)
+                listed += _listed_filter_files(manifest, fp, root)
         _verify_files(manifest, listed)
 
     names = [tp.name for tp in tables]
     if validate_only:
-        files, entries = _check_all(shard, tables, filters)
+        files, entries = _check_all(shard, tables, filters, root)
         return CheckpointResult(resolved, files, entries, names)
-    return _restore_all(shard, resolved, tables, filters)
+    return _restore_all(shard, resolved, tables, filters, root)
 
 
-def _check_filters(shard: Shard, filters: list[_FilterPlan]) -> list[str]:
+def _check_filters(shard: Shard, filters: list[_FilterPlan], root: DataRoot) -> list[str]:
     files: list[str] = []
     for fp in filters:
         if fp.basename is None:
@@ -928,16 +980,16 @@ def _check_filters(shard: Shard, filters: list[_FilterPlan]) -> list[str]:
         flt = fp.options.build() if fp.name not in shard.filters else (
             shard.filters[fp.name].hash_filter
         )
-        _, paths = filter_dump.read_filter(flt, fp.basename)
+        _, paths = filter_dump.read_filter(flt, fp.basename, root=root)
         files += paths
     return files
 
 
 def _check_all(
-    shard: Shard, tables: list[_TablePlan], filters: list[_FilterPlan]
+    shard: Shard, tables: list[_TablePlan], filters: list[_FilterPlan], root: DataRoot
 ) -> tuple[list[str], int]:
     """Validate every file against the live (or stand-in) tables and filters."""
-    files = _check_filters(shard, filters)
+    files = _check_filters(shard, filters, root)
     entries = 0
     for tp in tables:
         entries += validate_table_files(
@@ -948,7 +1000,8 @@ def _check_all(
 
 
 def _restore_all(
-    shard: Shard, resolved: str, tables: list[_TablePlan], filters: list[_FilterPlan]
+    shard: Shard, resolved: str, tables: list[_TablePlan], filters: list[_FilterPlan],
+    root: DataRoot,
 ) -> CheckpointResult:
     """Create what is missing, check everything, then load; undo everything on failure.
 
@@ -974,7 +1027,7 @@ def _restore_all(
                     saver_parallel=int(decl["saver_parallel"]),
                 )
                 created_tables.append(tp.name)
-        files = _check_filters(shard, filters)
+        files = _check_filters(shard, filters, root)
         later: list[tuple[EmbeddingHashTable, list[str]]] = []
         for tp in tables:
             table = shard.table(tp.name)
@@ -995,7 +1048,9 @@ def _restore_all(
             )
         for fp in filters:
             if fp.basename is not None:
-                filter_dump.restore_filter(shard.hash_filter(fp.name).hash_filter, fp.basename)
+                filter_dump.restore_filter(
+                    shard.hash_filter(fp.name).hash_filter, fp.basename, root=root
+                )
     except BaseException:
         for table, clock in emptied:
             table.clear()

@@ -34,6 +34,7 @@ from ps_server.errors import (
     CheckpointNotFoundError,
     ConfigMismatchError,
 )
+from ps_server.paths import UNCONFINED, DataRoot
 
 __all__ = [
     "CELLS_PER_RECORD",
@@ -231,7 +232,11 @@ def _split_batches(cells: npt.NDArray[np.uint16]) -> Iterator[tuple[_U8, _I64]]:
 
 
 def save_filter(
-    hash_filter: HashFilter, basename: str, facts: list[FileFacts] | None = None
+    hash_filter: HashFilter,
+    basename: str,
+    facts: list[FileFacts] | None = None,
+    *,
+    root: DataRoot = UNCONFINED,
 ) -> list[str]:
     """Write the filter's splits to ``<basename>-%05d-of-%05d``; returns the paths.
 
@@ -243,7 +248,9 @@ def save_filter(
     Parent directories are created. ``split_num == 0`` writes nothing and returns ``[]``.
 
     :raises OSError: the files cannot be written (temporary files are removed).
+    :raises PathOutsideRootError: the files' directory resolves outside ``root``.
     """
+    root.check(basename, "filter files")
     splits = hash_filter.export_splits()
     count = len(splits)
     writers: list[TFRecordWriter] = []
@@ -339,7 +346,9 @@ def _read_split(
     return FilterSplit(meta, cells)
 
 
-def read_filter(hash_filter: HashFilter, basename: str) -> tuple[list[FilterSplit], list[str]]:
+def read_filter(
+    hash_filter: HashFilter, basename: str, *, root: DataRoot = UNCONFINED
+) -> tuple[list[FilterSplit], list[str]]:
     """Read and validate a filter checkpoint without touching the filter.
 
     :returns: ``(splits, paths)`` ready for ``hash_filter.import_splits(splits, paths)``;
@@ -348,10 +357,13 @@ def read_filter(hash_filter: HashFilter, basename: str) -> tuple[list[FilterSpli
     :raises CheckpointCorruptError: bad names/shard set, CRC or truncation, unparsable
         records, cells out of range, splits disagreeing with each other.
     :raises ConfigMismatchError: shard count or a meta field differs from the live filter.
+    :raises PathOutsideRootError: a file resolves outside ``root`` (nothing read).
     """
     if hash_filter.split_num == 0:
         return [], []
+    root.check(basename, "filter files")
     paths = list_filter_files(basename)
+    root.check_all(paths, "filter file")
     if len(paths) != hash_filter.split_num:
         raise ConfigMismatchError(
             f"{paths[0]}: the checkpoint has {len(paths)} filter split file(s) but the live "
@@ -367,7 +379,11 @@ def read_filter(hash_filter: HashFilter, basename: str) -> tuple[list[FilterSpli
 
 
 def restore_filter(
-    hash_filter: HashFilter, basename: str, *, validate_only: bool = False
+    hash_filter: HashFilter,
+    basename: str,
+    *,
+    validate_only: bool = False,
+    root: DataRoot = UNCONFINED,
 ) -> list[str]:
     """Replace the filter's state with the checkpoint at ``basename``, all or nothing.
 
@@ -378,7 +394,7 @@ def restore_filter(
     :param validate_only: read and check everything but leave the filter as it is.
     :returns: the files read, in split order (``[]`` when ``split_num == 0``).
     """
-    splits, paths = read_filter(hash_filter, basename)
+    splits, paths = read_filter(hash_filter, basename, root=root)
     if splits:
         if validate_only:
             hash_filter.validate_splits(splits, paths)

@@ -82,6 +82,7 @@ from ps_server.errors import (
     InvalidArgumentError,
     ServingEntryError,
 )
+from ps_server.paths import UNCONFINED, DataRoot
 
 __all__ = [
     "READ_CHUNK_BYTES",
@@ -174,6 +175,7 @@ def save_table(
     *,
     shard_index: int | None,
     nshards: int = -1,
+    root: DataRoot = UNCONFINED,
 ) -> SaveResult:
     """Write the table's unexpired entries to ``nshards`` files (see the module docstring).
 
@@ -186,7 +188,9 @@ def save_table(
     :raises ConfigError: the table's expire config names a slot >= 32768.
     :raises OSError: a file cannot be written (every file of this save is removed and
         existing files are unchanged).
+    :raises PathOutsideRootError: the files' directory resolves outside ``root``.
     """
+    root.check(basename, "table files")
     if table.layout.serving:
         raise ServingEntryError(
             f"table {table.name!r} has SERVING entries; saving needs TRAINING entries"
@@ -430,6 +434,7 @@ def restore_table(
     shard_index: int,
     num_shards: int,
     validate_only: bool = False,
+    root: DataRoot = UNCONFINED,
 ) -> RestoreResult:
     """Replace the table's entries with this shard's entries of ``basename``, all or nothing.
 
@@ -446,9 +451,12 @@ def restore_table(
         unparsable record (names the file and the record's byte offset or position).
     :raises ConfigMismatchError: a record holds more values than the table's dim or
         optimizer state the table's segments do not have (names the file).
+    :raises PathOutsideRootError: a part file resolves outside ``root`` (nothing read).
     """
     _check_shard(shard_index, num_shards)
+    root.check(basename, "table files")
     paths = [p.path for p in list_table_parts(basename)]
+    root.check_all(paths, "table part")
     if not validate_only and table.size() == 0:
         # Nothing to protect: one pass, emptied again if anything fails.
         entries = load_into_empty_table(

@@ -146,11 +146,11 @@ class BlockingRestore:
         original = checkpoints.restore_shard_checkpoint
 
         def slow(shard: Any, model_dir: str, prefix: str | None = None,
-                 validate_only: bool = False) -> Any:
+                 validate_only: bool = False, **kw: Any) -> Any:
             if not validate_only:
                 self.entered.set()
                 assert self._release.wait(20), "the test never released the restore"
-            return original(shard, model_dir, prefix, validate_only)
+            return original(shard, model_dir, prefix, validate_only, **kw)
 
         monkeypatch.setattr(checkpoints, "restore_shard_checkpoint", slow)
 
