@@ -91,10 +91,13 @@ def status_of(error: ShardError) -> grpc.StatusCode:
     return _Code.INTERNAL
 
 
+_TRUNCATED = " ... (truncated)"
+
+
 def _details(message: str) -> str:
     if len(message) <= _MAX_DETAILS_CHARS:
         return message
-    return message[: _MAX_DETAILS_CHARS - 15] + " ... (truncated)"
+    return message[: _MAX_DETAILS_CHARS - len(_TRUNCATED)] + _TRUNCATED
 
 
 async def abort(context: Any, code: grpc.StatusCode, message: str) -> NoReturn:

@@ -332,3 +332,4 @@ def test_status_details_are_truncated_for_trailers(server: RunningServer) -> Non
     name = "nope_" + "long_table_name_" * 400
     details = expect(Code.NOT_FOUND, lambda: lookup(server.stub, name, [1]), "'nope_long")
     assert details.endswith("(truncated)")
+    assert len(details) == 2000  # the cut, suffix included, stays within the limit
