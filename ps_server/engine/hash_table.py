@@ -341,7 +341,7 @@ class EmbeddingHashTable:
             if seg.optimizer is not None:
                 seg.optimizer.check_step(step)
         if not enable_dedup:
-            self._check_repeats(ids_)
+            self.check_repeats(ids_)
         if ids_.size == 0:
             self._advance_clock(req)
             return
@@ -529,7 +529,7 @@ class EmbeddingHashTable:
             and (not seg.optimizer.has_run_form() or not isinstance(seg.retriever, RawRetriever))
         ]
 
-    def _check_repeats(self, ids: Ids) -> None:
+    def check_repeats(self, ids: Ids) -> None:
         """Refuse, before any change, a request repeating one id more than
         :data:`MAX_SEQUENTIAL_REPEATS` times when some segment steps repeats in waves."""
         if ids.size <= self.max_sequential_repeats:

@@ -601,6 +601,10 @@ class Shard:
             for seg in tables[t].layout.segments:
                 if seg.optimizer is not None:
                     seg.optimizer.check_step(int(global_step))
+        if not enable_grad_accumulation:
+            # Each block is one apply_gradients: its repeat limit, before the first block.
+            for (t, _), (lo, hi) in zip(blocks, bounds, strict=True):
+                tables[t].check_repeats(ids_[lo:hi])
         if self.limits.enabled:
             # All blocks together, before the first is applied.
             self._check_fused_limits(table_names, tables, blocks, bounds, ids_)

@@ -201,3 +201,25 @@ def test_limit_applies_when_any_segment_lacks_a_run_form() -> None:
     with pytest.raises(ResourceExhaustedError, match="AdamOptimizer"):
         table.apply_gradients(np.full(n, 4, np.int64), np.ones((n, 4), np.float32), [0.1, 0.1])
     assert table.size() == 0
+
+
+def test_fused_optimize_checks_every_block_before_the_first_is_applied() -> None:
+    from ps_server.engine import Shard
+
+    shard = Shard(0, 1)
+    shard.create_table("sgd", configs.table_config(2, optimizer=configs.sgd()))
+    shard.create_table("adam", configs.table_config(2, optimizer=ADAM))
+    shard.assign("sgd", [1], np.ones((1, 2), np.float32))
+    hot = MAX_SEQUENTIAL_REPEATS + 1
+    ids = np.concatenate([[1], np.full(hot, 3)])
+    grads = np.ones((1 + hot) * 2, np.float32)
+    with pytest.raises(ResourceExhaustedError, match=f"id 3 occurs {hot} times"):
+        # Block 0 (SGD, one id) would be applied before block 1 (Adam) refused.
+        shard.fused_optimize(["sgd", "adam"], [(0, 1), (1, hot)], ids, grads,
+                             [1.0, 1.0], 1)
+    assert shard.lookup("sgd", [1]).tolist() == [[1.0, 1.0]]
+    assert shard.size("adam") == 0
+    # Summed per block (grad accumulation): no limit.
+    shard.fused_optimize(["sgd", "adam"], [(0, 1), (1, hot)], ids, grads, [1.0, 1.0], 1,
+                         enable_grad_accumulation=True)
+    assert shard.lookup("sgd", [1]).tolist() == [[0.0, 0.0]]
