@@ -17,9 +17,10 @@ import functools
 import math
 import os
 import shutil
+import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from typing import Any
 import grpc
 import numpy as np
 from google.protobuf.message import DecodeError, Message
+from hypothesis import HealthCheck, settings
 
 import ps_server
 from protos import ps_service_pb2 as pb
@@ -95,6 +97,36 @@ STATS = Stats()
 CALL_DEADLINE = 30.0
 #: Statuses no request may get: the shard crashed in the call or stopped answering.
 CRASH_CODES = frozenset({Code.UNKNOWN, Code.INTERNAL, Code.UNAVAILABLE})
+
+
+#: ``PS_FUZZ_SCALE`` (default 1) multiplies every fuzz test's ``max_examples``.
+SCALE = float(os.environ.get("PS_FUZZ_SCALE", "1"))
+
+
+def examples(n: int) -> int:
+    """``n`` examples at scale 1."""
+    return max(1, round(n * SCALE))
+
+
+#: Settings every fuzz test starts from (examples hit real servers and files).
+FUZZ = settings(
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                           HealthCheck.filter_too_much],
+    print_blob=True,
+)
+
+
+@contextlib.contextmanager
+def scratch_dir(tmp_path_factory: Any, name: str) -> Iterator[Path]:
+    """A directory in memory when the host has ``/dev/shm`` (every save fsyncs its
+    files; on a disk that would be most of the suite's time), else under pytest's
+    ``tmp_path_factory``."""
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        with tempfile.TemporaryDirectory(prefix=f"{name}-", dir="/dev/shm") as tmp:
+            yield Path(tmp)
+    else:
+        yield tmp_path_factory.mktemp(name)
 
 
 # ---------------------------------------------------------------- the shard and its twin
@@ -882,3 +914,32 @@ ANALYZERS: dict[str, Callable[[Harness, Any], Expected]] = {
     "Admin.Drain": a_drain,
 }
 assert set(ANALYZERS) == set(METHODS), set(METHODS) ^ set(ANALYZERS)
+
+
+# ---------------------------------------------------------------- plain calls
+
+
+def call(server: RunningServer, test: str, method: str, request: Message | bytes
+         ) -> tuple[grpc.StatusCode, str, bytes | None]:
+    """Send one request to ``server`` and count it in :data:`STATS` under ``test``:
+    ``(code, details, answer bytes)``. A crash status or a hang fails the test."""
+    path = METHODS[method][0]
+    raw = request if isinstance(request, bytes) else request.SerializeToString()
+    t0 = time.perf_counter()
+    try:
+        answer_bytes: bytes | None = server.channel.unary_unary(path)(raw, timeout=CALL_DEADLINE)
+        code, details = Code.OK, ""
+    except grpc.RpcError as err:
+        failure: Any = err
+        code, details, answer_bytes = failure.code(), failure.details() or "", None
+    STATS.seconds[method] += time.perf_counter() - t0
+    STATS.outcomes[(method, code.name)] += 1
+    STATS.by_test[test] += 1
+    if code == Code.DEADLINE_EXCEEDED:
+        STATS.hangs += 1
+        raise AssertionError(f"{method} {request!r:.300}: no answer within {CALL_DEADLINE:g} s")
+    if code in CRASH_CODES:
+        STATS.crashes += 1
+        raise AssertionError(f"{method} {request!r:.300}: the shard crashed: {code.name}: "
+                             f"{details}")
+    return code, details, answer_bytes

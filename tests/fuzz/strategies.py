@@ -440,3 +440,41 @@ def mangled(draw: st.DrawFn) -> tuple[str, bytes]:
     else:
         raw[at:at] = draw(st.binary(min_size=1, max_size=6))
     return method, bytes(raw)
+
+
+# ---------------------------------------------------------------- names (issue 12)
+
+#: Table and filter names a hostile user tries: path syntax, the characters the
+#: file-stem rule maps together (``:`` and ``/`` become ``-``), NUL, the length
+#: limit (200 bytes) on either side, reserved filter stems, odd unicode.
+NAME_ATOMS = (
+    "x", "x_0", "x_1", "x_0_0", "a:b", "a/b", "a-b", "a//b", "..", ".", "/", "//", ":", "-",
+    "../x", "../../etc/passwd", "/etc/passwd", "x/../y", "x\\y", "x\n", " ", "é", "表",
+    "\u202eevil", "a\0b", "", "hash_filter", "hash_filter_x", "hash_filter-x",
+    "n" * 200, "n" * 201, "é" * 100, "é" * 101, "x-00000-of-00001", "x_0-00000-of-00001",
+    "MonolithHashTable_0", "manifest.json", "checkpoint", "model.ckpt-1.assets",
+)
+
+
+def name_variants(name: str) -> list[str]:
+    """Names that differ from ``name`` only where the file-stem rule maps characters
+    together, or by a ``_<i>`` saving-shard-like suffix."""
+    swaps = [name.replace(a, b) for a, b in ((":", "/"), ("/", ":"), ("-", ":"), ("-", "/"),
+                                              (":", "-"), ("/", "-"))]
+    return [*swaps, name + "_0", name + "_1", name + "_0_0", name + "-00000-of-00001",
+            name.upper()]
+
+
+@st.composite
+def hostile_names(draw: st.DrawFn, max_size: int = 5) -> list[str]:
+    """A few names, later ones often a variant of an earlier one."""
+    names: list[str] = []
+    for _ in range(draw(st.integers(1, max_size))):
+        if names and draw(st.integers(0, 2)) == 0:
+            names.append(draw(st.sampled_from(name_variants(draw(st.sampled_from(names))))))
+        else:
+            names.append(draw(weighted((5, st.sampled_from(NAME_ATOMS)),
+                                       (2, st.text(min_size=1, max_size=8)),
+                                       (1, st.text(st.sampled_from("x_0:/-."), min_size=1,
+                                                   max_size=6)))))
+    return names
