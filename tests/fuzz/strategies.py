@@ -3,6 +3,7 @@ mostly well formed with one thing wrong, as protobuf messages; and mangled bytes
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -478,3 +479,118 @@ def hostile_names(draw: st.DrawFn, max_size: int = 5) -> list[str]:
                                        (1, st.text(st.sampled_from("x_0:/-."), min_size=1,
                                                    max_size=6)))))
     return names
+
+
+# ---------------------------------------------------------------- files (issue 12)
+
+#: Where a symbolic link is planted, relative to the data root (checkpoint ``ck``,
+#: steps 1 and 2, table files at ``pt/emb``).
+LINK_PLACES = (
+    "ck", "ck/model.ckpt-1.assets", "ck/model.ckpt-2.assets",
+    "ck/model.ckpt-1.assets/emb_0-00000-of-00001",
+    "ck/model.ckpt-1.assets/hash_filter_0-00000-of-00005",
+    "ck/model.ckpt-2.assets/two_0-00000-of-00002",
+    "ck/checkpoint", "ck/model.ckpt-2.parts-0.json", "ck/model.ckpt-1.assets/manifest.json",
+    "ck/model.ckpt-2.assets/manifest.json", "pt", "pt/emb_0-00000-of-00001",
+)
+#: Where it points: outside the root (``@out/...``: a secret file, a directory, a
+#: valid checkpoint of other values, a missing path) or inside it (``@in/...``).
+LINK_TARGETS = (
+    "@out/secret.txt", "@out/dir", "@out/ck", "@out/ck/model.ckpt-1.assets",
+    "@out/ck/model.ckpt-1.assets/emb_0-00000-of-00001", "@out/ck/checkpoint",
+    "@out/ck/model.ckpt-1.assets/manifest.json", "@out/missing", "@in/other", "@in/other/file",
+    "@in/ck/model.ckpt-1.assets", "@in/ck/model.ckpt-1.assets/emb_0-00000-of-00001",
+)
+
+
+@st.composite
+def symlink_plans(draw: st.DrawFn) -> tuple[bool, list[tuple[str, str]], list[tuple[Any, ...]]]:
+    """``(save first, links, operations)``: whether a good checkpoint (step 1) and
+    table files exist before the links are planted, the links, then checkpoint and
+    table-file operations (``("save", step)``, ``("commit", step, keep)``,
+    ``("restore", prefix, validate)``, ``("save_table",)``, ``("restore_table",)``)."""
+    links = draw(st.lists(st.tuples(st.sampled_from(LINK_PLACES), st.sampled_from(LINK_TARGETS)),
+                          min_size=1, max_size=3, unique_by=lambda t: t[0]))
+    op = st.one_of(
+        st.tuples(st.just("save"), st.sampled_from([1, 2])),
+        st.tuples(st.just("commit"), st.sampled_from([1, 2]), st.sampled_from([0, 1])),
+        st.tuples(st.just("restore"), st.sampled_from(["", "model.ckpt-1", "model.ckpt-2"]),
+                  st.booleans()),
+        st.tuples(st.just("save_table")), st.tuples(st.just("restore_table")))
+    return draw(st.booleans()), links, draw(st.lists(op, min_size=1, max_size=4))
+
+
+#: JSON values a hostile operator writes into a manifest or part list.
+HOSTILE_JSON = (
+    None, True, False, -1, 0, 1, 2**31, 2**63, 2**64 + 7, 10**40, -(2**63) - 1, 1e308, 3.5,
+    "", "x", "..", "../x", "/etc/passwd", "../../outside/secret.txt", "emb_0-00000-of-00001",
+    "two_0-00000-of-00002", "AAAA", "!!not base64!!", [], {}, [1], ["../x"], {"a": 1},
+    {"size": 1, "records": 1, "crc32c": 1},
+)
+
+
+def json_paths(tree: Any, at: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every path (keys and indices) to a node of a JSON tree, the root excluded."""
+    found: list[tuple[Any, ...]] = []
+    items = tree.items() if isinstance(tree, dict) else (
+        enumerate(tree) if isinstance(tree, list) else [])
+    for key, value in items:
+        found.append((*at, key))
+        found += json_paths(value, (*at, key))
+    return found
+
+
+@st.composite
+def json_mutations(draw: st.DrawFn, tree: Any) -> Any:
+    """``tree`` (a copy) with one to three nodes deleted, replaced by a value of
+    another type or a hostile one, or renamed (dict keys)."""
+    tree = copy.deepcopy(tree)
+    for _ in range(draw(st.integers(1, 3))):
+        paths = json_paths(tree)
+        if not paths:
+            break
+        path = draw(st.sampled_from(paths))
+        parent = tree
+        for key in path[:-1]:
+            parent = parent[key]
+        key = path[-1]
+        how = draw(st.sampled_from(["delete", "replace", "replace", "replace", "rename"]))
+        if how == "delete":
+            del parent[key]
+        elif how == "rename" and isinstance(parent, dict):
+            parent[draw(st.sampled_from(["", "../x", "emb:x", "EMB", "hash_filter",
+                                         "a/b", "flt2"]))] = parent.pop(key)
+        else:
+            parent[key] = copy.deepcopy(draw(st.sampled_from(HOSTILE_JSON)))
+    return tree
+
+
+@st.composite
+def byte_mutations(draw: st.DrawFn, raw: bytes) -> bytes:
+    """``raw`` truncated, with a byte flipped, with bytes appended, emptied or
+    replaced by random bytes."""
+    how = draw(st.sampled_from(["truncate", "flip", "append", "empty", "random"]))
+    if how == "truncate" and raw:
+        return raw[: draw(st.integers(0, len(raw) - 1))]
+    if how == "flip" and raw:
+        at = draw(st.integers(0, len(raw) - 1))
+        return raw[:at] + bytes([raw[at] ^ draw(st.integers(1, 255))]) + raw[at + 1:]
+    if how == "append":
+        return raw + draw(st.binary(min_size=1, max_size=16))
+    if how == "empty":
+        return b""
+    return draw(st.binary(max_size=64))
+
+
+#: ``checkpoint`` index texts (``{out}``: the directory outside the data root).
+HOSTILE_INDEXES = (
+    'model_checkpoint_path: "../../outside/ck/model.ckpt-1"\n',
+    'model_checkpoint_path: "{out}/ck/model.ckpt-1"\n',
+    'model_checkpoint_path: "/etc/passwd"\n',
+    'model_checkpoint_path: "model.ckpt-9"\n',
+    'model_checkpoint_path: "model.ckpt-1.assets/../model.ckpt-1"\n',
+    'model_checkpoint_path: ""\n',
+    'model_checkpoint_path: "model.ckpt-1"\nall_model_checkpoint_paths: "../../x"\n',
+    'model_checkpoint_path: "a\\"b"\n', "model_checkpoint_path: model.ckpt-1\n",
+    "garbage\n", "\xff\xfe",
+)
