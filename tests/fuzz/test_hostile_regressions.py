@@ -180,3 +180,28 @@ def test_drain_with_a_grace_that_is_not_a_duration_is_refused(shard: RunningServ
             "grace_seconds")
     lookup = pb.LookupRequest(table="emb", ids=tensor([1], "<i8"))
     assert send(shard, "Lookup", lookup)[0] == Code.OK  # not draining
+
+
+# ---------------------------------------------------------------- names (issue 12)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "RestoreTable 'x_0' from pt/x_0 also loads table 'x''s pt/x_0-00000-of-00001 (shard "
+    "0's part of pt/x), read as Monolith's single-table layout of pt/x_0: "
+    "table_files.list_table_parts mixes <basename>-NNNNN-of-NNNNN with "
+    "<basename>_<i>-NNNNN-of-NNNNN parts"))
+def test_a_table_restores_only_its_own_files_next_to_a_suffixed_name(tmp_path: Path) -> None:
+    # Found by test_hostile_names: tables 'x' and 'x_0' saved at pt/x and pt/x_0 on shard
+    # 0 write pt/x_0-00000-of-00001 and pt/x_0_0-00000-of-00001.
+    with start_inprocess_server(shard_index=0, num_shards=1, data_root=str(tmp_path)) as server:
+        for k, name in enumerate(["x", "x_0"]):
+            assert send(server, "CreateTable", create_table(name))[0] == Code.OK
+            assert send(server, "Assign", pb.AssignRequest(
+                table=name, ids=tensor([10 * k], "<i8"), values=tensor([[k + 1.0] * 2], "<f4"),
+                req_time=T0))[0] == Code.OK
+            assert send(server, "SaveTable", pb.SaveRequest(table=name, basename=f"pt/{name}")
+                        )[0] == Code.OK
+        saved = shard_fingerprint(server.shard)["tables"]["x_0"]
+        assert send(server, "RestoreTable", pb.RestoreRequest(table="x_0", basename="pt/x_0")
+                    )[0] == Code.OK
+        assert shard_fingerprint(server.shard)["tables"]["x_0"] == saved
