@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ def resolve_path(path: str, data_root: str, what: str = "path", *, prefix: bool 
     if not data_root:
         return path
     root = os.path.realpath(data_root)
-    full = os.path.realpath(os.path.join(root, path))
+    full = _confinable(os.path.join(root, path), what, path)
     if os.path.commonpath([root, full]) != root:
         raise PathOutsideRootError(
             f"{what} {path!r} resolves to {full!r}, which is outside the data root {root!r}; "
@@ -53,6 +54,25 @@ def resolve_path(path: str, data_root: str, what: str = "path", *, prefix: bool 
             "the data root; name a file prefix under it (e.g. 'dir/name')"
         )
     return full
+
+
+def _confinable(path: str, what: str, named: str) -> str:
+    """``realpath(path)``, refused when symbolic links along it form a loop: the real
+    path is then unknown (``realpath`` leaves the loop unresolved), so it cannot be
+    shown to lie inside the root, and any use of it fails with ELOOP.
+
+    :raises PathOutsideRootError: naming ``named``.
+    """
+    try:
+        return os.path.realpath(path, strict=True)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            return os.path.realpath(path)  # a missing tail is taken as named
+    raise PathOutsideRootError(
+        f"{what} {named!r} leads into a loop of symbolic links, so where it resolves "
+        "cannot be confined to the data root; nothing was read or written there: replace "
+        "the links with directories or files inside the root"
+    )
 
 
 @dataclass(frozen=True)
@@ -82,7 +102,7 @@ class DataRoot:
         """
         if not self.root:
             return path
-        full = os.path.realpath(path)
+        full = _confinable(path, what, path)
         if os.path.commonpath([self.root, full]) != self.root:
             raise PathOutsideRootError(
                 f"{what} {path} resolves to {full}, which is outside the data root "

@@ -1,4 +1,6 @@
-"""Reports how many hostile requests the fuzz suite sent (issue 7, item 3)."""
+"""Reports how many hostile requests the fuzz suite sent and their outcomes (issue 7,
+item 3; issue 12): every request goes through ``tests.fuzz.oracle`` (``Harness.send``
+or ``call``), which counts it in ``STATS``."""
 
 from __future__ import annotations
 

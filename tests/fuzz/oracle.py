@@ -80,9 +80,10 @@ class Stats:
         for (method, outcome), n in self.outcomes.items():
             by_method[method][outcome] += n
         rejected = sum(n for (_, o), n in self.outcomes.items() if o != "OK")
-        lines = [f"{self.total} requests sent to one live shard: {self.total - rejected} "
-                 f"accepted (equal to the reference), {rejected} rejected (precise status, "
-                 f"state unchanged); {self.crashes} crashes, {self.hangs} hangs",
+        lines = [f"{self.total} requests sent to live shards: {self.total - rejected} "
+                 f"accepted (checked against the reference or the round trip), {rejected} "
+                 f"rejected (precise status, state unchanged); {self.crashes} crashes, "
+                 f"{self.hangs} hangs",
                  "  by test: " + ", ".join(f"{t} {n}" for t, n in sorted(self.by_test.items()))
                  + f"; {sum(self.seconds.values()):.1f} s waiting for answers"]
         for method in sorted(by_method):

@@ -205,3 +205,70 @@ def test_a_table_restores_only_its_own_files_next_to_a_suffixed_name(tmp_path: P
         assert send(server, "RestoreTable", pb.RestoreRequest(table="x_0", basename="pt/x_0")
                     )[0] == Code.OK
         assert shard_fingerprint(server.shard)["tables"]["x_0"] == saved
+
+
+def test_a_loop_of_symbolic_links_in_the_data_root_is_permission_denied(tmp_path: Path) -> None:
+    # Found by test_hostile_files: 'ck' -> 'ck/model.ckpt-1.assets' (a link into itself).
+    # realpath leaves a loop unresolved, so it passed as inside the root and the save's
+    # makedirs failed with ELOOP: INTERNAL.
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "ck").symlink_to(root / "ck" / "model.ckpt-1.assets")
+    state = copy.deepcopy(baseline(False, 0, 1))
+    with start_inprocess_server(shard=state, shard_index=0, num_shards=1,
+                                data_root=str(root)) as server:
+        save = pb.AdminSaveRequest(model_dir="ck", global_step=1)
+        for method in ("Admin.SaveCheckpoint", "Admin.CommitCheckpoint"):
+            refused(server, method, save, Code.PERMISSION_DENIED, "'ck'", "loop")
+        refused(server, "Admin.RestoreCheckpoint", pb.AdminRestoreRequest(model_dir="ck"),
+                Code.PERMISSION_DENIED, "loop")
+        refused(server, "SaveTable", pb.SaveRequest(table="emb", basename="ck/emb"),
+                Code.PERMISSION_DENIED, "loop")
+
+
+def _manifest_with(tmp_path: Path, field: str, value: Any) -> Iterator[RunningServer]:
+    """A committed checkpoint of the baseline at ``ck`` whose manifest's table 'emb' has
+    ``field`` set to ``value`` (checksum recomputed), served by an empty shard."""
+    import json
+
+    import google_crc32c
+    with start_inprocess_server(shard=copy.deepcopy(baseline(False, 0, 1)), shard_index=0,
+                                num_shards=1, data_root=str(tmp_path)) as server:
+        save = pb.AdminSaveRequest(model_dir="ck", global_step=1)
+        assert send(server, "Admin.SaveCheckpoint", save)[0] == Code.OK
+        assert send(server, "Admin.CommitCheckpoint", save)[0] == Code.OK
+        path = tmp_path / "ck" / "model.ckpt-1.assets" / "manifest.json"
+        manifest = json.loads(path.read_text())
+        manifest["tables"]["emb"][field] = value
+        body = {k: v for k, v in manifest.items() if k != "manifest_crc32c"}
+        manifest["manifest_crc32c"] = int(google_crc32c.value(json.dumps(
+            body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")))
+        path.write_text(json.dumps(manifest))
+        server.shard.tables.clear()
+        server.shard.filters.clear()
+        yield server
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "checkpoints._read_manifest checks that a table declares extra_restore_names but not "
+    "that it is a list of strings: 5 (or null, true, 3.5) reaches _plan's "
+    "[name, *decl['extra_restore_names']] and the restore answers INTERNAL (TypeError)"))
+@pytest.mark.parametrize("value", [5, None])
+def test_a_manifest_whose_extra_restore_names_is_no_list_is_data_loss(
+    tmp_path: Path, value: Any
+) -> None:
+    # Found by test_hostile_files (a manifest field retyped, its checksum recomputed).
+    for server in _manifest_with(tmp_path, "extra_restore_names", value):
+        refused(server, "Admin.RestoreCheckpoint", pb.AdminRestoreRequest(model_dir="ck"),
+                Code.DATA_LOSS, "manifest.json")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "checkpoints._read_manifest accepts a string as a table's extra_restore_names: "
+    "restoring into an empty shard creates the table with each character as an extra "
+    "restore name (\"xy\" -> ('x', 'y')) instead of refusing the manifest"))
+def test_a_manifest_whose_extra_restore_names_is_a_string_is_data_loss(tmp_path: Path) -> None:
+    # Found by test_hostile_files: the restore succeeded with another table declaration.
+    for server in _manifest_with(tmp_path, "extra_restore_names", "xy"):
+        refused(server, "Admin.RestoreCheckpoint", pb.AdminRestoreRequest(model_dir="ck"),
+                Code.DATA_LOSS, "manifest.json")
