@@ -387,8 +387,10 @@ def scan_table_parts(basename: str) -> list[TablePart]:
 def list_table_parts(basename: str) -> list[TablePart]:
     """Every part of ``basename``, checked to form complete sets, in reading order.
 
-    Reading order: ``<basename>-…`` first, then saving shards ``0, 1, …``; files in
-    index order within each.
+    Reading order: saving shards ``0, 1, …``, files in index order within each. The
+    single-table layout ``<basename>-…`` is read only when no ``<basename>_<i>-…``
+    part exists: beside them it is another table's part (``x`` saved at ``pt/x``
+    writes ``pt/x_0-…``, which is also the single-table name of ``pt/x_0``).
 
     :raises CheckpointNotFoundError: no file of either layout (names the basename).
     :raises CheckpointCorruptError: a saving shard's files disagree on the count, have
@@ -403,6 +405,11 @@ def list_table_parts(basename: str) -> list[TablePart]:
     groups: dict[int | None, list[TablePart]] = {}
     for part in parts:
         groups.setdefault(part.saving_shard, []).append(part)
+    if len(groups) > 1:
+        # ``<basename>-…`` beside ``<basename>_<i>-…`` is another table's shard part
+        # (table ``x`` saved at ``x`` writes ``x_0-…``, the single-table layout of
+        # ``x_0``): the saving-shard layout is this basename's own.
+        groups.pop(None, None)
     ordered: list[TablePart] = []
     for shard in sorted(groups, key=lambda s: -1 if s is None else s):
         group = groups[shard]

@@ -251,20 +251,9 @@ def table_files_round_trip(h: Names, tables: list[str]) -> None:
         code, details, _ = h.send("RestoreTable", pb.RestoreRequest(
             table=name, basename=f"pt/{name}"))
         assert code == Code.OK, f"{name!r}: {code.name}: {details}"
-        if layout_clash(h, name, saved_ok):
-            continue  # the known bug pinned in test_hostile_regressions (xfail)
         got = shard_fingerprint(h.server.shard)["tables"][name]
         assert got == saved["tables"][name], f"table {name!r} restored other entries"
     assert_served(h, tables)
-
-
-def layout_clash(h: Names, name: str, saved: list[str]) -> bool:
-    """Whether another table's files at ``pt/<other>`` (``pt/<other>_0-NNNNN-of-NNNNN``)
-    also read as Monolith's single-table layout of ``pt/<name>`` (``pt/x`` and
-    ``pt/x_0``): RestoreTable of ``x_0`` then loads ``x``'s entries too."""
-    mine = os.path.realpath(os.path.join(h.root, "pt", name))
-    return any(os.path.realpath(os.path.join(h.root, "pt", other)) + "_0" == mine
-               for other in saved if other != name)
 
 
 @settings(FUZZ, max_examples=examples(60))

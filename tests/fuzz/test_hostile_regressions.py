@@ -185,11 +185,6 @@ def test_drain_with_a_grace_that_is_not_a_duration_is_refused(shard: RunningServ
 # ---------------------------------------------------------------- names (issue 12)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "RestoreTable 'x_0' from pt/x_0 also loads table 'x''s pt/x_0-00000-of-00001 (shard "
-    "0's part of pt/x), read as Monolith's single-table layout of pt/x_0: "
-    "table_files.list_table_parts mixes <basename>-NNNNN-of-NNNNN with "
-    "<basename>_<i>-NNNNN-of-NNNNN parts"))
 def test_a_table_restores_only_its_own_files_next_to_a_suffixed_name(tmp_path: Path) -> None:
     # Found by test_hostile_names: tables 'x' and 'x_0' saved at pt/x and pt/x_0 on shard
     # 0 write pt/x_0-00000-of-00001 and pt/x_0_0-00000-of-00001.
