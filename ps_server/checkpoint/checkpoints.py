@@ -631,10 +631,7 @@ def _read_manifest(assets: str, root: DataRoot) -> dict[str, Any] | None:
             raise ValueError(f"version {manifest['version']} is newer than this reader")
         int(manifest["num_shards"])
         for name, decl in manifest["tables"].items():
-            base64.b64decode(decl["config"], validate=True)
-            missing = {"hash_filter", "extra_restore_names", "saver_parallel"} - set(decl)
-            if missing:
-                raise KeyError(f"table {name!r} lacks {', '.join(sorted(missing))}")
+            _check_table_declaration(name, decl)
         for decl in manifest.get("hash_filters", {}).values():
             _filter_options(decl)
             stem = decl.get("file_stem")
@@ -647,6 +644,34 @@ def _read_manifest(assets: str, root: DataRoot) -> dict[str, Any] | None:
         raise CheckpointCorruptError(f"{path}: unreadable manifest: {e}") from e
     result: dict[str, Any] = manifest
     return result
+
+
+def _check_table_declaration(name: Any, decl: Any) -> None:
+    """A manifest's table entry has every field, each of its type.
+
+    :raises ValueError, KeyError: a field is missing or of another type (a value of the
+        wrong type would otherwise fail deep in the restore, or be taken apart: a string
+        read as a list of names is a list of its characters).
+    """
+    if not isinstance(name, str) or not isinstance(decl, dict):
+        raise ValueError(f"table {name!r} is not declared as an object")
+    missing = {"config", "hash_filter", "extra_restore_names", "saver_parallel"} - set(decl)
+    if missing:
+        raise KeyError(f"table {name!r} lacks {', '.join(sorted(missing))}")
+    if not isinstance(decl["config"], str):
+        raise ValueError(f"table {name!r}: config is not a base64 string")
+    base64.b64decode(decl["config"], validate=True)
+    if not isinstance(decl["hash_filter"], str):
+        raise ValueError(f"table {name!r}: hash_filter is not a string")
+    extra = decl["extra_restore_names"]
+    if not isinstance(extra, list) or not all(isinstance(n, str) for n in extra):
+        raise ValueError(f"table {name!r}: extra_restore_names is not a list of strings")
+    parallel = decl["saver_parallel"]
+    if not isinstance(parallel, int) or isinstance(parallel, bool):
+        raise ValueError(f"table {name!r}: saver_parallel is not an integer")
+    stem = decl.get("file_stem")
+    if stem is not None and not isinstance(stem, str):
+        raise ValueError(f"table {name!r}: file_stem is not a string")
 
 
 def _check_listing(manifest: dict[str, Any]) -> None:

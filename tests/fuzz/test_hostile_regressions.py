@@ -244,10 +244,6 @@ def _manifest_with(tmp_path: Path, field: str, value: Any) -> Iterator[RunningSe
         yield server
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "checkpoints._read_manifest checks that a table declares extra_restore_names but not "
-    "that it is a list of strings: 5 (or null, true, 3.5) reaches _plan's "
-    "[name, *decl['extra_restore_names']] and the restore answers INTERNAL (TypeError)"))
 @pytest.mark.parametrize("value", [5, None])
 def test_a_manifest_whose_extra_restore_names_is_no_list_is_data_loss(
     tmp_path: Path, value: Any
@@ -258,10 +254,6 @@ def test_a_manifest_whose_extra_restore_names_is_no_list_is_data_loss(
                 Code.DATA_LOSS, "manifest.json")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "checkpoints._read_manifest accepts a string as a table's extra_restore_names: "
-    "restoring into an empty shard creates the table with each character as an extra "
-    "restore name (\"xy\" -> ('x', 'y')) instead of refusing the manifest"))
 def test_a_manifest_whose_extra_restore_names_is_a_string_is_data_loss(tmp_path: Path) -> None:
     # Found by test_hostile_files: the restore succeeded with another table declaration.
     for server in _manifest_with(tmp_path, "extra_restore_names", "xy"):
