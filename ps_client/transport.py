@@ -261,7 +261,9 @@ class Transport:
             big answer while it is in cache); an exception it raises counts as that
             shard's failure.
         :returns: the answers in shard order.
-        :raises PsError: the first failure in shard order, after every call ended.
+        :raises PsError: the first failure in shard order, after every call ended. A
+            tagged write (:data:`protos.contract.TAGGED_RPCS`) goes through
+            :meth:`write_each`, and fails as it does.
         """
         reqs = requests if isinstance(requests, list) else [requests] * self.num_shards
         if method in contract.TAGGED_RPCS:
