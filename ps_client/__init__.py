@@ -10,6 +10,7 @@ from ps_client.async_hash_filters import AsyncHashFilters
 from ps_client.async_table import AsyncTable, TableSpec
 from ps_client.client import HashFilters, PsClient, Table
 from ps_client.errors import (
+    PartialWrite,
     PsAlreadyExists,
     PsCancelled,
     PsDataLoss,
@@ -35,6 +36,7 @@ __all__ = [
     "AsyncTable",
     "HashFilters",
     "LearningRateFunction",
+    "PartialWrite",
     "PolynomialDecay",
     "PsAlreadyExists",
     "PsCancelled",

@@ -299,6 +299,20 @@ class AsyncPsClient:
             enable_grad_accumulation,
         )
 
+    # ------------------------------------------------------------ failed writes
+
+    async def retry(self, error: BaseException) -> None:
+        """Finish a write that failed on some shards: resend its original request (same
+        tag, same bytes) to every shard that did not apply it; the shards that applied
+        are not contacted, so nothing is applied twice.
+
+        :param error: a :class:`PsError` raised by a write (``error.write`` set).
+        :raises PsInvalidArgument: ``error`` has no write outcome.
+        :raises PsError: some shard failed again (its ``write.applied`` includes the
+            shards that applied before).
+        """
+        await self.transport.retry_write(error)
+
     # ------------------------------------------------------------ checkpoints
 
     async def save_checkpoint(

@@ -69,7 +69,7 @@ class AsyncHashFilters:
             out.add(shard, read_rows(answer, pb.InterceptGradientResponse, "grads",
                                      positions[shard].size, width, "InterceptGradient"))
 
-        await self._transport.each("InterceptGradient", requests, on_answer=place)
+        await self._transport.write_each("InterceptGradient", requests, on_answer=place)
         return out.out.reshape(g.shape)
 
     async def save(self, asset_dir: str) -> list[str]:

@@ -233,7 +233,7 @@ class AsyncTable:
             if p.size or req_time > 0 else None
             for p in positions
         ]
-        await self._transport.each(method, requests)
+        await self._transport.write_each(method, requests)
 
     async def apply_gradients(
         self, ids: Any, grads: Any, global_step: int, *, enable_dedup: bool = False,
@@ -266,7 +266,7 @@ class AsyncTable:
             if p.size or req_time > 0 else None
             for p in positions
         ]
-        await self._transport.each("ApplyGradients", requests)
+        await self._transport.write_each("ApplyGradients", requests)
 
     # ------------------------------------------------------------ files
 

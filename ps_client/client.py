@@ -299,6 +299,25 @@ class PsClient:
             )
         )
 
+    # ------------------------------------------------------------ failed writes
+
+    def retry(self, error: BaseException) -> None:
+        """Finish a write (``assign``, ``assign_add``, ``apply_gradients``,
+        ``fused_apply_gradient``, ``intercept_gradient``) that failed on some shards.
+
+        Resends the write's original request (same tag, same bytes) to every shard that
+        did not answer OK (``error.write.refused`` and ``error.write.unknown``); the
+        shards that applied it are not contacted, so no row is applied twice. A shard
+        whose outcome was unknown and that did apply answers from its ledger. The
+        answers of ``intercept_gradient`` are not returned.
+
+        :param error: the :class:`PsError` the write raised (``error.write`` set).
+        :raises PsInvalidArgument: ``error`` has no write outcome.
+        :raises PsError: some shard failed again, of the same kind, naming the shards
+            (``write.applied`` includes the shards that applied before).
+        """
+        self._run(self._core.retry(error))
+
     # ------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, model_dir: str, global_step: int, *, max_to_keep: int = 0) -> str:

@@ -13,13 +13,50 @@ bad arguments, a name already in use and a state that forbids the request are
 (:class:`PsNotFound`, so ``client.table("nope")`` raises ``KeyError``); a deadline is
 a ``TimeoutError``. Catch :class:`PsError` to catch them all.
 
+A failed write that went to shards (assign, assign_add, apply_gradients, fused
+apply gradient, intercept gradient) carries what it did on each shard in
+:attr:`PsError.write` (a :class:`PartialWrite`); ``client.retry(error)`` resends it.
+
 This module imports no gRPC (codes travel as names), so :mod:`ps_client.routing`
 can raise these too.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
+
+
+@dataclass(frozen=True)
+class PartialWrite:
+    """What one tagged write did on each shard it was sent to, when some shard failed.
+
+    A shard applies a request all or nothing, so every shard is in exactly one of:
+
+    :ivar applied: shards that answered OK: their part is applied (once).
+    :ivar refused: shards that answered with a definitive status (a refusal: bad
+        input, a limit, an unknown table...): their part changed nothing.
+    :ivar unknown: shards whose outcome is unknown (``UNAVAILABLE``,
+        ``DEADLINE_EXCEEDED``, ``CANCELLED`` after the transport's own retries, or an
+        ``INTERNAL`` failure): their part may or may not be applied.
+    :ivar method: the RPC (``"ApplyGradients"``...).
+    :ivar addresses: the shards' addresses, in shard order.
+    :ivar requests: the original request of each shard (wire bytes or message, with its
+        ``RequestTag``), None where nothing was sent. A retry resends these very
+        requests, so a shard that applied one already answers from its ledger.
+    """
+
+    method: str
+    addresses: tuple[str, ...]
+    requests: tuple[Any, ...]
+    applied: tuple[int, ...]
+    refused: tuple[int, ...]
+    unknown: tuple[int, ...]
+
+    @property
+    def pending(self) -> tuple[int, ...]:
+        """The shards a retry resends to (refused and unknown), in shard order."""
+        return tuple(sorted(self.refused + self.unknown))
 
 
 class PsError(Exception):
@@ -29,6 +66,9 @@ class PsError(Exception):
     :ivar details: the message (the server's details for RPC failures).
     :ivar address: the shard that reported it, or None.
     :ivar method: the RPC name, or None.
+    :ivar write: for a failed write sent to shards, what it did on each shard (see
+        :class:`PartialWrite`); None otherwise. It is not pickled: an error sent to
+        another process arrives without it (its message still names the shards).
     """
 
     default_code: str | None = None
@@ -46,6 +86,7 @@ class PsError(Exception):
         self.code = code if code is not None else self.default_code
         self.address = address
         self.method = method
+        self.write: PartialWrite | None = None
 
     def __str__(self) -> str:
         if self.address is None:

@@ -150,4 +150,4 @@ async def fused_apply_gradient(
                 grads=grads[route.float_index(o.positions, grad_off)],
             )
         )
-    await transport.each("FusedOptimize", requests)
+    await transport.write_each("FusedOptimize", requests)

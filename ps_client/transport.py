@@ -24,11 +24,33 @@ Calls:
     the call's, so a lost answer leads to a resend. When the retries run out, the
     error raised (``PsUnavailable``, ``PsDeadlineExceeded``) leaves open whether the
     shard applied the update. Limit: a shard restarted between the attempts has an
-    empty ledger and applies the resend;
+    empty ledger and applies the resend (which is what a restarted shard that had
+    not applied it needs; one that had applied it, then lost it with its state,
+    is back at whatever its restore holds);
   - other RPCs that change state (creation, saves, restores) are never retried;
 
 * a fan-out waits for every shard before raising the first failure (in shard
   order), so no call is left running when the caller sees an error;
+* a tagged write fanned out to several shards (:meth:`Transport.write_each`) may
+  fail on some shards only. Its error is of the class of the first failure in shard
+  order (so ``except PsInvalidArgument`` and the builtin bases keep working), its
+  message names by index and address the shards that *applied* (answered OK), the
+  shards that *refused* (a definitive status: a shard applies a request all or
+  nothing, so a refusing shard changed nothing) with their reasons, and the shards
+  whose outcome is *unknown* (``UNAVAILABLE``, ``DEADLINE_EXCEEDED``, ``CANCELLED``
+  after the retries above, or ``INTERNAL``); when none applied it says that nothing
+  changed anywhere. The same facts are in ``error.write``
+  (:class:`ps_client.errors.PartialWrite`), with each shard's original request.
+  :meth:`Transport.retry_write` (``client.retry(error)``) resends the original
+  request, same tag and same bytes, to every shard that did not answer OK, and never
+  contacts the shards that did: no row is applied twice, even by a shard whose ledger
+  forgot the tag. A shard that applied but whose answer was lost answers the resend
+  from its ledger; a shard restarted meanwhile with its state restored (so it had
+  not applied the part) applies it once. A shard that refused after running the
+  request records the refusal against the tag and refuses the resend the same way;
+  one that refused before running it (an unknown table, a request guard) runs the
+  resend. When the write went to one shard only, that shard's error is raised as it
+  is (its message is the whole story), with ``error.write`` attached;
 * a connection that fails as a TLS mismatch does (a failed handshake; a plaintext
   connection closed before gRPC came up) is not retried further and its
   ``PsUnavailable`` says so (:func:`ps_client.errors.tls_mismatch_hint`).
@@ -52,7 +74,14 @@ import grpc
 from protos import contract
 from protos import ps_service_pb2 as pb
 from protos import ps_service_pb2_grpc as pb_grpc
-from ps_client.errors import error_from_rpc, rpc_details, tls_mismatch_hint
+from ps_client.errors import (
+    PartialWrite,
+    PsError,
+    PsInvalidArgument,
+    error_from_rpc,
+    rpc_details,
+    tls_mismatch_hint,
+)
 
 SERVICE_PATH: Final = f"/{contract.DATA_SERVICE.full_name}"
 _ADMIN_RPCS: Final = frozenset(m.name for m in contract.ADMIN_SERVICE.methods)
@@ -64,6 +93,12 @@ _RETRY_ON: Final[dict[str, tuple[grpc.StatusCode, ...]]] = {
        for m in contract.TAGGED_RPCS},
 }
 """Status codes each retryable RPC is retried on (absent: never retried)."""
+
+_UNKNOWN_OUTCOME: Final = frozenset(
+    {"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "INTERNAL", "UNKNOWN"}
+)
+"""Final status codes of a write that leave open whether the shard applied it (any
+other status is a refusal: the shard validates a request before it changes anything)."""
 
 
 # ---------------------------------------------------------------- channels
@@ -226,9 +261,13 @@ class Transport:
             big answer while it is in cache); an exception it raises counts as that
             shard's failure.
         :returns: the answers in shard order.
-        :raises PsError: the first failure in shard order, after every call ended.
+        :raises PsError: the first failure in shard order, after every call ended. A
+            tagged write (:data:`protos.contract.TAGGED_RPCS`) goes through
+            :meth:`write_each`, and fails as it does.
         """
         reqs = requests if isinstance(requests, list) else [requests] * self.num_shards
+        if method in contract.TAGGED_RPCS:
+            return await self.write_each(method, reqs, on_answer=on_answer)
         live = [s for s, r in enumerate(reqs) if r is not None]
         results = await asyncio.gather(
             *(self._call(s, method, reqs[s], file_op, on_answer) for s in live),
@@ -240,6 +279,112 @@ class Transport:
                 raise res
             out[s] = res
         return out
+
+    async def write_each(
+        self, method: str, requests: Sequence[Any], *,
+        on_answer: Callable[[int, Any], None] | None = None,
+    ) -> list[Any]:
+        """Send a tagged write (``method`` in :data:`protos.contract.TAGGED_RPCS`) to
+        every shard with a request, concurrently, and wait for all of them.
+
+        :param requests: one request per shard (None = nothing for that shard), each
+            with its own tag (:meth:`next_tag`).
+        :param on_answer: as in :meth:`each`; a shard whose answer it fails on did
+            apply its part (its exception is raised when no shard failed).
+        :returns: the answers in shard order.
+        :raises PsError: when some shard failed: of the first failure's class, naming
+            the shards that applied, refused or have an unknown outcome, with
+            ``error.write`` set (see the module docstring). A write sent to one shard
+            only raises that shard's error, with ``error.write`` set.
+        """
+        if method not in contract.TAGGED_RPCS:
+            raise PsInvalidArgument(f"{method} is not a tagged write")
+        reqs = tuple(requests)
+        if len(reqs) != self.num_shards:
+            raise PsInvalidArgument(
+                f"{method}: {len(reqs)} requests for {self.num_shards} shards"
+            )
+        targets = [s for s, r in enumerate(reqs) if r is not None]
+        return await self._write(method, reqs, targets, (), on_answer)
+
+    async def retry_write(self, error: BaseException) -> None:
+        """Resend a failed write (an error raised by :meth:`write_each` or by this
+        method): the original request of every shard that did not answer OK, same
+        tag, same bytes; the shards that applied are not contacted.
+
+        :raises PsInvalidArgument: ``error`` carries no write outcome, or came from a
+            client of other shards.
+        :raises PsError: some shard failed again: as :meth:`write_each`, the shards
+            applied before counted as applied.
+        """
+        write = error.write if isinstance(error, PsError) else None
+        if write is None:
+            raise PsInvalidArgument(
+                f"retry() resends a write that failed on some shards (an error with a "
+                f"write outcome, error.write); this {type(error).__name__} has none"
+            )
+        if write.addresses != tuple(self.addresses):
+            raise PsInvalidArgument(
+                f"retry(): the failed {write.method} went to the shards "
+                f"{list(write.addresses)}, this client talks to {self.addresses}"
+            )
+        await self._write(write.method, write.requests, list(write.pending),
+                          write.applied, None)
+
+    async def _write(
+        self, method: str, reqs: tuple[Any, ...], targets: list[int],
+        applied_before: tuple[int, ...], on_answer: Callable[[int, Any], None] | None,
+    ) -> list[Any]:
+        """Send ``reqs[s]`` to each shard ``s`` of ``targets``; sort the outcomes."""
+        answered: set[int] = set()
+
+        def note(shard: int, answer: Any) -> None:
+            answered.add(shard)
+            if on_answer is not None:
+                on_answer(shard, answer)
+
+        results = await asyncio.gather(
+            *(self._call(s, method, reqs[s], False, note) for s in targets),
+            return_exceptions=True,
+        )
+        out: list[Any] = [None] * self.num_shards
+        applied = set(applied_before)
+        failures: dict[int, BaseException] = {}
+        late: BaseException | None = None  # on_answer failed on an applied shard
+        for s, res in zip(targets, results, strict=True):
+            if s in answered:
+                applied.add(s)
+                if isinstance(res, BaseException):
+                    late = late or res
+                else:
+                    out[s] = res
+            elif isinstance(res, BaseException):
+                failures[s] = res
+            else:
+                out[s] = res
+        if not failures:
+            if late is not None:
+                raise late
+            return out
+        unknown = tuple(s for s in sorted(failures) if not _is_refusal(failures[s]))
+        write = PartialWrite(
+            method=method, addresses=tuple(self.addresses), requests=reqs,
+            applied=tuple(sorted(applied)),
+            refused=tuple(s for s in sorted(failures) if s not in unknown),
+            unknown=unknown,
+        )
+        first = failures[min(failures)]
+        if not isinstance(first, PsError):
+            raise first
+        if len(targets) == 1 and not applied_before:
+            first.write = write  # the one shard of the write: its message says it all
+            raise first
+        err = type(first)(
+            _describe(write, failures), code=first.code, address=first.address,
+            method=method,
+        )
+        err.write = write
+        raise err from first
 
     async def _call(
         self, shard: int, method: str, request: Any, file_op: bool,
@@ -284,3 +429,34 @@ class Transport:
             if on_answer is not None:
                 on_answer(shard, answer)
             return answer
+
+
+def _is_refusal(failure: BaseException) -> bool:
+    """A definitive answer: the shard changed nothing."""
+    return isinstance(failure, PsError) and failure.code not in _UNKNOWN_OUTCOME
+
+
+def _describe(write: PartialWrite, failures: dict[int, BaseException]) -> str:
+    """The message of a write that failed on some shards: what each shard did."""
+
+    def at(s: int) -> str:
+        return f"shard {s} ({write.addresses[s]})"
+
+    def reason(s: int) -> str:
+        f = failures[s]
+        return f"{f.code}: {f.details}" if isinstance(f, PsError) else repr(f)
+
+    if write.applied:
+        head = f"{write.method} applied on {', '.join(map(at, write.applied))} only"
+    elif write.unknown:
+        head = f"{write.method} applied on no shard for certain"
+    else:
+        head = f"{write.method} changed nothing anywhere"
+    parts = [f"refused by {at(s)}, which changed nothing there: {reason(s)}"
+             for s in write.refused]
+    parts += [f"outcome unknown on {at(s)} (it may have applied): {reason(s)}"
+              for s in write.unknown]
+    return (
+        f"{head}; {'; '.join(parts)}. retry(error) resends the same requests (same "
+        f"tags) to {', '.join(map(at, write.pending))} only"
+    )
