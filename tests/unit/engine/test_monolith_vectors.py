@@ -217,18 +217,6 @@ _GAPS: list[tuple[str, list[str]]] = [
         ],
     ),
     (
-        "fixed_r8 of +-inf and values beyond int range: Monolith's (int) cast gives INT_MIN, "
-        "so they encode -128; ours clamps by sign",
-        [
-            "compressors/fixed_r8_r1",
-            "compressors/fixed_r8_r0.5",
-            "compressors/fixed_r8_r3",
-            "compressors/fake_quantizer/r1.0",
-            "compressors/fake_quantizer/r0.5",
-            "compressors/fake_quantizer/r3.0",
-        ],
-    ),
-    (
         "HashNet: Monolith uses libm tanhf/powf and g++ FMAs; ours numpy tanh and sqrt",
         [
             "compressors/hash_net_quantizer/0",
