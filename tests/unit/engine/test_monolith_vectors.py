@@ -201,16 +201,6 @@ _GAPS: list[tuple[str, list[str]]] = [
         ],
     ),
     (
-        "random_uniform: Monolith uses one thread_local std::mt19937 (seed 5489) shared by "
-        "every initializer, and an FMA; ours a PCG64 stream per segment",
-        [
-            "initializers/random_uniform_default_then_pm1",
-            "initializers/random_uniform_2_3",
-            "initializers/random_uniform_degenerate",
-            "initializers/entry_constants_random_ones",
-        ],
-    ),
-    (
         "fp16: half.hpp v2.1.0 conversion differs from numpy's float16 cast for some inputs",
         [
             "compressors/fp16",
