@@ -38,11 +38,14 @@ def fma32(a: Any, b: Any, c: Any) -> npt.NDArray[np.float32]:
         # TwoSum: e = (p + c) - s exactly.
         bb = s - p
         e = (p - (s - bb)) + (c64 - bb)
-        inexact = (e != 0) & np.isfinite(s)
-        even = (np.asarray(s).view(np.uint64) & np.uint64(1)) == 0
-        fix = inexact & even
-        if np.any(fix):
-            s = np.where(fix, np.nextafter(s, np.where(e > 0, np.inf, -np.inf)), s)
+        s = np.asarray(s)
+        si = s.view(np.int64)
+        # Inexact and even: step one ulp towards the exact sum (same sign as s: away
+        # from zero, bits + 1; else bits - 1); both neighbours are odd. e is NaN only
+        # when s is not finite, and then e != 0 but the step is skipped.
+        fix = (e != 0) & ((si & 1) == 0) & np.isfinite(s)
+        step = np.where((e > 0) == (s > 0), 1, -1) * fix
+        si += step
         return np.asarray(s.astype(np.float32))
 
 
