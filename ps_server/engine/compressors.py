@@ -86,7 +86,8 @@ class FixedR8Compressor(Compressor):
     """Fixed-range int8 (1 byte): 256 levels of ``r / 128`` covering ``[-r, r)``.
 
     Encoding rounds half away from zero to the nearest level (``q = trunc((f ± step/2)
-    / step)``), clamps ``q`` to ``[-128, 127]`` and maps NaN to 0; decoding is
+    / step)``) and clamps ``q`` to ``[-128, 127]``; NaN encodes 0 and, as Monolith's
+    ``(int)`` cast on x86 (INT_MIN), ±inf and ``|f| >= 2^31 * step`` encode -128. Decoding is
     ``q * step``.
 
     :param r: the range; must be finite and > 0.
@@ -110,6 +111,10 @@ class FixedR8Compressor(Compressor):
         f += np.where(f >= 0, self.half_step, -self.half_step)
         with np.errstate(over="ignore", invalid="ignore"):
             q = np.trunc(f / self.step)
+            # Monolith's (int) cast: x86 cvttss2si gives INT_MIN out of int range, so
+            # those encode -128 (+inf and 1e10 too). NaN encodes 0, as in Monolith.
+            wild = ~(np.abs(q) < np.float32(2.0**31))
+        q[wild] = -128
         np.clip(q, -128, 127, out=q)
         return q.astype(np.int8)
 

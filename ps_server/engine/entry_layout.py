@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
 
+import numpy as np
+
 from protos import embedding_hash_table_pb2 as eht
 from ps_server.engine.compressors import (
     Compressor,
@@ -20,7 +22,11 @@ from ps_server.engine.compressors import (
     compressor_from_config,
     retriever_from_config,
 )
-from ps_server.engine.initializers import Initializer, initializer_from_config
+from ps_server.engine.initializers import (
+    Initializer,
+    RandomUniformInitializer,
+    initializer_from_config,
+)
 from ps_server.engine.optimizers import optimizer_from_config
 from ps_server.engine.optimizers.base import Optimizer
 from ps_server.errors import ConfigError
@@ -80,6 +86,7 @@ class EntryLayout:
         if config.entry_type == eht.EntryConfig.UNKNOWN:
             raise ConfigError("entry_config.entry_type is UNKNOWN; use TRAINING or SERVING")
         segments: list[Segment] = []
+        shared_rng: np.random.RandomState | None = None
         offset = 0
         for k, seg in enumerate(config.segments):
             where = f"entry_config.segments[{k}]"
@@ -92,11 +99,15 @@ class EntryLayout:
                 init_cfg = eht.InitializerConfig(zeros=eht.ZerosInitializerConfig())
             else:
                 init_cfg = seg.init_config
-            # Distinct seeds per segment so two random segments do not start identical.
-            seg_seed = (5489 if seed is None else seed) + k
             initializer = _wrap(
-                where + ".init_config", initializer_from_config, init_cfg, dim, seg_seed
+                where + ".init_config", initializer_from_config, init_cfg, dim, seed
             )
+            if isinstance(initializer, RandomUniformInitializer):
+                # One generator per table, shared by its random segments in order, as
+                # Monolith's thread_local mt19937 is shared by every initializer.
+                if shared_rng is None:
+                    shared_rng = np.random.RandomState(5489 if seed is None else seed)
+                initializer.use_generator(shared_rng)
             optimizer: Optimizer | None = None
             compressor: Compressor | None = None
             comp_cfg = seg.comp_config if seg.HasField("comp_config") else None

@@ -13,6 +13,7 @@ import abc
 import numpy as np
 
 from protos import initializer_config_pb2 as icfg
+from ps_server.engine.fpmath import fma32
 from ps_server.engine.types import Floats
 from ps_server.errors import ConfigError
 
@@ -69,14 +70,15 @@ class OnesInitializer(ConstantsInitializer):
 
 
 class RandomUniformInitializer(Initializer):
-    """Uniform float32 values in ``[minval, maxval)``.
+    """Uniform float32 values in ``[minval, maxval)``, bit for bit as Monolith.
 
-    Values are ``u * (maxval - minval) + minval`` in float32 with ``u`` uniform in
-    ``[0, 1)``, as Monolith computes them; results that round up to ``maxval`` are
-    moved to the float32 just below it so the interval stays half-open. The random
-    stream is a seeded :class:`numpy.random.Generator` (PCG64): reproducible for a
-    given seed and call sequence, but **not** Monolith's ``std::mt19937`` sequence
-    (docs/semantics.md §5.2 does not make that sequence part of the contract).
+    Monolith draws from a ``std::mt19937`` (default seed 5489) and computes
+    ``fma(u, maxval - minval, minval)`` with ``u = float(x) / 2^32`` (libstdc++'s
+    ``generate_canonical<float, 24>``: one 32-bit draw ``x``, and a ``u`` that rounds
+    to 1 becomes the float32 just below 1). numpy's legacy ``RandomState`` is the
+    same MT19937 with the same seeding, so the sequence is Monolith's. In Monolith the
+    generator is per thread and shared by every random_uniform initializer; a table
+    shares one generator among its segments (:meth:`use_generator`), in segment order.
 
     :param dim: the segment's width.
     :param minval: lower bound (inclusive).
@@ -91,12 +93,21 @@ class RandomUniformInitializer(Initializer):
         self.minval = np.float32(minval)
         self.maxval = np.float32(maxval)
         self.seed = seed
-        self._rng = np.random.default_rng(seed)
+        self._rng = np.random.RandomState(seed)
+
+    def use_generator(self, rng: np.random.RandomState) -> None:
+        """Draw from ``rng`` (shared with other initializers) from now on."""
+        self._rng = rng
 
     def init(self, n: int) -> Floats:
-        u = self._rng.random((n, self.dim), dtype=np.float32)
-        out = u * (self.maxval - self.minval) + self.minval
+        x = self._rng.randint(0, 1 << 32, size=(n, self.dim), dtype=np.uint64)
+        u = x.astype(np.float32) * np.float32(2.0**-32)
+        np.minimum(u, np.nextafter(np.float32(1), np.float32(0)), out=u)
+        out = fma32(u, self.maxval - self.minval, self.minval)
         if self.maxval > self.minval:
+            # Kept from docs/semantics.md §5.2 (half-open interval): a result that rounds
+            # up to maxval moves just below it. Monolith would return maxval there; no
+            # vector reaches that case (it needs an interval a few ulps wide).
             below = np.nextafter(self.maxval, np.float32(-np.inf), dtype=np.float32)
             np.minimum(out, below, out=out)
         return out

@@ -1,8 +1,10 @@
 """Plain stochastic gradient descent (docs/semantics.md §5.1).
 
-``w -= lr * g`` per element. No state; the dump is an empty
-``SingleOptimizerDump.sgd`` (field 2). Repeated occurrences of one entry run as one
-sequential float32 accumulate (:meth:`SgdOptimizer.apply_run`), so they need no waves.
+``w -= lr * g`` per element, as one fused multiply-add (``w = fma(-lr, g, w)``, one
+rounding: Monolith's ``-mfma`` build contracts it, see :mod:`ps_server.engine.fpmath`).
+No state; the dump is an empty ``SingleOptimizerDump.sgd`` (field 2). Repeated
+occurrences of one entry run in one pass per occurrence rank
+(:meth:`SgdOptimizer.apply_run`), so they need no waves.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ import numpy as np
 import numpy.typing as npt
 
 from protos import optimizer_pb2 as opt_pb
+from ps_server.engine.fpmath import fma32
 from ps_server.engine.optimizers.base import (
     Optimizer,
     State,
     StateSlot,
-    sequence_ends,
 )
 from ps_server.engine.types import Floats
 
@@ -43,7 +45,7 @@ class SgdOptimizer(Optimizer):
     def apply(
         self, params: Floats, state: State, grads: Floats, lr: float, global_step: int
     ) -> None:
-        params -= np.float32(lr) * grads
+        params[...] = fma32(-np.float32(lr), grads, params)
 
     def has_run_form(self) -> bool:
         return True
@@ -57,11 +59,10 @@ class SgdOptimizer(Optimizer):
         lr: float,
         global_step: int,
     ) -> None:
-        """``w_k = w_{k-1} - lr * g_k`` for every occurrence: the deltas are independent
-        and ``np.subtract.accumulate`` runs the float32 subtractions strictly in order,
-        so each occurrence is its own step as in Monolith."""
-        seq = np.empty((grads.shape[0] + 1, *params.shape), dtype=np.float32)
-        seq[0] = params
-        np.multiply(np.float32(lr), grads, out=seq[1:])
-        np.subtract.accumulate(seq, axis=0, out=seq)
-        params[...] = sequence_ends(seq, ends)
+        """``w_k = fma(-lr, g_k, w_{k-1})`` for every occurrence, one batched step per
+        occurrence rank; a zero padding gradient leaves ``w`` unchanged."""
+        w = params.copy()
+        neg_lr = -np.float32(lr)
+        for k in range(grads.shape[0]):
+            w = fma32(neg_lr, grads[k], w)
+        params[...] = w
