@@ -1,0 +1,109 @@
+"""fpmath against exact rational arithmetic: :func:`fma32` is ``a*b + c`` rounded once
+to float32 (round half to even), :func:`sequential_sum32` a left-to-right float32 sum."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from ps_server.engine import fpmath
+from ps_server.engine.fpmath import fma32, sequential_sum32
+
+
+def round_to_f32(x: Fraction) -> float:
+    """The float32 nearest ``x`` (ties to even), overflowing to ±inf, computed exactly."""
+    if x == 0:
+        return 0.0
+    sign = -1 if x < 0 else 1
+    m = abs(x)
+    e = m.numerator.bit_length() - m.denominator.bit_length()
+    while Fraction(2) ** e > m:
+        e -= 1
+    while Fraction(2) ** (e + 1) <= m:
+        e += 1
+    ulp_exp = max(e, -126) - 23  # subnormals share 2**-149
+    scaled = m / Fraction(2) ** ulp_exp
+    q, r = divmod(scaled.numerator, scaled.denominator)
+    if 2 * r > scaled.denominator or (2 * r == scaled.denominator and q % 2 == 1):
+        q += 1
+    value = Fraction(q) * Fraction(2) ** ulp_exp
+    if value >= Fraction(2) ** 128 - Fraction(2) ** 103:  # rounds past FLT_MAX
+        return sign * float("inf")
+    return sign * float(value)
+
+
+def exact_fma(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32],
+              c: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    return np.array([
+        round_to_f32(Fraction(float(x)) * Fraction(float(y)) + Fraction(float(z)))
+        for x, y, z in zip(a.tolist(), b.tolist(), c.tolist(), strict=True)
+    ], dtype=np.float32)
+
+
+def halfway_cases(rng: np.random.Generator, n: int) -> tuple[npt.NDArray[np.float32], ...]:
+    """Triples where rounding twice goes wrong: ``a*b = ulp(c)/2 * (1 - k**2 * 2**-46)``
+    (``a = 1 + k*2**-23``, ``b = ulp(c)/2 * (1 - k*2**-23)``) is just below half an ulp
+    of ``c``, so the float64 sum rounds up to the float32 halfway point and then ties to
+    even; with ``c``'s last mantissa bit odd that goes up, though the exact value is
+    below the halfway point. Signs are random; half the ``c`` have an even last bit."""
+    k = rng.integers(1, 8, n).astype(np.float32)
+    c = (rng.uniform(1, 2, n) * 2.0 ** rng.integers(-20, 20, n)).astype(np.float32)
+    half_ulp = np.spacing(c) / np.float32(2)
+    a = np.float32(1.0) + k * np.float32(2.0**-23)
+    b = half_ulp * (np.float32(1.0) - k * np.float32(2.0**-23))
+    sign = rng.choice(np.array([-1.0, 1.0], dtype=np.float32), n)
+    return (a * sign).astype(np.float32), b.astype(np.float32), (c * sign).astype(np.float32)
+
+
+def test_fma32_rounds_once_on_random_and_halfway_inputs() -> None:
+    rng = np.random.default_rng(7)
+    n = 3000
+    a = rng.standard_normal(n).astype(np.float32)
+    b = (rng.standard_normal(n) * 10.0 ** rng.integers(-12, 4, n)).astype(np.float32)
+    c = rng.standard_normal(n).astype(np.float32)
+    ha, hb, hc = halfway_cases(rng, n)
+    a, b, c = (np.concatenate(p) for p in ((a, ha), (b, hb), (c, hc)))
+    got = fma32(a, b, c)
+    want = exact_fma(a, b, c)
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def test_fma32_halfway_inputs_are_where_rounding_twice_fails() -> None:
+    # The cases above are meaningful: the naive float32(float64 sum) gets some wrong.
+    a, b, c = halfway_cases(np.random.default_rng(8), 3000)
+    naive = (a.astype(np.float64) * b + c).astype(np.float32)
+    assert not np.array_equal(naive.view(np.uint32), exact_fma(a, b, c).view(np.uint32))
+
+
+def test_fma32_subnormal_results_and_overflow() -> None:
+    tiny = np.float32(2.0**-140)
+    a = np.array([tiny, tiny, 3e38, -3e38, 1.5], dtype=np.float32)
+    b = np.array([np.float32(2.0**-9) * np.float32(1.5), 0.75, 2.0, 2.0, 0.0], dtype=np.float32)
+    c = np.array([np.float32(2.0**-149), -tiny, 0.0, 0.0, -0.0], dtype=np.float32)
+    assert np.array_equal(fma32(a, b, c).view(np.uint32), exact_fma(a, b, c).view(np.uint32))
+
+
+@pytest.mark.parametrize("n", [0, 1, fpmath.FMA_BLOCK - 1, fpmath.FMA_BLOCK + 3])
+def test_fma32_broadcasts_and_crosses_blocks(n: int) -> None:
+    rng = np.random.default_rng(n)
+    w = rng.standard_normal((n, 2)).astype(np.float32)
+    g = rng.standard_normal((n, 2)).astype(np.float32)
+    got = fma32(np.float32(-0.1), g, w)
+    assert got.shape == (n, 2) and got.dtype == np.float32
+    assert np.array_equal(got, fpmath._fma32_exact(np.float32(-0.1), g, w))
+
+
+def test_sequential_sum32_adds_left_to_right() -> None:
+    # Left to right, every 2**-24 added to 1.0 is a tie that rounds back to 1.0.
+    x = np.array([[1.0] + [2.0**-24] * 20, [2.0**-24] * 20 + [1.0]], dtype=np.float32)
+    want = []
+    for row in x.tolist():
+        acc = np.float32(0)
+        for v in row:
+            acc = np.float32(acc + np.float32(v))
+        want.append(acc)
+    assert sequential_sum32(x).tolist() == [1.0, float(np.float32(1.0 + 20 * 2.0**-24))]
+    assert sequential_sum32(x).tolist() == [float(w) for w in want]
