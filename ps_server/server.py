@@ -210,6 +210,7 @@ async def build_shard_server(
                              config.ledger_max_bytes),
         default_filter_capacity=config.default_filter_capacity,
         default_filter_split_num=config.default_filter_split_num,
+        cluster_id=config.cluster_id,
     )
     metrics.watch_ledger(runtime.ledger)
     servicer = ParameterServerServicer(runtime)
@@ -334,8 +335,11 @@ async def serve(config: ServerConfig, shard: Shard | None = None) -> None:
             write_port_file(config.port_file, built.port)
         _log_security(config)
         _log.info(
-            "serving shard %d/%d on %s",
-            config.shard_index, config.num_shards, format_address(config.host, built.port),
+            "serving shard %d/%d of %s on %s",
+            config.shard_index, config.num_shards,
+            f"cluster {config.cluster_id!r}" if config.cluster_id
+            else "a cluster to be named by its first client",
+            format_address(config.host, built.port),
         )
         await stop.wait()
         _log.info(
