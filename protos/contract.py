@@ -3,8 +3,9 @@
 * Each RPC's retry class comes from ``ps_service.proto`` (protobuf's standard
   ``idempotency_level`` method option): ``NO_SIDE_EFFECTS`` methods are reads,
   ``IDEMPOTENT`` methods are writes that carry a ``RequestTag`` and are applied at most
-  once per tag (``JoinCluster`` carries none: repeating it changes nothing). The sets below are computed from the descriptors, so adding an RPC
-  means writing its option in the proto and nothing else.
+  once per tag (``JoinCluster`` carries none: repeating it changes nothing). The sets
+  below are computed from the descriptors, so adding an RPC means writing its option in
+  the proto and nothing else.
 * :data:`BULK_RPCS` are the methods whose requests carry ``Tensor`` fields (their
   payloads are read as views of the received bytes, never copied into a message).
 * Hash-filter types and defaults, and the gRPC message limit, used by both ends.
