@@ -335,12 +335,13 @@ async def serve(config: ServerConfig, shard: Shard | None = None) -> None:
             write_port_file(config.port_file, built.port)
         _log_security(config)
         _log.info(
-            "serving shard %d/%d of %s on %s",
-            config.shard_index, config.num_shards,
-            f"cluster {config.cluster_id!r}" if config.cluster_id
-            else "a cluster to be named by its first client",
-            format_address(config.host, built.port),
+            "serving shard %d/%d on %s",
+            config.shard_index, config.num_shards, format_address(config.host, built.port),
         )
+        if config.cluster_id:
+            _log.info("cluster id %r", config.cluster_id)
+        else:
+            _log.info("no cluster id yet: the first client to connect gives one")
         await stop.wait()
         _log.info(
             "shutting down: health NOT_SERVING, draining in-flight calls (grace %.1fs)",
