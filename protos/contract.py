@@ -57,6 +57,7 @@ def rpcs_with_idempotency(service: ServiceDescriptor, level: str) -> frozenset[s
 READ_ONLY_RPCS: Final = rpcs_with_idempotency(DATA_SERVICE, "NO_SIDE_EFFECTS")
 #: Data-plane writes carrying a ``RequestTag``: applied at most once per tag, so they
 #: are retried with the same tag (on ``UNAVAILABLE`` and on an attempt's deadline).
+#: ``JoinCluster`` is one of them without a tag: a repeat of it changes nothing.
 TAGGED_RPCS: Final = rpcs_with_idempotency(DATA_SERVICE, "IDEMPOTENT")
 
 

@@ -441,8 +441,8 @@ def cmd_stats(cluster: Cluster, args: argparse.Namespace) -> None:
     results = cluster.each("asking", call, lambda r: r.state)
     for address, r in zip(cluster.addresses, results, strict=True):
         print(f"\nshard {r.shard_index}/{r.num_shards} {address}  {r.state}  up "
-              f"{r.uptime_seconds:.0f}s  version {r.version}  in flight {r.in_flight}",
-              file=cluster.out)
+              f"{r.uptime_seconds:.0f}s  version {r.version}  in flight {r.in_flight}  "
+              f"cluster {r.cluster_id or '(none yet)'}", file=cluster.out)
         print(f"  entries {r.entries}  memory {_size(r.memory_bytes)}", file=cluster.out)
         for t in r.tables:
             print(f"  table {t.name}: {t.entries} entries, {_size(t.memory_bytes)}, dim "

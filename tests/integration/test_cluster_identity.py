@@ -187,6 +187,7 @@ def test_ps_admin_refuses_swapped_addresses(tmp_path: Path) -> None:
         ok = ps_admin(swapped, "--shards=1,0", "stats")
         assert ok.returncode == 0, ok.stderr
         assert f"shard 1/2 {s[1].address}" in ok.stdout
+        assert "cluster c1" in ok.stdout
         saved = ps_admin(swapped, "--shards=1,0", "save",
                          f"--model_dir={tmp_path / 'm'}", "--global_step=1")
         assert saved.returncode == 0, saved.stderr
