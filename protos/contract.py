@@ -3,8 +3,9 @@
 * Each RPC's retry class comes from ``ps_service.proto`` (protobuf's standard
   ``idempotency_level`` method option): ``NO_SIDE_EFFECTS`` methods are reads,
   ``IDEMPOTENT`` methods are writes that carry a ``RequestTag`` and are applied at most
-  once per tag. The sets below are computed from the descriptors, so adding an RPC
-  means writing its option in the proto and nothing else.
+  once per tag (``JoinCluster`` carries none: repeating it changes nothing). The sets
+  below are computed from the descriptors, so adding an RPC means writing its option in
+  the proto and nothing else.
 * :data:`BULK_RPCS` are the methods whose requests carry ``Tensor`` fields (their
   payloads are read as views of the received bytes, never copied into a message).
 * Hash-filter types and defaults, and the gRPC message limit, used by both ends.
@@ -56,6 +57,7 @@ def rpcs_with_idempotency(service: ServiceDescriptor, level: str) -> frozenset[s
 READ_ONLY_RPCS: Final = rpcs_with_idempotency(DATA_SERVICE, "NO_SIDE_EFFECTS")
 #: Data-plane writes carrying a ``RequestTag``: applied at most once per tag, so they
 #: are retried with the same tag (on ``UNAVAILABLE`` and on an attempt's deadline).
+#: ``JoinCluster`` is one of them without a tag: a repeat of it changes nothing.
 TAGGED_RPCS: Final = rpcs_with_idempotency(DATA_SERVICE, "IDEMPOTENT")
 
 

@@ -73,18 +73,30 @@ class HashFilterInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., filter_type: _Optional[str] = ..., enabled: _Optional[bool] = ..., split_num: _Optional[int] = ..., failure_count: _Optional[int] = ..., fill_ratio: _Optional[float] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
-    __slots__ = ("shard_index", "num_shards", "tables", "hash_filters", "version")
+    __slots__ = ("shard_index", "num_shards", "tables", "hash_filters", "version", "cluster_id")
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
     HASH_FILTERS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     shard_index: int
     num_shards: int
     tables: _containers.RepeatedCompositeFieldContainer[TableInfo]
     hash_filters: _containers.RepeatedCompositeFieldContainer[HashFilterInfo]
     version: str
-    def __init__(self, shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., hash_filters: _Optional[_Iterable[_Union[HashFilterInfo, _Mapping]]] = ..., version: _Optional[str] = ...) -> None: ...
+    cluster_id: str
+    def __init__(self, shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., hash_filters: _Optional[_Iterable[_Union[HashFilterInfo, _Mapping]]] = ..., version: _Optional[str] = ..., cluster_id: _Optional[str] = ...) -> None: ...
+
+class JoinClusterRequest(_message.Message):
+    __slots__ = ("cluster_id", "shard_index", "num_shards")
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    cluster_id: str
+    shard_index: int
+    num_shards: int
+    def __init__(self, cluster_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ...) -> None: ...
 
 class CreateHashFilterRequest(_message.Message):
     __slots__ = ("name", "enable_hash_filter", "occurrence_threshold_config", "capacity", "split_num", "equal_probability", "filter_type")
@@ -473,7 +485,7 @@ class HashFilterStats(_message.Message):
     def __init__(self, name: _Optional[str] = ..., filter_type: _Optional[str] = ..., enabled: _Optional[bool] = ..., fill_ratio: _Optional[float] = ..., failure_count: _Optional[int] = ..., capacity: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("shard_index", "num_shards", "version", "uptime_seconds", "state", "entries", "memory_bytes", "tables", "hash_filters", "last_save", "last_restore", "in_flight")
+    __slots__ = ("shard_index", "num_shards", "version", "uptime_seconds", "state", "entries", "memory_bytes", "tables", "hash_filters", "last_save", "last_restore", "in_flight", "cluster_id")
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -486,6 +498,7 @@ class StatsResponse(_message.Message):
     LAST_SAVE_FIELD_NUMBER: _ClassVar[int]
     LAST_RESTORE_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     shard_index: int
     num_shards: int
     version: str
@@ -498,7 +511,8 @@ class StatsResponse(_message.Message):
     last_save: OperationRecord
     last_restore: OperationRecord
     in_flight: int
-    def __init__(self, shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., version: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., state: _Optional[str] = ..., entries: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableStats, _Mapping]]] = ..., hash_filters: _Optional[_Iterable[_Union[HashFilterStats, _Mapping]]] = ..., last_save: _Optional[_Union[OperationRecord, _Mapping]] = ..., last_restore: _Optional[_Union[OperationRecord, _Mapping]] = ..., in_flight: _Optional[int] = ...) -> None: ...
+    cluster_id: str
+    def __init__(self, shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., version: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., state: _Optional[str] = ..., entries: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableStats, _Mapping]]] = ..., hash_filters: _Optional[_Iterable[_Union[HashFilterStats, _Mapping]]] = ..., last_save: _Optional[_Union[OperationRecord, _Mapping]] = ..., last_restore: _Optional[_Union[OperationRecord, _Mapping]] = ..., in_flight: _Optional[int] = ..., cluster_id: _Optional[str] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
     __slots__ = ("grace_seconds",)

@@ -104,6 +104,11 @@ class ParameterServerStub:
                 request_serializer=protos_dot_ps__service__pb2.SaveAsTensorRequest.SerializeToString,
                 response_deserializer=protos_dot_ps__service__pb2.SaveAsTensorResponse.FromString,
                 _registered_method=True)
+        self.JoinCluster = channel.unary_unary(
+                '/monolith_ps.ParameterServer/JoinCluster',
+                request_serializer=protos_dot_ps__service__pb2.JoinClusterRequest.SerializeToString,
+                response_deserializer=protos_dot_ps__service__pb2.ShardInfo.FromString,
+                _registered_method=True)
         self.SaveTable = channel.unary_unary(
                 '/monolith_ps.ParameterServer/SaveTable',
                 request_serializer=protos_dot_ps__service__pb2.SaveRequest.SerializeToString,
@@ -213,6 +218,14 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def JoinCluster(self, request, context):
+        """Adopt a cluster id (see JoinClusterRequest); another id, index or count is
+        FAILED_PRECONDITION. Repeating it changes nothing more, so it is retried freely.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SaveTable(self, request, context):
         """One table's or one filter's files (whole checkpoints are on the admin plane).
         """
@@ -310,6 +323,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.SaveAsTensor,
                     request_deserializer=protos_dot_ps__service__pb2.SaveAsTensorRequest.FromString,
                     response_serializer=protos_dot_ps__service__pb2.SaveAsTensorResponse.SerializeToString,
+            ),
+            'JoinCluster': grpc.unary_unary_rpc_method_handler(
+                    servicer.JoinCluster,
+                    request_deserializer=protos_dot_ps__service__pb2.JoinClusterRequest.FromString,
+                    response_serializer=protos_dot_ps__service__pb2.ShardInfo.SerializeToString,
             ),
             'SaveTable': grpc.unary_unary_rpc_method_handler(
                     servicer.SaveTable,
@@ -710,6 +728,33 @@ class ParameterServer:
             '/monolith_ps.ParameterServer/SaveAsTensor',
             protos_dot_ps__service__pb2.SaveAsTensorRequest.SerializeToString,
             protos_dot_ps__service__pb2.SaveAsTensorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def JoinCluster(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/monolith_ps.ParameterServer/JoinCluster',
+            protos_dot_ps__service__pb2.JoinClusterRequest.SerializeToString,
+            protos_dot_ps__service__pb2.ShardInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,11 +5,14 @@ creates tables and filters on all of them, and hands out the handles that route 
 (:class:`ps_client.AsyncTable`, :class:`ps_client.AsyncHashFilters`). Fused ops
 (:mod:`ps_client.fused_ops`) and checkpoints (:mod:`ps_client.checkpoints`) are
 orchestrated in their own modules; this class keeps the client's knowledge of which
-tables exist. :class:`ps_client.PsClient` runs it on a private event-loop thread.
+tables exist. Before its first operation (or at ``await client.connect()``) it checks
+that the addresses are exactly one cluster's shards in index order
+(:mod:`ps_client.cluster`). :class:`ps_client.PsClient` runs it on a private event-loop thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 from collections.abc import Sequence
@@ -21,7 +24,7 @@ import numpy.typing as npt
 from protos import contract
 from protos import embedding_hash_table_pb2 as eht
 from protos import ps_service_pb2 as pb
-from ps_client import checkpoints, fused_ops
+from ps_client import checkpoints, cluster, fused_ops
 from ps_client.async_hash_filters import AsyncHashFilters
 from ps_client.async_table import AsyncTable, TableSpec, check_learning_rate_fns
 from ps_client.errors import PsAlreadyExists, PsError, PsInvalidArgument, PsNotFound
@@ -44,6 +47,11 @@ class AsyncPsClient:
     :param retry: retries of read-only and tagged mutating calls (see
         :mod:`ps_client.transport`).
     :param meta: registry of table names (a fresh one per client by default).
+    :param check_cluster: before the first operation, check that ``addresses`` are
+        exactly one cluster's shards in index order and name a fresh cluster
+        (:meth:`connect`). False skips it: for tools that talk to shards of
+        different clusters, or to a shard list that is not a whole cluster, on
+        purpose (e.g. tests of a single shard of a larger cluster).
     :ivar transport: the calls to the shards.
     :raises PsInvalidArgument: no addresses.
     """
@@ -57,6 +65,7 @@ class AsyncPsClient:
         channel_options: ChannelOptions | None = None,
         retry: RetryPolicy | None = None,
         meta: MetaContext | None = None,
+        check_cluster: bool = True,
     ) -> None:
         if isinstance(addresses, str) or not addresses:
             raise PsInvalidArgument(
@@ -69,6 +78,9 @@ class AsyncPsClient:
         self.meta = meta or MetaContext()
         self._tables: dict[str, AsyncTable] = {}
         self._fresh = itertools.count()
+        self._check_cluster = bool(check_cluster)
+        self._cluster_id = ""
+        self._connected: asyncio.Future[str] | None = None
 
     @property
     def addresses(self) -> list[str]:
@@ -84,6 +96,38 @@ class AsyncPsClient:
         """Owner shard of every id: ``floormod(ids, num_shards)``."""
         return shard_of(ids, self.num_shards)
 
+    @property
+    def cluster_id(self) -> str:
+        """The id of the cluster the shards belong to ("" before :meth:`connect`, or
+        with ``check_cluster=False``)."""
+        return self._cluster_id
+
+    async def connect(self) -> str:
+        """Check the cluster (:mod:`ps_client.cluster`) unless ``check_cluster=False``;
+        runs once, before the client's first operation if not called. Idempotent: a
+        failed check is tried again by the next call.
+
+        :returns: the cluster id ("" with ``check_cluster=False``).
+        :raises PsFailedPrecondition: the addresses are not exactly one cluster's
+            shards in index order (the message lists what each address said).
+        :raises PsError: a shard could not be asked (e.g. ``PsUnavailable``).
+        """
+        if not self._check_cluster:
+            return ""
+        if self._connected is None:
+            self._connected = asyncio.ensure_future(cluster.connect(self.transport))
+        try:
+            self._cluster_id = await asyncio.shield(self._connected)
+        except BaseException:
+            if self._connected.done():
+                self._connected = None  # the next operation checks again
+            raise
+        return self._cluster_id
+
+    async def _ready(self) -> None:
+        if self._check_cluster and not self._cluster_id:
+            await self.connect()
+
     async def close(self) -> None:
         """Close every channel (calls in flight are cancelled)."""
         await self.transport.close()
@@ -92,10 +136,12 @@ class AsyncPsClient:
 
     async def shard_infos(self) -> list[pb.ShardInfo]:
         """``GetShardInfo`` of every shard, in shard order."""
+        await self._ready()
         return await self.transport.each("GetShardInfo", pb.ShardInfoRequest())
 
     async def tables(self) -> list[str]:
         """Sorted names of the tables present on any shard."""
+        await self._ready()
         answers = await self.transport.each("ListTables", pb.ListTablesRequest())
         return sorted({n for a in answers for n in a.names})
 
@@ -124,6 +170,7 @@ class AsyncPsClient:
         :raises PsInvalidArgument: unknown ``filter_type``, or a bad config.
         :raises PsAlreadyExists: the name exists with other options.
         """
+        await self._ready()
         if filter_type not in contract.FILTER_TYPES:
             raise PsInvalidArgument(
                 f"unknown filter_type {filter_type!r}; use one of "
@@ -172,6 +219,7 @@ class AsyncPsClient:
             raise PsInvalidArgument(
                 f"config must be an EmbeddingHashTableConfig, got {type(config).__name__}"
             )
+        await self._ready()
         if name is not None and (not isinstance(name, str) or not name):
             raise PsInvalidArgument(f"table name must be a non-empty string, got {name!r}")
         fns = tuple(learning_rate_fns)
@@ -277,6 +325,7 @@ class AsyncPsClient:
         :raises PsInvalidArgument: sizes that do not match ``ids`` or the tables.
         """
         del req_time
+        await self._ready()
         return await fused_ops.fused_lookup(
             self.transport, tables, ids, fused_slot_size, num_of_shards
         )
@@ -293,6 +342,7 @@ class AsyncPsClient:
         :raises PsInvalidArgument: offsets, sizes, grads or rates that do not fit.
         """
         del indices
+        await self._ready()
         await fused_ops.fused_apply_gradient(
             self.transport, tables, ids, fused_slot_size, id_grads, id_offsets, grad_offsets,
             learning_rate_tensors, req_time, global_step, num_of_shards,
@@ -324,6 +374,7 @@ class AsyncPsClient:
         :param max_to_keep: older checkpoints beyond this many are deleted (0 = keep all).
         :returns: the prefix ``<model_dir>/model.ckpt-<global_step>``.
         """
+        await self._ready()
         return await checkpoints.save_checkpoint(
             self.transport, model_dir, global_step, max_to_keep
         )
@@ -343,6 +394,7 @@ class AsyncPsClient:
             (logged at WARNING, naming ``model_dir``: a mistyped directory would
             otherwise start a training from scratch without a word).
         """
+        await self._ready()
         restored = await checkpoints.restore_checkpoint(self.transport, model_dir, prefix)
         if restored is None:
             what = f"no checkpoint to restore in model_dir {model_dir!r}" + (

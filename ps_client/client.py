@@ -79,7 +79,15 @@ class PsClient:
         resent update is applied once).
     :param max_message_bytes: largest message sent or accepted (default: the
         servers' default, :data:`protos.contract.MAX_MESSAGE_BYTES`).
+    :param check_cluster: at construction, check that ``addresses`` are exactly one
+        cluster's shards in index order, and give a fresh cluster its id (see
+        :meth:`connect`). False skips the check: only for tools that address shards
+        of different clusters, or part of a cluster, on purpose.
     :raises PsInvalidArgument: no addresses.
+    :raises PsFailedPrecondition: (``check_cluster``) the addresses are not one
+        cluster's shards in index order; the message lists what each address said.
+    :raises PsError: (``check_cluster``) a shard could not be asked, e.g.
+        ``PsUnavailable`` when one is down.
 
     Use it as a context manager (``with PsClient(...) as client:``) or call
     :meth:`close`. Inside the ``with`` block the client's metadata registry is the
@@ -96,6 +104,7 @@ class PsClient:
         file_timeout: float = 3600.0,
         retry: RetryPolicy | None = None,
         max_message_bytes: int = contract.MAX_MESSAGE_BYTES,
+        check_cluster: bool = True,
     ) -> None:
         if isinstance(addresses, str) or not addresses:
             raise PsInvalidArgument(
@@ -113,11 +122,18 @@ class PsClient:
             return AsyncPsClient(
                 addresses, timeout=timeout, file_timeout=file_timeout,
                 channel_options=options, retry=retry, meta=self._meta,
+                check_cluster=check_cluster,
             )
 
         try:
             self._core = self._loop.run(build())
         except BaseException:
+            self._loop.stop()
+            raise
+        try:
+            self._loop.run(self._core.connect())
+        except BaseException:
+            self._loop.run(self._core.close())
             self._loop.stop()
             raise
         self._closed = False
@@ -172,6 +188,23 @@ class PsClient:
     def shard_of(self, ids: Any) -> npt.NDArray[np.int64]:
         """Owner shard of every id: ``floormod(ids, num_shards)`` as ``int64``."""
         return self._core.shard_of(ids)
+
+    @property
+    def cluster_id(self) -> str:
+        """The id of the cluster the shards belong to ("" with ``check_cluster=False``)."""
+        return self._core.cluster_id
+
+    def connect(self) -> str:
+        """The cluster check: every address must report its own shard index, the count
+        of addresses and one cluster id; shards without an id are given it (a new one for
+        a fresh cluster). Done once, at construction, so this only returns its id;
+        nothing is checked with ``check_cluster=False``.
+
+        :returns: the cluster id ("" with ``check_cluster=False``).
+        :raises PsFailedPrecondition: the addresses are not one cluster's shards in
+            index order.
+        """
+        return self._run(self._core.connect())
 
     @property
     def meta(self) -> MetaContext:

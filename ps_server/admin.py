@@ -14,7 +14,8 @@ checkpoint methods fan out to every shard. The RPCs:
 These three take the data-plane token too (trainers checkpoint); the rest need the
 admin token (:mod:`ps_server.security`).
 * ``Evict``: delete expired entries now.
-* ``Stats``: sizes, filters, last save/restore, state, uptime.
+* ``Stats``: the shard's identity (index, count, cluster id), sizes, filters, last
+  save/restore, state, uptime.
 * ``Drain``: readiness ``NOT_SERVING``, new data-plane calls refused with
   ``UNAVAILABLE``, running ones waited for. Lasts until the process exits.
 
@@ -134,6 +135,7 @@ class AdminServicer(ps_grpc.ParameterServerAdminServicer):
             shard_index=described.shard_index,
             num_shards=described.num_shards,
             version=ps_server.__version__,
+            cluster_id=self._runtime.cluster_id,
             uptime_seconds=time.time() - ops.started,
             state=ops.state,
             in_flight=ops.in_flight,

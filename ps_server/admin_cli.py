@@ -1,6 +1,6 @@
 """``ps-admin``: operate a monolith-ps cluster through every shard's admin service.
 
-    ps-admin --addresses=HOST:PORT,HOST:PORT,... [--timeout=SECONDS]
+    ps-admin --addresses=HOST:PORT,HOST:PORT,... [--shards=I,J,...] [--timeout=SECONDS]
              [--tls_ca_file=PEM [--tls_cert_file=PEM --tls_key_file=PEM]]
              [--token_file=PATH | --token=TOKEN] COMMAND ...
 
@@ -11,12 +11,22 @@
     drain    [--grace_seconds=S]
 
 The addresses are the shards in shard order (address ``i`` is shard ``i``), as the
-trainers list them. Every command calls ``monolith_ps.ParameterServerAdmin`` on all
-shards at once:
+trainers list them. Before any command every address is asked who it is (its shard
+index, the shard count and its cluster id): address ``i`` must be shard ``i``, every
+shard must count as many shards as there are addresses, and every shard that has a
+cluster id must have the same one. Otherwise nothing is done: the exit status is 1
+and stderr lists what each address said. ``--shards=I,J,...`` operates on part of a
+cluster instead, e.g. restoring one crashed shard: it gives the index of each listed
+address, which must say so; all of them must agree on the count and the cluster id
+(``save`` refuses a partial list: a save must reach every shard). "shard i" in the
+output is always the index the shard reported.
+
+Every command calls ``monolith_ps.ParameterServerAdmin`` on the listed shards at once:
 
 * ``save``: every shard writes its part of ``<model_dir>/model.ckpt-<global_step>``;
-  when all succeeded, shard 0 writes the manifest and the ``checkpoint`` index, which
-  makes the checkpoint the latest (``max_to_keep`` > 0 deletes older ones).
+  when all succeeded, shard 0 (the address that reported index 0) writes the manifest
+  and the ``checkpoint`` index, which makes the checkpoint the latest
+  (``max_to_keep`` > 0 deletes older ones).
 * ``restore``: every shard validates the checkpoint (the latest, or ``--prefix``)
   first; only when all passed does every shard restore it, so a damaged checkpoint
   changes nothing anywhere. Tables missing on a shard are created from the
@@ -28,7 +38,8 @@ shards at once:
 While shards work, one status line per shard shows what it is doing and how long it
 has taken, updated in place on a terminal; otherwise a plain line is printed as each
 shard finishes. Exit status: 0 when every shard succeeded; 1 otherwise, with the
-failing shard, its address and the gRPC status on stderr; 2 for a usage error.
+failing shard, its address and the gRPC status on stderr (or, when the addresses are
+not the shards they should be, what each said); 2 for a usage error.
 
 Shards started with ``--tls_cert_file`` need ``--tls_ca_file`` (the CA that signed
 their certificates; ``--tls_cert_file``/``--tls_key_file`` too under mutual TLS).
@@ -53,6 +64,7 @@ from google.protobuf.message import Message
 
 from protos import ps_service_pb2 as pb
 from protos import ps_service_pb2_grpc as ps_grpc
+from protos.cluster import ShardIdentity, identity_mismatch
 from ps_server.errors import ConfigError
 from ps_server.security import channel_credentials, with_token
 
@@ -117,9 +129,11 @@ class Progress:
     """
 
     def __init__(self, stream: TextIO, addresses: Sequence[str], *, tty: bool,
-                 quiet: bool = False) -> None:
+                 quiet: bool = False, labels: Sequence[int] | None = None) -> None:
         self._stream = stream
         self._addresses = list(addresses)
+        #: The shard index shown on each line (default: the line number).
+        self._labels = list(range(len(addresses))) if labels is None else list(labels)
         self._tty = tty
         self._quiet = quiet
         self._width = max(len(a) for a in addresses)
@@ -132,7 +146,7 @@ class Progress:
         status = self._status[i]
         if not self._done[i]:
             status += f" {time.monotonic() - self._started[i]:.1f}s"
-        return f"shard {i} {self._addresses[i]:<{self._width}}  {status}"
+        return f"shard {self._labels[i]} {self._addresses[i]:<{self._width}}  {status}"
 
     def begin(self, i: int, status: str) -> None:
         """Shard ``i`` started ``status`` (e.g. ``saving``)."""
@@ -168,10 +182,16 @@ class Progress:
 
 @dataclass
 class Cluster:
-    """Blocking admin stubs for every shard, in shard order.
+    """Blocking admin stubs for every listed shard, in the order of ``addresses``.
+
+    Positions in ``addresses`` are not shard indexes: :meth:`check_identity` learns
+    the index of each (``indexes``), and every message names a shard by its index.
 
     :ivar credentials: TLS credentials (None = plaintext).
     :ivar token: admin bearer token sent on every call ("" = none).
+    :ivar indexes: the shard index each address reported (its position until
+        :meth:`check_identity` ran).
+    :ivar num_shards: the shard count they reported (0 until then).
     """
 
     addresses: list[str]
@@ -191,6 +211,66 @@ class Cluster:
         self.stubs = [
             ps_grpc.ParameterServerAdminStub(with_token(c, self.token)) for c in self._channels
         ]
+        self._data_stubs = [
+            ps_grpc.ParameterServerStub(with_token(c, self.token)) for c in self._channels
+        ]
+        self.indexes = list(range(len(self.addresses)))
+        self.num_shards = 0
+
+    def identity(self, k: int) -> ShardIdentity:
+        """What address ``k`` says it is: admin ``Stats`` (answers while a shard drains
+        or restores), or the data plane's ``GetShardInfo`` when the token is a data-plane
+        token (``PERMISSION_DENIED`` on Stats)."""
+        try:
+            r: Any = self.stubs[k].Stats(pb.StatsRequest(), timeout=self.timeout)
+        except grpc.RpcError as e:
+            if not (isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.PERMISSION_DENIED):
+                raise
+            r = self._data_stubs[k].GetShardInfo(pb.ShardInfoRequest(), timeout=self.timeout)
+        return ShardIdentity(r.shard_index, r.num_shards, r.cluster_id)
+
+    def check_identity(self, shards: Sequence[int] | None) -> None:
+        """Ask every address who it is and check the addresses are the cluster's shards
+        in index order (``shards`` None) or the shards ``shards`` of one cluster; then
+        :attr:`indexes` and :attr:`num_shards` are what they said.
+
+        :raises AdminCommandError: an address did not answer, or the list is not that;
+            the message says what each address said.
+        """
+        n = len(self.addresses)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=n) as pool:
+            futures = [pool.submit(self.identity, k) for k in range(n)]
+            concurrent.futures.wait(futures)
+        failures, lines = [], []
+        for k, fut in enumerate(futures):
+            err = fut.exception()
+            if err is None:
+                lines.append(f"  address {k} {self.addresses[k]}: {fut.result()}")
+                continue
+            what = _rpc_error(err) if isinstance(err, grpc.RpcError) else str(err)
+            # Named as the shard it should be (the same line as a failed command's).
+            expected = k if shards is None else shards[k]
+            failures.append(f"shard {expected} ({self.addresses[k]}) failed: {what}")
+            lines.append(f"  address {k} {self.addresses[k]}: no answer")
+        if failures:
+            raise AdminCommandError(
+                "\n".join(failures) + "\ncannot tell which shard every address is; nothing "
+                "was done. Each address said:\n" + "\n".join(lines)
+            )
+        said = [f.result() for f in futures]
+        problem = identity_mismatch(self.addresses, said, shards)
+        if problem:
+            raise AdminCommandError(
+                f"{problem}\nnothing was done: list every shard in index order, or give "
+                "--shards=I,J,... with the index of each listed address"
+            )
+        self.indexes = [s.shard_index for s in said]
+        self.num_shards = said[0].num_shards
+
+    @property
+    def partial(self) -> bool:
+        """Whether the listed shards are not the whole cluster."""
+        return sorted(self.indexes) != list(range(self.num_shards))
 
     def close(self) -> None:
         for channel in self._channels:
@@ -205,16 +285,16 @@ class Cluster:
         *,
         quiet: bool = False,
     ) -> list[_T]:
-        """Run ``call(i, stub)`` on every shard (or ``shards``) concurrently, showing
-        progress (none with ``quiet``).
+        """Run ``call(k, stub)`` on every listed address (or the positions ``shards``)
+        concurrently, showing progress (none with ``quiet``).
 
-        :returns: the results in shard order.
+        :returns: the results in the order of the addresses.
         :raises AdminCommandError: any shard failed (all are waited for first); the
-            message names every failed shard with its status.
+            message names every failed shard (its index) with its status.
         """
         indexes = list(range(len(self.stubs))) if shards is None else list(shards)
         progress = Progress(self.out, [self.addresses[i] for i in indexes], tty=self.tty,
-                            quiet=quiet)
+                            quiet=quiet, labels=[self.indexes[i] for i in indexes])
         results: dict[int, _T] = {}
         failures: list[str] = []
         with concurrent.futures.ThreadPoolExecutor(max_workers=len(indexes)) as pool:
@@ -236,7 +316,8 @@ class Cluster:
                     except grpc.RpcError as e:
                         progress.finish(row, f"FAILED {_rpc_error(e)}")
                         failures.append(
-                            f"shard {i} ({self.addresses[i]}) failed: {_rpc_error(e)}"
+                            f"shard {self.indexes[i]} ({self.addresses[i]}) failed: "
+                            f"{_rpc_error(e)}"
                         )
                     else:
                         results[i] = result
@@ -259,6 +340,11 @@ def cmd_save(cluster: Cluster, args: argparse.Namespace) -> None:
     request = pb.AdminSaveRequest(
         model_dir=args.model_dir, global_step=args.global_step, max_to_keep=args.max_to_keep
     )
+    if cluster.partial:
+        raise AdminCommandError(
+            f"save: the addresses are shards {cluster.indexes} of {cluster.num_shards}; a "
+            "save must reach every shard of the cluster; nothing was saved"
+        )
     t0 = time.monotonic()
     print(f"saving {args.model_dir} step {args.global_step} on {len(cluster.addresses)} "
           "shards", file=cluster.out)
@@ -272,7 +358,7 @@ def cmd_save(cluster: Cluster, args: argparse.Namespace) -> None:
     try:
         cluster.each(
             "committing", lambda i, s: s.CommitCheckpoint(request, timeout=cluster.timeout),
-            lambda r: f"committed {r.prefix}", shards=[0],
+            lambda r: f"committed {r.prefix}", shards=[cluster.indexes.index(0)],
         )
     except AdminCommandError as e:
         raise AdminCommandError(f"{e}\nsave: every shard wrote its part but the commit "
@@ -355,8 +441,8 @@ def cmd_stats(cluster: Cluster, args: argparse.Namespace) -> None:
     results = cluster.each("asking", call, lambda r: r.state)
     for address, r in zip(cluster.addresses, results, strict=True):
         print(f"\nshard {r.shard_index}/{r.num_shards} {address}  {r.state}  up "
-              f"{r.uptime_seconds:.0f}s  version {r.version}  in flight {r.in_flight}",
-              file=cluster.out)
+              f"{r.uptime_seconds:.0f}s  version {r.version}  in flight {r.in_flight}  "
+              f"cluster {r.cluster_id or '(none yet)'}", file=cluster.out)
         print(f"  entries {r.entries}  memory {_size(r.memory_bytes)}", file=cluster.out)
         for t in r.tables:
             print(f"  table {t.name}: {t.entries} entries, {_size(t.memory_bytes)}, dim "
@@ -396,6 +482,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--addresses", required=True,
         help="comma-separated host:port of every shard, in shard order",
+    )
+    parser.add_argument(
+        "--shards", default="",
+        help="comma-separated shard index of each address, to operate on part of a "
+             "cluster (e.g. restore one crashed shard); default: the addresses are every "
+             "shard, in index order",
     )
     parser.add_argument(
         "--timeout", type=float, default=3600.0,
@@ -458,6 +550,15 @@ def run(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
     addresses = [a.strip() for a in args.addresses.split(",") if a.strip()]
     if not addresses:
         parser.error("--addresses names no shard")
+    shards: list[int] | None = None
+    if args.shards:
+        try:
+            shards = [int(x) for x in args.shards.split(",")]
+        except ValueError:
+            parser.error(f"--shards must be comma-separated shard indexes, got {args.shards!r}")
+        if len(shards) != len(addresses) or len(set(shards)) != len(shards) or min(shards) < 0:
+            parser.error(f"--shards must give one distinct index >= 0 per address "
+                         f"({len(addresses)} addresses), got {args.shards!r}")
     if args.timeout <= 0:
         parser.error(f"--timeout must be > 0, got {args.timeout}")
     if (args.tls_cert_file or args.tls_key_file) and not args.tls_ca_file:
@@ -472,6 +573,7 @@ def run(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
     tty = bool(getattr(out, "isatty", lambda: False)())
     cluster = Cluster(addresses, args.timeout, out, err, tty, credentials, token)
     try:
+        cluster.check_identity(shards)
         _COMMANDS[args.command](cluster, args)
     except AdminCommandError as e:
         out.flush()

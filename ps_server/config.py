@@ -16,12 +16,20 @@ from ps_server.engine import DEFAULT_CAPACITY, DEFAULT_SPLIT_NUM
 from ps_server.errors import ConfigError
 from ps_server.ledger import DEFAULT_LEDGER_BYTES, DEFAULT_LEDGER_CLIENTS, DEFAULT_LEDGER_WINDOW
 
-__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "ServerConfig", "format_address"]
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "MAX_CLUSTER_ID_CHARS",
+    "ServerConfig",
+    "cluster_id_problem",
+    "format_address",
+]
 
 #: gRPC message size limit for requests and responses (256 MiB).
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 # gRPC channel arguments are C ints.
 _MAX_GRPC_INT = 2**31 - 1
+#: Longest cluster id a shard accepts (flag or JoinCluster).
+MAX_CLUSTER_ID_CHARS = 128
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,10 @@ class ServerConfig:
     :param shard_index: which shard this process is, in [0, num_shards).
     :param num_shards: how many shards the cluster has (an id belongs to shard
         floormod(id, num_shards)).
+    :param cluster_id: the cluster this shard belongs to (printable, at most 128
+        characters); clients and ps-admin refuse a list of addresses that are not
+        exactly one cluster's shards in index order. "" = adopt the id the first
+        client gives (a new one for a fresh cluster).
     :param port_file: once serving, write the bound port (decimal) to this file atomically
         ("" = none); removed again on a clean exit.
     :param data_root: if set, every save/restore path must resolve inside this directory and
@@ -94,6 +106,7 @@ class ServerConfig:
     port: int = 50051
     shard_index: int = 0
     num_shards: int = 1
+    cluster_id: str = ""
     port_file: str = ""
     data_root: str = ""
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
@@ -130,6 +143,9 @@ class ServerConfig:
             raise ConfigError(
                 f"shard_index must be in [0, num_shards={self.num_shards}), got {self.shard_index}"
             )
+        problem = cluster_id_problem(self.cluster_id)
+        if problem:
+            raise ConfigError(f"cluster_id {problem}")
         if not 0 < self.max_message_bytes <= _MAX_GRPC_INT:
             raise ConfigError(
                 f"max_message_bytes must be in [1, {_MAX_GRPC_INT}], got {self.max_message_bytes}"
@@ -188,3 +204,13 @@ def format_address(host: str, port: int) -> str:
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
     return f"{host}:{port}"
+
+
+def cluster_id_problem(cluster_id: str) -> str:
+    """What is wrong with ``cluster_id`` ("" when nothing: printable, at most
+    :data:`MAX_CLUSTER_ID_CHARS` characters; empty is fine)."""
+    if len(cluster_id) > MAX_CLUSTER_ID_CHARS:
+        return f"must be at most {MAX_CLUSTER_ID_CHARS} characters, got {len(cluster_id)}"
+    if not cluster_id.isprintable():
+        return f"must be printable, got {cluster_id!r}"
+    return ""

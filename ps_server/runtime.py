@@ -22,6 +22,9 @@ owns:
 * **policy** — every save/restore path is confined to the data root
   (:func:`~ps_server.paths.resolve_path`); an answer larger than the message limit is
   refused with ``RESOURCE_EXHAUSTED`` naming the limit; filter defaults;
+* **cluster identity** — the id of the cluster the shard belongs to (``--cluster_id``,
+  or adopted from the first client through :meth:`ShardRuntime.join_cluster`); the
+  engine knows only its index and count;
 * **operations** — per-table and per-filter files, whole checkpoints (save, commit,
   restore or validate) and eviction, each reported to the :class:`ShardEvents`
   (readiness during restores, metrics, the admin Stats history).
@@ -47,8 +50,14 @@ from google.protobuf.message import Message
 from protos import contract
 from ps_server.checkpoint import checkpoints, entry_dump, filter_dump, table_files
 from ps_server.checkpoint.checkpoints import CheckpointResult
+from ps_server.config import cluster_id_problem
 from ps_server.engine import FilterOptions, Shard, ShardDescription
-from ps_server.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
+from ps_server.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+)
 from ps_server.ledger import Outcome, RequestLedger
 from ps_server.locks import ShardLocks
 from ps_server.paths import DataRoot, resolve_path
@@ -160,6 +169,8 @@ class ShardRuntime:
         limits).
     :param default_filter_capacity: sliding filter capacity when a creation leaves it 0.
     :param default_filter_split_num: split count when a creation leaves it 0.
+    :param cluster_id: the cluster this shard belongs to ("" = none yet: the first
+        :meth:`join_cluster` sets it).
     """
 
     def __init__(
@@ -174,7 +185,11 @@ class ShardRuntime:
         ledger: RequestLedger | None = None,
         default_filter_capacity: int = contract.DEFAULT_FILTER_CAPACITY,
         default_filter_split_num: int = contract.DEFAULT_FILTER_SPLIT_NUM,
+        cluster_id: str = "",
     ) -> None:
+        problem = cluster_id_problem(cluster_id)
+        if problem:
+            raise InvalidArgumentError(f"cluster_id {problem}")
         self.shard: Final = shard
         self.executor: Final = executor
         self.data_root: Final = data_root
@@ -186,6 +201,7 @@ class ShardRuntime:
         self.ledger: Final = ledger if ledger is not None else RequestLedger()
         self.default_filter_capacity: Final = default_filter_capacity
         self.default_filter_split_num: Final = default_filter_split_num
+        self._cluster_id = cluster_id
 
     # ---------------------------------------------------------------- execution
 
@@ -321,6 +337,43 @@ class ShardRuntime:
     async def describe(self) -> ShardDescription:
         """What the shard holds (a snapshot read without table locks)."""
         return await self.run("GetShardInfo", self.shard.describe)
+
+    # ---------------------------------------------------------------- cluster identity
+
+    @property
+    def cluster_id(self) -> str:
+        """The cluster this shard belongs to ("" = none yet)."""
+        return self._cluster_id
+
+    def join_cluster(self, cluster_id: str, shard_index: int, num_shards: int) -> bool:
+        """Make this shard a member of ``cluster_id`` as shard ``shard_index`` of
+        ``num_shards``: a shard without an id adopts it, the same id again is OK.
+
+        Runs on the event loop (no engine work, nothing to lock).
+
+        :returns: whether the id was adopted now.
+        :raises InvalidArgumentError: an empty, unprintable or too long id.
+        :raises FailedPreconditionError: the shard is another shard (index or count)
+            or belongs to another cluster; the message names both.
+        """
+        problem = cluster_id_problem(cluster_id)
+        if not cluster_id or problem:
+            raise InvalidArgumentError(f"JoinCluster: cluster_id {problem or 'is empty'}")
+        shard = self.shard
+        mine = (self._cluster_id, shard.shard_index, shard.num_shards)
+        if (shard_index, num_shards) != mine[1:] or self._cluster_id not in ("", cluster_id):
+            here = f"cluster {self._cluster_id!r}" if self._cluster_id else "no cluster yet"
+            raise FailedPreconditionError(
+                f"JoinCluster asked this shard to be shard {shard_index} of {num_shards} of "
+                f"cluster {cluster_id!r}, but it is shard {shard.shard_index} of "
+                f"{shard.num_shards} of {here}; check the client's list of addresses"
+            )
+        if self._cluster_id:
+            return False
+        self._cluster_id = cluster_id
+        _log.info("shard %d/%d joined cluster %r", shard.shard_index, shard.num_shards,
+                  cluster_id)
+        return True
 
     # ---------------------------------------------------------------- creation
 

@@ -210,6 +210,7 @@ async def build_shard_server(
                              config.ledger_max_bytes),
         default_filter_capacity=config.default_filter_capacity,
         default_filter_split_num=config.default_filter_split_num,
+        cluster_id=config.cluster_id,
     )
     metrics.watch_ledger(runtime.ledger)
     servicer = ParameterServerServicer(runtime)
@@ -337,6 +338,10 @@ async def serve(config: ServerConfig, shard: Shard | None = None) -> None:
             "serving shard %d/%d on %s",
             config.shard_index, config.num_shards, format_address(config.host, built.port),
         )
+        if config.cluster_id:
+            _log.info("cluster id %r", config.cluster_id)
+        else:
+            _log.info("no cluster id yet: the first client to connect gives one")
         await stop.wait()
         _log.info(
             "shutting down: health NOT_SERVING, draining in-flight calls (grace %.1fs)",

@@ -74,6 +74,7 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
             shard_index=described.shard_index,
             num_shards=described.num_shards,
             version=ps_server.__version__,
+            cluster_id=self.runtime.cluster_id,
             tables=[
                 ps_pb2.TableInfo(
                     name=t.name, dim_size=t.dim, num_segments=t.num_segments, size=t.size,
@@ -92,6 +93,17 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
                 )
                 for f in described.filters
             ],
+        )
+
+    @translate_errors
+    async def JoinCluster(self, request: ps_pb2.JoinClusterRequest, context: Any
+                          ) -> ps_pb2.ShardInfo:
+        shard = self._shard
+        self.runtime.join_cluster(request.cluster_id, request.shard_index, request.num_shards)
+        # The identity only: a client joining learns nothing of tables from it.
+        return ps_pb2.ShardInfo(
+            shard_index=shard.shard_index, num_shards=shard.num_shards,
+            version=ps_server.__version__, cluster_id=self.runtime.cluster_id,
         )
 
     @translate_errors

@@ -64,11 +64,12 @@ def shard_of_address(cluster: LocalCluster, error: PsError) -> int:
     return cluster.addresses.index(error.address)
 
 
-def ps_admin_restore(address: str, model_dir: Path) -> str:
-    """``ps-admin --addresses=<one shard> restore --model_dir=...`` as an operator runs it."""
+def ps_admin_restore(address: str, shard_index: int, model_dir: Path) -> str:
+    """``ps-admin --addresses=<one shard> --shards=<its index> restore --model_dir=...``
+    as an operator runs it."""
     done = subprocess.run(
-        [sys.executable, "-m", "ps_server.admin_cli", f"--addresses={address}", "restore",
-         f"--model_dir={model_dir}"],
+        [sys.executable, "-m", "ps_server.admin_cli", f"--addresses={address}",
+         f"--shards={shard_index}", "restore", f"--model_dir={model_dir}"],
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
         text=True, timeout=120,
     )
@@ -134,7 +135,7 @@ def test_kill_9_mid_training_restart_restore_one_shard_and_resume(tmp_path: Path
             recoveries.append(where)
             before = [entries(s) for s in range(num_shards) if s != victim]  # live shards
             cluster.restart(victim)
-            out = ps_admin_restore(cluster.addresses[victim], model_dir)
+            out = ps_admin_restore(cluster.addresses[victim], victim, model_dir)
             assert f"restored {prefix}" in out, out
             # The restored shard is the checkpoint, exactly: as read from its files...
             saved = checkpoint_shard(prefix, victim, num_shards)

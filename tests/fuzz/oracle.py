@@ -35,6 +35,7 @@ from protos import ps_service_pb2 as pb
 from ps_server import errors
 from ps_server.checkpoint import checkpoints, filter_dump, table_files
 from ps_server.checkpoint.entry_dump import lookup_entry, save_as_tensor
+from ps_server.config import cluster_id_problem
 from ps_server.engine import configs
 from ps_server.engine.expiry import evict_expired
 from ps_server.engine.filters import SlidingHashFilter
@@ -293,6 +294,8 @@ class Harness:
                      for name, (path, _, _) in METHODS.items()}
         self.client_id = f"fuzz-{uuid.uuid4().hex[:12]}"
         self.tags_sent = 0
+        #: The cluster id the live shard holds (a JoinCluster may set it, once).
+        self.cluster_id = ""
 
     # ------------------------------------------------------------ state
 
@@ -637,7 +640,20 @@ def filter_numbers(flt: Any) -> dict[str, Any]:
 
 
 def a_shard_info(h: Harness, m: pb.ShardInfoRequest) -> Expected:
-    return answer(expected_shard_info(h.ref))
+    info = expected_shard_info(h.ref)
+    info.cluster_id = h.cluster_id
+    return answer(info)
+
+
+def a_join_cluster(h: Harness, m: pb.JoinClusterRequest) -> Expected:
+    if not m.cluster_id or cluster_id_problem(m.cluster_id):
+        return rejected({Code.INVALID_ARGUMENT})
+    if (m.shard_index, m.num_shards) != (h.index, h.num) or h.cluster_id not in (
+            "", m.cluster_id):
+        return rejected({Code.FAILED_PRECONDITION})
+    h.cluster_id = m.cluster_id
+    return answer(pb.ShardInfo(shard_index=h.index, num_shards=h.num,
+                               version=ps_server.__version__, cluster_id=h.cluster_id))
 
 
 def a_list_tables(h: Harness, m: pb.ListTablesRequest) -> Expected:
@@ -860,7 +876,7 @@ def a_evict(h: Harness, m: pb.EvictRequest) -> Expected:
 
 def a_stats(h: Harness, m: pb.StatsRequest) -> Expected:
     response = pb.StatsResponse(shard_index=h.index, num_shards=h.num,
-                                version=ps_server.__version__)
+                                version=ps_server.__version__, cluster_id=h.cluster_id)
     for name, slot in sorted(h.ref.tables.items()):
         t = slot.table
         response.tables.append(pb.TableStats(
@@ -901,6 +917,7 @@ ANALYZERS: dict[str, Callable[[Harness, Any], Expected]] = {
     "InterceptGradient": a_intercept,
     "Size": a_size,
     "SaveAsTensor": a_save_as_tensor,
+    "JoinCluster": a_join_cluster,
     "SaveTable": a_save,
     "RestoreTable": a_restore,
     "SaveHashFilter": a_save_filter,

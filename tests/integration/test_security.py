@@ -405,18 +405,17 @@ def test_cluster_over_mutual_tls_with_tokens(pki: Pki, tmp_path: Path) -> None:
             values = np.array([[1, 2], [3, 4], [5, 6], [7, 8]], dtype=np.float32)
             table.assign(ids, values)
             np.testing.assert_array_equal(table.lookup(ids), values)
-        with PsClient(addresses, credentials=creds, timeout=10) as client, \
-                pytest.raises(PsUnauthenticated, match="needs a bearer token"):
-            client.tables()
+        # Refused at construction: the client's cluster check is its first call.
+        with pytest.raises(PsUnauthenticated, match="needs a bearer token"):
+            PsClient(addresses, credentials=creds, timeout=10)
         # A refused handshake is UNAVAILABLE at once: one attempt, no retry, and a
         # deadline far beyond it (a slow machine must not turn it into DEADLINE_EXCEEDED).
         once = RetryPolicy(max_attempts=1)
-        with PsClient(addresses, credentials=pki.channel_credentials(), auth_token=DATA,
-                      timeout=60, retry=once) as client, pytest.raises(PsUnavailable):
-            client.tables()  # no client certificate
-        with PsClient(addresses, auth_token=DATA, timeout=60, retry=once) as client, \
-                pytest.raises(PsUnavailable):
-            client.tables()  # plaintext
+        with pytest.raises(PsUnavailable):  # no client certificate
+            PsClient(addresses, credentials=pki.channel_credentials(), auth_token=DATA,
+                     timeout=60, retry=once)
+        with pytest.raises(PsUnavailable):  # plaintext
+            PsClient(addresses, auth_token=DATA, timeout=60, retry=once)
 
         # ps-admin over mutual TLS with the admin token (from a file), and refused
         # with the data token.
