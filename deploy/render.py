@@ -61,6 +61,9 @@ class Fleet:
     shutdown_delay_seconds: float = 5.0
     service_monitor: bool = True
     service_monitor_labels: dict[str, str] = field(default_factory=dict)
+    # Every shard's --cluster_id. None: "<namespace>/<name>" on Kubernetes (the pod's
+    # namespace, read through the downward API), "<name>" under compose.
+    cluster_id: str | None = None
 
     def __post_init__(self) -> None:
         if self.num_shards < 1:
@@ -76,11 +79,15 @@ def _num(x: float) -> str:
     return f"{x:g}"
 
 
-def server_args(fleet: Fleet, shard_index: str, *, shutdown_delay: bool) -> list[str]:
-    """The ``ps-server`` flags of one shard; ``shard_index`` may be a ``$(VAR)`` reference."""
+def server_args(
+    fleet: Fleet, shard_index: str, cluster_id: str, *, shutdown_delay: bool
+) -> list[str]:
+    """The ``ps-server`` flags of one shard; ``shard_index`` and ``cluster_id`` may hold
+    ``$(VAR)`` references."""
     args = [
         f"--shard_index={shard_index}",
         f"--num_shards={fleet.num_shards}",
+        f"--cluster_id={cluster_id}",
         "--host=0.0.0.0",
         f"--port={fleet.grpc_port}",
         f"--data_root={DATA_DIR}",
@@ -172,12 +179,19 @@ def statefulset(fleet: Fleet) -> Doc:
         "imagePullPolicy": "IfNotPresent",
         # The image's ENTRYPOINT is ps-server; Kubernetes expands $(SHARD_INDEX) itself,
         # so no shell stands between the kubelet's SIGTERM and the server.
-        "args": server_args(fleet, "$(SHARD_INDEX)", shutdown_delay=True),
+        "args": server_args(
+            fleet, "$(SHARD_INDEX)", fleet.cluster_id or f"$(POD_NAMESPACE)/{fleet.name}",
+            shutdown_delay=True,
+        ),
         "env": [
             {
                 "name": "SHARD_INDEX",
                 "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{POD_INDEX_LABEL}']"}},
-            }
+            },
+            {
+                "name": "POD_NAMESPACE",
+                "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+            },
         ],
         "ports": [
             {"name": "grpc", "containerPort": fleet.grpc_port, "protocol": "TCP"},
@@ -332,7 +346,8 @@ def compose(fleet: Fleet) -> Doc:
         services[f"ps-{i}"] = {
             "image": fleet.image,
             "build": {"context": "..", "dockerfile": "Dockerfile"},
-            "command": server_args(fleet, str(i), shutdown_delay=False),
+            "command": server_args(fleet, str(i), fleet.cluster_id or fleet.name,
+                                   shutdown_delay=False),
             "ports": [
                 f"127.0.0.1:{fleet.grpc_port + i}:{fleet.grpc_port}",
                 f"127.0.0.1:{fleet.metrics_port + i}:{fleet.metrics_port}",
@@ -427,6 +442,7 @@ def _fleet_from(args: argparse.Namespace) -> Fleet:
         storage_class=args.storage_class,
         service_monitor=not args.no_service_monitor,
         service_monitor_labels=labels,
+        cluster_id=args.cluster_id,
     )
 
 
@@ -448,6 +464,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--memory", default=Fleet.memory)
         p.add_argument("--storage_size", default=Fleet.storage_size)
         p.add_argument("--storage_class", default=None)
+        p.add_argument(
+            "--cluster_id", default=None,
+            help="every shard's --cluster_id (default: <namespace>/<name> on Kubernetes, "
+            "<name> under compose)",
+        )
         p.add_argument("--no_service_monitor", action="store_true")
         p.add_argument(
             "--service_monitor_label",

@@ -406,6 +406,20 @@ def _compose() -> dict[str, Any]:
     return doc
 
 
+def test_every_shard_of_a_fleet_has_one_cluster_id() -> None:
+    # Kubernetes: the namespace and the StatefulSet name, so two fleets never share one.
+    container = _container(_k8s_objects()["StatefulSet"])
+    assert "--cluster_id=$(POD_NAMESPACE)/monolith-ps" in container["args"]
+    (env,) = [e for e in container["env"] if e["name"] == "POD_NAMESPACE"]
+    assert env["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    # Compose: the fleet's name, the same on every service.
+    ids = {_flag_values(svc["command"])["cluster_id"] for svc in _compose()["services"].values()}
+    assert ids == {"monolith-ps"}
+    # An explicit id wins on both.
+    fleet = render.Fleet(cluster_id="ml-prod")
+    assert "--cluster_id=ml-prod" in _container(render.statefulset(fleet))["args"]
+
+
 def test_compose_runs_one_service_per_shard() -> None:
     services = _compose()["services"]
     n = render.COMPOSE_SHARDS
