@@ -321,7 +321,8 @@ class AsyncPsClient:
         Monolith.
 
         :returns: ``(embeddings float32[emb_offsets[-1]], recv_splits int32[N],
-            id_offsets int32[K*N+1], emb_offsets int32[K*N+1])``.
+            id_offsets int32[K*N+1], emb_offsets int32[K*N+1], indices int64)``, Monolith's
+            five outputs; ``indices`` is ``ids`` passed through (int64, values unchanged).
         :raises PsInvalidArgument: sizes that do not match ``ids`` or the tables.
         """
         del req_time

@@ -302,7 +302,8 @@ class PsClient:
         ``tables[t]``.
 
         :returns: ``(embeddings float32, recv_splits int32[N], id_offsets int32[K*N+1],
-            emb_offsets int32[K*N+1])``.
+            emb_offsets int32[K*N+1], indices int64)``, Monolith's five outputs; ``indices``
+            is ``ids`` passed through (int64, values unchanged).
         :raises PsInvalidArgument: ``sum(fused_slot_size) != len(ids)`` or bad sizes.
         """
         return self._run(

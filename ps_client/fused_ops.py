@@ -31,9 +31,9 @@ from ps_client.transport import Transport
 
 FusedLookupResult = tuple[
     npt.NDArray[np.float32], npt.NDArray[np.int32], npt.NDArray[np.int32],
-    npt.NDArray[np.int32],
+    npt.NDArray[np.int32], npt.NDArray[np.int64],
 ]
-"""``(embeddings, recv_splits, id_offsets, emb_offsets)``."""
+"""``(embeddings, recv_splits, id_offsets, emb_offsets, indices)``, Monolith's five outputs."""
 
 
 async def fused_lookup(
@@ -43,7 +43,9 @@ async def fused_lookup(
     """Monolith's ``fused_lookup``.
 
     :returns: ``(embeddings float32[emb_offsets[-1]], recv_splits int32[N],
-        id_offsets int32[K*N+1], emb_offsets int32[K*N+1])``.
+        id_offsets int32[K*N+1], emb_offsets int32[K*N+1], indices int64[len(ids)])``;
+        ``indices`` is ``ids`` passed through (as int64, values unchanged), for
+        ``fused_apply_gradient``.
     :raises PsInvalidArgument: sizes that do not match ``ids`` or the tables.
     """
     ids_ = as_ids(ids)
@@ -73,6 +75,10 @@ async def fused_lookup(
         to_int32(layout.recv_splits, "recv_splits"),
         to_int32(layout.key_off, "id_offsets"),
         to_int32(layout.emb_off, "emb_offsets"),
+        # Monolith's op passes ``ids`` through as ``indices``; copied when it is the
+        # caller's own array, so changing one later does not change the other.
+        ids_.copy() if isinstance(ids, np.ndarray) and np.may_share_memory(ids_, ids)
+        else ids_,
     )
 
 

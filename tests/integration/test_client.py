@@ -1,4 +1,5 @@
-"""PsClient, Table and HashFilters against real shard processes (1 and 3 shards).
+"""PsClient, Table and HashFilters against real shard processes (1 and 3 shards; one
+fused-ops test on 2 shards).
 
 One cluster per shard count for the whole module; every test makes its own tables
 (fresh names), so tests do not see each other's data. Expected values are worked
@@ -385,13 +386,14 @@ def test_fused_lookup_docstring_example(client: PsClient) -> None:
     t1 = client.create_table(table_config((2,)))
     t0.assign([1, 2], [[1], [2]])
     t1.assign([3, 4], [[3, 3], [4, 4]])
-    emb, recv_splits, id_offsets, emb_offsets = client.fused_lookup(
-        [t0, t1], [1, 3, 2, 4], [1, 1, 1, 1], 2
-    )
+    result = client.fused_lookup([t0, t1], [1, 3, 2, 4], [1, 1, 1, 1], 2)
+    assert len(result) == 5
+    emb, recv_splits, id_offsets, emb_offsets, indices = result
     assert emb.dtype == np.float32 and emb.tolist() == [1, 3, 3, 2, 4, 4]
     assert recv_splits.dtype == np.int32 and recv_splits.tolist() == [3, 3]
     assert id_offsets.dtype == np.int32 and id_offsets.tolist() == [0, 1, 2, 3, 4]
     assert emb_offsets.dtype == np.int32 and emb_offsets.tolist() == [0, 1, 3, 4, 6]
+    assert indices.dtype == np.int64 and indices.tolist() == [1, 3, 2, 4]
 
 
 def test_fused_lookup_uneven_blocks_and_missing_ids(client: PsClient) -> None:
@@ -400,15 +402,61 @@ def test_fused_lookup_uneven_blocks_and_missing_ids(client: PsClient) -> None:
     t0.assign([5, -6], [[5], [-6]])
     t1.assign([7], [[7, 70]])
     # N=2: blocks (s0,t0)=[5,-6,5], (s0,t1)=[], (s1,t0)=[99], (s1,t1)=[7, 8].
-    emb, splits, ioff, eoff = client.fused_lookup(
+    emb, splits, ioff, eoff, indices = client.fused_lookup(
         [t0, t1], [5, -6, 5, 99, 7, 8], [3, 0, 1, 2], 2
     )
     assert emb.tolist() == [5, -6, 5, 0, 7, 70, 0, 0]
     assert splits.tolist() == [3, 5]  # 3*1 + 0*2, 1*1 + 2*2
     assert ioff.tolist() == [0, 3, 3, 4, 6]
     assert eoff.tolist() == [0, 3, 3, 4, 8]
+    assert indices.dtype == np.int64 and indices.tolist() == [5, -6, 5, 99, 7, 8]
     with pytest.raises(ValueError, match="adds up to 6"):
         client.fused_lookup([t0, t1], [5, -6, 5], [3, 0, 1, 2], 2)
+
+
+@pytest.fixture(scope="module")
+def client2() -> Iterator[PsClient]:
+    """A 2-shard cluster: each id's owner (floormod(id, 2)) differs from its logical
+    fused shard block, so the client must route and put the answers back."""
+    with local_cluster(2) as cluster, PsClient(cluster.addresses, timeout=30) as c:
+        yield c
+
+
+def test_fused_lookup_five_outputs_feed_fused_apply_gradient(client2: PsClient) -> None:
+    # Monolith's usage: lookup, then apply the gradients with the lookup's outputs
+    # (its indices and offsets). Tables dims 1 and 2, N = 2 logical shards; ids of
+    # both parities and a negative one, so both real shards own ids of every block.
+    t0 = client2.create_table(table_config((1,)))
+    t1 = client2.create_table(table_config((2,)))
+    t0.assign([1, 2, -3], [[1], [2], [-3]])
+    t1.assign([4, 5], [[4, 40], [5, 50]])
+    ids = np.array([1, -3, 4, 2, 5, 4, 7], dtype=np.int64)
+    sizes = [2, 1, 1, 3]  # (s0,t0)=[1,-3] (s0,t1)=[4] (s1,t0)=[2] (s1,t1)=[5,4,7]
+    result = client2.fused_lookup([t0, t1], ids, sizes, 2)
+    assert len(result) == 5
+    emb, recv_splits, id_offsets, emb_offsets, indices = result
+    assert emb.dtype == np.float32
+    assert emb.tolist() == [1, -3, 4, 40, 2, 5, 50, 4, 40, 0, 0]
+    assert recv_splits.dtype == np.int32 and recv_splits.tolist() == [4, 7]
+    assert id_offsets.dtype == np.int32 and id_offsets.tolist() == [0, 2, 3, 4, 7]
+    assert emb_offsets.dtype == np.int32 and emb_offsets.tolist() == [0, 2, 4, 5, 11]
+    assert indices.dtype == np.int64 and indices.shape == ids.shape
+    assert np.array_equal(indices, ids)
+    ids[0] = 100  # indices is not the caller's array
+    assert indices[0] == 1
+    ids[0] = 1
+    # Ids given as a list of Python ints come back as int64 too.
+    listed = client2.fused_lookup([t0, t1], ids.tolist(), sizes, 2)[4]
+    assert listed.dtype == np.int64 and listed.tolist() == ids.tolist()
+
+    # SGD, lr [1, 1], each id's gradient = its looked-up row, so one step takes a row
+    # to zeros (7 is created at 0 - 0). 4 is in two blocks, (s0,t1) and (s1,t1): two
+    # separate steps, [4, 40] -> [0, 0] -> [-4, -40].
+    client2.fused_apply_gradient(
+        [t0, t1], ids, indices, sizes, emb, id_offsets, emb_offsets, [1, 1], 0, 1, 2,
+    )
+    assert t0.lookup([1, 2, -3]).tolist() == [[0], [0], [0]]
+    assert t1.lookup([4, 5, 7]).tolist() == [[-4, -40], [0, 0], [0, 0]]
 
 
 def test_fused_apply_gradient_docstring_example(client: PsClient) -> None:
