@@ -2,7 +2,8 @@
 
 Layout (docs/semantics.md §6.5, docs/api.md "Files")::
 
-    <model_dir>/checkpoint                         TensorFlow CheckpointState text, names the latest
+    <model_dir>/checkpoint                         TensorFlow CheckpointState text, names the
+                                                   highest committed step
     <model_dir>/model.ckpt-<step>.parts-<i>.json   shard i's files: size, records, CRC-32C each
                                                    (until the commit has merged them)
     <model_dir>/model.ckpt-<step>.assets/
@@ -15,11 +16,24 @@ and its filters' files, each atomic, then ``<prefix>.parts-<i>.json`` with each 
 record count and CRC-32C, computed while writing); then one shard runs
 :func:`commit_checkpoint`, which merges every shard's part list into ``manifest.json``
 (refusing, FAILED_PRECONDITION, when some shards' lists are there and others are
-missing) and writes, last, the ``checkpoint`` index; then the part lists are removed
-(a repeated commit of the step keeps the committed manifest's file lists). Until the index
-is replaced the previous checkpoint stays the latest, so a crash mid-save loses
-nothing. Beyond ``max_to_keep`` checkpoints the oldest are deleted whole (every
-``<prefix>.*``, assets included) after the index no longer names them.
+missing, and FAILED_PRECONDITION "nothing was saved at step N" when no shard left one
+and no manifest with file lists was committed for the step before) and writes, last,
+the ``checkpoint`` index; then the part lists are removed (a repeated commit of the
+step keeps the committed manifest's file lists). Until the index is replaced the
+previous checkpoint stays the latest, so a crash mid-save loses nothing.
+
+The index lists the kept checkpoints by step, ascending (TensorFlow's order; the step
+is parsed from ``model.ckpt-<step>``, other names count as the oldest, in their listed
+order), and ``model_checkpoint_path`` is the highest step, whichever committed last.
+With ``max_to_keep`` K > 0 the K highest steps are kept and the others deleted whole
+(every ``<prefix>.*``, assets included) after the index no longer names them, so the
+highest committed checkpoint is never deleted; a commit whose own step would not be
+among the K highest is refused (FAILED_PRECONDITION) instead of deleting itself, and
+a refused commit deletes nothing. A commit holds an exclusive ``flock`` on the
+``model_dir`` directory's own descriptor from reading the part lists to the last
+deletion: commits into one directory from several threads or processes of one host
+take turns, each reading the index the previous one wrote (no lock file to leave
+behind; the kernel releases it when a holder dies).
 
 Filter files: a shard whose tables use exactly one file-saving filter writes it as
 ``hash_filter_<i>`` (Monolith's name); with several, filter ``F`` is written as
@@ -63,13 +77,16 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
+import fcntl
 import glob
 import json
+import logging
 import os
 import re
 import secrets
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -128,6 +145,7 @@ _PARTS_FORMAT = "monolith-ps-checkpoint-parts"
 _VERSION = 1
 _FILTER_STEM = FILTER_FILE_STEM
 _CHECKSUM_KEY = "manifest_crc32c"
+_log = logging.getLogger(__name__)
 _INDEX_LINE = re.compile(r'\s*(\w+)\s*:\s*"((?:[^"\\]|\\.)*)"\s*')
 
 
@@ -430,15 +448,24 @@ def commit_checkpoint(
     shard: Shard, model_dir: str, global_step: int, max_to_keep: int,
     *, root: DataRoot = UNCONFINED,
 ) -> CheckpointResult:
-    """Make checkpoint ``global_step`` the latest: manifest, then the ``checkpoint`` index.
+    """Make checkpoint ``global_step`` committed: manifest, then the ``checkpoint`` index.
 
     Run once (on one shard) after every shard's :func:`save_shard_checkpoint`. The
     manifest describes this shard's tables and filters (every shard holds the same
-    declarations). The index lists the kept checkpoints oldest first, relative to
-    ``model_dir``; with ``max_to_keep > 0`` older ones are dropped from it and then
-    deleted (every ``<prefix>.*``).
+    declarations). The index lists the kept checkpoints by step, ascending, relative
+    to ``model_dir``, and names the highest as the latest (whichever committed last);
+    with ``max_to_keep > 0`` only the ``max_to_keep`` highest steps are kept, the
+    others are dropped from it and then deleted (every ``<prefix>.*``).
+
+    The whole commit holds an exclusive ``flock`` on ``model_dir`` (see
+    :func:`_model_dir_lock`), so commits into one directory from several threads or
+    processes update the index one after the other, each from what the previous wrote.
 
     :returns: the prefix, the manifest and index paths, 0 entries, the table names.
+    :raises FailedPreconditionError: nothing was saved at this step (no shard's part
+        list and no committed manifest with file lists), some shards' part lists are
+        missing, or the step is below the ``max_to_keep`` highest committed steps
+        (it would be deleted at once); nothing is written or deleted.
     :raises OSError: the manifest or the index cannot be written.
     :raises PathOutsideRootError: a file or directory it would read, write or delete
         (the assets directory, a part list, the manifest, the index, a dropped
@@ -447,10 +474,21 @@ def commit_checkpoint(
     if max_to_keep < 0:
         raise InvalidArgumentError(f"max_to_keep must be >= 0 (0 keeps all), got {max_to_keep}")
     prefix = checkpoint_prefix(model_dir, global_step)
+    root.check(model_dir, "model_dir")
+    with _model_dir_lock(model_dir, global_step):
+        return _commit_locked(shard, model_dir, prefix, int(global_step), max_to_keep, root)
+
+
+def _commit_locked(
+    shard: Shard, model_dir: str, prefix: str, global_step: int, max_to_keep: int,
+    root: DataRoot,
+) -> CheckpointResult:
     assets = asset_dir(prefix)
     name = os.path.basename(prefix)
-    _, listed = read_checkpoint_index(model_dir, root=root)
-    kept = [p for p in listed if _resolve(model_dir, p) != prefix] + [name]
+    latest, listed = read_checkpoint_index(model_dir, root=root)
+    if latest and latest not in listed:
+        listed = [*listed, latest]  # an index naming only its latest (TensorFlow allows it)
+    kept = _by_step([p for p in listed if _resolve(model_dir, p) != prefix] + [name])
     dropped: list[str] = []
     if max_to_keep and len(kept) > max_to_keep:
         dropped, kept = kept[:-max_to_keep], kept[-max_to_keep:]
@@ -460,17 +498,87 @@ def commit_checkpoint(
                    f"the directory of checkpoint {old!r} (to be deleted)")
     index_path = root.check(os.path.join(model_dir, INDEX_NAME), "checkpoint index")
     manifest_path = root.check(os.path.join(assets, MANIFEST_NAME), "manifest")
-    _make_dirs(assets, root)
     parts = _read_parts(prefix, shard, global_step, root)
     if not parts:
         parts = _parts_of_committed(assets, shard, root)
+    if not parts:
+        raise FailedPreconditionError(
+            f"nothing was saved at step {global_step} in {model_dir}: no shard left a part "
+            f"list ({os.path.basename(_parts_path(prefix, 0))}, ...) and no checkpoint of "
+            "that step with file lists was committed before; nothing was committed: save "
+            "on every shard first (SaveCheckpoint), then commit"
+        )
+    if name in dropped:
+        higher = ", ".join(str(_step_of(p)) for p in kept)
+        raise FailedPreconditionError(
+            f"checkpoint {prefix} is not among the {max_to_keep} highest committed steps "
+            f"(kept: {higher}): committing it with max_to_keep={max_to_keep} would delete it "
+            "at once; nothing was committed or deleted: commit it with max_to_keep=0 (keep "
+            "all) or a larger one, save into another model_dir, or delete the higher "
+            "checkpoints first"
+        )
+    _make_dirs(assets, root)
     _write_atomic(manifest_path, _json_bytes(_manifest(shard, global_step, parts)))
 
-    _write_atomic(index_path, _index_text(name, kept).encode("utf-8"))
+    _write_atomic(index_path, _index_text(kept[-1], kept).encode("utf-8"))
     _remove_part_lists(prefix)
     for old in dropped:
         _delete_checkpoint(_resolve(model_dir, old), root)
     return CheckpointResult(prefix, [manifest_path, index_path], 0, sorted(shard.tables))
+
+
+_STEP_NAME = re.compile(re.escape(CHECKPOINT_BASENAME) + r"-(\d+)")
+
+
+def _step_of(path: str) -> int | None:
+    """The step of an index entry named ``[...]/model.ckpt-<step>``, else None."""
+    match = _STEP_NAME.fullmatch(os.path.basename(path))
+    return int(match.group(1)) if match else None
+
+
+def _by_step(paths: list[str]) -> list[str]:
+    """Index entries by step, ascending (TensorFlow's order, the latest last); entries
+    whose name carries no step come first (the oldest), in their listed order."""
+    def key(item: tuple[int, str]) -> tuple[int, int, int]:
+        position, path = item
+        step = _step_of(path)
+        return (0, position, 0) if step is None else (1, step, position)
+
+    return [p for _, p in sorted(enumerate(paths), key=key)]
+
+
+@contextlib.contextmanager
+def _model_dir_lock(model_dir: str, global_step: int) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the ``model_dir`` directory itself.
+
+    The lock is on the directory's own file descriptor, so it adds no file to the
+    checkpoint directory and is released by the kernel when the holder exits, even
+    if it crashes (no stale lock file). ``flock`` serializes threads and processes of
+    one machine (each acquisition opens its own descriptor); on filesystems without
+    ``flock`` support (some network filesystems) the commit runs unlocked after a
+    WARNING. A ``model_dir`` that does not exist has nothing saved in it.
+
+    :raises FailedPreconditionError: ``model_dir`` does not exist.
+    """
+    try:
+        fd = os.open(model_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        raise FailedPreconditionError(
+            f"nothing was saved at step {global_step} in {model_dir}: the directory does not "
+            "exist; nothing was committed: save on every shard first (SaveCheckpoint), "
+            "then commit"
+        ) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            _log.warning("cannot lock %s (%s): committing step %d without serializing "
+                         "against other commits into it", model_dir, e, global_step)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _index_text(latest: str, paths: list[str]) -> str:

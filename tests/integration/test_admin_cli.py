@@ -149,3 +149,26 @@ def test_progress_redraws_in_place_on_a_terminal() -> None:
     first, second = text.split("\x1b[2F")  # the second drawing goes back up two lines
     assert "shard 0 a:1   saving... " in first and "shard 1 bb:2  saving... " in first
     assert "shard 0 a:1   done\n" in second and "shard 1 bb:2  saving... " in second
+
+
+def test_save_keeps_the_highest_step_the_latest(tmp_path: Path) -> None:
+    model_dir = str(tmp_path / "model")
+    with processes(tmp_path, 1) as (proc,), stubs([proc]) as (stub,):
+        make_table(stub, "emb", configs.table_config(2))
+        assign(stub, "emb", [1, 2], values_of([1, 2]), req_time=T0)
+        for step in ("20", "10"):
+            saved = ps_admin(addresses([proc]), "save", f"--model_dir={model_dir}",
+                             f"--global_step={step}", "--max_to_keep=2")
+            assert saved.returncode == 0, saved.stderr
+        index = (Path(model_dir) / "checkpoint").read_text()
+        assert index.splitlines()[0] == 'model_checkpoint_path: "model.ckpt-20"'
+        low = ps_admin(addresses([proc]), "save", f"--model_dir={model_dir}",
+                       "--global_step=5", "--max_to_keep=2")
+        assert low.returncode == 1
+        assert "FAILED_PRECONDITION" in low.stderr
+        assert "model.ckpt-5 is not among the 2 highest committed steps (kept: 10, 20)" in (
+            low.stderr)
+        assert "the previous checkpoint stays the latest" in low.stderr
+        assert (Path(model_dir) / "checkpoint").read_text() == index
+        assert sorted(os.listdir(model_dir))[:3] == [
+            "checkpoint", "model.ckpt-10.assets", "model.ckpt-20.assets"]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -306,3 +308,158 @@ def test_monolith_layout_into_a_shard_without_tables_is_refused(tmp_path: Path) 
     _monolith_checkpoint(tmp_path, 10, np.arange(5, dtype=np.int64), saving_ps=1)
     with pytest.raises(FailedPreconditionError, match="create the tables first"):
         restore_shard_checkpoint(Shard(0, 1), str(tmp_path))
+
+
+# ---------------------------------------------------------------- commit and the index
+
+
+def listing(model_dir: Path) -> list[str]:
+    return sorted(os.listdir(model_dir))
+
+
+def test_commit_without_a_save_commits_nothing(tmp_path: Path) -> None:
+    shards = cluster(2)
+    assign(shards, TABLE, IDS, VALS, ts=10)
+    with pytest.raises(FailedPreconditionError, match=r"nothing was saved at step 3 .*does "
+                                                      r"not exist.*save on every shard first"):
+        commit_checkpoint(shards[0], str(tmp_path / "absent"), 3, 0)
+    assert not (tmp_path / "absent").exists()
+    checkpoint(shards, tmp_path, 1)
+    index, before = (tmp_path / "checkpoint").read_text(), listing(tmp_path)
+    for keep in (0, 1):
+        with pytest.raises(FailedPreconditionError,
+                           match=r"nothing was saved at step 2 in .*no shard left a part list "
+                                 r"\(model.ckpt-2.parts-0.json, ...\).*save on every shard first"):
+            commit_checkpoint(shards[0], str(tmp_path), 2, keep)
+    assert (tmp_path / "checkpoint").read_text() == index
+    assert listing(tmp_path) == before  # no model.ckpt-2.assets, step 1 kept
+    # A repeated commit of a committed step keeps its manifest's file lists.
+    manifest = json.loads((tmp_path / "model.ckpt-1.assets" / "manifest.json").read_text())
+    commit_checkpoint(shards[0], str(tmp_path), 1, 1)
+    again = json.loads((tmp_path / "model.ckpt-1.assets" / "manifest.json").read_text())
+    assert again["files"] == manifest["files"]
+    assert (tmp_path / "checkpoint").read_text() == index
+
+
+def test_index_names_the_highest_step_in_step_order(tmp_path: Path) -> None:
+    shards = cluster(1)
+    assign(shards, TABLE, [1], [1.0], ts=1)
+    (tmp_path / "checkpoint").write_text(
+        'model_checkpoint_path: "other-ckpt"\n'
+        'all_model_checkpoint_paths: "zz-ckpt"\n'
+        'all_model_checkpoint_paths: "other-ckpt"\n'
+    )
+    for step in (20, 3, 100, 10):
+        checkpoint(shards, tmp_path, step)
+    latest, listed = read_checkpoint_index(str(tmp_path))
+    assert latest == "model.ckpt-100"
+    assert listed == ["zz-ckpt", "other-ckpt", "model.ckpt-3", "model.ckpt-10",
+                      "model.ckpt-20", "model.ckpt-100"]
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "model.ckpt-100")
+    fresh = cluster(1)
+    assert restore_shard_checkpoint(fresh[0], str(tmp_path), None, False).prefix == str(
+        tmp_path / "model.ckpt-100")
+
+
+def test_max_to_keep_keeps_the_highest_steps(tmp_path: Path) -> None:
+    shards = cluster(1)
+    assign(shards, TABLE, [1], [1.0], ts=1)
+    for step in (10, 30, 20):
+        checkpoint(shards, tmp_path, step, max_to_keep=2)
+    assert listing(tmp_path) == ["checkpoint", "model.ckpt-20.assets", "model.ckpt-30.assets"]
+    assert read_checkpoint_index(str(tmp_path)) == (
+        "model.ckpt-30", ["model.ckpt-20", "model.ckpt-30"])
+    # A step below the kept ones would be deleted at once: refused, nothing deleted.
+    save_shard_checkpoint(shards[0], str(tmp_path), 5)
+    index = (tmp_path / "checkpoint").read_text()
+    with pytest.raises(FailedPreconditionError,
+                       match=r"model.ckpt-5 is not among the 2 highest committed steps "
+                             r"\(kept: 20, 30\).*nothing was committed or deleted.*max_to_keep=0"):
+        commit_checkpoint(shards[0], str(tmp_path), 5, 2)
+    assert (tmp_path / "checkpoint").read_text() == index
+    assert listing(tmp_path) == ["checkpoint", "model.ckpt-20.assets", "model.ckpt-30.assets",
+                                 "model.ckpt-5.assets", "model.ckpt-5.parts-0.json"]
+    assert not (tmp_path / "model.ckpt-5.assets" / "manifest.json").exists()
+    # ... and committed when kept: the highest stays the latest.
+    commit_checkpoint(shards[0], str(tmp_path), 5, 0)
+    assert read_checkpoint_index(str(tmp_path)) == (
+        "model.ckpt-30", ["model.ckpt-5", "model.ckpt-20", "model.ckpt-30"])
+    # The highest steps are kept, whatever commits last.
+    checkpoint(shards, tmp_path, 25, max_to_keep=2)
+    assert read_checkpoint_index(str(tmp_path)) == (
+        "model.ckpt-30", ["model.ckpt-25", "model.ckpt-30"])
+    assert listing(tmp_path) == ["checkpoint", "model.ckpt-25.assets", "model.ckpt-30.assets"]
+
+
+def test_a_failed_commit_deletes_nothing(tmp_path: Path) -> None:
+    shards = cluster(2)
+    assign(shards, TABLE, IDS, VALS, ts=10)
+    checkpoint(shards, tmp_path, 1)
+    save_shard_checkpoint(shards[0], str(tmp_path), 2)  # shard 1 never saves step 2
+    before, index = listing(tmp_path), (tmp_path / "checkpoint").read_text()
+    with pytest.raises(FailedPreconditionError, match="shard"):
+        commit_checkpoint(shards[0], str(tmp_path), 2, 1)
+    assert listing(tmp_path) == before
+    assert (tmp_path / "checkpoint").read_text() == index
+    fresh = cluster(2)
+    for shard in fresh:
+        assert restore_shard_checkpoint(shard, str(tmp_path), None, False).prefix == str(
+            tmp_path / "model.ckpt-1")
+    np.testing.assert_array_equal(lookup(fresh, TABLE, IDS)[:, 0], VALS)
+
+
+def racing_commit(barrier: threading.Barrier, shard: Shard, model_dir: Path, step: int,
+                  outcomes: dict[int, BaseException | None]) -> None:
+    barrier.wait()
+    try:
+        commit_checkpoint(shard, str(model_dir), step, 1)
+        outcomes[step] = None
+    except FailedPreconditionError as e:
+        outcomes[step] = e
+
+
+def test_racing_commits_end_with_the_highest_step(tmp_path: Path) -> None:
+    for attempt in range(5):
+        model_dir = tmp_path / f"m{attempt}"
+        groups = {step: cluster(1) for step in (10, 20)}
+        for step, shards in groups.items():
+            assign(shards, TABLE, [1], [float(step)], ts=step)
+            save_shard_checkpoint(shards[0], str(model_dir), step)
+        barrier = threading.Barrier(2)
+        outcomes: dict[int, BaseException | None] = {}
+        threads = [threading.Thread(target=racing_commit, args=(
+            barrier, groups[s][0], model_dir, s, outcomes)) for s in (10, 20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert outcomes[20] is None
+        # 10 either committed first and was deleted by 20, or was refused after 20.
+        if outcomes[10] is not None:
+            assert "not among the 1 highest committed steps (kept: 20)" in str(outcomes[10])
+        assert read_checkpoint_index(str(model_dir)) == ("model.ckpt-20", ["model.ckpt-20"])
+        fresh = cluster(1)
+        restore_shard_checkpoint(fresh[0], str(model_dir), None, False)
+        assert fresh[0].table(TABLE).lookup([1])[0, 0] == 20.0
+
+
+def test_a_commit_waits_for_the_model_dir_lock(tmp_path: Path) -> None:
+    """Another process's lock (here: another open file description) holds a commit back."""
+    shards = cluster(1)
+    assign(shards, TABLE, [1], [1.0], ts=1)
+    save_shard_checkpoint(shards[0], str(tmp_path), 1)
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        done = threading.Event()
+        worker = threading.Thread(
+            target=lambda: (commit_checkpoint(shards[0], str(tmp_path), 1, 0), done.set()))
+        worker.start()
+        assert not done.wait(0.5)
+        assert not (tmp_path / "checkpoint").exists()
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        assert done.wait(10)
+        worker.join()
+    finally:
+        os.close(fd)
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "model.ckpt-1")
