@@ -68,9 +68,17 @@ the manifest; tables without entries are checked and loaded in one pass; every o
 file (tables: all records; filters: metas and cells) is validated before any table
 with entries or any filter changes. If anything fails, the tables loaded so far are
 emptied again (their clocks put back) and the created tables and filters removed, so
-the shard is as it was. Filters are restored only when the checkpoint
-was written by the same number of shards (a filter's cells are per shard and
-cannot be redistributed); table entries are redistributed to any shard count.
+the shard is as it was. Table entries are redistributed to any shard count; filters
+are restored only when the checkpoint was written by the same number of shards (a
+sliding filter's counts sit in cells indexed by a hash of the id, per saving shard, so
+they cannot follow the ids to their new owners). A checkpoint of another shard count
+whose filters saved state is refused (FAILED_PRECONDITION naming each such filter,
+both shard counts and the opt-in) before anything changes, unless ``reset_filters``:
+then the tables are restored and those filters start empty (listed in the result's
+``reset_filters``). Filters that save no files (dummy, probabilistic) have nothing to
+lose and are never reset. Without a manifest (Monolith's checkpoints) the saving
+shard count is the number of distinct ``hash_filter_<i>`` suffixes among the filter
+files; with no filter files there is nothing to reset.
 """
 
 from __future__ import annotations
@@ -88,7 +96,7 @@ import secrets
 import shutil
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import google_crc32c
@@ -159,12 +167,16 @@ class CheckpointResult:
     :param entries: table entries saved, or held after restore (would hold, when
         validating).
     :param tables: tables saved, or restored (including those created).
+    :param reset_filters: a restore with ``reset_filters`` from a checkpoint of another
+        shard count: the filters whose saved state was dropped (they start empty);
+        validating, those that would be.
     """
 
     prefix: str
     files: list[str]
     entries: int
     tables: list[str]
+    reset_filters: list[str] = field(default_factory=list)
 
 
 def checkpoint_prefix(model_dir: str, global_step: int) -> str:
@@ -722,6 +734,9 @@ class _FilterPlan:
     options: FilterOptions
     basename: str | None  # None: nothing to restore
     create: bool
+    #: saved by another shard count: ``(saving shards, filter type)``; its state cannot
+    #: be carried over (reset with ``reset_filters``, else the restore is refused)
+    other_layout: tuple[int, str] | None = None
 
 
 def _read_manifest(assets: str, root: DataRoot) -> dict[str, Any] | None:
@@ -837,15 +852,27 @@ def _plan(
                 if stem and same_layout
                 else None
             )
-            filters[name] = _FilterPlan(name, options, basename, name not in shard.filters)
+            other = (
+                (int(manifest["num_shards"]), options.filter_type)
+                if stem and not same_layout else None
+            )
+            filters[name] = _FilterPlan(name, options, basename, name not in shard.filters,
+                                        other)
     else:
         # A checkpoint without manifest (Monolith's): its one filter file set, if any,
-        # belongs to the shard's one file-saving filter.
+        # belongs to the shard's one file-saving filter. The saving shard count is the
+        # number of distinct ``hash_filter_<i>`` suffixes among its files.
         stems = {n: s for n, s in _filter_stems(shard).items() if s is not None}
         basename = os.path.join(assets, f"{_FILTER_STEM}_{shard.shard_index}")
-        if len(stems) == 1 and _has_files(basename):
+        if len(stems) == 1:
             (name,) = stems
-            filters[name] = _FilterPlan(name, shard.hash_filter(name).options, basename, False)
+            options = shard.hash_filter(name).options
+            saving = _filter_saving_shards(assets)
+            if saving and len(saving) != shard.num_shards:
+                filters[name] = _FilterPlan(name, options, None, False,
+                                            (len(saving), options.filter_type))
+            elif _has_files(basename):
+                filters[name] = _FilterPlan(name, options, basename, False)
 
     saving_shards = int(manifest["num_shards"]) if manifest is not None else None
 
@@ -1008,6 +1035,43 @@ def _differs(path: str, detail: str) -> CheckpointCorruptError:
     )
 
 
+def _filter_saving_shards(assets: str) -> set[int]:
+    """The shard suffixes ``i`` of Monolith's filter files ``hash_filter_<i>-NNNNN-of-NNNNN``
+    in ``assets``."""
+    pattern = re.compile(re.escape(_FILTER_STEM) + r"_(\d+)-\d{5}-of-\d{5}")
+    try:
+        names = os.listdir(assets)
+    except FileNotFoundError:
+        return set()
+    return {int(m.group(1)) for n in names if (m := pattern.fullmatch(n))}
+
+
+def _check_filter_layout(
+    shard: Shard, resolved: str, filters: list[_FilterPlan], reset_filters: bool
+) -> list[str]:
+    """The filters whose saved state a restore into this shard count drops.
+
+    :raises FailedPreconditionError: there are some and ``reset_filters`` is False
+        (nothing changed).
+    """
+    other = [fp for fp in filters if fp.other_layout is not None]
+    if not other or reset_filters:
+        return sorted(fp.name for fp in other)
+    described = "; ".join(
+        f"{fp.name!r} ({fp.other_layout[1]}, saved by {fp.other_layout[0]} shards)"
+        for fp in sorted(other, key=lambda f: f.name) if fp.other_layout is not None
+    )
+    raise FailedPreconditionError(
+        f"checkpoint {resolved} holds hash filter state saved by another shard count than "
+        f"this cluster's {shard.num_shards}: {described}. A filter's counts are kept in "
+        "cells indexed by a hash of the id, per saving shard, so they cannot move to the "
+        "ids' new owner shards; nothing was restored: restore with reset_filters "
+        "(restore_checkpoint(..., reset_filters=True), ps-admin restore --reset_filters) "
+        "to restore the tables and start these filters empty, or restore into "
+        "the saving shard count"
+    )
+
+
 def _has_files(basename: str) -> bool:
     directory = os.path.dirname(basename) or "."
     prefix = os.path.basename(basename) + "-"
@@ -1029,7 +1093,7 @@ def _parse_config(b64: str) -> eht.EmbeddingHashTableConfig:
 
 def restore_shard_checkpoint(
     shard: Shard, model_dir: str, prefix: str | None = None, validate_only: bool = False,
-    *, root: DataRoot = UNCONFINED,
+    *, root: DataRoot = UNCONFINED, reset_filters: bool = False,
 ) -> CheckpointResult:
     """Restore every table and filter of a checkpoint into this shard, all or nothing.
 
@@ -1037,9 +1101,17 @@ def restore_shard_checkpoint(
         taken inside ``model_dir``); None or ``""``: the latest in the index, else the
         only ``*.assets`` directory of ``model_dir``, else nothing.
     :param validate_only: check every file (and the manifest) and change nothing.
+    :param reset_filters: when the checkpoint was saved by another shard count, restore
+        its tables anyway and empty the filters whose state was saved (a live filter's
+        state is cleared, a created one starts new); without it such a restore is
+        refused. Filters that save no files (dummy, probabilistic) are never reset.
     :returns: the restored prefix (``""`` and nothing else when there is no
-        checkpoint), the files read, the entries the shard holds (would hold), and
-        the tables restored (including those created from the manifest).
+        checkpoint), the files read, the entries the shard holds (would hold), the
+        tables restored (including those created from the manifest) and the filters
+        reset (would be, validating).
+    :raises FailedPreconditionError: filter state saved by another shard count and no
+        ``reset_filters`` (nothing changes); a Monolith checkpoint into a shard
+        without tables.
     :raises CheckpointNotFoundError: the prefix has no assets directory, or filter
         files the manifest promises are missing.
     :raises CheckpointCorruptError: damaged or incomplete files, unreadable manifest.
@@ -1065,6 +1137,7 @@ def restore_shard_checkpoint(
             "their files use, e.g. MonolithHashTable_<merged>), then restore"
         )
     tables, filters = _plan(shard, manifest, assets, root)
+    reset = _check_filter_layout(shard, resolved, filters, reset_filters)
     if manifest is not None and "files" in manifest:
         # Every file is checked against the manifest before anything changes.
         listed = [p for tp in tables for p in tp.paths]
@@ -1076,8 +1149,8 @@ def restore_shard_checkpoint(
     names = [tp.name for tp in tables]
     if validate_only:
         files, entries = _check_all(shard, tables, filters, root)
-        return CheckpointResult(resolved, files, entries, names)
-    return _restore_all(shard, resolved, tables, filters, root)
+        return CheckpointResult(resolved, files, entries, names, reset)
+    return _restore_all(shard, resolved, tables, filters, root, reset)
 
 
 def _check_filters(shard: Shard, filters: list[_FilterPlan], root: DataRoot) -> list[str]:
@@ -1109,7 +1182,7 @@ def _check_all(
 
 def _restore_all(
     shard: Shard, resolved: str, tables: list[_TablePlan], filters: list[_FilterPlan],
-    root: DataRoot,
+    root: DataRoot, reset: list[str],
 ) -> CheckpointResult:
     """Create what is missing, check everything, then load; undo everything on failure.
 
@@ -1159,6 +1232,10 @@ def _restore_all(
                 filter_dump.restore_filter(
                     shard.hash_filter(fp.name).hash_filter, fp.basename, root=root
                 )
+        for name in reset:
+            if name not in created_filters:  # a created filter is new already
+                live = shard.hash_filter(name)
+                live.hash_filter.import_splits(live.options.build().export_splits())
     except BaseException:
         for table, clock in emptied:
             table.clear()
@@ -1169,4 +1246,4 @@ def _restore_all(
             shard.filters.pop(name, None)
         raise
     entries = sum(shard.table(tp.name).size() for tp in tables)
-    return CheckpointResult(resolved, files, entries, [tp.name for tp in tables])
+    return CheckpointResult(resolved, files, entries, [tp.name for tp in tables], reset)

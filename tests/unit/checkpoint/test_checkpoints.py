@@ -7,6 +7,7 @@ import json
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -187,9 +188,10 @@ def test_validate_only_changes_nothing(tmp_path: Path) -> None:
     assign(shards, TABLE, IDS, VALS, ts=10)
     prefix = checkpoint(shards, tmp_path, 1)
     empty = Shard(1, 3)
-    result = restore_shard_checkpoint(empty, str(tmp_path), None, True)
+    result = restore_shard_checkpoint(empty, str(tmp_path), None, True, reset_filters=True)
     # floormod(id, 3) == 1 for -2, 1, 4
     assert (result.prefix, result.entries, result.tables) == (prefix, 3, [TABLE])
+    assert result.reset_filters == [FILTER]  # would be reset: saved by 2 shards
     assert empty.tables == {} and empty.filters == {}
 
 
@@ -234,7 +236,8 @@ def test_resharded_restore_moves_entries_and_leaves_filters(tmp_path: Path) -> N
     checkpoint(shards, tmp_path, 1)
     fresh = [Shard(i, 3) for i in range(3)]
     for shard in fresh:
-        restore_shard_checkpoint(shard, str(tmp_path), None, False)
+        result = restore_shard_checkpoint(shard, str(tmp_path), None, False, reset_filters=True)
+        assert result.reset_filters == [FILTER]
     np.testing.assert_array_equal(lookup(fresh, TABLE, IDS)[:, 0], VALS)
     assert sum(s.table(TABLE).size() for s in fresh) == len(IDS)
     # filter cells belong to the old shard layout: not restored, the filter starts empty
@@ -463,3 +466,112 @@ def test_a_commit_waits_for_the_model_dir_lock(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "model.ckpt-1")
+
+
+# ---------------------------------------------------------------- filters and resharding
+
+
+def sliding(shard: Shard) -> Any:
+    return shard.hash_filter(FILTER).hash_filter
+
+
+def saved_with_filter_state(model_dir: Path) -> list[Shard]:
+    shards = cluster(2)
+    assign(shards, TABLE, IDS, VALS, ts=10)  # counts every id in the filters
+    checkpoint(shards, model_dir, 1)
+    assert all(sliding(s).cells.any() for s in shards)
+    return shards
+
+
+@pytest.mark.parametrize("target", [1, 3])
+def test_filter_state_into_another_shard_count_is_refused(tmp_path: Path, target: int) -> None:
+    saved_with_filter_state(tmp_path)
+    live = cluster(target)
+    assign(live, TABLE, [100], [9.0], ts=5)
+    before = [(s.table(TABLE).size(), sliding(s).cells.copy()) for s in live]
+    for validate_only in (True, False):
+        for shard in live:
+            with pytest.raises(FailedPreconditionError) as info:
+                restore_shard_checkpoint(shard, str(tmp_path), None, validate_only)
+            message = str(info.value)
+            assert f"'{FILTER}' (sliding_hash_filter, saved by 2 shards)" in message
+            assert f"this cluster's {target}" in message
+            assert "nothing was restored" in message and "reset_filters" in message
+    for shard, (size, cells) in zip(live, before, strict=True):
+        assert shard.table(TABLE).size() == size
+        np.testing.assert_array_equal(sliding(shard).cells, cells)
+    # An empty cluster: nothing is created either.
+    empty = Shard(0, target)
+    with pytest.raises(FailedPreconditionError, match="another shard count"):
+        restore_shard_checkpoint(empty, str(tmp_path), None, False)
+    assert not empty.tables and not empty.filters
+
+
+@pytest.mark.parametrize("target", [1, 3])
+def test_reset_filters_restores_the_tables_and_empties_the_filters(
+    tmp_path: Path, target: int
+) -> None:
+    saved_with_filter_state(tmp_path)
+    live = cluster(target)
+    assign(live, TABLE, [100], [9.0], ts=5)  # live filter state, to be cleared
+    assert any(sliding(s).cells.any() for s in live)
+    owner = live[100 % target]
+    checked = restore_shard_checkpoint(owner, str(tmp_path), None, True, reset_filters=True)
+    assert checked.reset_filters == [FILTER] and sliding(owner).cells.any()  # validating
+    for shard in live:
+        result = restore_shard_checkpoint(shard, str(tmp_path), None, False, reset_filters=True)
+        assert result.reset_filters == [FILTER]
+        assert not sliding(shard).cells.any()
+        assert sliding(shard).failure_count == 0
+    np.testing.assert_array_equal(lookup(live, TABLE, IDS)[:, 0], VALS)
+    assert sum(s.table(TABLE).size() for s in live) == len(IDS)
+    # Created from the manifest on empty shards: new filters, reported as reset.
+    empty = [Shard(i, target) for i in range(target)]
+    for shard in empty:
+        result = restore_shard_checkpoint(shard, str(tmp_path), None, False, reset_filters=True)
+        assert result.reset_filters == [FILTER]
+        assert not sliding(shard).cells.any()
+    np.testing.assert_array_equal(lookup(empty, TABLE, IDS)[:, 0], VALS)
+
+
+def test_same_shard_count_restores_filters_and_resets_nothing(tmp_path: Path) -> None:
+    shards = saved_with_filter_state(tmp_path)
+    fresh = cluster(2)
+    for shard, old in zip(fresh, shards, strict=True):
+        result = restore_shard_checkpoint(shard, str(tmp_path), None, False, reset_filters=True)
+        assert result.reset_filters == []
+        np.testing.assert_array_equal(sliding(shard).cells, sliding(old).cells)
+
+
+def test_filters_without_files_are_never_reset(tmp_path: Path) -> None:
+    shards = [Shard(i, 2) for i in range(2)]
+    for shard in shards:
+        shard.create_hash_filter("p", FilterOptions(filter_type="probabilistic_filter"))
+        shard.create_hash_filter("d", FilterOptions(enable_hash_filter=False))
+        shard.create_table("a", CONFIG, hash_filter="p")
+        shard.create_table("b", CONFIG, hash_filter="d")
+    assign(shards, "a", IDS, VALS, ts=10)
+    checkpoint(shards, tmp_path, 1)
+    fresh = Shard(0, 1)
+    result = restore_shard_checkpoint(fresh, str(tmp_path), None, False)
+    assert result.reset_filters == []
+    assert fresh.table("a").size() == len(IDS)
+
+
+def test_monolith_filter_files_of_another_shard_count(tmp_path: Path) -> None:
+    """Without a manifest, the shard count is that of the hash_filter_<i> suffixes."""
+    saved_with_filter_state(tmp_path)
+    os.unlink(tmp_path / "model.ckpt-1.assets" / "manifest.json")
+    live = cluster(1)
+    with pytest.raises(FailedPreconditionError,
+                       match=rf"'{FILTER}' \(sliding_hash_filter, saved by 2 shards\)"):
+        restore_shard_checkpoint(live[0], str(tmp_path), None, False)
+    assert live[0].table(TABLE).size() == 0
+    result = restore_shard_checkpoint(live[0], str(tmp_path), None, False, reset_filters=True)
+    assert result.reset_filters == [FILTER]
+    np.testing.assert_array_equal(lookup(live, TABLE, IDS)[:, 0], VALS)
+    # The same count: the filter files are restored, as before.
+    same = cluster(2)
+    for shard in same:
+        assert restore_shard_checkpoint(shard, str(tmp_path), None, False).reset_filters == []
+        assert sliding(shard).cells.any()
