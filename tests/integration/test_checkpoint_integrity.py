@@ -11,10 +11,14 @@ that knows every file it lists (docs/semantics.md §6.5, §13.6; issue 12, class
 * A save that did not reach every shard is not committed, nor a commit without a save.
 * The index names the highest committed step; ``max_to_keep`` keeps the highest steps;
   two trainers saving into one ``model_dir`` at once leave the highest step, whole.
+* Filter state saved by another shard count is refused (nothing changes) unless
+  ``reset_filters``: then the tables restore exactly, the filters start empty, and the
+  response, the shard's WARNING and the client name them (issue 12, class 4).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import threading
@@ -35,7 +39,7 @@ from ps_client import (
 )
 from ps_client.testing import local_cluster
 from ps_server.engine import configs
-from tests.integration.conftest import start_inprocess_server
+from tests.integration.conftest import RunningServer, start_inprocess_server
 from tests.integration.test_admin import (
     T0,
     admin,
@@ -276,3 +280,105 @@ def test_two_clients_saving_at_once_leave_the_highest_step(tmp_path: Path) -> No
             t.assign(ids, [[0.0, 0.0]] * len(ids))
             assert second.restore_checkpoint("model") is not None  # every file checked
             np.testing.assert_array_equal(t.lookup(ids), [[float(i), -float(i)] for i in ids])
+
+
+# ---------------------------------------------------------------- filters across shard counts
+
+
+def filtered_cluster(servers: list[RunningServer], ids: list[int]) -> None:
+    """Table ``emb`` behind sliding filter ``gate`` (threshold 1) on every shard; every id
+    admitted (its second occurrence), so the filters hold counts."""
+    n = len(servers)
+    for s in servers:
+        make_filter(s.stub, "gate", threshold=1, capacity=1000, split_num=5)
+        make_table(s.stub, "emb", configs.table_config(2), hash_filter="gate")
+    for k, s in enumerate(servers):
+        own = [i for i in ids if i % n == k]
+        for _ in range(2):
+            assign(s.stub, "emb", own, values_of(own), req_time=T0)
+
+
+def fill_ratios(servers: list[RunningServer]) -> list[float]:
+    return [f.fill_ratio for s in servers
+            for f in admin(s).Stats(pb.StatsRequest()).hash_filters if f.name == "gate"]
+
+
+FILTER_IDS = [-4, -3, 0, 1, 2, 5, 8, 11]
+
+
+@pytest.mark.parametrize("target", [1, 3])
+def test_filters_saved_by_another_shard_count_are_refused_or_reset(
+    tmp_path: Path, target: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    model_dir = str(tmp_path / "model")
+    with cluster(2) as old:
+        filtered_cluster(old, FILTER_IDS)
+        save_all(old, model_dir, step=4)
+    prefix = f"{model_dir}/model.ckpt-4"
+    with cluster(target) as new:
+        filtered_cluster(new, [100])  # live entries and filter counts
+        before = fill_ratios(new)
+        assert max(before) > 0
+        for validate_only in (True, False):
+            for s in new:
+                expect_error(
+                    lambda s=s, v=validate_only: admin(s).RestoreCheckpoint(
+                        pb.AdminRestoreRequest(model_dir=model_dir, validate_only=v)),
+                    codes.FAILED_PRECONDITION, f"checkpoint {prefix}",
+                    f"this cluster's {target}", "'gate' (sliding_hash_filter, saved by 2 shards)",
+                    "nothing was restored", "reset_filters")
+        assert fill_ratios(new) == before
+        owner = new[100 % target]
+        np.testing.assert_array_equal(lookup(owner.stub, "emb", [100]), values_of([100]))
+
+        with caplog.at_level(logging.WARNING, logger="ps_server.runtime"):
+            answers = [admin(s).RestoreCheckpoint(pb.AdminRestoreRequest(
+                model_dir=model_dir, reset_filters=True)) for s in new]
+        assert [list(a.reset_filters) for a in answers] == [["gate"]] * target
+        assert fill_ratios(new) == [0.0] * target
+        for k, s in enumerate(new):
+            own = [i for i in FILTER_IDS if i % target == k]
+            np.testing.assert_array_equal(lookup(s.stub, "emb", own), values_of(own))
+        assert sum(admin(s).Stats(pb.StatsRequest()).entries for s in new) == len(FILTER_IDS)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+                    and "reset to empty" in r.getMessage()]
+        assert len(warnings) == target
+        assert all("'gate'" in w and prefix in w for w in warnings)
+
+
+def test_filters_keep_their_state_into_the_same_shard_count(tmp_path: Path) -> None:
+    model_dir = str(tmp_path / "model")
+    with cluster(2) as old:
+        filtered_cluster(old, FILTER_IDS)
+        saved = fill_ratios(old)
+        save_all(old, model_dir, step=4)
+    with cluster(2) as new:
+        answers = [admin(s).RestoreCheckpoint(pb.AdminRestoreRequest(
+            model_dir=model_dir, reset_filters=True)) for s in new]
+        assert [list(a.reset_filters) for a in answers] == [[], []]
+        assert fill_ratios(new) == saved
+
+
+def test_the_client_refuses_or_resets_and_names_the_filters(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with local_cluster(2, data_root=str(tmp_path)) as shards, \
+            PsClient(shards.addresses, timeout=30) as client:
+        gate = client.create_hash_filters(True, capacity=1000, split_num=5, name_suffix="_g")
+        t = client.create_table(configs.table_config(2), name="emb", hash_filters=gate)
+        t.assign(FILTER_IDS, values_of(FILTER_IDS))
+        prefix = client.save_checkpoint("model", 2)
+    with local_cluster(3, data_root=str(tmp_path)) as shards, \
+            PsClient(shards.addresses, timeout=30) as client:
+        with pytest.raises(PsFailedPrecondition, match="'MonolithHashFilter_g' "
+                                                       r"\(sliding_hash_filter, saved by 2"):
+            client.restore_checkpoint("model")
+        assert client.tables() == []
+        with caplog.at_level(logging.WARNING, logger="ps_client.async_client"):
+            restored = client.restore_checkpoint("model", reset_filters=True)
+        assert restored == prefix
+        assert getattr(restored, "reset_filters", None) == ("MonolithHashFilter_g",)
+        assert any("'MonolithHashFilter_g' reset to empty" in r.getMessage()
+                   for r in caplog.records if r.levelno == logging.WARNING)
+        np.testing.assert_array_equal(client.table("emb").lookup(FILTER_IDS),
+                                      values_of(FILTER_IDS))
