@@ -776,11 +776,11 @@ def _checkpoint_commit(h: Harness, model_dir: str, step: int, keep: int) -> Expe
     if full is not None:
         codes |= os_defects([os.path.join(full, "checkpoint" + _TMP)],
                             [os.path.join(full, f"model.ckpt-{step}.assets")])
+        if not _saved(checkpoints.checkpoint_prefix(full, step)):
+            codes.add(Code.FAILED_PRECONDITION)  # nothing was saved at this step
     if codes:
         return rejected(codes)
     prefix = checkpoints.checkpoint_prefix(full, step)
-    if not _saved(prefix):
-        return rejected({Code.FAILED_PRECONDITION})  # nothing was saved at this step
     with contextlib.suppress(errors.CheckpointCorruptError):
         _, listed = checkpoints.read_checkpoint_index(full)
         steps = {int(os.path.basename(p).rpartition("-")[2]) for p in listed
