@@ -375,32 +375,36 @@ class AdminSaveRequest(_message.Message):
     def __init__(self, model_dir: _Optional[str] = ..., global_step: _Optional[int] = ..., max_to_keep: _Optional[int] = ...) -> None: ...
 
 class AdminRestoreRequest(_message.Message):
-    __slots__ = ("model_dir", "prefix", "validate_only", "missing_ok")
+    __slots__ = ("model_dir", "prefix", "validate_only", "missing_ok", "reset_filters")
     MODEL_DIR_FIELD_NUMBER: _ClassVar[int]
     PREFIX_FIELD_NUMBER: _ClassVar[int]
     VALIDATE_ONLY_FIELD_NUMBER: _ClassVar[int]
     MISSING_OK_FIELD_NUMBER: _ClassVar[int]
+    RESET_FILTERS_FIELD_NUMBER: _ClassVar[int]
     model_dir: str
     prefix: str
     validate_only: bool
     missing_ok: bool
-    def __init__(self, model_dir: _Optional[str] = ..., prefix: _Optional[str] = ..., validate_only: _Optional[bool] = ..., missing_ok: _Optional[bool] = ...) -> None: ...
+    reset_filters: bool
+    def __init__(self, model_dir: _Optional[str] = ..., prefix: _Optional[str] = ..., validate_only: _Optional[bool] = ..., missing_ok: _Optional[bool] = ..., reset_filters: _Optional[bool] = ...) -> None: ...
 
 class AdminCheckpointResponse(_message.Message):
-    __slots__ = ("prefix", "files", "entries", "bytes", "tables", "duration_seconds")
+    __slots__ = ("prefix", "files", "entries", "bytes", "tables", "duration_seconds", "reset_filters")
     PREFIX_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
     DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RESET_FILTERS_FIELD_NUMBER: _ClassVar[int]
     prefix: str
     files: _containers.RepeatedScalarFieldContainer[str]
     entries: int
     bytes: int
     tables: _containers.RepeatedScalarFieldContainer[str]
     duration_seconds: float
-    def __init__(self, prefix: _Optional[str] = ..., files: _Optional[_Iterable[str]] = ..., entries: _Optional[int] = ..., bytes: _Optional[int] = ..., tables: _Optional[_Iterable[str]] = ..., duration_seconds: _Optional[float] = ...) -> None: ...
+    reset_filters: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, prefix: _Optional[str] = ..., files: _Optional[_Iterable[str]] = ..., entries: _Optional[int] = ..., bytes: _Optional[int] = ..., tables: _Optional[_Iterable[str]] = ..., duration_seconds: _Optional[float] = ..., reset_filters: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class EvictRequest(_message.Message):
     __slots__ = ("table",)

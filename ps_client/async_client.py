@@ -381,7 +381,8 @@ class AsyncPsClient:
         )
 
     async def restore_checkpoint(
-        self, model_dir: str, *, prefix: str | None = None, required: bool = False
+        self, model_dir: str, *, prefix: str | None = None, required: bool = False,
+        reset_filters: bool = False,
     ) -> str | None:
         """Restore every table and filter of a checkpoint on every shard, all-or-nothing.
 
@@ -391,12 +392,20 @@ class AsyncPsClient:
 
         :param required: nothing to restore is an error (:class:`PsNotFound`) instead
             of None.
-        :returns: the restored prefix, or None when ``model_dir`` has no checkpoint
-            (logged at WARNING, naming ``model_dir``: a mistyped directory would
-            otherwise start a training from scratch without a word).
+        :param reset_filters: a checkpoint saved by another shard count holds filter
+            state that cannot move to the new owner shards; without this such a
+            restore raises :class:`PsFailedPrecondition` naming the filters (nothing
+            changes), with it the tables are restored and those filters start empty
+            (logged at WARNING, named in the result's ``reset_filters``).
+        :returns: the restored prefix (a :class:`~ps_client.checkpoints.RestoredCheckpoint`,
+            a ``str`` whose ``reset_filters`` names the filters reset), or None when
+            ``model_dir`` has no checkpoint (logged at WARNING, naming ``model_dir``: a
+            mistyped directory would otherwise start a training from scratch without a
+            word).
         """
         await self._ready()
-        restored = await checkpoints.restore_checkpoint(self.transport, model_dir, prefix)
+        restored = await checkpoints.restore_checkpoint(self.transport, model_dir, prefix,
+                                                        reset_filters=reset_filters)
         if restored is None:
             what = f"no checkpoint to restore in model_dir {model_dir!r}" + (
                 f" (prefix {prefix!r})" if prefix else ""
@@ -405,9 +414,12 @@ class AsyncPsClient:
                 raise PsNotFound(f"{what}, and restore_checkpoint was called with required=True")
             _log.warning("%s: nothing restored, the tables keep their state", what)
             return None
-        resolved, names = restored
-        await self._learn_tables(names)
-        return resolved
+        await self._learn_tables(restored.tables)
+        if restored.reset_filters:
+            _log.warning("restored %s with hash filter(s) %s reset to empty: their state "
+                         "was saved by another shard count (reset_filters=True)",
+                         restored.prefix, ", ".join(map(repr, restored.reset_filters)))
+        return checkpoints.RestoredCheckpoint(restored.prefix, restored.reset_filters)
 
     async def _learn_tables(self, names: set[str]) -> None:
         """Make tables restored or created on the shards known to this client."""

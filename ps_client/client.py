@@ -364,18 +364,24 @@ class PsClient:
                                                     max_to_keep=max_to_keep))
 
     def restore_checkpoint(
-        self, model_dir: str, *, prefix: str | None = None, required: bool = False
+        self, model_dir: str, *, prefix: str | None = None, required: bool = False,
+        reset_filters: bool = False,
     ) -> str | None:
         """Restore the latest checkpoint of ``model_dir`` (or ``prefix``) on every shard,
         all-or-nothing; tables it creates become known to this client.
 
         :param required: nothing to restore raises :class:`ps_client.errors.PsNotFound`
             instead of returning None.
-        :returns: the restored prefix, or None when there is no checkpoint (logged at
-            WARNING, naming ``model_dir``).
+        :param reset_filters: restore a checkpoint saved by another shard count with the
+            filters whose state it saved emptied (logged at WARNING) instead of raising
+            :class:`ps_client.errors.PsFailedPrecondition`.
+        :returns: the restored prefix (a ``str`` whose ``reset_filters`` attribute names
+            the filters reset), or None when there is no checkpoint (logged at WARNING,
+            naming ``model_dir``).
         """
         return self._run(
-            self._core.restore_checkpoint(model_dir, prefix=prefix, required=required)
+            self._core.restore_checkpoint(model_dir, prefix=prefix, required=required,
+                                          reset_filters=reset_filters)
         )
 
 

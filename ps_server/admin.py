@@ -9,7 +9,9 @@ checkpoint methods fan out to every shard. The RPCs:
 * ``RestoreCheckpoint``: validate or restore a checkpoint, all or nothing on this
   shard, creating missing tables from the manifest and keeping the ids this shard owns
   (any saving shard count). Readiness is ``NOT_SERVING`` while it runs. No checkpoint
-  is ``NOT_FOUND``, or an empty prefix with ``missing_ok``.
+  is ``NOT_FOUND``, or an empty prefix with ``missing_ok``. Filter state saved by
+  another shard count is ``FAILED_PRECONDITION`` unless ``reset_filters`` (then those
+  filters start empty and the response's ``reset_filters`` names them).
 
 These three take the data-plane token too (trainers checkpoint); the rest need the
 admin token (:mod:`ps_server.security`).
@@ -49,7 +51,7 @@ def _checkpoint_response(result: CheckpointResult, nbytes: int, seconds: float
                          ) -> ps_pb2.AdminCheckpointResponse:
     return ps_pb2.AdminCheckpointResponse(
         prefix=result.prefix, files=result.files, entries=result.entries, bytes=nbytes,
-        tables=result.tables, duration_seconds=seconds,
+        tables=result.tables, duration_seconds=seconds, reset_filters=result.reset_filters,
     )
 
 
@@ -103,7 +105,8 @@ class AdminServicer(ps_grpc.ParameterServerAdminServicer):
                                 ) -> ps_pb2.AdminCheckpointResponse:
         t0 = time.perf_counter()
         result, nbytes = await self._runtime.restore_checkpoint(
-            request.model_dir, request.prefix, request.validate_only
+            request.model_dir, request.prefix, request.validate_only,
+            reset_filters=request.reset_filters,
         )
         if not result.prefix and not request.missing_ok:
             raise CheckpointNotFoundError(

@@ -5,7 +5,7 @@
              [--token_file=PATH | --token=TOKEN] COMMAND ...
 
     save     --model_dir=DIR --global_step=N [--max_to_keep=K]
-    restore  --model_dir=DIR [--prefix=model.ckpt-N] [--validate_only]
+    restore  --model_dir=DIR [--prefix=model.ckpt-N] [--validate_only] [--reset_filters]
     evict    [--table=NAME]
     stats    [--json]
     drain    [--grace_seconds=S]
@@ -25,12 +25,15 @@ Every command calls ``monolith_ps.ParameterServerAdmin`` on the listed shards at
 
 * ``save``: every shard writes its part of ``<model_dir>/model.ckpt-<global_step>``;
   when all succeeded, shard 0 (the address that reported index 0) writes the manifest
-  and the ``checkpoint`` index, which makes the checkpoint the latest
-  (``max_to_keep`` > 0 deletes older ones).
+  and the ``checkpoint`` index, which names the highest committed step as the latest
+  (``max_to_keep`` > 0 keeps that many of the highest steps; a step below them is
+  refused rather than deleted at once).
 * ``restore``: every shard validates the checkpoint (the latest, or ``--prefix``)
   first; only when all passed does every shard restore it, so a damaged checkpoint
   changes nothing anywhere. Tables missing on a shard are created from the
-  manifest; a checkpoint saved by any number of shards can be restored.
+  manifest; a checkpoint saved by any number of shards can be restored (filter state
+  only into the same number: otherwise refused unless ``--reset_filters``, which
+  restores the tables, empties those filters and prints which, per shard).
 * ``evict``: delete expired entries now; ``stats``: sizes, filters, last
   save/restore per shard (``--json``: machine-readable); ``drain``: take the shards
   out of service before maintenance (see the Drain RPC).
@@ -372,14 +375,16 @@ def cmd_save(cluster: Cluster, args: argparse.Namespace) -> None:
 def cmd_restore(cluster: Cluster, args: argparse.Namespace) -> None:
     t0 = time.monotonic()
     validate = pb.AdminRestoreRequest(
-        model_dir=args.model_dir, prefix=args.prefix, validate_only=True
+        model_dir=args.model_dir, prefix=args.prefix, validate_only=True,
+        reset_filters=args.reset_filters,
     )
     print(f"validating {args.prefix or 'the latest checkpoint'} of {args.model_dir} on "
           f"{len(cluster.addresses)} shards", file=cluster.out)
     try:
         checked = cluster.each(
             "validating", lambda i, s: s.RestoreCheckpoint(validate, timeout=cluster.timeout),
-            lambda r: f"ok {r.entries} entries would be held ({_size(r.bytes)} read)",
+            lambda r: f"ok {r.entries} entries would be held ({_size(r.bytes)} read)"
+                      + _resets(r, "would reset"),
         )
     except AdminCommandError as e:
         raise AdminCommandError(f"{e}\nrestore: validation failed; nothing was "
@@ -394,13 +399,14 @@ def cmd_restore(cluster: Cluster, args: argparse.Namespace) -> None:
         print(f"valid: {prefixes[0]} ({sum(r.entries for r in checked)} entries)",
               file=cluster.out)
         return
-    restore = pb.AdminRestoreRequest(model_dir=args.model_dir, prefix=prefixes[0])
+    restore = pb.AdminRestoreRequest(model_dir=args.model_dir, prefix=prefixes[0],
+                                     reset_filters=args.reset_filters)
     print(f"restoring {prefixes[0]}", file=cluster.out)
     try:
         done = cluster.each(
             "restoring", lambda i, s: s.RestoreCheckpoint(restore, timeout=cluster.timeout),
             lambda r: f"restored {r.entries} entries, {len(r.tables)} tables in "
-                      f"{r.duration_seconds:.1f}s",
+                      f"{r.duration_seconds:.1f}s" + _resets(r, "reset"),
         )
     except AdminCommandError as e:
         raise AdminCommandError(
@@ -409,6 +415,16 @@ def cmd_restore(cluster: Cluster, args: argparse.Namespace) -> None:
         ) from e
     print(f"restored {prefixes[0]}: {sum(r.entries for r in done)} entries on "
           f"{len(done)} shards in {time.monotonic() - t0:.1f}s", file=cluster.out)
+    for i, r in enumerate(done):
+        if r.reset_filters:
+            names = ", ".join(map(repr, r.reset_filters))
+            print(f"shard {i} ({cluster.addresses[i]}): hash filter(s) {names} reset to "
+                  "empty (saved by another shard count)", file=cluster.out)
+
+
+def _resets(r: pb.AdminCheckpointResponse, verb: str) -> str:
+    return f"; {verb} hash filter(s) {', '.join(map(repr, r.reset_filters))}" if (
+        r.reset_filters) else ""
 
 
 def cmd_evict(cluster: Cluster, args: argparse.Namespace) -> None:
@@ -519,6 +535,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model_dir", required=True)
     p.add_argument("--prefix", default="",
                    help="model.ckpt-<step> or its full path (default: the latest)")
+    p.add_argument("--reset_filters", action="store_true",
+                   help="restore a checkpoint saved by another shard count with its "
+                        "hash filters emptied (refused otherwise)")
     p.add_argument("--validate_only", action="store_true",
                    help="only check every file on every shard")
     p = sub.add_parser("evict", help="delete expired entries now")

@@ -538,7 +538,7 @@ class ShardRuntime:
         )
 
     async def restore_checkpoint(
-        self, model_dir: str, prefix: str, validate_only: bool
+        self, model_dir: str, prefix: str, validate_only: bool, *, reset_filters: bool = False
     ) -> tuple[CheckpointResult, int]:
         """Restore (or validate) a checkpoint into this shard, all or nothing (see
         :func:`~ps_server.checkpoint.checkpoints.restore_shard_checkpoint`).
@@ -546,6 +546,9 @@ class ShardRuntime:
         While a real restore runs, :meth:`ShardEvents.restoring` is held.
 
         :param prefix: ``""`` = the latest.
+        :param reset_filters: a checkpoint of another shard count restores with its
+            file-saving filters emptied (logged at WARNING, naming them) instead of
+            being refused.
         :returns: ``(result, bytes read)``; the result's prefix is ``""`` when
             ``model_dir`` holds no checkpoint.
         """
@@ -564,10 +567,18 @@ class ShardRuntime:
                 if latest is not None:
                     target = self.path(latest, f"the latest checkpoint of {model_dir!r}")
             return checkpoints.restore_shard_checkpoint(self.shard, path, target, validate_only,
-                                                        root=self.confinement)
+                                                        root=self.confinement,
+                                                        reset_filters=reset_filters)
 
         op = "validate" if validate_only else "restore"
-        return await self._checkpoint(op, work, restoring=not validate_only)
+        result, nbytes = await self._checkpoint(op, work, restoring=not validate_only)
+        if result.reset_filters and not validate_only:
+            _log.warning(
+                "restored %s into shard %d of %d with hash filter(s) %s reset to empty: "
+                "their state was saved by another shard count and cannot move to the new "
+                "owner shards (reset_filters)", result.prefix, self.shard.shard_index,
+                self.shard.num_shards, ", ".join(map(repr, result.reset_filters)))
+        return result, nbytes
 
     # ---------------------------------------------------------------- eviction
 

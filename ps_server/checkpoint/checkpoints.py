@@ -2,7 +2,8 @@
 
 Layout (docs/semantics.md §6.5, docs/api.md "Files")::
 
-    <model_dir>/checkpoint                         TensorFlow CheckpointState text, names the latest
+    <model_dir>/checkpoint                         TensorFlow CheckpointState text, names the
+                                                   highest committed step
     <model_dir>/model.ckpt-<step>.parts-<i>.json   shard i's files: size, records, CRC-32C each
                                                    (until the commit has merged them)
     <model_dir>/model.ckpt-<step>.assets/
@@ -15,11 +16,24 @@ and its filters' files, each atomic, then ``<prefix>.parts-<i>.json`` with each 
 record count and CRC-32C, computed while writing); then one shard runs
 :func:`commit_checkpoint`, which merges every shard's part list into ``manifest.json``
 (refusing, FAILED_PRECONDITION, when some shards' lists are there and others are
-missing) and writes, last, the ``checkpoint`` index; then the part lists are removed
-(a repeated commit of the step keeps the committed manifest's file lists). Until the index
-is replaced the previous checkpoint stays the latest, so a crash mid-save loses
-nothing. Beyond ``max_to_keep`` checkpoints the oldest are deleted whole (every
-``<prefix>.*``, assets included) after the index no longer names them.
+missing, and FAILED_PRECONDITION "nothing was saved at step N" when no shard left one
+and no manifest with file lists was committed for the step before) and writes, last,
+the ``checkpoint`` index; then the part lists are removed (a repeated commit of the
+step keeps the committed manifest's file lists). Until the index is replaced the
+previous checkpoint stays the latest, so a crash mid-save loses nothing.
+
+The index lists the kept checkpoints by step, ascending (TensorFlow's order; the step
+is parsed from ``model.ckpt-<step>``, other names count as the oldest, in their listed
+order), and ``model_checkpoint_path`` is the highest step, whichever committed last.
+With ``max_to_keep`` K > 0 the K highest steps are kept and the others deleted whole
+(every ``<prefix>.*``, assets included) after the index no longer names them, so the
+highest committed checkpoint is never deleted; a commit whose own step would not be
+among the K highest is refused (FAILED_PRECONDITION) instead of deleting itself, and
+a refused commit deletes nothing. A commit holds an exclusive ``flock`` on the
+``model_dir`` directory's own descriptor from reading the part lists to the last
+deletion: commits into one directory from several threads or processes of one host
+take turns, each reading the index the previous one wrote (no lock file to leave
+behind; the kernel releases it when a holder dies).
 
 Filter files: a shard whose tables use exactly one file-saving filter writes it as
 ``hash_filter_<i>`` (Monolith's name); with several, filter ``F`` is written as
@@ -54,24 +68,35 @@ the manifest; tables without entries are checked and loaded in one pass; every o
 file (tables: all records; filters: metas and cells) is validated before any table
 with entries or any filter changes. If anything fails, the tables loaded so far are
 emptied again (their clocks put back) and the created tables and filters removed, so
-the shard is as it was. Filters are restored only when the checkpoint
-was written by the same number of shards (a filter's cells are per shard and
-cannot be redistributed); table entries are redistributed to any shard count.
+the shard is as it was. Table entries are redistributed to any shard count; filters
+are restored only when the checkpoint was written by the same number of shards (a
+sliding filter's counts sit in cells indexed by a hash of the id, per saving shard, so
+they cannot follow the ids to their new owners). A checkpoint of another shard count
+whose filters saved state is refused (FAILED_PRECONDITION naming each such filter,
+both shard counts and the opt-in) before anything changes, unless ``reset_filters``:
+then the tables are restored and those filters start empty (listed in the result's
+``reset_filters``). Filters that save no files (dummy, probabilistic) have nothing to
+lose and are never reset. Without a manifest (Monolith's checkpoints) the saving
+shard count is the number of distinct ``hash_filter_<i>`` suffixes among the filter
+files; with no filter files there is nothing to reset.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import errno
+import fcntl
 import glob
 import json
+import logging
 import os
 import re
 import secrets
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import google_crc32c
@@ -128,6 +153,7 @@ _PARTS_FORMAT = "monolith-ps-checkpoint-parts"
 _VERSION = 1
 _FILTER_STEM = FILTER_FILE_STEM
 _CHECKSUM_KEY = "manifest_crc32c"
+_log = logging.getLogger(__name__)
 _INDEX_LINE = re.compile(r'\s*(\w+)\s*:\s*"((?:[^"\\]|\\.)*)"\s*')
 
 
@@ -141,12 +167,16 @@ class CheckpointResult:
     :param entries: table entries saved, or held after restore (would hold, when
         validating).
     :param tables: tables saved, or restored (including those created).
+    :param reset_filters: a restore with ``reset_filters`` from a checkpoint of another
+        shard count: the filters whose saved state was dropped (they start empty);
+        validating, those that would be.
     """
 
     prefix: str
     files: list[str]
     entries: int
     tables: list[str]
+    reset_filters: list[str] = field(default_factory=list)
 
 
 def checkpoint_prefix(model_dir: str, global_step: int) -> str:
@@ -430,15 +460,24 @@ def commit_checkpoint(
     shard: Shard, model_dir: str, global_step: int, max_to_keep: int,
     *, root: DataRoot = UNCONFINED,
 ) -> CheckpointResult:
-    """Make checkpoint ``global_step`` the latest: manifest, then the ``checkpoint`` index.
+    """Make checkpoint ``global_step`` committed: manifest, then the ``checkpoint`` index.
 
     Run once (on one shard) after every shard's :func:`save_shard_checkpoint`. The
     manifest describes this shard's tables and filters (every shard holds the same
-    declarations). The index lists the kept checkpoints oldest first, relative to
-    ``model_dir``; with ``max_to_keep > 0`` older ones are dropped from it and then
-    deleted (every ``<prefix>.*``).
+    declarations). The index lists the kept checkpoints by step, ascending, relative
+    to ``model_dir``, and names the highest as the latest (whichever committed last);
+    with ``max_to_keep > 0`` only the ``max_to_keep`` highest steps are kept, the
+    others are dropped from it and then deleted (every ``<prefix>.*``).
+
+    The whole commit holds an exclusive ``flock`` on ``model_dir`` (see
+    :func:`_model_dir_lock`), so commits into one directory from several threads or
+    processes update the index one after the other, each from what the previous wrote.
 
     :returns: the prefix, the manifest and index paths, 0 entries, the table names.
+    :raises FailedPreconditionError: nothing was saved at this step (no shard's part
+        list and no committed manifest with file lists), some shards' part lists are
+        missing, or the step is below the ``max_to_keep`` highest committed steps
+        (it would be deleted at once); nothing is written or deleted.
     :raises OSError: the manifest or the index cannot be written.
     :raises PathOutsideRootError: a file or directory it would read, write or delete
         (the assets directory, a part list, the manifest, the index, a dropped
@@ -447,10 +486,21 @@ def commit_checkpoint(
     if max_to_keep < 0:
         raise InvalidArgumentError(f"max_to_keep must be >= 0 (0 keeps all), got {max_to_keep}")
     prefix = checkpoint_prefix(model_dir, global_step)
+    root.check(model_dir, "model_dir")
+    with _model_dir_lock(model_dir, global_step):
+        return _commit_locked(shard, model_dir, prefix, int(global_step), max_to_keep, root)
+
+
+def _commit_locked(
+    shard: Shard, model_dir: str, prefix: str, global_step: int, max_to_keep: int,
+    root: DataRoot,
+) -> CheckpointResult:
     assets = asset_dir(prefix)
     name = os.path.basename(prefix)
-    _, listed = read_checkpoint_index(model_dir, root=root)
-    kept = [p for p in listed if _resolve(model_dir, p) != prefix] + [name]
+    latest, listed = read_checkpoint_index(model_dir, root=root)
+    if latest and latest not in listed:
+        listed = [*listed, latest]  # an index naming only its latest (TensorFlow allows it)
+    kept = _by_step([p for p in listed if _resolve(model_dir, p) != prefix] + [name])
     dropped: list[str] = []
     if max_to_keep and len(kept) > max_to_keep:
         dropped, kept = kept[:-max_to_keep], kept[-max_to_keep:]
@@ -460,17 +510,87 @@ def commit_checkpoint(
                    f"the directory of checkpoint {old!r} (to be deleted)")
     index_path = root.check(os.path.join(model_dir, INDEX_NAME), "checkpoint index")
     manifest_path = root.check(os.path.join(assets, MANIFEST_NAME), "manifest")
-    _make_dirs(assets, root)
     parts = _read_parts(prefix, shard, global_step, root)
     if not parts:
         parts = _parts_of_committed(assets, shard, root)
+    if not parts:
+        raise FailedPreconditionError(
+            f"nothing was saved at step {global_step} in {model_dir}: no shard left a part "
+            f"list ({os.path.basename(_parts_path(prefix, 0))}, ...) and no checkpoint of "
+            "that step with file lists was committed before; nothing was committed: save "
+            "on every shard first (SaveCheckpoint), then commit"
+        )
+    if name in dropped:
+        higher = ", ".join(str(_step_of(p)) for p in kept)
+        raise FailedPreconditionError(
+            f"checkpoint {prefix} is not among the {max_to_keep} highest committed steps "
+            f"(kept: {higher}): committing it with max_to_keep={max_to_keep} would delete it "
+            "at once; nothing was committed or deleted: commit it with max_to_keep=0 (keep "
+            "all) or a larger one, save into another model_dir, or delete the higher "
+            "checkpoints first"
+        )
+    _make_dirs(assets, root)
     _write_atomic(manifest_path, _json_bytes(_manifest(shard, global_step, parts)))
 
-    _write_atomic(index_path, _index_text(name, kept).encode("utf-8"))
+    _write_atomic(index_path, _index_text(kept[-1], kept).encode("utf-8"))
     _remove_part_lists(prefix)
     for old in dropped:
         _delete_checkpoint(_resolve(model_dir, old), root)
     return CheckpointResult(prefix, [manifest_path, index_path], 0, sorted(shard.tables))
+
+
+_STEP_NAME = re.compile(re.escape(CHECKPOINT_BASENAME) + r"-(\d+)")
+
+
+def _step_of(path: str) -> int | None:
+    """The step of an index entry named ``[...]/model.ckpt-<step>``, else None."""
+    match = _STEP_NAME.fullmatch(os.path.basename(path))
+    return int(match.group(1)) if match else None
+
+
+def _by_step(paths: list[str]) -> list[str]:
+    """Index entries by step, ascending (TensorFlow's order, the latest last); entries
+    whose name carries no step come first (the oldest), in their listed order."""
+    def key(item: tuple[int, str]) -> tuple[int, int, int]:
+        position, path = item
+        step = _step_of(path)
+        return (0, position, 0) if step is None else (1, step, position)
+
+    return [p for _, p in sorted(enumerate(paths), key=key)]
+
+
+@contextlib.contextmanager
+def _model_dir_lock(model_dir: str, global_step: int) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the ``model_dir`` directory itself.
+
+    The lock is on the directory's own file descriptor, so it adds no file to the
+    checkpoint directory and is released by the kernel when the holder exits, even
+    if it crashes (no stale lock file). ``flock`` serializes threads and processes of
+    one machine (each acquisition opens its own descriptor); on filesystems without
+    ``flock`` support (some network filesystems) the commit runs unlocked after a
+    WARNING. A ``model_dir`` that does not exist has nothing saved in it.
+
+    :raises FailedPreconditionError: ``model_dir`` does not exist.
+    """
+    try:
+        fd = os.open(model_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        raise FailedPreconditionError(
+            f"nothing was saved at step {global_step} in {model_dir}: the directory does not "
+            "exist; nothing was committed: save on every shard first (SaveCheckpoint), "
+            "then commit"
+        ) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            _log.warning("cannot lock %s (%s): committing step %d without serializing "
+                         "against other commits into it", model_dir, e, global_step)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _index_text(latest: str, paths: list[str]) -> str:
@@ -614,6 +734,9 @@ class _FilterPlan:
     options: FilterOptions
     basename: str | None  # None: nothing to restore
     create: bool
+    #: saved by another shard count: ``(saving shards, filter type)``; its state cannot
+    #: be carried over (reset with ``reset_filters``, else the restore is refused)
+    other_layout: tuple[int, str] | None = None
 
 
 def _read_manifest(assets: str, root: DataRoot) -> dict[str, Any] | None:
@@ -754,15 +877,27 @@ def _plan(
                 if stem and same_layout
                 else None
             )
-            filters[name] = _FilterPlan(name, options, basename, name not in shard.filters)
+            other = (
+                (int(manifest["num_shards"]), options.filter_type)
+                if stem and not same_layout else None
+            )
+            filters[name] = _FilterPlan(name, options, basename, name not in shard.filters,
+                                        other)
     else:
         # A checkpoint without manifest (Monolith's): its one filter file set, if any,
-        # belongs to the shard's one file-saving filter.
+        # belongs to the shard's one file-saving filter. The saving shard count is the
+        # number of distinct ``hash_filter_<i>`` suffixes among its files.
         stems = {n: s for n, s in _filter_stems(shard).items() if s is not None}
         basename = os.path.join(assets, f"{_FILTER_STEM}_{shard.shard_index}")
-        if len(stems) == 1 and _has_files(basename):
+        if len(stems) == 1:
             (name,) = stems
-            filters[name] = _FilterPlan(name, shard.hash_filter(name).options, basename, False)
+            options = shard.hash_filter(name).options
+            saving = _filter_saving_shards(assets)
+            if saving and len(saving) != shard.num_shards:
+                filters[name] = _FilterPlan(name, options, None, False,
+                                            (len(saving), options.filter_type))
+            elif _has_files(basename):
+                filters[name] = _FilterPlan(name, options, basename, False)
 
     saving_shards = int(manifest["num_shards"]) if manifest is not None else None
 
@@ -925,6 +1060,43 @@ def _differs(path: str, detail: str) -> CheckpointCorruptError:
     )
 
 
+def _filter_saving_shards(assets: str) -> set[int]:
+    """The shard suffixes ``i`` of Monolith's filter files ``hash_filter_<i>-NNNNN-of-NNNNN``
+    in ``assets``."""
+    pattern = re.compile(re.escape(_FILTER_STEM) + r"_(\d+)-\d{5}-of-\d{5}")
+    try:
+        names = os.listdir(assets)
+    except FileNotFoundError:
+        return set()
+    return {int(m.group(1)) for n in names if (m := pattern.fullmatch(n))}
+
+
+def _check_filter_layout(
+    shard: Shard, resolved: str, filters: list[_FilterPlan], reset_filters: bool
+) -> list[str]:
+    """The filters whose saved state a restore into this shard count drops.
+
+    :raises FailedPreconditionError: there are some and ``reset_filters`` is False
+        (nothing changed).
+    """
+    other = [fp for fp in filters if fp.other_layout is not None]
+    if not other or reset_filters:
+        return sorted(fp.name for fp in other)
+    described = "; ".join(
+        f"{fp.name!r} ({fp.other_layout[1]}, saved by {fp.other_layout[0]} shards)"
+        for fp in sorted(other, key=lambda f: f.name) if fp.other_layout is not None
+    )
+    raise FailedPreconditionError(
+        f"checkpoint {resolved} holds hash filter state saved by another shard count than "
+        f"this cluster's {shard.num_shards}: {described}. A filter's counts are kept in "
+        "cells indexed by a hash of the id, per saving shard, so they cannot move to the "
+        "ids' new owner shards; nothing was restored: restore with reset_filters "
+        "(restore_checkpoint(..., reset_filters=True), ps-admin restore --reset_filters) "
+        "to restore the tables and start these filters empty, or restore into "
+        "the saving shard count"
+    )
+
+
 def _has_files(basename: str) -> bool:
     directory = os.path.dirname(basename) or "."
     prefix = os.path.basename(basename) + "-"
@@ -946,7 +1118,7 @@ def _parse_config(b64: str) -> eht.EmbeddingHashTableConfig:
 
 def restore_shard_checkpoint(
     shard: Shard, model_dir: str, prefix: str | None = None, validate_only: bool = False,
-    *, root: DataRoot = UNCONFINED,
+    *, root: DataRoot = UNCONFINED, reset_filters: bool = False,
 ) -> CheckpointResult:
     """Restore every table and filter of a checkpoint into this shard, all or nothing.
 
@@ -954,9 +1126,17 @@ def restore_shard_checkpoint(
         taken inside ``model_dir``); None or ``""``: the latest in the index, else the
         only ``*.assets`` directory of ``model_dir``, else nothing.
     :param validate_only: check every file (and the manifest) and change nothing.
+    :param reset_filters: when the checkpoint was saved by another shard count, restore
+        its tables anyway and empty the filters whose state was saved (a live filter's
+        state is cleared, a created one starts new); without it such a restore is
+        refused. Filters that save no files (dummy, probabilistic) are never reset.
     :returns: the restored prefix (``""`` and nothing else when there is no
-        checkpoint), the files read, the entries the shard holds (would hold), and
-        the tables restored (including those created from the manifest).
+        checkpoint), the files read, the entries the shard holds (would hold), the
+        tables restored (including those created from the manifest) and the filters
+        reset (would be, validating).
+    :raises FailedPreconditionError: filter state saved by another shard count and no
+        ``reset_filters`` (nothing changes); a Monolith checkpoint into a shard
+        without tables.
     :raises CheckpointNotFoundError: the prefix has no assets directory, or filter
         files the manifest promises are missing.
     :raises CheckpointCorruptError: damaged or incomplete files, unreadable manifest.
@@ -982,6 +1162,7 @@ def restore_shard_checkpoint(
             "their files use, e.g. MonolithHashTable_<merged>), then restore"
         )
     tables, filters = _plan(shard, manifest, assets, root)
+    reset = _check_filter_layout(shard, resolved, filters, reset_filters)
     if manifest is not None and "files" in manifest:
         # Every file is checked against the manifest before anything changes.
         listed = [p for tp in tables for p in tp.paths]
@@ -993,8 +1174,8 @@ def restore_shard_checkpoint(
     names = [tp.name for tp in tables]
     if validate_only:
         files, entries = _check_all(shard, tables, filters, root)
-        return CheckpointResult(resolved, files, entries, names)
-    return _restore_all(shard, resolved, tables, filters, root)
+        return CheckpointResult(resolved, files, entries, names, reset)
+    return _restore_all(shard, resolved, tables, filters, root, reset)
 
 
 def _check_filters(shard: Shard, filters: list[_FilterPlan], root: DataRoot) -> list[str]:
@@ -1026,7 +1207,7 @@ def _check_all(
 
 def _restore_all(
     shard: Shard, resolved: str, tables: list[_TablePlan], filters: list[_FilterPlan],
-    root: DataRoot,
+    root: DataRoot, reset: list[str],
 ) -> CheckpointResult:
     """Create what is missing, check everything, then load; undo everything on failure.
 
@@ -1076,6 +1257,10 @@ def _restore_all(
                 filter_dump.restore_filter(
                     shard.hash_filter(fp.name).hash_filter, fp.basename, root=root
                 )
+        for name in reset:
+            if name not in created_filters:  # a created filter is new already
+                live = shard.hash_filter(name)
+                live.hash_filter.import_splits(live.options.build().export_splits())
     except BaseException:
         for table, clock in emptied:
             table.clear()
@@ -1086,4 +1271,4 @@ def _restore_all(
             shard.filters.pop(name, None)
         raise
     entries = sum(shard.table(tp.name).size() for tp in tables)
-    return CheckpointResult(resolved, files, entries, [tp.name for tp in tables])
+    return CheckpointResult(resolved, files, entries, [tp.name for tp in tables], reset)

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import errno
 import functools
+import json
 import math
 import os
 import shutil
@@ -824,13 +825,33 @@ def _checkpoint_commit(h: Harness, model_dir: str, step: int, keep: int) -> Expe
     if full is not None:
         codes |= os_defects([os.path.join(full, "checkpoint" + _TMP)],
                             [os.path.join(full, f"model.ckpt-{step}.assets")])
+        if not _saved(checkpoints.checkpoint_prefix(full, step)):
+            codes.add(Code.FAILED_PRECONDITION)  # nothing was saved at this step
     if codes:
         return rejected(codes)
     prefix = checkpoints.checkpoint_prefix(full, step)
+    with contextlib.suppress(errors.CheckpointCorruptError):
+        _, listed = checkpoints.read_checkpoint_index(full)
+        steps = {int(os.path.basename(p).rpartition("-")[2]) for p in listed
+                 if os.path.basename(p).rpartition("-")[2].isdigit()} | {step}
+        if keep and step not in sorted(steps)[-keep:]:
+            return rejected({Code.FAILED_PRECONDITION})  # below the kept steps
     files = [os.path.join(checkpoints.asset_dir(prefix), "manifest.json"),
              os.path.join(full, "checkpoint")]
     return answer(pb.AdminCheckpointResponse(prefix=prefix, files=files, entries=0,
                                              tables=sorted(h.ref.tables)))
+
+
+def _saved(prefix: str) -> bool:
+    """A commit of ``prefix`` has something to commit: the (one) shard's part list, or
+    a committed manifest with file lists."""
+    if os.path.exists(prefix + ".parts-0.json"):
+        return True
+    try:
+        with open(os.path.join(checkpoints.asset_dir(prefix), "manifest.json"), "rb") as f:
+            return "files" in json.loads(f.read())
+    except (OSError, ValueError):
+        return False
 
 
 def _checkpoint_restore(h: Harness, model_dir: str, prefix: str, validate: bool,

@@ -20,7 +20,7 @@ from ps_server.admin_cli import Progress
 from ps_server.engine import configs
 from tests.integration.conftest import CLIENT_OPTIONS, REPO, ServerProcess, start_server_process
 from tests.integration.test_admin import T0, expect_error, values_of
-from tests.integration.test_service import assign, lookup, make_table
+from tests.integration.test_service import assign, lookup, make_filter, make_table
 
 pytestmark = pytest.mark.integration
 
@@ -149,3 +149,59 @@ def test_progress_redraws_in_place_on_a_terminal() -> None:
     first, second = text.split("\x1b[2F")  # the second drawing goes back up two lines
     assert "shard 0 a:1   saving... " in first and "shard 1 bb:2  saving... " in first
     assert "shard 0 a:1   done\n" in second and "shard 1 bb:2  saving... " in second
+
+
+def test_save_keeps_the_highest_step_the_latest(tmp_path: Path) -> None:
+    model_dir = str(tmp_path / "model")
+    with processes(tmp_path, 1) as (proc,), stubs([proc]) as (stub,):
+        make_table(stub, "emb", configs.table_config(2))
+        assign(stub, "emb", [1, 2], values_of([1, 2]), req_time=T0)
+        for step in ("20", "10"):
+            saved = ps_admin(addresses([proc]), "save", f"--model_dir={model_dir}",
+                             f"--global_step={step}", "--max_to_keep=2")
+            assert saved.returncode == 0, saved.stderr
+        index = (Path(model_dir) / "checkpoint").read_text()
+        assert index.splitlines()[0] == 'model_checkpoint_path: "model.ckpt-20"'
+        low = ps_admin(addresses([proc]), "save", f"--model_dir={model_dir}",
+                       "--global_step=5", "--max_to_keep=2")
+        assert low.returncode == 1
+        assert "FAILED_PRECONDITION" in low.stderr
+        assert "model.ckpt-5 is not among the 2 highest committed steps (kept: 10, 20)" in (
+            low.stderr)
+        assert "the previous checkpoint stays the latest" in low.stderr
+        assert (Path(model_dir) / "checkpoint").read_text() == index
+        assert sorted(os.listdir(model_dir))[:3] == [
+            "checkpoint", "model.ckpt-10.assets", "model.ckpt-20.assets"]
+
+
+def test_restore_into_another_shard_count_with_filters(tmp_path: Path) -> None:
+    model_dir = str(tmp_path / "model")
+    ids = [-3, 0, 1, 2, 5, 8]
+    with processes(tmp_path, 2) as old, stubs(old) as old_stubs:
+        for stub in old_stubs:
+            make_filter(stub, "gate", threshold=1, capacity=1000, split_num=5)
+            make_table(stub, "emb", configs.table_config(2), hash_filter="gate")
+        for k, stub in enumerate(old_stubs):
+            own = [i for i in ids if i % 2 == k]
+            for _ in range(2):  # counted, then admitted
+                assign(stub, "emb", own, values_of(own), req_time=T0)
+        saved = ps_admin(addresses(old), "save", f"--model_dir={model_dir}", "--global_step=3")
+        assert saved.returncode == 0, saved.stderr
+    prefix = f"{model_dir}/model.ckpt-3"
+    with processes(tmp_path, 1) as new, stubs(new) as (stub,):
+        refused = ps_admin(addresses(new), "restore", f"--model_dir={model_dir}")
+        assert refused.returncode == 1
+        assert "FAILED_PRECONDITION" in refused.stderr
+        assert "'gate' (sliding_hash_filter, saved by 2 shards)" in refused.stderr
+        assert "--reset_filters" in refused.stderr
+        assert "nothing was restored on any shard" in refused.stderr
+
+        reset = ps_admin(addresses(new), "restore", f"--model_dir={model_dir}",
+                         "--reset_filters")
+        assert reset.returncode == 0, reset.stderr
+        assert f"restored {prefix}: 6 entries on 1 shards" in reset.stdout
+        assert (f"shard 0 ({new[0].address}): hash filter(s) 'gate' reset to empty (saved by "
+                "another shard count)") in reset.stdout
+        np.testing.assert_array_equal(lookup(stub, "emb", ids), values_of(ids))
+        warning = new[0].wait_for_log(r"^W\d{4} .*'gate' reset to empty")  # absl: W = WARNING
+        assert prefix in warning.string

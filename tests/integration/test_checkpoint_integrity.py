@@ -8,12 +8,20 @@ that knows every file it lists (docs/semantics.md §6.5, §13.6; issue 12, class
   their own files only.
 * A part truncated at a record boundary, emptied, with one bit flipped, or two
   tables' files swapped: restore answers DATA_LOSS naming the file, nothing changes.
-* A save that did not reach every shard is not committed.
+* A save that did not reach every shard is not committed, nor a commit without a save.
+* The index names the highest committed step; ``max_to_keep`` keeps the highest steps;
+  two trainers saving into one ``model_dir`` at once leave the highest step, whole.
+* Filter state saved by another shard count is refused (nothing changes) unless
+  ``reset_filters``: then the tables restore exactly, the filters start empty, and the
+  response, the shard's WARNING and the client name them (issue 12, class 4).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,10 +30,16 @@ import numpy as np
 import pytest
 
 from protos import ps_service_pb2 as pb
-from ps_client import PsAlreadyExists, PsClient, PsDataLoss, PsInvalidArgument
+from ps_client import (
+    PsAlreadyExists,
+    PsClient,
+    PsDataLoss,
+    PsFailedPrecondition,
+    PsInvalidArgument,
+)
 from ps_client.testing import local_cluster
 from ps_server.engine import configs
-from tests.integration.conftest import start_inprocess_server
+from tests.integration.conftest import RunningServer, start_inprocess_server
 from tests.integration.test_admin import (
     T0,
     admin,
@@ -184,3 +198,187 @@ def test_a_save_that_missed_a_shard_commits_nothing(tmp_path: Path) -> None:
         index = Path(model_dir, "checkpoint").read_text()
         assert 'model_checkpoint_path: "model.ckpt-1"' in index
         assert os.path.isdir(f"{model_dir}/model.ckpt-1.assets")  # max_to_keep deleted nothing
+
+
+def test_a_commit_without_a_save_commits_nothing(tmp_path: Path) -> None:
+    model_dir = str(tmp_path / "model")
+    with cluster(2) as servers:
+        fill_cluster(servers, "emb", [1, 2, 3])
+        save_all(servers, model_dir, step=1)
+        index, before = Path(model_dir, "checkpoint").read_text(), sorted(os.listdir(model_dir))
+        req = pb.AdminSaveRequest(model_dir=model_dir, global_step=2, max_to_keep=1)
+        expect_error(lambda: admin(servers[0]).CommitCheckpoint(req),
+                     codes.FAILED_PRECONDITION, "nothing was saved at step 2",
+                     "save on every shard first")
+        assert Path(model_dir, "checkpoint").read_text() == index
+        assert sorted(os.listdir(model_dir)) == before
+        # The repeated commit of a committed step still works.
+        again = pb.AdminSaveRequest(model_dir=model_dir, global_step=1, max_to_keep=1)
+        assert admin(servers[0]).CommitCheckpoint(again).prefix == f"{model_dir}/model.ckpt-1"
+        assert Path(model_dir, "checkpoint").read_text() == index
+
+
+def test_the_index_names_the_highest_step_and_keeps_the_highest(tmp_path: Path) -> None:
+    model_dir = str(tmp_path / "model")
+    with cluster(2) as servers:
+        fill_cluster(servers, "emb", [1, 2, 3])
+        save_all(servers, model_dir, step=20, max_to_keep=2)
+        save_all(servers, model_dir, step=10, max_to_keep=2)
+        index = Path(model_dir, "checkpoint").read_text()
+        assert index.splitlines() == [
+            'model_checkpoint_path: "model.ckpt-20"',
+            'all_model_checkpoint_paths: "model.ckpt-10"',
+            'all_model_checkpoint_paths: "model.ckpt-20"',
+        ]
+        req = pb.AdminSaveRequest(model_dir=model_dir, global_step=5, max_to_keep=2)
+        for s in servers:
+            admin(s).SaveCheckpoint(req)
+        expect_error(lambda: admin(servers[0]).CommitCheckpoint(req),
+                     codes.FAILED_PRECONDITION, "model.ckpt-5 is not among the 2 highest",
+                     "kept: 10, 20", "nothing was committed or deleted")
+        assert Path(model_dir, "checkpoint").read_text() == index
+        assert os.path.isdir(f"{model_dir}/model.ckpt-10.assets")
+        resolved = admin(servers[1]).RestoreCheckpoint(pb.AdminRestoreRequest(
+            model_dir=model_dir, validate_only=True))
+        assert resolved.prefix == f"{model_dir}/model.ckpt-20"
+
+
+def test_two_clients_saving_at_once_leave_the_highest_step(tmp_path: Path) -> None:
+    """Two trainers checkpoint steps 10 and 20 into one model_dir at the same time with
+    max_to_keep=1: the commits take turns on the directory's lock, and step 20 is the
+    one left, whole."""
+    with local_cluster(2, data_root=str(tmp_path)) as shards, \
+            PsClient(shards.addresses, timeout=30) as first, \
+            PsClient(shards.addresses, timeout=30) as second:
+        t = first.create_table(configs.table_config(2), name="emb")
+        ids = [1, 2, 3, 4, 5]
+        t.assign(ids, [[float(i), -float(i)] for i in ids])
+        for _ in range(3):
+            shutil.rmtree(tmp_path / "model", ignore_errors=True)
+            outcomes: dict[int, BaseException | None] = {}
+
+            def save(client: PsClient, step: int) -> None:
+                try:
+                    client.save_checkpoint("model", step, max_to_keep=1)
+                    outcomes[step] = None  # noqa: B023
+                except PsFailedPrecondition as e:
+                    outcomes[step] = e  # noqa: B023
+
+            threads = [threading.Thread(target=save, args=(c, s))
+                       for c, s in ((first, 10), (second, 20))]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            assert outcomes[20] is None
+            if outcomes[10] is not None:  # 20 committed first: 10 would go at once
+                assert "not among the 1 highest committed steps (kept: 20)" in str(outcomes[10])
+            index = (tmp_path / "model" / "checkpoint").read_text()
+            assert index.splitlines() == ['model_checkpoint_path: "model.ckpt-20"',
+                                          'all_model_checkpoint_paths: "model.ckpt-20"']
+            assert not (tmp_path / "model" / "model.ckpt-10.assets" / "manifest.json").exists()
+            t.assign(ids, [[0.0, 0.0]] * len(ids))
+            assert second.restore_checkpoint("model") is not None  # every file checked
+            np.testing.assert_array_equal(t.lookup(ids), [[float(i), -float(i)] for i in ids])
+
+
+# ---------------------------------------------------------------- filters across shard counts
+
+
+def filtered_cluster(servers: list[RunningServer], ids: list[int]) -> None:
+    """Table ``emb`` behind sliding filter ``gate`` (threshold 1) on every shard; every id
+    admitted (its second occurrence), so the filters hold counts."""
+    n = len(servers)
+    for s in servers:
+        make_filter(s.stub, "gate", threshold=1, capacity=1000, split_num=5)
+        make_table(s.stub, "emb", configs.table_config(2), hash_filter="gate")
+    for k, s in enumerate(servers):
+        own = [i for i in ids if i % n == k]
+        for _ in range(2):
+            assign(s.stub, "emb", own, values_of(own), req_time=T0)
+
+
+def fill_ratios(servers: list[RunningServer]) -> list[float]:
+    return [f.fill_ratio for s in servers
+            for f in admin(s).Stats(pb.StatsRequest()).hash_filters if f.name == "gate"]
+
+
+FILTER_IDS = [-4, -3, 0, 1, 2, 5, 8, 11]
+
+
+@pytest.mark.parametrize("target", [1, 3])
+def test_filters_saved_by_another_shard_count_are_refused_or_reset(
+    tmp_path: Path, target: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    model_dir = str(tmp_path / "model")
+    with cluster(2) as old:
+        filtered_cluster(old, FILTER_IDS)
+        save_all(old, model_dir, step=4)
+    prefix = f"{model_dir}/model.ckpt-4"
+    with cluster(target) as new:
+        filtered_cluster(new, [100])  # live entries and filter counts
+        before = fill_ratios(new)
+        assert max(before) > 0
+        for validate_only in (True, False):
+            for s in new:
+                expect_error(
+                    lambda s=s, v=validate_only: admin(s).RestoreCheckpoint(
+                        pb.AdminRestoreRequest(model_dir=model_dir, validate_only=v)),
+                    codes.FAILED_PRECONDITION, f"checkpoint {prefix}",
+                    f"this cluster's {target}", "'gate' (sliding_hash_filter, saved by 2 shards)",
+                    "nothing was restored", "reset_filters")
+        assert fill_ratios(new) == before
+        owner = new[100 % target]
+        np.testing.assert_array_equal(lookup(owner.stub, "emb", [100]), values_of([100]))
+
+        with caplog.at_level(logging.WARNING, logger="ps_server.runtime"):
+            answers = [admin(s).RestoreCheckpoint(pb.AdminRestoreRequest(
+                model_dir=model_dir, reset_filters=True)) for s in new]
+        assert [list(a.reset_filters) for a in answers] == [["gate"]] * target
+        assert fill_ratios(new) == [0.0] * target
+        for k, s in enumerate(new):
+            own = [i for i in FILTER_IDS if i % target == k]
+            np.testing.assert_array_equal(lookup(s.stub, "emb", own), values_of(own))
+        assert sum(admin(s).Stats(pb.StatsRequest()).entries for s in new) == len(FILTER_IDS)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+                    and "reset to empty" in r.getMessage()]
+        assert len(warnings) == target
+        assert all("'gate'" in w and prefix in w for w in warnings)
+
+
+def test_filters_keep_their_state_into_the_same_shard_count(tmp_path: Path) -> None:
+    model_dir = str(tmp_path / "model")
+    with cluster(2) as old:
+        filtered_cluster(old, FILTER_IDS)
+        saved = fill_ratios(old)
+        save_all(old, model_dir, step=4)
+    with cluster(2) as new:
+        answers = [admin(s).RestoreCheckpoint(pb.AdminRestoreRequest(
+            model_dir=model_dir, reset_filters=True)) for s in new]
+        assert [list(a.reset_filters) for a in answers] == [[], []]
+        assert fill_ratios(new) == saved
+
+
+def test_the_client_refuses_or_resets_and_names_the_filters(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with local_cluster(2, data_root=str(tmp_path)) as shards, \
+            PsClient(shards.addresses, timeout=30) as client:
+        gate = client.create_hash_filters(True, capacity=1000, split_num=5, name_suffix="_g")
+        t = client.create_table(configs.table_config(2), name="emb", hash_filters=gate)
+        t.assign(FILTER_IDS, values_of(FILTER_IDS))
+        prefix = client.save_checkpoint("model", 2)
+    with local_cluster(3, data_root=str(tmp_path)) as shards, \
+            PsClient(shards.addresses, timeout=30) as client:
+        with pytest.raises(PsFailedPrecondition, match="'MonolithHashFilter_g' "
+                                                       r"\(sliding_hash_filter, saved by 2"):
+            client.restore_checkpoint("model")
+        assert client.tables() == []
+        with caplog.at_level(logging.WARNING, logger="ps_client.async_client"):
+            restored = client.restore_checkpoint("model", reset_filters=True)
+        assert restored == prefix
+        assert getattr(restored, "reset_filters", None) == ("MonolithHashFilter_g",)
+        assert any("'MonolithHashFilter_g' reset to empty" in r.getMessage()
+                   for r in caplog.records if r.levelno == logging.WARNING)
+        np.testing.assert_array_equal(client.table("emb").lookup(FILTER_IDS),
+                                      values_of(FILTER_IDS))

@@ -24,6 +24,7 @@ from ps_client import (
     PolynomialDecay,
     PsClient,
     PsError,
+    PsFailedPrecondition,
     PsInvalidArgument,
     PsUnavailable,
     RetryPolicy,
@@ -540,12 +541,24 @@ def test_checkpoint_round_trip(client: PsClient, tmp_path: Path) -> None:
 def test_checkpoint_into_fresh_cluster_creates_tables(client: PsClient, tmp_path: Path) -> None:
     model_dir = str(tmp_path / "model")
     name = f"ckpt_fresh_{client.num_shards}"
-    t = client.create_table(table_config((1,)), name=name)
+    suffix = f"_fresh{client.num_shards}"
+    gate = client.create_hash_filters(True, thresholds(1), capacity=1000, split_num=5,
+                                      name_suffix=suffix)
+    t = client.create_table(table_config((1,)), name=name, hash_filters=gate)
     ids = np.arange(-6, 6)
-    t.assign(ids, ids.reshape(-1, 1).astype(np.float32))
+    for _ in range(2):  # the first occurrences are counted, the second admitted
+        t.assign(ids, ids.reshape(-1, 1).astype(np.float32))
     prefix = client.save_checkpoint(model_dir, 3)
     with local_cluster(2) as fresh, PsClient(fresh.addresses) as other:
-        assert other.restore_checkpoint(model_dir) == prefix
+        # The sliding filter saved state per shard: refused into 2 shards unless its
+        # reset is asked for.
+        with pytest.raises(PsFailedPrecondition,
+                           match=f"'MonolithHashFilter{suffix}' .*saved by {client.num_shards}"):
+            other.restore_checkpoint(model_dir)
+        assert other.tables() == []
+        restored = other.restore_checkpoint(model_dir, reset_filters=True)
+        assert restored == prefix
+        assert f"MonolithHashFilter{suffix}" in getattr(restored, "reset_filters", ())
         assert name in other.tables()
         got = other.table(name).lookup(ids)
         assert got[:, 0].tolist() == ids.astype(float).tolist()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -185,9 +188,10 @@ def test_validate_only_changes_nothing(tmp_path: Path) -> None:
     assign(shards, TABLE, IDS, VALS, ts=10)
     prefix = checkpoint(shards, tmp_path, 1)
     empty = Shard(1, 3)
-    result = restore_shard_checkpoint(empty, str(tmp_path), None, True)
+    result = restore_shard_checkpoint(empty, str(tmp_path), None, True, reset_filters=True)
     # floormod(id, 3) == 1 for -2, 1, 4
     assert (result.prefix, result.entries, result.tables) == (prefix, 3, [TABLE])
+    assert result.reset_filters == [FILTER]  # would be reset: saved by 2 shards
     assert empty.tables == {} and empty.filters == {}
 
 
@@ -232,7 +236,8 @@ def test_resharded_restore_moves_entries_and_leaves_filters(tmp_path: Path) -> N
     checkpoint(shards, tmp_path, 1)
     fresh = [Shard(i, 3) for i in range(3)]
     for shard in fresh:
-        restore_shard_checkpoint(shard, str(tmp_path), None, False)
+        result = restore_shard_checkpoint(shard, str(tmp_path), None, False, reset_filters=True)
+        assert result.reset_filters == [FILTER]
     np.testing.assert_array_equal(lookup(fresh, TABLE, IDS)[:, 0], VALS)
     assert sum(s.table(TABLE).size() for s in fresh) == len(IDS)
     # filter cells belong to the old shard layout: not restored, the filter starts empty
@@ -306,3 +311,267 @@ def test_monolith_layout_into_a_shard_without_tables_is_refused(tmp_path: Path) 
     _monolith_checkpoint(tmp_path, 10, np.arange(5, dtype=np.int64), saving_ps=1)
     with pytest.raises(FailedPreconditionError, match="create the tables first"):
         restore_shard_checkpoint(Shard(0, 1), str(tmp_path))
+
+
+# ---------------------------------------------------------------- commit and the index
+
+
+def listing(model_dir: Path) -> list[str]:
+    return sorted(os.listdir(model_dir))
+
+
+def test_commit_without_a_save_commits_nothing(tmp_path: Path) -> None:
+    shards = cluster(2)
+    assign(shards, TABLE, IDS, VALS, ts=10)
+    with pytest.raises(FailedPreconditionError, match=r"nothing was saved at step 3 .*does "
+                                                      r"not exist.*save on every shard first"):
+        commit_checkpoint(shards[0], str(tmp_path / "absent"), 3, 0)
+    assert not (tmp_path / "absent").exists()
+    checkpoint(shards, tmp_path, 1)
+    index, before = (tmp_path / "checkpoint").read_text(), listing(tmp_path)
+    for keep in (0, 1):
+        with pytest.raises(FailedPreconditionError,
+                           match=r"nothing was saved at step 2 in .*no shard left a part list "
+                                 r"\(model.ckpt-2.parts-0.json, ...\).*save on every shard first"):
+            commit_checkpoint(shards[0], str(tmp_path), 2, keep)
+    assert (tmp_path / "checkpoint").read_text() == index
+    assert listing(tmp_path) == before  # no model.ckpt-2.assets, step 1 kept
+    # A repeated commit of a committed step keeps its manifest's file lists.
+    manifest = json.loads((tmp_path / "model.ckpt-1.assets" / "manifest.json").read_text())
+    commit_checkpoint(shards[0], str(tmp_path), 1, 1)
+    again = json.loads((tmp_path / "model.ckpt-1.assets" / "manifest.json").read_text())
+    assert again["files"] == manifest["files"]
+    assert (tmp_path / "checkpoint").read_text() == index
+
+
+def test_index_names_the_highest_step_in_step_order(tmp_path: Path) -> None:
+    shards = cluster(1)
+    assign(shards, TABLE, [1], [1.0], ts=1)
+    (tmp_path / "checkpoint").write_text(
+        'model_checkpoint_path: "other-ckpt"\n'
+        'all_model_checkpoint_paths: "zz-ckpt"\n'
+        'all_model_checkpoint_paths: "other-ckpt"\n'
+    )
+    for step in (20, 3, 100, 10):
+        checkpoint(shards, tmp_path, step)
+    latest, listed = read_checkpoint_index(str(tmp_path))
+    assert latest == "model.ckpt-100"
+    assert listed == ["zz-ckpt", "other-ckpt", "model.ckpt-3", "model.ckpt-10",
+                      "model.ckpt-20", "model.ckpt-100"]
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "model.ckpt-100")
+    fresh = cluster(1)
+    assert restore_shard_checkpoint(fresh[0], str(tmp_path), None, False).prefix == str(
+        tmp_path / "model.ckpt-100")
+
+
+def test_max_to_keep_keeps_the_highest_steps(tmp_path: Path) -> None:
+    shards = cluster(1)
+    assign(shards, TABLE, [1], [1.0], ts=1)
+    for step in (10, 30, 20):
+        checkpoint(shards, tmp_path, step, max_to_keep=2)
+    assert listing(tmp_path) == ["checkpoint", "model.ckpt-20.assets", "model.ckpt-30.assets"]
+    assert read_checkpoint_index(str(tmp_path)) == (
+        "model.ckpt-30", ["model.ckpt-20", "model.ckpt-30"])
+    # A step below the kept ones would be deleted at once: refused, nothing deleted.
+    save_shard_checkpoint(shards[0], str(tmp_path), 5)
+    index = (tmp_path / "checkpoint").read_text()
+    with pytest.raises(FailedPreconditionError,
+                       match=r"model.ckpt-5 is not among the 2 highest committed steps "
+                             r"\(kept: 20, 30\).*nothing was committed or deleted.*max_to_keep=0"):
+        commit_checkpoint(shards[0], str(tmp_path), 5, 2)
+    assert (tmp_path / "checkpoint").read_text() == index
+    assert listing(tmp_path) == ["checkpoint", "model.ckpt-20.assets", "model.ckpt-30.assets",
+                                 "model.ckpt-5.assets", "model.ckpt-5.parts-0.json"]
+    assert not (tmp_path / "model.ckpt-5.assets" / "manifest.json").exists()
+    # ... and committed when kept: the highest stays the latest.
+    commit_checkpoint(shards[0], str(tmp_path), 5, 0)
+    assert read_checkpoint_index(str(tmp_path)) == (
+        "model.ckpt-30", ["model.ckpt-5", "model.ckpt-20", "model.ckpt-30"])
+    # The highest steps are kept, whatever commits last.
+    checkpoint(shards, tmp_path, 25, max_to_keep=2)
+    assert read_checkpoint_index(str(tmp_path)) == (
+        "model.ckpt-30", ["model.ckpt-25", "model.ckpt-30"])
+    assert listing(tmp_path) == ["checkpoint", "model.ckpt-25.assets", "model.ckpt-30.assets"]
+
+
+def test_a_failed_commit_deletes_nothing(tmp_path: Path) -> None:
+    shards = cluster(2)
+    assign(shards, TABLE, IDS, VALS, ts=10)
+    checkpoint(shards, tmp_path, 1)
+    save_shard_checkpoint(shards[0], str(tmp_path), 2)  # shard 1 never saves step 2
+    before, index = listing(tmp_path), (tmp_path / "checkpoint").read_text()
+    with pytest.raises(FailedPreconditionError, match="shard"):
+        commit_checkpoint(shards[0], str(tmp_path), 2, 1)
+    assert listing(tmp_path) == before
+    assert (tmp_path / "checkpoint").read_text() == index
+    fresh = cluster(2)
+    for shard in fresh:
+        assert restore_shard_checkpoint(shard, str(tmp_path), None, False).prefix == str(
+            tmp_path / "model.ckpt-1")
+    np.testing.assert_array_equal(lookup(fresh, TABLE, IDS)[:, 0], VALS)
+
+
+def racing_commit(barrier: threading.Barrier, shard: Shard, model_dir: Path, step: int,
+                  outcomes: dict[int, BaseException | None]) -> None:
+    barrier.wait()
+    try:
+        commit_checkpoint(shard, str(model_dir), step, 1)
+        outcomes[step] = None
+    except FailedPreconditionError as e:
+        outcomes[step] = e
+
+
+def test_racing_commits_end_with_the_highest_step(tmp_path: Path) -> None:
+    for attempt in range(5):
+        model_dir = tmp_path / f"m{attempt}"
+        groups = {step: cluster(1) for step in (10, 20)}
+        for step, shards in groups.items():
+            assign(shards, TABLE, [1], [float(step)], ts=step)
+            save_shard_checkpoint(shards[0], str(model_dir), step)
+        barrier = threading.Barrier(2)
+        outcomes: dict[int, BaseException | None] = {}
+        threads = [threading.Thread(target=racing_commit, args=(
+            barrier, groups[s][0], model_dir, s, outcomes)) for s in (10, 20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert outcomes[20] is None
+        # 10 either committed first and was deleted by 20, or was refused after 20.
+        if outcomes[10] is not None:
+            assert "not among the 1 highest committed steps (kept: 20)" in str(outcomes[10])
+        assert read_checkpoint_index(str(model_dir)) == ("model.ckpt-20", ["model.ckpt-20"])
+        fresh = cluster(1)
+        restore_shard_checkpoint(fresh[0], str(model_dir), None, False)
+        assert fresh[0].table(TABLE).lookup([1])[0, 0] == 20.0
+
+
+def test_a_commit_waits_for_the_model_dir_lock(tmp_path: Path) -> None:
+    """Another process's lock (here: another open file description) holds a commit back."""
+    shards = cluster(1)
+    assign(shards, TABLE, [1], [1.0], ts=1)
+    save_shard_checkpoint(shards[0], str(tmp_path), 1)
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        done = threading.Event()
+        worker = threading.Thread(
+            target=lambda: (commit_checkpoint(shards[0], str(tmp_path), 1, 0), done.set()))
+        worker.start()
+        assert not done.wait(0.5)
+        assert not (tmp_path / "checkpoint").exists()
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        assert done.wait(10)
+        worker.join()
+    finally:
+        os.close(fd)
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "model.ckpt-1")
+
+
+# ---------------------------------------------------------------- filters and resharding
+
+
+def sliding(shard: Shard) -> Any:
+    return shard.hash_filter(FILTER).hash_filter
+
+
+def saved_with_filter_state(model_dir: Path) -> list[Shard]:
+    shards = cluster(2)
+    assign(shards, TABLE, IDS, VALS, ts=10)  # counts every id in the filters
+    checkpoint(shards, model_dir, 1)
+    assert all(sliding(s).cells.any() for s in shards)
+    return shards
+
+
+@pytest.mark.parametrize("target", [1, 3])
+def test_filter_state_into_another_shard_count_is_refused(tmp_path: Path, target: int) -> None:
+    saved_with_filter_state(tmp_path)
+    live = cluster(target)
+    assign(live, TABLE, [100], [9.0], ts=5)
+    before = [(s.table(TABLE).size(), sliding(s).cells.copy()) for s in live]
+    for validate_only in (True, False):
+        for shard in live:
+            with pytest.raises(FailedPreconditionError) as info:
+                restore_shard_checkpoint(shard, str(tmp_path), None, validate_only)
+            message = str(info.value)
+            assert f"'{FILTER}' (sliding_hash_filter, saved by 2 shards)" in message
+            assert f"this cluster's {target}" in message
+            assert "nothing was restored" in message and "reset_filters" in message
+    for shard, (size, cells) in zip(live, before, strict=True):
+        assert shard.table(TABLE).size() == size
+        np.testing.assert_array_equal(sliding(shard).cells, cells)
+    # An empty cluster: nothing is created either.
+    empty = Shard(0, target)
+    with pytest.raises(FailedPreconditionError, match="another shard count"):
+        restore_shard_checkpoint(empty, str(tmp_path), None, False)
+    assert not empty.tables and not empty.filters
+
+
+@pytest.mark.parametrize("target", [1, 3])
+def test_reset_filters_restores_the_tables_and_empties_the_filters(
+    tmp_path: Path, target: int
+) -> None:
+    saved_with_filter_state(tmp_path)
+    live = cluster(target)
+    assign(live, TABLE, [100], [9.0], ts=5)  # live filter state, to be cleared
+    assert any(sliding(s).cells.any() for s in live)
+    owner = live[100 % target]
+    checked = restore_shard_checkpoint(owner, str(tmp_path), None, True, reset_filters=True)
+    assert checked.reset_filters == [FILTER] and sliding(owner).cells.any()  # validating
+    for shard in live:
+        result = restore_shard_checkpoint(shard, str(tmp_path), None, False, reset_filters=True)
+        assert result.reset_filters == [FILTER]
+        assert not sliding(shard).cells.any()
+        assert sliding(shard).failure_count == 0
+    np.testing.assert_array_equal(lookup(live, TABLE, IDS)[:, 0], VALS)
+    assert sum(s.table(TABLE).size() for s in live) == len(IDS)
+    # Created from the manifest on empty shards: new filters, reported as reset.
+    empty = [Shard(i, target) for i in range(target)]
+    for shard in empty:
+        result = restore_shard_checkpoint(shard, str(tmp_path), None, False, reset_filters=True)
+        assert result.reset_filters == [FILTER]
+        assert not sliding(shard).cells.any()
+    np.testing.assert_array_equal(lookup(empty, TABLE, IDS)[:, 0], VALS)
+
+
+def test_same_shard_count_restores_filters_and_resets_nothing(tmp_path: Path) -> None:
+    shards = saved_with_filter_state(tmp_path)
+    fresh = cluster(2)
+    for shard, old in zip(fresh, shards, strict=True):
+        result = restore_shard_checkpoint(shard, str(tmp_path), None, False, reset_filters=True)
+        assert result.reset_filters == []
+        np.testing.assert_array_equal(sliding(shard).cells, sliding(old).cells)
+
+
+def test_filters_without_files_are_never_reset(tmp_path: Path) -> None:
+    shards = [Shard(i, 2) for i in range(2)]
+    for shard in shards:
+        shard.create_hash_filter("p", FilterOptions(filter_type="probabilistic_filter"))
+        shard.create_hash_filter("d", FilterOptions(enable_hash_filter=False))
+        shard.create_table("a", CONFIG, hash_filter="p")
+        shard.create_table("b", CONFIG, hash_filter="d")
+    assign(shards, "a", IDS, VALS, ts=10)
+    checkpoint(shards, tmp_path, 1)
+    fresh = Shard(0, 1)
+    result = restore_shard_checkpoint(fresh, str(tmp_path), None, False)
+    assert result.reset_filters == []
+    assert fresh.table("a").size() == len(IDS)
+
+
+def test_monolith_filter_files_of_another_shard_count(tmp_path: Path) -> None:
+    """Without a manifest, the shard count is that of the hash_filter_<i> suffixes."""
+    saved_with_filter_state(tmp_path)
+    os.unlink(tmp_path / "model.ckpt-1.assets" / "manifest.json")
+    live = cluster(1)
+    with pytest.raises(FailedPreconditionError,
+                       match=rf"'{FILTER}' \(sliding_hash_filter, saved by 2 shards\)"):
+        restore_shard_checkpoint(live[0], str(tmp_path), None, False)
+    assert live[0].table(TABLE).size() == 0
+    result = restore_shard_checkpoint(live[0], str(tmp_path), None, False, reset_filters=True)
+    assert result.reset_filters == [FILTER]
+    np.testing.assert_array_equal(lookup(live, TABLE, IDS)[:, 0], VALS)
+    # The same count: the filter files are restored, as before.
+    same = cluster(2)
+    for shard in same:
+        assert restore_shard_checkpoint(shard, str(tmp_path), None, False).reset_filters == []
+        assert sliding(shard).cells.any()
