@@ -106,7 +106,7 @@ class CuckooEmbeddingHashTableConfig(_message.Message):
     def __init__(self) -> None: ...
 
 class EmbeddingHashTableConfig(_message.Message):
-    __slots__ = ("entry_config", "initial_capacity", "slot_expire_time_config", "cuckoo", "entry_type", "enable_feature_eviction", "feature_evict_every_n_hours", "skip_zero_embedding")
+    __slots__ = ("entry_config", "entry_type", "initial_capacity", "slot_expire_time_config", "cuckoo", "enable_feature_eviction", "feature_evict_every_n_hours", "skip_zero_embedding")
     class EntryType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         PACKED: _ClassVar[EmbeddingHashTableConfig.EntryType]
@@ -114,22 +114,22 @@ class EmbeddingHashTableConfig(_message.Message):
     PACKED: EmbeddingHashTableConfig.EntryType
     RAW: EmbeddingHashTableConfig.EntryType
     ENTRY_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_TYPE_FIELD_NUMBER: _ClassVar[int]
     INITIAL_CAPACITY_FIELD_NUMBER: _ClassVar[int]
     SLOT_EXPIRE_TIME_CONFIG_FIELD_NUMBER: _ClassVar[int]
     CUCKOO_FIELD_NUMBER: _ClassVar[int]
-    ENTRY_TYPE_FIELD_NUMBER: _ClassVar[int]
     ENABLE_FEATURE_EVICTION_FIELD_NUMBER: _ClassVar[int]
     FEATURE_EVICT_EVERY_N_HOURS_FIELD_NUMBER: _ClassVar[int]
     SKIP_ZERO_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     entry_config: EntryConfig
+    entry_type: EmbeddingHashTableConfig.EntryType
     initial_capacity: int
     slot_expire_time_config: SlotExpireTimeConfig
     cuckoo: CuckooEmbeddingHashTableConfig
-    entry_type: EmbeddingHashTableConfig.EntryType
     enable_feature_eviction: bool
     feature_evict_every_n_hours: int
     skip_zero_embedding: bool
-    def __init__(self, entry_config: _Optional[_Union[EntryConfig, _Mapping]] = ..., initial_capacity: _Optional[int] = ..., slot_expire_time_config: _Optional[_Union[SlotExpireTimeConfig, _Mapping]] = ..., cuckoo: _Optional[_Union[CuckooEmbeddingHashTableConfig, _Mapping]] = ..., entry_type: _Optional[_Union[EmbeddingHashTableConfig.EntryType, str]] = ..., enable_feature_eviction: _Optional[bool] = ..., feature_evict_every_n_hours: _Optional[int] = ..., skip_zero_embedding: _Optional[bool] = ...) -> None: ...
+    def __init__(self, entry_config: _Optional[_Union[EntryConfig, _Mapping]] = ..., entry_type: _Optional[_Union[EmbeddingHashTableConfig.EntryType, str]] = ..., initial_capacity: _Optional[int] = ..., slot_expire_time_config: _Optional[_Union[SlotExpireTimeConfig, _Mapping]] = ..., cuckoo: _Optional[_Union[CuckooEmbeddingHashTableConfig, _Mapping]] = ..., enable_feature_eviction: _Optional[bool] = ..., feature_evict_every_n_hours: _Optional[int] = ..., skip_zero_embedding: _Optional[bool] = ...) -> None: ...
 
 class MultiEmbeddingHashTableConfig(_message.Message):
     __slots__ = ("names", "configs")

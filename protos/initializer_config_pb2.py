@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/initializer_config.proto\x12\x13monolith.hash_table\"*\n\x16ZerosInitializerConfig\x12\x10\n\x08\x64im_size\x18\x01 \x01(\x05\")\n\x15OnesInitializerConfig\x12\x10\n\x08\x64im_size\x18\x01 \x01(\x05\"C\n\x1a\x43onstantsInitializerConfig\x12\x10\n\x08\x64im_size\x18\x01 \x01(\x05\x12\x13\n\x08\x63onstant\x18\x02 \x01(\x02:\x01\x30\"_\n\x1eRandomUniformInitializerConfig\x12\x10\n\x08\x64im_size\x18\x01 \x01(\x05\x12\x15\n\x06minval\x18\x02 \x01(\x02:\x05-0.05\x12\x14\n\x06maxval\x18\x03 \x01(\x02:\x04\x30.05\"\xaa\x02\n\x11InitializerConfig\x12<\n\x05zeros\x18\x01 \x01(\x0b\x32+.monolith.hash_table.ZerosInitializerConfigH\x00\x12M\n\x0erandom_uniform\x18\x02 \x01(\x0b\x32\x33.monolith.hash_table.RandomUniformInitializerConfigH\x00\x12:\n\x04ones\x18\x03 \x01(\x0b\x32*.monolith.hash_table.OnesInitializerConfigH\x00\x12\x44\n\tconstants\x18\x0f \x01(\x0b\x32/.monolith.hash_table.ConstantsInitializerConfigH\x00\x42\x06\n\x04type')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/initializer_config.proto\x12\x13monolith.hash_table\"*\n\x16ZerosInitializerConfig\x12\x10\n\x08\x64im_size\x18\x01 \x01(\x05\")\n\x15OnesInitializerConfig\x12\x10\n\x08\x64im_size\x18\x01 \x01(\x05\"@\n\x1a\x43onstantsInitializerConfig\x12\x10\n\x08\x64im_size\x18\x01 \x01(\x05\x12\x10\n\x08\x63onstant\x18\x02 \x01(\x02\"_\n\x1eRandomUniformInitializerConfig\x12\x10\n\x08\x64im_size\x18\x01 \x01(\x05\x12\x15\n\x06minval\x18\x02 \x01(\x02:\x05-0.05\x12\x14\n\x06maxval\x18\x03 \x01(\x02:\x04\x30.05\"\xaa\x02\n\x11InitializerConfig\x12<\n\x05zeros\x18\x01 \x01(\x0b\x32+.monolith.hash_table.ZerosInitializerConfigH\x00\x12M\n\x0erandom_uniform\x18\x02 \x01(\x0b\x32\x33.monolith.hash_table.RandomUniformInitializerConfigH\x00\x12:\n\x04ones\x18\x03 \x01(\x0b\x32*.monolith.hash_table.OnesInitializerConfigH\x00\x12\x44\n\tconstants\x18\x0f \x01(\x0b\x32/.monolith.hash_table.ConstantsInitializerConfigH\x00\x42\x06\n\x04type')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,9 +36,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ONESINITIALIZERCONFIG']._serialized_start=100
   _globals['_ONESINITIALIZERCONFIG']._serialized_end=141
   _globals['_CONSTANTSINITIALIZERCONFIG']._serialized_start=143
-  _globals['_CONSTANTSINITIALIZERCONFIG']._serialized_end=210
-  _globals['_RANDOMUNIFORMINITIALIZERCONFIG']._serialized_start=212
-  _globals['_RANDOMUNIFORMINITIALIZERCONFIG']._serialized_end=307
-  _globals['_INITIALIZERCONFIG']._serialized_start=310
-  _globals['_INITIALIZERCONFIG']._serialized_end=608
+  _globals['_CONSTANTSINITIALIZERCONFIG']._serialized_end=207
+  _globals['_RANDOMUNIFORMINITIALIZERCONFIG']._serialized_start=209
+  _globals['_RANDOMUNIFORMINITIALIZERCONFIG']._serialized_end=304
+  _globals['_INITIALIZERCONFIG']._serialized_start=307
+  _globals['_INITIALIZERCONFIG']._serialized_end=605
 # @@protoc_insertion_point(module_scope)

@@ -37,14 +37,14 @@ class DynamicWdAdagradOptimizerConfig(_message.Message):
     dim_size: int
     learning_rate: float
     initial_accumulator_value: float
-    hessian_compression_times: float
+    hessian_compression_times: int
     weight_decay_factor: float
     warmup_steps: int
     decouple_weight_decay: bool
     enable_dynamic_wd: bool
     dynamic_wd_temperature: float
     flip_direction: bool
-    def __init__(self, dim_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., initial_accumulator_value: _Optional[float] = ..., hessian_compression_times: _Optional[float] = ..., weight_decay_factor: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., decouple_weight_decay: _Optional[bool] = ..., enable_dynamic_wd: _Optional[bool] = ..., dynamic_wd_temperature: _Optional[float] = ..., flip_direction: _Optional[bool] = ...) -> None: ...
+    def __init__(self, dim_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., initial_accumulator_value: _Optional[float] = ..., hessian_compression_times: _Optional[int] = ..., weight_decay_factor: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., decouple_weight_decay: _Optional[bool] = ..., enable_dynamic_wd: _Optional[bool] = ..., dynamic_wd_temperature: _Optional[float] = ..., flip_direction: _Optional[bool] = ...) -> None: ...
 
 class SgdOptimizerConfig(_message.Message):
     __slots__ = ("dim_size", "learning_rate", "warmup_steps")
