@@ -755,12 +755,20 @@ def _read_manifest(assets: str, root: DataRoot) -> dict[str, Any] | None:
         int(manifest["num_shards"])
         for name, decl in manifest["tables"].items():
             _check_table_declaration(name, decl)
-        for decl in manifest.get("hash_filters", {}).values():
-            _filter_options(decl)
-            stem = decl.get("file_stem")
+        for name, decl in manifest.get("hash_filters", {}).items():
+            options = _filter_options(decl)
+            stem = decl["file_stem"]
             if stem is not None and (not isinstance(stem, str) or stem in (".", "..")
                                      or os.path.basename(stem) != stem):
                 raise ValueError("a hash filter's file_stem is not a plain file name")
+            # A sliding filter always saves its splits; the others never save anything.
+            saves = options.enable_hash_filter and options.filter_type == "sliding_hash_filter"
+            if saves != (stem is not None):
+                raise ValueError(
+                    f"hash filter {name!r} is a {options.filter_type} "
+                    f"({'enabled' if options.enable_hash_filter else 'disabled'}) but its "
+                    f"file_stem says it saved {'files' if stem is not None else 'none'}"
+                )
         if "files" in manifest:
             _check_listing(manifest)
     except (ValueError, KeyError, TypeError, AttributeError) as e:

@@ -221,9 +221,14 @@ def test_a_loop_of_symbolic_links_in_the_data_root_is_permission_denied(tmp_path
                 Code.PERMISSION_DENIED, "loop")
 
 
-def _manifest_with(tmp_path: Path, field: str, value: Any) -> Iterator[RunningServer]:
-    """A committed checkpoint of the baseline at ``ck`` whose manifest's table 'emb' has
-    ``field`` set to ``value`` (checksum recomputed), served by an empty shard."""
+DELETE = object()
+
+
+def _manifest_with(tmp_path: Path, field: str, value: Any, *, section: str = "tables",
+                   name: str = "emb") -> Iterator[RunningServer]:
+    """A committed checkpoint of the baseline at ``ck`` whose manifest's ``section`` entry
+    ``name`` (table 'emb') has ``field`` set to ``value`` (checksum recomputed; the value
+    ``DELETE`` removes it), served by an empty shard."""
     import json
 
     import google_crc32c
@@ -234,7 +239,10 @@ def _manifest_with(tmp_path: Path, field: str, value: Any) -> Iterator[RunningSe
         assert send(server, "Admin.CommitCheckpoint", save)[0] == Code.OK
         path = tmp_path / "ck" / "model.ckpt-1.assets" / "manifest.json"
         manifest = json.loads(path.read_text())
-        manifest["tables"]["emb"][field] = value
+        if value is DELETE:
+            del manifest[section][name][field]
+        else:
+            manifest[section][name][field] = value
         body = {k: v for k, v in manifest.items() if k != "manifest_crc32c"}
         manifest["manifest_crc32c"] = int(google_crc32c.value(json.dumps(
             body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")))
@@ -257,5 +265,17 @@ def test_a_manifest_whose_extra_restore_names_is_no_list_is_data_loss(
 def test_a_manifest_whose_extra_restore_names_is_a_string_is_data_loss(tmp_path: Path) -> None:
     # Found by test_hostile_files: the restore succeeded with another table declaration.
     for server in _manifest_with(tmp_path, "extra_restore_names", "xy"):
+        refused(server, "Admin.RestoreCheckpoint", pb.AdminRestoreRequest(model_dir="ck"),
+                Code.DATA_LOSS, "manifest.json")
+
+
+@pytest.mark.parametrize(("name", "value"), [("flt", DELETE), ("flt", None), ("prob", "hf")])
+def test_a_manifest_whose_filter_file_stem_contradicts_its_type_is_data_loss(
+    tmp_path: Path, name: str, value: Any
+) -> None:
+    # Found by test_hostile_files: without file_stem the sliding filter 'flt' was taken
+    # for one that saves nothing, and the restore answered OK leaving its state as it was.
+    for server in _manifest_with(tmp_path, "file_stem", value, section="hash_filters",
+                                 name=name):
         refused(server, "Admin.RestoreCheckpoint", pb.AdminRestoreRequest(model_dir="ck"),
                 Code.DATA_LOSS, "manifest.json")
