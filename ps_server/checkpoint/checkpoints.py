@@ -333,6 +333,7 @@ def _read_parts(
                         raise ValueError(f"{what} name files it has no facts of: {unknown}")
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointCorruptError(f"{path}: unreadable part list: {e}") from e
+        parts["_source"] = os.path.basename(path)  # for messages; never written
         lists.append(parts)
     if missing and lists:
         raise FailedPreconditionError(
@@ -369,7 +370,7 @@ def _parts_of_committed(assets: str, shard: Shard, root: DataRoot) -> list[dict[
         for name, decl in previous["tables"].items()
         if decl.get("file_stem") == file_stem(name)
     }
-    return [{"shard_index": 0, "tables": tables, "hash_filters": filters,
+    return [{"shard_index": 0, "_source": MANIFEST_NAME, "tables": tables, "hash_filters": filters,
              "files": dict(previous["files"])}]
 
 
@@ -441,7 +442,8 @@ def _manifest(shard: Shard, global_step: int, parts: list[dict[str, Any]]) -> di
         if absent:
             raise FailedPreconditionError(
                 f"shard {part['shard_index']} saved no files for {', '.join(map(repr, absent))} "
-                f"at step {global_step} (created after the save?); nothing was committed: "
+                f"at step {global_step} (its {part['_source']} lists none; created after the "
+                "save?); nothing was committed: "
                 "save again on every shard, then commit"
             )
     files: dict[str, Any] = {}
@@ -753,8 +755,15 @@ def _read_manifest(assets: str, root: DataRoot) -> dict[str, Any] | None:
         if int(manifest.get("version", 0)) > _VERSION:
             raise ValueError(f"version {manifest['version']} is newer than this reader")
         int(manifest["num_shards"])
+        if not isinstance(manifest.get("hash_filters"), dict):
+            raise ValueError("it has no hash_filters object")
         for name, decl in manifest["tables"].items():
             _check_table_declaration(name, decl)
+            if decl["hash_filter"] and decl["hash_filter"] not in manifest["hash_filters"]:
+                raise ValueError(
+                    f"table {name!r} uses hash filter {decl['hash_filter']!r}, which it "
+                    "does not declare"
+                )
         for name, decl in manifest.get("hash_filters", {}).items():
             options = _filter_options(decl)
             stem = decl["file_stem"]

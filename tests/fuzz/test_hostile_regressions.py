@@ -239,10 +239,11 @@ def _manifest_with(tmp_path: Path, field: str, value: Any, *, section: str = "ta
         assert send(server, "Admin.CommitCheckpoint", save)[0] == Code.OK
         path = tmp_path / "ck" / "model.ckpt-1.assets" / "manifest.json"
         manifest = json.loads(path.read_text())
+        where = manifest[section][name] if section else manifest
         if value is DELETE:
-            del manifest[section][name][field]
+            del where[field]
         else:
-            manifest[section][name][field] = value
+            where[field] = value
         body = {k: v for k, v in manifest.items() if k != "manifest_crc32c"}
         manifest["manifest_crc32c"] = int(google_crc32c.value(json.dumps(
             body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")))
@@ -277,5 +278,16 @@ def test_a_manifest_whose_filter_file_stem_contradicts_its_type_is_data_loss(
     # for one that saves nothing, and the restore answered OK leaving its state as it was.
     for server in _manifest_with(tmp_path, "file_stem", value, section="hash_filters",
                                  name=name):
+        refused(server, "Admin.RestoreCheckpoint", pb.AdminRestoreRequest(model_dir="ck"),
+                Code.DATA_LOSS, "manifest.json")
+
+
+@pytest.mark.parametrize("value", [DELETE, {}])
+def test_a_manifest_that_drops_the_filters_its_tables_use_is_data_loss(
+    tmp_path: Path, value: Any
+) -> None:
+    # Found by test_hostile_files: without its hash_filters the restore answered OK and
+    # left the filters' state as it was.
+    for server in _manifest_with(tmp_path, "hash_filters", value, section=""):
         refused(server, "Admin.RestoreCheckpoint", pb.AdminRestoreRequest(model_dir="ck"),
                 Code.DATA_LOSS, "manifest.json")

@@ -411,6 +411,19 @@ def test_a_failed_commit_deletes_nothing(tmp_path: Path) -> None:
     np.testing.assert_array_equal(lookup(fresh, TABLE, IDS)[:, 0], VALS)
 
 
+def test_a_table_created_after_the_save_names_the_part_list(tmp_path: Path) -> None:
+    shards = cluster(2)
+    for shard in shards:
+        save_shard_checkpoint(shard, str(tmp_path), 3)
+    for shard in shards:
+        shard.create_table("late", CONFIG)
+    with pytest.raises(FailedPreconditionError) as info:
+        commit_checkpoint(shards[0], str(tmp_path), 3, 0)
+    assert "shard 0 saved no files for 'late' at step 3 (its model.ckpt-3.parts-0.json " \
+        "lists none" in str(info.value)
+    assert not (tmp_path / "checkpoint").exists()
+
+
 def racing_commit(barrier: threading.Barrier, shard: Shard, model_dir: Path, step: int,
                   outcomes: dict[int, BaseException | None]) -> None:
     barrier.wait()
