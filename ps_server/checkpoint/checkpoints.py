@@ -18,8 +18,9 @@ record count and CRC-32C, computed while writing); then one shard runs
 (refusing, FAILED_PRECONDITION, when some shards' lists are there and others are
 missing, and FAILED_PRECONDITION "nothing was saved at step N" when no shard left one
 and no manifest with file lists was committed for the step before) and writes, last,
-the ``checkpoint`` index; then the part lists are removed (a repeated commit of the
-step keeps the committed manifest's file lists). Until the index is replaced the
+the ``checkpoint`` index; then the part lists are removed (a repeated commit of a
+committed step leaves its manifest as it is, even if tables were created since, and
+writes the index again). Until the index is replaced the
 previous checkpoint stays the latest, so a crash mid-save loses nothing.
 
 The index lists the kept checkpoints by step, ascending (TensorFlow's order; the step
@@ -345,33 +346,14 @@ def _read_parts(
     return lists
 
 
-def _parts_of_committed(assets: str, shard: Shard, root: DataRoot) -> list[dict[str, Any]]:
-    """A commit repeated without a new save: the file lists of the manifest already
-    committed for this step, as one part list (``[]`` if it has none or is unreadable).
-
-    The part lists are removed once a commit completes, so a second commit of the same
-    step keeps the facts the first one recorded instead of dropping them.
-    """
+def _committed_with_files(assets: str, root: DataRoot) -> bool:
+    """Whether a readable manifest with file lists was committed in ``assets`` (the part
+    lists are removed once a commit completes, so a repeated commit finds only it)."""
     try:
         previous = _read_manifest(assets, root)
     except CheckpointCorruptError:
-        return []
-    if previous is None or "files" not in previous:
-        return []
-    stems = _filter_stems(shard)
-    filters: dict[str, list[str]] = {}
-    for name, stem in stems.items():
-        decl = previous.get("hash_filters", {}).get(name)
-        if stem is None or decl is None or decl.get("file_stem") != stem:
-            continue  # written under another stem: reported as saving no files
-        filters[name] = list(decl.get("files", []))
-    tables = {
-        name: list(decl.get("files", []))
-        for name, decl in previous["tables"].items()
-        if decl.get("file_stem") == file_stem(name)
-    }
-    return [{"shard_index": 0, "_source": MANIFEST_NAME, "tables": tables, "hash_filters": filters,
-             "files": dict(previous["files"])}]
+        return False
+    return previous is not None and "files" in previous
 
 
 def _remove_part_lists(prefix: str) -> None:
@@ -513,9 +495,9 @@ def _commit_locked(
     index_path = root.check(os.path.join(model_dir, INDEX_NAME), "checkpoint index")
     manifest_path = root.check(os.path.join(assets, MANIFEST_NAME), "manifest")
     parts = _read_parts(prefix, shard, global_step, root)
-    if not parts:
-        parts = _parts_of_committed(assets, shard, root)
-    if not parts:
+    # A repeated commit of a committed step (its answer was lost) keeps that manifest as
+    # it is, whatever tables were created since: it only writes the index again.
+    if not parts and not _committed_with_files(assets, root):
         raise FailedPreconditionError(
             f"nothing was saved at step {global_step} in {model_dir}: no shard left a part "
             f"list ({os.path.basename(_parts_path(prefix, 0))}, ...) and no checkpoint of "
@@ -531,8 +513,9 @@ def _commit_locked(
             "all) or a larger one, save into another model_dir, or delete the higher "
             "checkpoints first"
         )
-    _make_dirs(assets, root)
-    _write_atomic(manifest_path, _json_bytes(_manifest(shard, global_step, parts)))
+    if parts:
+        _make_dirs(assets, root)
+        _write_atomic(manifest_path, _json_bytes(_manifest(shard, global_step, parts)))
 
     _write_atomic(index_path, _index_text(kept[-1], kept).encode("utf-8"))
     _remove_part_lists(prefix)

@@ -129,6 +129,11 @@ def test_the_manifest_lists_every_file_with_its_facts_and_its_own_checksum(
     assert not [n for n in os.listdir(tmp_path) if ".parts-" in n]
     commit_checkpoint(group[0], str(tmp_path), STEP, 0)
     assert manifest_of(assets) == manifest
+    # ... even after a table was created since (a retried commit whose answer was lost)
+    for shard in group:
+        shard.create_table("late", CONFIG)
+    commit_checkpoint(group[0], str(tmp_path), STEP, 0)
+    assert manifest_of(assets) == manifest
 
 
 def test_each_shard_leaves_a_part_list_until_the_commit(tmp_path: Path) -> None:
