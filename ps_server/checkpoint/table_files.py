@@ -63,6 +63,7 @@ from ps_server.checkpoint.entry_dump import (
     decode_entry_dumps,
     encode_entry_dumps,
 )
+from ps_server.checkpoint.monolith_multi import MultiTableCheckpoint, MultiTablePart
 from ps_server.checkpoint.tfrecord import (
     FileFacts,
     TFRecordWriter,
@@ -462,7 +463,18 @@ def restore_table(
     """
     _check_shard(shard_index, num_shards)
     root.check(basename, "table files")
-    paths = [p.path for p in list_table_parts(basename)]
+    multi = MultiTableCheckpoint.of_basename(basename, root)
+    if multi is not None:
+        # Monolith's multi-hash-table files: this table's records in each of them.
+        found = multi.parts([table.name])
+        if found is None:
+            raise ConfigMismatchError(
+                f"table {table.name!r} has no entries in multi-table checkpoint {basename}: "
+                f"its meta files name {', '.join(map(repr, multi.table_names()))}"
+            )
+        paths: list[str] = found
+    else:
+        paths = [p.path for p in list_table_parts(basename)]
     root.check_all(paths, "table part")
     if not validate_only and table.size() == 0:
         # Nothing to protect: one pass, emptied again if anything fails.
@@ -635,6 +647,9 @@ def _estimate(table: EmbeddingHashTable, paths: Sequence[str], num_shards: int) 
     least = table.dim * (len(b"\x15") + 4) + len(b"\x1a\x00\x20\x00")
     records = 0
     for path in paths:
+        if isinstance(path, MultiTablePart):
+            records += path.records
+            continue
         try:
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
@@ -658,7 +673,11 @@ def _file_chunks(
     them decoded (else only checked); errors name the file."""
     first = 0
     training = None if table.layout.serving else _training_optimizers(table)
-    for buffer, offsets in read_framed_runs(path, READ_CHUNK_BYTES):
+    framed = (
+        path.framed(READ_CHUNK_BYTES) if isinstance(path, MultiTablePart)
+        else read_framed_runs(path, READ_CHUNK_BYTES)
+    )
+    for buffer, offsets in framed:
         n = offsets.shape[0] - 1
         where = f"{path}: records {first}..{first + n - 1}"
         entries = None
