@@ -473,6 +473,14 @@ def _complete_groups(directory: str, stems: list[str]) -> None:
             groups.setdefault(m.group(1), set()).add(int(m.group(2)))
     for prefix, indices in groups.items():
         missing = [i for i in range(max(indices) + 1) if i not in indices]
+        for i in missing:
+            data = re.compile(re.escape(f"{prefix}{i}") + _SHARD)
+            found = sorted(n for n in os.listdir(directory) if data.fullmatch(n))
+            if found:
+                raise CheckpointCorruptError(
+                    f"multi-table checkpoint {directory} is incomplete: {', '.join(found)} "
+                    f"has no meta file {prefix}{i}{META_INFIX}-NNNNN-of-NNNNN"
+                )
         if missing:
             names = ", ".join(prefix + str(i) for i in missing)
             raise CheckpointCorruptError(
