@@ -9,10 +9,10 @@ sub-table of one process into, per file shard ``k`` of ``n``::
                                    {table_name, num_entries} per sub-table, in file order
 
 The data stream holds each sub-table's records as one contiguous run, in meta order
-(docs/monolith-migration.md; the reference is ``monolith-checkpoint-formats.md`` §4.2,
-§5.2, §6.1, §7.4). The SNAPPY container is a sequence of blocks, each ``uint32
-big-endian compressed length`` + that many bytes of *raw* snappy; the blocks decompress
-(with ``cramjam``) into the plain TFRecord stream, whose records may straddle blocks.
+(docs/monolith-migration.md, "Multi-hash-table checkpoints"). The SNAPPY container is a
+sequence of blocks, each ``uint32 big-endian compressed length`` + that many bytes of
+*raw* snappy (no stream header, trailer or block CRC); the blocks decompress (with
+``cramjam``) into the plain TFRecord stream, whose records may straddle blocks.
 
 Reading a data file is done in two steps:
 
