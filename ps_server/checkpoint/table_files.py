@@ -452,13 +452,20 @@ def restore_table(
     written; the clock becomes ``max(clock, newest loaded timestamp)``. SERVING tables
     take the values only (their optimizer dumps are parsed and dropped).
 
+    When ``basename`` names Monolith multi-hash-table files (``<basename>.meta-…`` beside
+    SNAPPY data files, or those of every PS ``<basename>_<i>`` / ``<basename><i>`` for
+    a basename ending in ``_``), the records of the sub-table named like the table are
+    read from them instead (:mod:`ps_server.checkpoint.monolith_multi`); every file is
+    checked first.
+
     :param validate_only: only run the checking pass; the table is not touched.
     :raises InvalidArgumentError: bad ``shard_index``/``num_shards``.
     :raises CheckpointNotFoundError: no file for ``basename``.
     :raises CheckpointCorruptError: incomplete file set, bad CRC, truncated or
         unparsable record (names the file and the record's byte offset or position).
     :raises ConfigMismatchError: a record holds more values than the table's dim or
-        optimizer state the table's segments do not have (names the file).
+        optimizer state the table's segments do not have (names the file); no meta
+        file of a multi-table basename names the table.
     :raises PathOutsideRootError: a part file resolves outside ``root`` (nothing read).
     """
     _check_shard(shard_index, num_shards)
