@@ -223,3 +223,18 @@ def test_missing_parameter_server_is_data_loss(client: PsClient, tmp_path: Path)
             os.unlink(os.path.join(assets, f))
     with pytest.raises(PsDataLoss, match="parameter server"):
         client.restore_checkpoint(model_dir)
+
+
+def test_table_named_in_no_meta_file_is_refused(tmp_path: Path) -> None:
+    model_dir = str(SAMPLES / "multi_table_2ps")
+    basename = os.path.join(model_dir, "model.ckpt-300.assets", "MonolithMultiHashTable_")
+    with local_cluster(1) as cluster, PsClient(cluster.addresses) as c:
+        ensure_tables(c)
+        other = c.create_table(config("bias"), name="nope")
+        other.assign([7], [[2.5]])
+        with pytest.raises(ValueError, match=r"'nope'.*'bias', 'item', 'user'"):
+            other.restore(basename)
+        with pytest.raises(ValueError, match="'nope'"):
+            c.restore_checkpoint(model_dir)
+        assert other.lookup([7]).tolist() == [[2.5]]
+        assert c.table("bias").size() == 0
