@@ -104,6 +104,7 @@ import google_crc32c
 
 from protos import embedding_hash_table_pb2 as eht
 from ps_server.checkpoint import filter_dump
+from ps_server.checkpoint.monolith_multi import MultiTableCheckpoint
 from ps_server.checkpoint.table_files import (
     RESTORE_THREADS,
     list_table_parts,
@@ -900,8 +901,12 @@ def _plan(
                 filters[name] = _FilterPlan(name, options, basename, False)
 
     saving_shards = int(manifest["num_shards"]) if manifest is not None else None
+    # Monolith's multi-hash-table files (no manifest): every file checked and indexed now.
+    multi = MultiTableCheckpoint.of_assets(assets, root) if manifest is None else None
 
     def table_paths(name: str, candidates: list[str]) -> list[str]:
+        if multi is not None and (parts := multi.parts(candidates)) is not None:
+            return parts
         if manifest is None or "files" not in manifest:
             return _table_paths(assets, name, candidates, saving_shards, root)
         return _listed_table_paths(manifest, assets, name, candidates, root)

@@ -63,6 +63,7 @@ from ps_server.checkpoint.entry_dump import (
     decode_entry_dumps,
     encode_entry_dumps,
 )
+from ps_server.checkpoint.monolith_multi import MultiTableCheckpoint, MultiTablePart
 from ps_server.checkpoint.tfrecord import (
     FileFacts,
     TFRecordWriter,
@@ -451,18 +452,36 @@ def restore_table(
     written; the clock becomes ``max(clock, newest loaded timestamp)``. SERVING tables
     take the values only (their optimizer dumps are parsed and dropped).
 
+    When ``basename`` names Monolith multi-hash-table files (``<basename>.meta-…`` beside
+    SNAPPY data files, or those of every PS ``<basename>_<i>`` / ``<basename><i>`` for
+    a basename ending in ``_``), the records of the sub-table named like the table are
+    read from them instead (:mod:`ps_server.checkpoint.monolith_multi`); every file is
+    checked first.
+
     :param validate_only: only run the checking pass; the table is not touched.
     :raises InvalidArgumentError: bad ``shard_index``/``num_shards``.
     :raises CheckpointNotFoundError: no file for ``basename``.
     :raises CheckpointCorruptError: incomplete file set, bad CRC, truncated or
         unparsable record (names the file and the record's byte offset or position).
     :raises ConfigMismatchError: a record holds more values than the table's dim or
-        optimizer state the table's segments do not have (names the file).
+        optimizer state the table's segments do not have (names the file); no meta
+        file of a multi-table basename names the table.
     :raises PathOutsideRootError: a part file resolves outside ``root`` (nothing read).
     """
     _check_shard(shard_index, num_shards)
     root.check(basename, "table files")
-    paths = [p.path for p in list_table_parts(basename)]
+    multi = MultiTableCheckpoint.of_basename(basename, root)
+    if multi is not None:
+        # Monolith's multi-hash-table files: this table's records in each of them.
+        found = multi.parts([table.name])
+        if found is None:
+            raise ConfigMismatchError(
+                f"table {table.name!r} has no entries in multi-table checkpoint {basename}: "
+                f"its meta files name {', '.join(map(repr, multi.table_names()))}"
+            )
+        paths: list[str] = found
+    else:
+        paths = [p.path for p in list_table_parts(basename)]
     root.check_all(paths, "table part")
     if not validate_only and table.size() == 0:
         # Nothing to protect: one pass, emptied again if anything fails.
@@ -635,6 +654,9 @@ def _estimate(table: EmbeddingHashTable, paths: Sequence[str], num_shards: int) 
     least = table.dim * (len(b"\x15") + 4) + len(b"\x1a\x00\x20\x00")
     records = 0
     for path in paths:
+        if isinstance(path, MultiTablePart):
+            records += path.records
+            continue
         try:
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
@@ -658,7 +680,11 @@ def _file_chunks(
     them decoded (else only checked); errors name the file."""
     first = 0
     training = None if table.layout.serving else _training_optimizers(table)
-    for buffer, offsets in read_framed_runs(path, READ_CHUNK_BYTES):
+    framed = (
+        path.framed(READ_CHUNK_BYTES) if isinstance(path, MultiTablePart)
+        else read_framed_runs(path, READ_CHUNK_BYTES)
+    )
+    for buffer, offsets in framed:
         n = offsets.shape[0] - 1
         where = f"{path}: records {first}..{first + n - 1}"
         entries = None
