@@ -74,18 +74,6 @@ _GAPS: list[tuple[str, list[str]]] = [
         ],
     ),
     (
-        "FTRL: g++ -mfma contraction of its expressions is not emulated (ours rounds every "
-        "operation)",
-        [
-            "optimizers/ftrl/d3",
-            "optimizers/ftrl/d8",
-            "optimizers/ftrl/d33",
-            "optimizers/ftrl_l1_l2_beta/d3",
-            "optimizers/ftrl_l1_l2_beta/d8",
-            "optimizers/ftrl_l1_l2_beta/d33",
-        ],
-    ),
-    (
         "Adadelta: g++ -mfma contraction of its expressions is not emulated (ours rounds "
         "every operation)",
         [
