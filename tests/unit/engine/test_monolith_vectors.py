@@ -112,18 +112,6 @@ _GAPS: list[tuple[str, list[str]]] = [
         ],
     ),
     (
-        "Momentum: g++ -mfma contraction of its expressions is not emulated (ours rounds "
-        "every operation)",
-        [
-            "optimizers/momentum/d3",
-            "optimizers/momentum/d8",
-            "optimizers/momentum/d33",
-            "optimizers/momentum_nesterov_wd/d3",
-            "optimizers/momentum_nesterov_wd/d8",
-            "optimizers/momentum_nesterov_wd/d33",
-        ],
-    ),
-    (
         "moving_average: g++ -mfma contraction of mu*w + (1-mu)*g is not emulated",
         [
             "optimizers/moving_average/d3",
