@@ -74,18 +74,6 @@ _GAPS: list[tuple[str, list[str]]] = [
         ],
     ),
     (
-        "Adadelta: g++ -mfma contraction of its expressions is not emulated (ours rounds "
-        "every operation)",
-        [
-            "optimizers/adadelta/d3",
-            "optimizers/adadelta/d8",
-            "optimizers/adadelta/d33",
-            "optimizers/adadelta_wd/d3",
-            "optimizers/adadelta_wd/d8",
-            "optimizers/adadelta_wd/d33",
-        ],
-    ),
-    (
         "Adam: Monolith computes lr_t and the step in double (unqualified sqrt binds to "
         "::sqrt(double)) and g++ fuses the m/v updates; ours is float32, unfused",
         [
