@@ -100,14 +100,6 @@ _GAPS: list[tuple[str, list[str]]] = [
         ],
     ),
     (
-        "moving_average: g++ -mfma contraction of mu*w + (1-mu)*g is not emulated",
-        [
-            "optimizers/moving_average/d3",
-            "optimizers/moving_average/d8",
-            "optimizers/moving_average/d33",
-        ],
-    ),
-    (
         "Group AdaGrad: Monolith sums the norm sequentially in float with FMAs; ours "
         "pairwise, unfused",
         [
