@@ -74,32 +74,6 @@ _GAPS: list[tuple[str, list[str]]] = [
         ],
     ),
     (
-        "Adam: Monolith computes lr_t and the step in double (unqualified sqrt binds to "
-        "::sqrt(double)) and g++ fuses the m/v updates; ours is float32, unfused",
-        [
-            "optimizers/adam/d3",
-            "optimizers/adam/d8",
-            "optimizers/adam/d33",
-            "optimizers/adam_nesterov_wd/d3",
-            "optimizers/adam_nesterov_wd/d8",
-            "optimizers/adam_nesterov_wd/d33",
-            "optimizers/adam_sr/d3",
-            "optimizers/adam_sr/d8",
-        ],
-    ),
-    (
-        "AMSGrad: Monolith computes lr_t and the step in double (unqualified sqrt binds to "
-        "::sqrt(double)) and g++ fuses the m/v updates; ours is float32, unfused",
-        [
-            "optimizers/amsgrad/d3",
-            "optimizers/amsgrad/d8",
-            "optimizers/amsgrad/d33",
-            "optimizers/amsgrad_nesterov_wd/d3",
-            "optimizers/amsgrad_nesterov_wd/d8",
-            "optimizers/amsgrad_nesterov_wd/d33",
-        ],
-    ),
-    (
         "Group AdaGrad: zero weights and a zero gradient give Z = 0; Monolith stores 0/0 = "
         "NaN, we store 0 (a documented choice, docs/semantics.md §5.1)",
         [
