@@ -8,7 +8,8 @@ the same process on the same machine, as a ratio:
   float32 array of the same shape (and vs ``np.take(values, idx, axis=0)``, numpy's
   fastest row gather);
 * SGD / Adagrad apply_gradients on that batch vs ``values[idx] -= lr * g``
-  (gather + scatter; and vs the np.take form of it);
+  (gather + scatter; and vs the np.take form of it), and the same ratio for FTRL,
+  Momentum, Adadelta, MovingAverage, Group AdaGrad, Adam and AMSGrad;
 * first-time insert of 1M new ids (ids/s, beside the lookup rate);
 * resident bytes per entry (RSS growth while filling the table / N).
 
