@@ -8,7 +8,8 @@ the same process on the same machine, as a ratio:
   float32 array of the same shape (and vs ``np.take(values, idx, axis=0)``, numpy's
   fastest row gather);
 * SGD / Adagrad apply_gradients on that batch vs ``values[idx] -= lr * g``
-  (gather + scatter; and vs the np.take form of it);
+  (gather + scatter; and vs the np.take form of it), and the same ratio for FTRL,
+  Momentum, Adadelta, MovingAverage, Group AdaGrad, Adam and AMSGrad;
 * first-time insert of 1M new ids (ids/s, beside the lookup rate);
 * resident bytes per entry (RSS growth while filling the table / N).
 
@@ -27,6 +28,7 @@ from collections.abc import Callable
 import numpy as np
 import psutil
 
+from protos import embedding_hash_table_pb2 as eht
 from ps_server.engine import configs
 from ps_server.engine.hash_table import EmbeddingHashTable
 
@@ -88,6 +90,23 @@ def monolith_optimize(dedup: bool) -> None:
           f"({1e6 / dt:,.0f} ids/s for lookup + apply + lookup)")
 
 
+def other_optimizers() -> dict[str, eht.OptimizerConfig]:
+    """One config per optimizer besides SGD/Adagrad, with a weight decay where it has one."""
+    return {
+        "FTRL": eht.OptimizerConfig(ftrl=eht.FtrlOptimizerConfig()),
+        "Momentum": eht.OptimizerConfig(momentum=eht.MomentumOptimizerConfig(
+            use_nesterov=True, weight_decay_factor=0.1)),
+        "Adadelta": eht.OptimizerConfig(adadelta=eht.AdadeltaOptimizerConfig(
+            weight_decay_factor=0.1)),
+        "MovingAvg": eht.OptimizerConfig(moving_average=eht.MovingAverageOptimizerConfig(
+            momentum=0.7)),
+        "GroupAdaGrad": eht.OptimizerConfig(group_adagrad=eht.GroupAdaGradOptimizerConfig(
+            weight_decay_factor=0.1)),
+        "Adam": eht.OptimizerConfig(adam=eht.AdamOptimizerConfig()),
+        "AMSGrad": eht.OptimizerConfig(amsgrad=eht.AmsgradOptimizerConfig()),
+    }
+
+
 def headline(entries: int, repeats: int) -> dict[str, float]:
     """Engine vs numpy on the same rows; batches rotate so neither side runs from cache."""
     rng = np.random.default_rng(0)
@@ -141,6 +160,16 @@ def headline(entries: int, repeats: int) -> dict[str, float]:
     t_ada = median_time(lambda i: ada.apply_gradients(ada_batches[i % 16], grads, [0.01]),
                         repeats)
 
+    # The other optimizers (their float arithmetic follows Monolith's FMA build), on
+    # the same rows as Adagrad.
+    others: dict[str, float] = {}
+    for name, opt in other_optimizers().items():
+        table = filled(opt, ada_n)
+        others[name] = median_time(
+            lambda i, t=table: t.apply_gradients(ada_batches[i % 16], grads, [0.01]),  # type: ignore[misc]
+            max(4, repeats // 4))
+        del table
+
     new_ids = np.arange(1_000_000, dtype=np.int64) * 3 + (1 << 40)
     fresh = EmbeddingHashTable(configs.table_config(DIM, optimizer=configs.sgd()))
     t0 = time.perf_counter()
@@ -155,6 +184,9 @@ def headline(entries: int, repeats: int) -> dict[str, float]:
           f" ids/s   ratio {t_scatter / t_sgd:.2f}x  (target >= 0.6x)")
     print(f"  Adagrad apply {BATCH / t_ada:14,.0f} ids/s   numpy g+s    {BATCH / t_scatter:14,.0f}"
           f" ids/s   ratio {t_scatter / t_ada:.2f}x")
+    for name, t in others.items():
+        print(f"  {name:<13} {BATCH / t:14,.0f} ids/s   numpy g+s    {BATCH / t_scatter:14,.0f}"
+              f" ids/s   ratio {t_scatter / t:.2f}x")
     print(f"  vs np.take    lookup {t_take / t_lookup:.2f}x of {BATCH / t_take:,.0f} ids/s; "
           f"SGD {t_take_scatter / t_sgd:.2f}x of {BATCH / t_take_scatter:,.0f} ids/s")
     print(f"  first insert  {1e6 / t_insert:14,.0f} ids/s   (1M new ids via apply_gradients;"

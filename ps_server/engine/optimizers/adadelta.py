@@ -8,6 +8,11 @@ Per element, with ``g' = g + wd * w`` and ``rho = averaging_ratio``::
     accum_update = rho * accum_update + (1 - rho) * u^2
     accum        = accum'
 
+Float arithmetic is Monolith's ``-mfma`` build (docs/semantics.md §5.4), checked bit
+for bit against its compiled C++ (tests/data/monolith_vectors): ``g' = fma(wd, w, g)``;
+each accumulator is ``fma(acc, rho, (x*x)*(1-rho))`` (the product ``x*x*(1-rho)`` rounds
+twice, ``acc*rho`` fuses into the sum); ``w = fma(-u, lr, w)``.
+
 Both accumulators start at 0. The dump is ``SingleOptimizerDump.adadelta`` (field 6)
 with ``accum`` (field 1) and ``accum_update`` (field 2).
 """
@@ -19,6 +24,7 @@ from typing import ClassVar
 import numpy as np
 
 from protos import optimizer_pb2 as opt_pb
+from ps_server.engine.fpmath import fma32
 from ps_server.engine.optimizers.base import Optimizer, State, StateSlot, float_slot
 from ps_server.engine.types import Floats
 
@@ -53,10 +59,10 @@ class AdadeltaOptimizer(Optimizer):
         accum, accum_update = state["accum"], state["accum_update"]
         rho = self.rho
         one_minus_rho = np.float32(1) - rho
-        g = grads + self.weight_decay * params
-        new_accum = accum * rho + g * g * one_minus_rho
+        g = fma32(self.weight_decay, params, grads)
+        new_accum = fma32(accum, rho, g * g * one_minus_rho)
         with np.errstate(divide="ignore", invalid="ignore"):
             update = np.sqrt(accum_update + self.epsilon) / np.sqrt(new_accum + self.epsilon) * g
-        params -= update * np.float32(lr)
-        accum_update[...] = accum_update * rho + update * update * one_minus_rho
+        params[...] = fma32(-update, np.float32(lr), params)
+        accum_update[...] = fma32(accum_update, rho, update * update * one_minus_rho)
         accum[...] = new_accum

@@ -5,6 +5,12 @@ Per element, with ``g' = g + wd * w``::
     norm += g'^2
     w    -= (lr / sqrt(norm)) * g'
 
+Float arithmetic is Monolith's build (docs/semantics.md §5.4: ``-D_ENABLE_AVX -mfma``),
+checked bit for bit against its compiled C++ (tests/data/monolith_vectors): full blocks
+of 8 dims run ``_mm256_fmadd_ps`` and the tail dims scalar code that g++ contracts the
+same way, so every dim computes ``g' = fma(wd, w, g)``, ``norm = fma(g', g', norm)``,
+``w = fma(-(lr / sqrt(norm)), g', w)``: one rounding per multiply-add.
+
 State ``norm`` starts at ``initial_accumulator_value``; the dump is
 ``SingleOptimizerDump.adagrad`` (field 1) with ``norm`` (field 1, repeated float).
 
@@ -21,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from protos import optimizer_pb2 as opt_pb
+from ps_server.engine.fpmath import fma32
 from ps_server.engine.optimizers.base import (
     Optimizer,
     State,
@@ -55,15 +62,13 @@ class AdagradOptimizer(Optimizer):
         self, params: Floats, state: State, grads: Floats, lr: float, global_step: int
     ) -> None:
         norm = state["norm"]
-        g = grads + self.weight_decay * params if self.weight_decay else grads
-        step = g * g
-        norm += step
+        g = fma32(self.weight_decay, params, grads) if self.weight_decay else grads
+        norm[...] = fma32(g, g, norm)
         # A zero accumulator gives inf/NaN, as in Monolith; no warning for it.
         with np.errstate(divide="ignore", invalid="ignore"):
-            np.sqrt(norm, out=step)
-            np.divide(np.float32(lr), step, out=step)
-            step *= g
-        params -= step
+            neg_lr = np.sqrt(norm)
+            np.divide(-np.float32(lr), neg_lr, out=neg_lr)
+        params[...] = fma32(neg_lr, g, params)
 
     def has_run_form(self) -> bool:
         # With weight decay the gradient reads w, so each step needs the previous one.
@@ -78,23 +83,24 @@ class AdagradOptimizer(Optimizer):
         lr: float,
         global_step: int,
     ) -> None:
-        """Without weight decay ``norm_k = norm_{k-1} + g_k^2`` is a float32
-        ``np.add.accumulate``; each step ``lr / sqrt(norm_k) * g_k`` then depends on
-        ``norm_k`` only, and ``w`` is a ``np.subtract.accumulate`` of them: the same
-        operations, in the same order, as one :meth:`apply` per occurrence."""
+        """Without weight decay ``norm_k = fma(g_k, g_k, norm_{k-1})`` does not read
+        ``w``: the accumulators of every rank come first, one batched FMA per rank, then
+        all the rates ``-lr / sqrt(norm_k)`` in one pass, then ``w_k = fma(rate_k, g_k,
+        w_{k-1})`` rank by rank: the same operations, in the same order, as one
+        :meth:`apply` per occurrence. Padding after an entry's last occurrence is never
+        read (:func:`sequence_ends`)."""
         norm = state["norm"]
         c = grads.shape[0]
         norms = np.empty((c + 1, *norm.shape), dtype=np.float32)
         norms[0] = norm
-        np.multiply(grads, grads, out=norms[1:])
-        np.add.accumulate(norms, axis=0, out=norms)
+        for k in range(c):
+            norms[k + 1] = fma32(grads[k], grads[k], norms[k])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rates = np.sqrt(norms[1:])
+            np.divide(-np.float32(lr), rates, out=rates)
         seq = np.empty((c + 1, *params.shape), dtype=np.float32)
         seq[0] = params
-        step = seq[1:]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            np.sqrt(norms[1:], out=step)
-            np.divide(np.float32(lr), step, out=step)
-            step *= grads
-        np.subtract.accumulate(seq, axis=0, out=seq)
+        for k in range(c):
+            seq[k + 1] = fma32(rates[k], grads[k], seq[k])
         params[...] = sequence_ends(seq, ends)
         norm[...] = sequence_ends(norms, ends)

@@ -9,6 +9,14 @@ Per entry, with ``g' = g + wd * w`` per element::
     w   -= (g' * (1 - beta1) + beta1 * m) * lr_t / (sqrt(v) + eps)    nesterov
     beta1_power *= beta1;  beta2_power *= beta2
 
+Arithmetic is Monolith's build (docs/semantics.md §5.4), checked bit for bit against
+its compiled C++ (tests/data/monolith_vectors): its unqualified ``sqrt`` is
+``::sqrt(double)``, so ``lr_t`` is computed in double and stored as a float; the
+numerator ``m * lr_t`` (nesterov ``fma(g', 1 - beta1, beta1 * m) * lr_t``) is a float
+product; the quotient by ``sqrt(double(v)) + eps`` and the subtraction from ``w`` are
+in double, rounded to float once. ``-mfma`` fuses the rest: ``g' = fma(wd, w, g)``,
+``m = fma(g' - m, 1 - beta1, m)``, ``v = fma(fma(g', g', -v), 1 - beta2, v)``.
+
 ``m`` and ``v`` start at 0; the powers start at ``beta1`` / ``beta2`` and are kept per
 entry. The dump is ``SingleOptimizerDump.adam`` (field 7) with ``m`` (1), ``v`` (2),
 ``beta1_power`` (3) and ``beta2_power`` (4).
@@ -26,6 +34,7 @@ from typing import ClassVar
 import numpy as np
 
 from protos import optimizer_pb2 as opt_pb
+from ps_server.engine.fpmath import fma32
 from ps_server.engine.optimizers.base import (
     Optimizer,
     State,
@@ -75,20 +84,32 @@ class AdamOptimizer(Optimizer):
         self, params: Floats, state: State, grads: Floats, lr: float, global_step: int
     ) -> None:
         m, v = state["m"], state["v"]
-        g = grads + self.weight_decay * params
-        m += (g - m) * (np.float32(1) - self.beta1)
-        v += (g * g - v) * (np.float32(1) - self.beta2)
-        self._move(params, state, g, m, np.sqrt(v), lr)
+        g = self._moments(params, m, v, grads)
+        self._move(params, state, g, m, v, lr)
+
+    def _moments(self, params: Floats, m: Floats, v: Floats, grads: Floats) -> Floats:
+        """Update ``m`` and ``v`` in place (FMA as Monolith's build); returns ``g'``."""
+        one = np.float32(1)
+        g = fma32(self.weight_decay, params, grads)
+        m[...] = fma32(g - m, one - self.beta1, m)
+        v[...] = fma32(fma32(g, g, -v), one - self.beta2, v)
+        return g
 
     def _move(
-        self, params: Floats, state: State, g: Floats, m: Floats, sqrt_v: Floats, lr: float
+        self, params: Floats, state: State, g: Floats, m: Floats, v: Floats, lr: float
     ) -> None:
-        """Move ``w`` given the new moments, then advance the powers."""
+        """Move ``w`` given the new moments (``v`` = the denominator's second moment),
+        then advance the powers."""
         b1p, b2p = state["beta1_power"], state["beta2_power"]
         one = np.float32(1)
         with np.errstate(divide="ignore", invalid="ignore"):
-            lr_t = np.float32(lr) * np.sqrt(one - b2p) / (one - b1p)  # [m, 1]
-            step = g * (one - self.beta1) + self.beta1 * m if self.use_nesterov else m
-            params -= (step * lr_t) / (sqrt_v + self.epsilon)
+            lr_t = (np.float64(np.float32(lr)) * np.sqrt((one - b2p).astype(np.float64))
+                    / (one - b1p).astype(np.float64)).astype(np.float32)  # [m, 1]
+            step = fma32(g, one - self.beta1, self.beta1 * m) if self.use_nesterov else m
+            den = np.sqrt(v.astype(np.float64))
+            den += np.float64(self.epsilon)
+            delta = (step * lr_t).astype(np.float64)
+            delta /= den
+            params[...] = params.astype(np.float64) - delta
         b1p *= self.beta1
         b2p *= self.beta2

@@ -9,7 +9,8 @@ second moment in the denominator::
 State ``m = v = vhat = 0`` and per-entry ``beta1_power = beta1``, ``beta2_power = beta2``.
 The dump is ``SingleOptimizerDump.amsgrad`` (field 8) with ``m`` (1), ``v`` (2),
 ``vhat`` (3), ``beta1_power`` (4), ``beta2_power`` (5). Monolith restores this one
-correctly. ``warmup_steps`` is ignored.
+correctly. ``warmup_steps`` is ignored. Arithmetic (double ``lr_t`` and step, FMAs)
+as Adam's.
 """
 
 from __future__ import annotations
@@ -54,9 +55,7 @@ class AmsgradOptimizer(AdamOptimizer):
         self, params: Floats, state: State, grads: Floats, lr: float, global_step: int
     ) -> None:
         m, v, vhat = state["m"], state["v"], state["vhat"]
-        g = grads + self.weight_decay * params
-        m += (g - m) * (np.float32(1) - self.beta1)
-        v += (g * g - v) * (np.float32(1) - self.beta2)
+        g = self._moments(params, m, v, grads)
         # max(vhat, v) keeping vhat unless v is larger (a NaN v leaves vhat alone).
         vhat[...] = np.where(vhat < v, v, vhat)
-        self._move(params, state, g, m, np.sqrt(vhat), lr)
+        self._move(params, state, g, m, vhat, lr)

@@ -12,6 +12,11 @@ Per element, with ``n = norm``::
 State: ``norm`` starts at ``initial_accumulator_value``, ``zero`` at 0. The dump is
 ``SingleOptimizerDump.ftrl`` (field 3) with ``zero`` (field 1) and ``norm`` (field 2).
 
+Float arithmetic is Monolith's ``-mfma`` build (docs/semantics.md §5.4): ``n + g*g``
+and ``g - sigma*w`` are fused multiply-adds (one rounding each), as is ``... + l2*lr`` in
+the denominator; ``sqrt`` is ``sqrtf``. Checked bit for bit against Monolith's compiled
+C++ (tests/data/monolith_vectors).
+
 Choice (docs/semantics.md §12): ``s`` is 1 when ``zero``'s sign bit is set and 0
 otherwise, as Monolith computes it, not the textbook sign ±1. Kept for fidelity; the
 two agree when ``l1_regularization_strength`` is 0.
@@ -24,6 +29,7 @@ from typing import ClassVar
 import numpy as np
 
 from protos import optimizer_pb2 as opt_pb
+from ps_server.engine.fpmath import fma32
 from ps_server.engine.optimizers.base import Optimizer, State, StateSlot, float_slot
 from ps_server.engine.types import Floats
 
@@ -60,11 +66,12 @@ class FtrlOptimizer(Optimizer):
         lr32 = np.float32(lr)
         # lr = 0 or a zero accumulator give inf/NaN, as in Monolith; no warning for it.
         with np.errstate(divide="ignore", invalid="ignore"):
-            norm_new = norm + grads * grads
-            sigma = (np.sqrt(norm_new) - np.sqrt(norm)) / lr32
-            zero += grads - sigma * params
+            norm_new = fma32(grads, grads, norm)
+            root_new = np.sqrt(norm_new)
+            sigma = (root_new - np.sqrt(norm)) / lr32
+            zero += fma32(-sigma, params, grads)
             norm[...] = norm_new
             sign_bit = np.signbit(zero).astype(np.float32)
-            denom = np.sqrt(norm) + self.beta + self.l2 * lr32
+            denom = fma32(self.l2, lr32, root_new + self.beta)
             w = lr32 * (sign_bit * self.l1 - zero) / denom
             params[...] = np.where(np.abs(zero) > self.l1, w, np.float32(0))

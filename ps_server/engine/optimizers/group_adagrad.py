@@ -9,6 +9,11 @@ Per entry, with ``g'_i = g_i + wd * w_i``::
     w     = 0                              if Z < l2
     w_i   = -eta * (Z - l2) / Z * z_i      otherwise
 
+Float arithmetic is Monolith's ``-mfma`` build (docs/semantics.md §5.4), checked bit
+for bit against its compiled C++ (tests/data/monolith_vectors): ``g' = fma(wd, w, g)``
+and ``Z^2`` is summed left to right in float32 with one fused multiply-add per element
+(``s = fma(z_i, z_i, s)``), a column at a time over the batch.
+
 ``G`` starts at ``initial_accumulator_value``. The dump is
 ``SingleOptimizerDump.group_adagrad`` (field 15) with the scalar ``grad_square_sum``
 (field 1).
@@ -25,6 +30,7 @@ from typing import ClassVar
 import numpy as np
 
 from protos import optimizer_pb2 as opt_pb
+from ps_server.engine.fpmath import fma32
 from ps_server.engine.optimizers.base import Optimizer, State, StateSlot, scalar_slot
 from ps_server.engine.types import Floats
 
@@ -54,14 +60,24 @@ class GroupAdagradOptimizer(Optimizer):
         self, params: Floats, state: State, grads: Floats, lr: float, global_step: int
     ) -> None:
         acc = state["grad_square_sum"]  # [m, 1]
-        g = grads + self.weight_decay * params
+        g = fma32(self.weight_decay, params, grads)
         sq = g * g
         # Monolith's running max starts at 0 and skips NaN squares.
         acc += np.fmax.reduce(sq, axis=1, keepdims=True, initial=np.float32(0))
         with np.errstate(divide="ignore", invalid="ignore"):
             eta = np.float32(lr) / (self.beta + np.sqrt(acc))  # [m, 1]
             z = g - params / eta
-            norm = np.sqrt(np.sum(z * z, axis=1, keepdims=True, dtype=np.float32))
+            norm = np.sqrt(_sequential_fma_square_sum(z))
             coeff = -eta * (norm - self.l2) / norm
             shrunk = (norm < self.l2) | (norm == 0)
             params[...] = np.where(shrunk, np.float32(0), coeff * z)
+
+
+def _sequential_fma_square_sum(z: Floats) -> Floats:
+    """``s = 0; for i: s = fma(z_i, z_i, s)`` per row (float32, left to right), as
+    Monolith's loop compiles with ``-mfma``; vectorized over rows. Returns ``[m, 1]``."""
+    cols = np.ascontiguousarray(z.T)  # [dim, m]: one contiguous column per step
+    s = np.zeros(z.shape[0], dtype=np.float32)
+    for col in cols:
+        s = fma32(col, col, s)
+    return s[:, None]

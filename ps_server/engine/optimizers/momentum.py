@@ -8,6 +8,12 @@ Per element, with ``mu = momentum``::
     w    += -mu * n + (1 + mu) * n_new              nesterov (n = the old value)
     n     = n_new
 
+Float arithmetic is Monolith's ``-mfma`` build (docs/semantics.md §5.4), checked bit
+for bit against its compiled C++ (tests/data/monolith_vectors): ``g + wd*w`` is one
+fused multiply-add, ``n_new = fma(-lr, g + wd*w, mu*n)`` (the ``lr`` product fuses into
+the subtraction, ``mu*n`` rounds on its own) and, nesterov,
+``w += fma(1 + mu, n_new, -mu*n)``.
+
 ``n`` starts at 0. The dump is ``SingleOptimizerDump.momentum`` (field 9) with ``n``
 (field 1). ``warmup_steps`` is ignored.
 """
@@ -19,6 +25,7 @@ from typing import ClassVar
 import numpy as np
 
 from protos import optimizer_pb2 as opt_pb
+from ps_server.engine.fpmath import fma32
 from ps_server.engine.optimizers.base import Optimizer, State, StateSlot, float_slot
 from ps_server.engine.types import Floats
 
@@ -48,10 +55,11 @@ class MomentumOptimizer(Optimizer):
     ) -> None:
         n = state["n"]
         mu = self.momentum
-        dx = np.float32(lr) * (grads + self.weight_decay * params)
-        n_new = mu * n - dx
+        decayed = fma32(self.weight_decay, params, grads)
+        mu_n = mu * n
+        n_new = fma32(-np.float32(lr), decayed, mu_n)
         if self.use_nesterov:
-            params += -mu * n + (np.float32(1) + mu) * n_new
+            params += fma32(np.float32(1) + mu, n_new, -mu_n)
         else:
             params += n_new
         n[...] = n_new

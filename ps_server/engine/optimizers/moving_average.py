@@ -1,6 +1,9 @@
 """Moving average (docs/semantics.md §5.1): the gradient is a target, not a slope.
 
-Per element, with ``mu = momentum``: ``w = mu * w + (1 - mu) * g``.
+Per element, with ``mu = momentum``: ``w = mu * w + (1 - mu) * g``, computed as
+Monolith's ``-mfma`` build does (docs/semantics.md §5.4): ``fma(mu, w, (1 - mu) * g)``
+(the first product fuses into the sum, the second rounds on its own), checked bit for
+bit against its compiled C++ (tests/data/monolith_vectors).
 
 No state and no dump: ``dump_field`` is None, so the optimizer contributes zero
 ``SingleOptimizerDump`` messages to an entry's ``opt.dump`` (Monolith has no
@@ -14,6 +17,7 @@ from typing import ClassVar
 import numpy as np
 
 from protos import optimizer_pb2 as opt_pb
+from ps_server.engine.fpmath import fma32
 from ps_server.engine.optimizers.base import Optimizer, State, StateSlot
 from ps_server.engine.types import Floats
 
@@ -37,4 +41,4 @@ class MovingAverageOptimizer(Optimizer):
         self, params: Floats, state: State, grads: Floats, lr: float, global_step: int
     ) -> None:
         mu = self.momentum
-        params[...] = mu * params + (np.float32(1) - mu) * grads
+        params[...] = fma32(mu, params, (np.float32(1) - mu) * grads)

@@ -107,3 +107,15 @@ def test_sequential_sum32_adds_left_to_right() -> None:
         want.append(acc)
     assert sequential_sum32(x).tolist() == [1.0, float(np.float32(1.0 + 20 * 2.0**-24))]
     assert sequential_sum32(x).tolist() == [float(w) for w in want]
+
+
+@pytest.mark.parametrize("zero", [0.0, -0.0])
+def test_fma32_zero_factor_fast_path_matches_the_exact_fma(zero: float) -> None:
+    special = [0.0, -0.0, 1.0, -3.5, 1e-45, -1e-45, 2.0**-126, 3.4e38, np.inf, -np.inf, np.nan]
+    x = np.array(special, dtype=np.float32)
+    w, g = (a.reshape(-1) for a in np.meshgrid(x, x))
+    for got in (fma32(np.float32(zero), w, g), fma32(w, np.float32(zero), g)):
+        want = fpmath._fma32_exact(np.float32(zero), w, g)
+        np.testing.assert_array_equal(got, want)  # NaN where the FMA gives NaN
+        num = ~np.isnan(want)
+        assert np.array_equal(np.signbit(got[num]), np.signbit(want[num]))  # signed zeros
