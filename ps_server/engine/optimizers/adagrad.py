@@ -14,9 +14,9 @@ same way, so every dim computes ``g' = fma(wd, w, g)``, ``norm = fma(g', g', nor
 State ``norm`` starts at ``initial_accumulator_value``; the dump is
 ``SingleOptimizerDump.adagrad`` (field 1) with ``norm`` (field 1, repeated float).
 
-Choice (docs/semantics.md §12): Monolith's AVX build moves ``w`` with the raw ``g``
-instead of ``g'`` for every full block of 8 dims. We use ``g'`` everywhere, as the
-scalar path does; both agree whenever ``weight_decay_factor`` is 0.
+With weight decay, Monolith's AVX blocks move ``w`` with the raw ``g``, not ``g'``, in
+every full block of 8 dims (its scalar tail uses ``g'``). We do the same, so the numbers
+are Monolith's (docs/semantics.md §5.1, §12); without weight decay both are ``g``.
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ from ps_server.engine.optimizers.base import (
     sequence_ends,
 )
 from ps_server.engine.types import Floats
+
+#: Dims per AVX block of Monolith's Adagrad (8 float32 lanes); the rest run scalar code.
+AVX_BLOCK = 8
 
 
 class AdagradOptimizer(Optimizer):
@@ -68,7 +71,12 @@ class AdagradOptimizer(Optimizer):
         with np.errstate(divide="ignore", invalid="ignore"):
             neg_lr = np.sqrt(norm)
             np.divide(-np.float32(lr), neg_lr, out=neg_lr)
-        params[...] = fma32(neg_lr, g, params)
+        step = g
+        blocked = self.dim - self.dim % AVX_BLOCK
+        if self.weight_decay and blocked:
+            step = g.copy()
+            step[:, :blocked] = grads[:, :blocked]  # Monolith's AVX blocks: the raw g
+        params[...] = fma32(neg_lr, step, params)
 
     def has_run_form(self) -> bool:
         # With weight decay the gradient reads w, so each step needs the previous one.
