@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -87,12 +88,37 @@ class AsyncHashFilters:
                 "RestoreHashFilter", self._requests(asset_dir, validate_only), file_op=True
             )
 
-    def _requests(self, asset_dir: str, validate_only: bool) -> list[Any]:
-        return [
-            pb.HashFilterFilesRequest(
-                hash_filter=self.name,
-                basename=posixpath.join(asset_dir, f"hash_filter_{i}"),
-                validate_only=validate_only,
+    async def save_files(self, basenames: Sequence[str | None]) -> list[str]:
+        """Shard ``i`` writes ``<basenames[i]>-%05d-of-%05d`` (None: shard ``i`` writes
+        nothing); returns every file written."""
+        answers = await self._transport.each(
+            "SaveHashFilter", self._requests_for(basenames, validate_only=False), file_op=True
+        )
+        return [f for a in answers if a is not None for f in a.files]
+
+    async def restore_files(self, basenames: Sequence[str | None]) -> None:
+        """Shard ``i`` loads its filter from ``<basenames[i]>-…`` (None: left as is); if
+        any shard's files are missing or bad, no filter changes."""
+        for validate_only in (True, False):
+            await self._transport.each(
+                "RestoreHashFilter", self._requests_for(basenames, validate_only), file_op=True
             )
-            for i in range(self._transport.num_shards)
+
+    def _requests(self, asset_dir: str, validate_only: bool) -> list[Any]:
+        return self._requests_for(
+            [posixpath.join(asset_dir, f"hash_filter_{i}")
+             for i in range(self._transport.num_shards)],
+            validate_only,
+        )
+
+    def _requests_for(self, basenames: Sequence[str | None], validate_only: bool) -> list[Any]:
+        if isinstance(basenames, str) or len(basenames) != self._transport.num_shards:
+            raise PsInvalidArgument(
+                f"give one basename (or None) per shard: {self._transport.num_shards}, got "
+                f"{basenames!r}"
+            )
+        return [
+            None if b is None else pb.HashFilterFilesRequest(
+                hash_filter=self.name, basename=str(b), validate_only=validate_only)
+            for b in basenames
         ]

@@ -535,3 +535,13 @@ class HashFilters:
         """Load every shard's filter from ``asset_dir``; missing or bad files on any
         shard raise and leave every filter untouched."""
         self._client._run(self._core.restore(asset_dir))
+
+    def save_files(self, basenames: Sequence[str | None]) -> list[str]:
+        """Shard ``i`` writes ``<basenames[i]>-%05d-of-%05d`` (None: nothing); returns
+        every file written."""
+        return self._client._run(self._core.save_files(basenames))
+
+    def restore_files(self, basenames: Sequence[str | None]) -> None:
+        """Shard ``i`` loads its filter from ``<basenames[i]>-…`` (None: left as is);
+        missing or bad files on any shard raise and leave every filter untouched."""
+        self._client._run(self._core.restore_files(basenames))

@@ -41,7 +41,6 @@ import numpy as np
 import numpy.typing as npt
 
 from protos import contract
-from protos import ps_service_pb2 as pb
 from ps_client.client import HashFilters, PsClient
 from ps_client.monolith import get_client
 
@@ -171,16 +170,12 @@ def _basenames(hash_filter: HashFilter, basename: str) -> list[str | None]:
 def _file_op(
     hash_filter: HashFilter, method: str, basename: str, validate_only: bool = False
 ) -> None:
-    # One filter's files per shard under a caller-chosen basename: the SaveHashFilter /
-    # RestoreHashFilter RPCs that HashFilters.save/restore send with asset-dir names.
-    core = hash_filter.filters._core
-    transport = core._transport
-    requests = [
-        None if b is None else pb.HashFilterFilesRequest(
-            hash_filter=core.name, basename=str(b), validate_only=validate_only)
-        for b in _basenames(hash_filter, str(basename))
-    ]
-    hash_filter.client._run(transport.each(method, requests, file_op=True))
+    """One filter's files per shard under a caller-chosen basename."""
+    basenames = _basenames(hash_filter, str(basename))
+    if method == "SaveHashFilter":
+        hash_filter.filters.save_files(basenames)
+    else:
+        hash_filter.filters.restore_files(basenames)
 
 
 def save_hash_filter(
@@ -199,7 +194,6 @@ def restore_hash_filter(
     :raises ps_client.PsNotFound: (``KeyError``) missing files; no filter changed.
     """
     if enable_hash_filter is True:
-        _file_op(hash_filter, "RestoreHashFilter", hash_filter_base_name, validate_only=True)
         _file_op(hash_filter, "RestoreHashFilter", hash_filter_base_name)
 
 
