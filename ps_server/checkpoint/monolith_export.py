@@ -199,15 +199,14 @@ class SnappyRecordWriter:
         blocks, start = _cut(self._ends, 0, SNAPPY_BLOCK_BYTES, final=final)
         if not blocks:
             return
-        view = memoryview(self._pending)
         out = bytearray()
         lo = 0
-        for hi in blocks:
-            block = bytes(cramjam.snappy.compress_raw(view[lo:hi]))
-            out += len(block).to_bytes(4, "big")
-            out += block
-            lo = hi
-        view.release()
+        with memoryview(self._pending) as view:  # released before the buffer shrinks
+            for hi in blocks:
+                block = bytes(cramjam.snappy.compress_raw(view[lo:hi]))
+                out += len(block).to_bytes(4, "big")
+                out += block
+                lo = hi
         self._file.write_frames(bytes(out), 0)
         del self._pending[:start]
         self._ends = self._ends[np.searchsorted(self._ends, start, side="right"):] - start

@@ -15,7 +15,9 @@ one and two parameter servers, in both layouts, and then:
   TensorFlow) names the step: ``checkpoint`` parses, names it, and its ``.index``
   exists (the 101-byte header-only bundle TF accepts);
 * our Monolith reader restores it into fresh 1- and 3-shard clusters with every
-  entry identical, byte for byte.
+  entry identical, byte for byte;
+* refusals (layout, PS count, a step holding our own checkpoint, a commit before the
+  shards' files) and the data root (every file inside it).
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ from ps_client.errors import PsFailedPrecondition, PsInvalidArgument
 from ps_client.testing import LocalCluster, local_cluster
 from ps_server.checkpoint.monolith_multi import read_snappy_blocks
 from ps_server.checkpoint.tfrecord import masked_crc32c, read_records
-from tests.integration.conftest import CLIENT_OPTIONS
+from ps_server.engine import configs
+from tests.integration.conftest import CLIENT_OPTIONS, start_inprocess_server
+from tests.integration.test_service import assign, make_table
 
 pytestmark = pytest.mark.integration
 
@@ -280,3 +284,33 @@ def test_refusals(source: PsClient, source_cluster: LocalCluster, tmp_path: Path
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "not complete" in str(info.value.details())
         assert not os.path.exists(os.path.join(fresh, "checkpoint"))
+
+
+def test_export_stays_inside_the_data_root(tmp_path: Path) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    with start_inprocess_server(data_root=str(root)) as srv:
+        make_table(srv.stub, "t", configs.table_config(2))
+        assign(srv.stub, "t", [1, 2, 3], [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+        admin = ps_grpc.ParameterServerAdminStub(srv.channel)
+
+        def export(model_dir: str, step: int, commit: bool) -> Any:
+            return admin.ExportCheckpoint(pb.AdminExportRequest(
+                model_dir=model_dir, global_step=step, layout="monolith-multi", num_ps=0,
+                commit=commit))
+
+        export("m", 1, False)
+        export("m", 1, True)
+        assert tf_latest_checkpoint(str(root / "m")) == str(root / "m" / "model.ckpt-1")
+        for model_dir in ("../outside", str(outside)):
+            with pytest.raises(grpc.RpcError) as info:
+                export(model_dir, 1, False)
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        (root / "m" / "model.ckpt-2.assets").symlink_to(outside)
+        for commit in (False, True):
+            with pytest.raises(grpc.RpcError) as info:
+                export("m", 2, commit)
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert os.listdir(outside) == []
+        assert not os.path.exists(root / "m" / "model.ckpt-2.index")
