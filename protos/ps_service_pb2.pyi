@@ -406,6 +406,20 @@ class AdminCheckpointResponse(_message.Message):
     reset_filters: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, prefix: _Optional[str] = ..., files: _Optional[_Iterable[str]] = ..., entries: _Optional[int] = ..., bytes: _Optional[int] = ..., tables: _Optional[_Iterable[str]] = ..., duration_seconds: _Optional[float] = ..., reset_filters: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class AdminExportRequest(_message.Message):
+    __slots__ = ("model_dir", "global_step", "layout", "num_ps", "commit")
+    MODEL_DIR_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_STEP_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    NUM_PS_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
+    model_dir: str
+    global_step: int
+    layout: str
+    num_ps: int
+    commit: bool
+    def __init__(self, model_dir: _Optional[str] = ..., global_step: _Optional[int] = ..., layout: _Optional[str] = ..., num_ps: _Optional[int] = ..., commit: _Optional[bool] = ...) -> None: ...
+
 class EvictRequest(_message.Message):
     __slots__ = ("table",)
     TABLE_FIELD_NUMBER: _ClassVar[int]

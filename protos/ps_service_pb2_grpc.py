@@ -898,6 +898,11 @@ class ParameterServerAdminStub:
                 request_serializer=protos_dot_ps__service__pb2.AdminRestoreRequest.SerializeToString,
                 response_deserializer=protos_dot_ps__service__pb2.AdminCheckpointResponse.FromString,
                 _registered_method=True)
+        self.ExportCheckpoint = channel.unary_unary(
+                '/monolith_ps.ParameterServerAdmin/ExportCheckpoint',
+                request_serializer=protos_dot_ps__service__pb2.AdminExportRequest.SerializeToString,
+                response_deserializer=protos_dot_ps__service__pb2.AdminCheckpointResponse.FromString,
+                _registered_method=True)
         self.Evict = channel.unary_unary(
                 '/monolith_ps.ParameterServerAdmin/Evict',
                 request_serializer=protos_dot_ps__service__pb2.EvictRequest.SerializeToString,
@@ -941,6 +946,13 @@ class ParameterServerAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportCheckpoint(self, request, context):
+        """Export to Monolith's layout: this shard's files, or (commit) the indexes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Evict(self, request, context):
         """Delete expired entries now (the tables' slot_expire_time_config).
         """
@@ -978,6 +990,11 @@ def add_ParameterServerAdminServicer_to_server(servicer, server):
             'RestoreCheckpoint': grpc.unary_unary_rpc_method_handler(
                     servicer.RestoreCheckpoint,
                     request_deserializer=protos_dot_ps__service__pb2.AdminRestoreRequest.FromString,
+                    response_serializer=protos_dot_ps__service__pb2.AdminCheckpointResponse.SerializeToString,
+            ),
+            'ExportCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportCheckpoint,
+                    request_deserializer=protos_dot_ps__service__pb2.AdminExportRequest.FromString,
                     response_serializer=protos_dot_ps__service__pb2.AdminCheckpointResponse.SerializeToString,
             ),
             'Evict': grpc.unary_unary_rpc_method_handler(
@@ -1076,6 +1093,33 @@ class ParameterServerAdmin:
             target,
             '/monolith_ps.ParameterServerAdmin/RestoreCheckpoint',
             protos_dot_ps__service__pb2.AdminRestoreRequest.SerializeToString,
+            protos_dot_ps__service__pb2.AdminCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/monolith_ps.ParameterServerAdmin/ExportCheckpoint',
+            protos_dot_ps__service__pb2.AdminExportRequest.SerializeToString,
             protos_dot_ps__service__pb2.AdminCheckpointResponse.FromString,
             options,
             channel_credentials,

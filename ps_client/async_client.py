@@ -380,6 +380,27 @@ class AsyncPsClient:
             self.transport, model_dir, global_step, max_to_keep
         )
 
+    async def export_checkpoint(
+        self, model_dir: str, global_step: int, *, layout: str = "monolith", num_ps: int = 1
+    ) -> str:
+        """Write the tables as the checkpoint ``<model_dir>/model.ckpt-<step>`` that a
+        Monolith job with ``num_ps`` parameter servers restores (docs/monolith-migration.md,
+        "Moving back / exporting to Monolith"): every shard writes its entries regrouped
+        by Monolith's routing ``floormod(id, num_ps)``, then shard 0 writes
+        ``model.ckpt-<step>.index`` and the ``checkpoint`` index (last).
+
+        :param layout: ``"monolith"`` (one HashTable per table: ``<P>[_<i>]-…``) or
+            ``"monolith-multi"`` (one native MultiHashTable per parameter server,
+            ``MonolithMultiHashTable_[<i>]``, CpuTraining's default).
+        :param num_ps: the Monolith job's parameter-server count; 0 = a single-process
+            job (files without a PS suffix).
+        :returns: the prefix ``<model_dir>/model.ckpt-<global_step>``.
+        """
+        await self._ready()
+        return await checkpoints.export_checkpoint(
+            self.transport, model_dir, global_step, layout, num_ps
+        )
+
     async def restore_checkpoint(
         self, model_dir: str, *, prefix: str | None = None, required: bool = False,
         reset_filters: bool = False,

@@ -6,7 +6,9 @@ A checkpoint is ``<model_dir>/model.ckpt-<step>``: every shard writes its part
 restore is all-or-nothing: shard 0 resolves which checkpoint, every shard checks its
 files, and only if all pass do they restore. A checkpoint saved by another shard count
 whose filters saved state is refused (FAILED_PRECONDITION) unless ``reset_filters``:
-then those filters start empty and the result names them.
+then those filters start empty and the result names them. An export to Monolith's
+layout follows the save's order: every shard writes its files, then shard 0 writes
+the ``.index`` and ``checkpoint`` files that make the step visible to TensorFlow.
 """
 
 from __future__ import annotations
@@ -35,6 +37,24 @@ async def save_checkpoint(
     )
     await transport.each("SaveCheckpoint", request, file_op=True)
     answer = await transport.call(0, "CommitCheckpoint", request, file_op=True)
+    return str(answer.prefix)
+
+
+async def export_checkpoint(
+    transport: Transport, model_dir: str, global_step: int, layout: str, num_ps: int
+) -> str:
+    """Every shard writes its files of the export, then shard 0 checks them all and
+    writes ``model.ckpt-<step>.index`` and the ``checkpoint`` index (last).
+
+    :returns: the prefix ``<model_dir>/model.ckpt-<global_step>``.
+    """
+    request = pb.AdminExportRequest(
+        model_dir=model_dir, global_step=as_global_step(global_step), layout=layout,
+        num_ps=int(num_ps),
+    )
+    await transport.each("ExportCheckpoint", request, file_op=True)
+    request.commit = True
+    answer = await transport.call(0, "ExportCheckpoint", request, file_op=True)
     return str(answer.prefix)
 
 

@@ -363,6 +363,20 @@ class PsClient:
         return self._run(self._core.save_checkpoint(model_dir, global_step,
                                                     max_to_keep=max_to_keep))
 
+    def export_checkpoint(
+        self, model_dir: str, global_step: int, *, layout: str = "monolith", num_ps: int = 1
+    ) -> str:
+        """Write the tables as checkpoint ``<model_dir>/model.ckpt-<step>`` in Monolith's
+        files for a job with ``num_ps`` parameter servers (0 = single process), with the
+        ``.index`` and ``checkpoint`` files ``tf.train.latest_checkpoint`` needs.
+
+        :param layout: ``"monolith"`` (a HashTable per table) or ``"monolith-multi"``
+            (native MultiHashTable).
+        :returns: the checkpoint prefix.
+        """
+        return self._run(self._core.export_checkpoint(model_dir, global_step, layout=layout,
+                                                      num_ps=num_ps))
+
     def restore_checkpoint(
         self, model_dir: str, *, prefix: str | None = None, required: bool = False,
         reset_filters: bool = False,

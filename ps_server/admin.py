@@ -13,7 +13,12 @@ checkpoint methods fan out to every shard. The RPCs:
   another shard count is ``FAILED_PRECONDITION`` unless ``reset_filters`` (then those
   filters start empty and the response's ``reset_filters`` names them).
 
-These three take the data-plane token too (trainers checkpoint); the rest need the
+* ``ExportCheckpoint``: this shard's part of an export to Monolith's layout for a
+  given parameter-server count, or (``commit``, on one shard after every shard) the
+  ``.index`` and ``checkpoint`` files that make TensorFlow's ``latest_checkpoint``
+  find it (:mod:`ps_server.checkpoint.monolith_export`).
+
+These four take the data-plane token too (trainers checkpoint); the rest need the
 admin token (:mod:`ps_server.security`).
 * ``Evict``: delete expired entries now.
 * ``Stats``: the shard's identity (index, count, cluster id), sizes, filters, last
@@ -114,6 +119,16 @@ class AdminServicer(ps_grpc.ParameterServerAdminServicer):
                 "and there is not exactly one model.ckpt-<step>.assets directory; nothing "
                 "was restored"
             )
+        return _checkpoint_response(result, nbytes, time.perf_counter() - t0)
+
+    @translate_errors
+    async def ExportCheckpoint(self, request: ps_pb2.AdminExportRequest, context: Any
+                               ) -> ps_pb2.AdminCheckpointResponse:
+        t0 = time.perf_counter()
+        result, nbytes = await self._runtime.export_checkpoint(
+            request.model_dir, request.global_step, request.layout, request.num_ps,
+            commit=request.commit,
+        )
         return _checkpoint_response(result, nbytes, time.perf_counter() - t0)
 
     @translate_errors

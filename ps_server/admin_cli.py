@@ -6,6 +6,7 @@
 
     save     --model_dir=DIR --global_step=N [--max_to_keep=K]
     restore  --model_dir=DIR [--prefix=model.ckpt-N] [--validate_only] [--reset_filters]
+    export   --model_dir=DIR --global_step=N [--layout=monolith|monolith-multi] [--num_ps=P]
     evict    [--table=NAME]
     stats    [--json]
     drain    [--grace_seconds=S]
@@ -34,6 +35,12 @@ Every command calls ``monolith_ps.ParameterServerAdmin`` on the listed shards at
   manifest; a checkpoint saved by any number of shards can be restored (filter state
   only into the same number: otherwise refused unless ``--reset_filters``, which
   restores the tables, empties those filters and prints which, per shard).
+* ``export``: every shard writes ``<model_dir>/model.ckpt-<global_step>`` in Monolith's
+  files for a job with ``--num_ps`` parameter servers (0 = a single-process job;
+  ``--layout=monolith``: a HashTable per table, ``monolith-multi``: native
+  MultiHashTable); when all succeeded, shard 0 checks every file and writes
+  ``model.ckpt-<step>.index`` and the ``checkpoint`` index, so TensorFlow's
+  ``latest_checkpoint`` names the step (docs/monolith-migration.md).
 * ``evict``: delete expired entries now; ``stats``: sizes, filters, last
   save/restore per shard (``--json``: machine-readable); ``drain``: take the shards
   out of service before maintenance (see the Drain RPC).
@@ -372,6 +379,45 @@ def cmd_save(cluster: Cluster, args: argparse.Namespace) -> None:
           f"{len(parts)} shards in {time.monotonic() - t0:.1f}s", file=cluster.out)
 
 
+def cmd_export(cluster: Cluster, args: argparse.Namespace) -> None:
+    request = pb.AdminExportRequest(
+        model_dir=args.model_dir, global_step=args.global_step, layout=args.layout,
+        num_ps=args.num_ps,
+    )
+    if cluster.partial:
+        raise AdminCommandError(
+            f"export: the addresses are shards {cluster.indexes} of {cluster.num_shards}; an "
+            "export must reach every shard of the cluster; nothing was exported"
+        )
+    t0 = time.monotonic()
+    print(f"exporting {args.model_dir} step {args.global_step} as {args.layout} for "
+          f"{args.num_ps} parameter server(s) on {len(cluster.addresses)} shards",
+          file=cluster.out)
+    try:
+        parts = cluster.each(
+            "exporting", lambda i, s: s.ExportCheckpoint(request, timeout=cluster.timeout),
+            _saved,
+        )
+    except AdminCommandError as e:
+        raise AdminCommandError(f"{e}\nexport: not committed; TensorFlow does not see "
+                                "the step") from e
+    commit = pb.AdminExportRequest()
+    commit.CopyFrom(request)
+    commit.commit = True
+    try:
+        cluster.each(
+            "committing", lambda i, s: s.ExportCheckpoint(commit, timeout=cluster.timeout),
+            lambda r: f"committed {r.prefix}", shards=[cluster.indexes.index(0)],
+        )
+    except AdminCommandError as e:
+        raise AdminCommandError(f"{e}\nexport: every shard wrote its files but the commit "
+                                "failed; TensorFlow does not see the step") from e
+    entries = sum(p.entries for p in parts)
+    nbytes = sum(p.bytes for p in parts)
+    print(f"exported {parts[0].prefix}: {entries} entries, {_size(nbytes)} on "
+          f"{len(parts)} shards in {time.monotonic() - t0:.1f}s", file=cluster.out)
+
+
 def cmd_restore(cluster: Cluster, args: argparse.Namespace) -> None:
     t0 = time.monotonic()
     validate = pb.AdminRestoreRequest(
@@ -540,6 +586,14 @@ def _parser() -> argparse.ArgumentParser:
                         "hash filters emptied (refused otherwise)")
     p.add_argument("--validate_only", action="store_true",
                    help="only check every file on every shard")
+    p = sub.add_parser("export", help="write a checkpoint in Monolith's layout and commit it")
+    p.add_argument("--model_dir", required=True)
+    p.add_argument("--global_step", type=int, required=True)
+    p.add_argument("--layout", choices=("monolith", "monolith-multi"), default="monolith",
+                   help="monolith: a HashTable per table; monolith-multi: native "
+                        "MultiHashTable (CpuTraining's default)")
+    p.add_argument("--num_ps", type=int, default=1,
+                   help="the Monolith job's parameter servers (0 = a single-process job)")
     p = sub.add_parser("evict", help="delete expired entries now")
     p.add_argument("--table", default="", help="one table (default: every table)")
     p = sub.add_parser("stats", help="sizes, filters, last save/restore of every shard")
@@ -553,6 +607,7 @@ def _parser() -> argparse.ArgumentParser:
 _COMMANDS: dict[str, Callable[[Cluster, argparse.Namespace], None]] = {
     "save": cmd_save,
     "restore": cmd_restore,
+    "export": cmd_export,
     "evict": cmd_evict,
     "stats": cmd_stats,
     "drain": cmd_drain,

@@ -48,7 +48,13 @@ from typing import Any, Final, Protocol, TypeVar
 from google.protobuf.message import Message
 
 from protos import contract
-from ps_server.checkpoint import checkpoints, entry_dump, filter_dump, table_files
+from ps_server.checkpoint import (
+    checkpoints,
+    entry_dump,
+    filter_dump,
+    monolith_export,
+    table_files,
+)
 from ps_server.checkpoint.checkpoints import CheckpointResult
 from ps_server.config import cluster_id_problem
 from ps_server.engine import FilterOptions, Shard, ShardDescription
@@ -535,6 +541,30 @@ class ShardRuntime:
             "commit",
             lambda: checkpoints.commit_checkpoint(self.shard, path, global_step, max_to_keep,
                                                   root=self.confinement),
+        )
+
+    async def export_checkpoint(
+        self, model_dir: str, global_step: int, layout: str, num_ps: int, *, commit: bool
+    ) -> tuple[CheckpointResult, int]:
+        """Export step ``global_step`` in Monolith's layout for ``num_ps`` parameter
+        servers: this shard's files, or (``commit``) the check of every shard's files,
+        ``model.ckpt-<step>.index`` and the ``checkpoint`` index (see
+        :mod:`~ps_server.checkpoint.monolith_export`).
+
+        :raises InvalidArgumentError: empty ``model_dir``, a negative step, an unknown
+            layout or ``num_ps`` out of range.
+        :raises FailedPreconditionError: the step holds a monolith-ps checkpoint; a
+            SERVING table; (commit) a shard's or parameter server's files are missing.
+        :raises PathOutsideRootError: ``model_dir`` is outside the data root.
+        """
+        path = self.path(model_dir, "model_dir", prefix=False)
+        _check_step(global_step)
+        monolith_export.check_request(layout, num_ps)
+        write = monolith_export.commit_export if commit else monolith_export.export_shard
+        return await self._checkpoint(
+            "export-commit" if commit else "export",
+            lambda: write(self.shard, path, global_step, layout=layout, num_ps=num_ps,
+                          root=self.confinement),
         )
 
     async def restore_checkpoint(

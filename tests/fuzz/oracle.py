@@ -34,7 +34,7 @@ from hypothesis import HealthCheck, settings
 import ps_server
 from protos import ps_service_pb2 as pb
 from ps_server import errors
-from ps_server.checkpoint import checkpoints, filter_dump, table_files
+from ps_server.checkpoint import checkpoints, filter_dump, monolith_export, table_files
 from ps_server.checkpoint.entry_dump import lookup_entry, save_as_tensor
 from ps_server.config import cluster_id_problem
 from ps_server.engine import configs
@@ -192,7 +192,9 @@ class Accept:
 
 
 class Skip:
-    """A request that would be valid and end the fuzzing (a real Drain): not sent."""
+    """A request that would be valid and is not sent: a real Drain (it would end the
+    fuzzing), an export to Monolith's layout (it writes files the reference does not
+    model; tests/integration/test_monolith_export.py checks them)."""
 
 
 Expected = Reject | Accept | Skip
@@ -923,6 +925,37 @@ def a_drain(h: Harness, m: pb.DrainRequest) -> Expected:
     return Skip()
 
 
+def a_export(h: Harness, m: pb.AdminExportRequest) -> Expected:
+    codes: set[grpc.StatusCode] = set()
+    full = _path(h, m.model_dir, codes, prefix=False)
+    valid = (m.global_step >= 0 and m.layout in monolith_export.LAYOUTS
+             and 0 <= m.num_ps <= monolith_export.MAX_NUM_PS)
+    if not valid:
+        codes.add(Code.INVALID_ARGUMENT)
+    if full is not None:
+        assets = os.path.join(full, f"model.ckpt-{m.global_step}.assets")
+        codes |= os_defects([], [assets])
+        if os.path.exists(os.path.join(assets, "manifest.json")):
+            codes.add(Code.FAILED_PRECONDITION)  # our own checkpoint is there
+        if not m.commit and any(s.table.layout.serving for s in h.ref.tables.values()):
+            codes.add(Code.FAILED_PRECONDITION)
+        if m.commit and valid and not _exported(h, assets, m.layout, m.num_ps):
+            codes.add(Code.FAILED_PRECONDITION)  # the shards' files are not there
+    return rejected(codes) if codes else Skip()
+
+
+def _exported(h: Harness, assets: str, layout: str, num_ps: int) -> bool:
+    """Every file an export's commit checks is in ``assets``."""
+    multi = layout == "monolith-multi"
+    for stem in monolith_export.resource_stems(layout, num_ps, sorted(h.ref.tables)):
+        for k in range(h.num):
+            names = [f"{stem}-{k:05d}-of-{h.num:05d}"]
+            names += [f"{stem}.meta-{k:05d}-of-{h.num:05d}"] if multi else []
+            if not all(os.path.isfile(os.path.join(assets, n)) for n in names):
+                return False
+    return True
+
+
 ANALYZERS: dict[str, Callable[[Harness, Any], Expected]] = {
     "GetShardInfo": a_shard_info,
     "CreateHashFilter": a_create_filter,
@@ -948,6 +981,7 @@ ANALYZERS: dict[str, Callable[[Harness, Any], Expected]] = {
         h, m.model_dir, m.global_step, m.max_to_keep),
     "Admin.RestoreCheckpoint": lambda h, m: _checkpoint_restore(
         h, m.model_dir, m.prefix, m.validate_only, m.missing_ok),
+    "Admin.ExportCheckpoint": a_export,
     "Admin.Evict": a_evict,
     "Admin.Stats": a_stats,
     "Admin.Drain": a_drain,

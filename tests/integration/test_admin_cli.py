@@ -205,3 +205,43 @@ def test_restore_into_another_shard_count_with_filters(tmp_path: Path) -> None:
         np.testing.assert_array_equal(lookup(stub, "emb", ids), values_of(ids))
         warning = new[0].wait_for_log(r"^W\d{4} .*'gate' reset to empty")  # absl: W = WARNING
         assert prefix in warning.string
+
+
+def test_export_for_monolith_and_restore_it_resharded(tmp_path: Path) -> None:
+    model_dir = str(tmp_path / "monolith")
+    with processes(tmp_path, 2) as old, stubs(old) as old_stubs:
+        for stub in old_stubs:
+            make_table(stub, "emb", configs.table_config(2))
+        assign(old_stubs[0], "emb", [-2, 0, 4, 8], values_of([-2, 0, 4, 8]), req_time=T0)
+        assign(old_stubs[1], "emb", [-5, 1, 7], values_of([-5, 1, 7]), req_time=T0)
+
+        bad = ps_admin(addresses(old), "export", f"--model_dir={model_dir}",
+                       "--global_step=3", "--num_ps=-1")
+        assert bad.returncode == 1
+        assert "INVALID_ARGUMENT" in bad.stderr and "num_ps" in bad.stderr
+        assert "not committed" in bad.stderr
+
+        done = ps_admin(addresses(old), "export", f"--model_dir={model_dir}",
+                        "--global_step=3", "--layout=monolith-multi", "--num_ps=2")
+        assert done.returncode == 0, done.stderr
+        prefix = f"{model_dir}/model.ckpt-3"
+        lines = done.stdout.splitlines()
+        assert sum(1 for ln in lines if ln.startswith("shard 0 ") and "4 entries" in ln) == 1
+        assert sum(1 for ln in lines if ln.startswith("shard 1 ") and "3 entries" in ln) == 1
+        assert any(ln.startswith("shard 0 ") and f"committed {prefix}" in ln for ln in lines)
+        assert lines[-1].startswith(f"exported {prefix}: 7 entries")
+        assert sorted(os.listdir(prefix + ".assets")) == sorted(
+            f"MonolithMultiHashTable_{ps}{meta}-{k:05d}-of-00002"
+            for ps in (0, 1) for meta in ("", ".meta") for k in (0, 1))
+        assert (Path(model_dir) / "checkpoint").read_text().startswith(
+            'model_checkpoint_path: "model.ckpt-3"\n')
+        assert os.path.getsize(prefix + ".index") == 101
+
+    with processes(tmp_path, 3) as new, stubs(new) as new_stubs:
+        for stub in new_stubs:
+            make_table(stub, "emb", configs.table_config(2))
+        restored = ps_admin(addresses(new), "restore", f"--model_dir={model_dir}")
+        assert restored.returncode == 0, restored.stderr
+        assert f"restored {prefix}: 7 entries on 3 shards" in restored.stdout
+        for stub, own in zip(new_stubs, [[0], [-5, -2, 1, 4, 7], [8]], strict=True):
+            np.testing.assert_array_equal(lookup(stub, "emb", own), values_of(own))
