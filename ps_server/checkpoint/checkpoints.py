@@ -794,8 +794,10 @@ def _check_table_declaration(name: Any, decl: Any) -> None:
     if not isinstance(parallel, int) or isinstance(parallel, bool):
         raise ValueError(f"table {name!r}: saver_parallel is not an integer")
     stem = decl.get("file_stem")
-    if stem is not None and not isinstance(stem, str):
-        raise ValueError(f"table {name!r}: file_stem is not a string")
+    if stem is not None and stem != file_stem(name):
+        raise ValueError(
+            f"table {name!r}: file_stem {stem!r} is not its name's ({file_stem(name)!r})"
+        )
 
 
 def _check_listing(manifest: dict[str, Any]) -> None:
@@ -810,11 +812,20 @@ def _check_listing(manifest: dict[str, Any]) -> None:
             f"{computed}): the manifest was changed or damaged"
         )
     names = _check_file_names(manifest["files"])
+    readers: dict[str, str] = {}
     for what in ("tables", "hash_filters"):
         for name, decl in manifest.get(what, {}).items():
             listed = decl.get("files", [])
             if not isinstance(listed, list) or set(listed) - names:
                 raise ValueError(f"{what} {name!r} lists files the manifest has no facts of")
+            for file in listed:
+                if file in readers:
+                    raise ValueError(f"{file} is listed by both {readers[file]} and {name!r}")
+                readers[file] = repr(name)
+    orphans = sorted(names - set(readers))
+    if orphans:
+        # A file saved for a table or filter the manifest no longer declares.
+        raise ValueError(f"no table or filter lists {', '.join(orphans)}")
 
 
 def _filter_options(decl: dict[str, Any]) -> FilterOptions:
@@ -1177,10 +1188,17 @@ def restore_shard_checkpoint(
         _verify_files(manifest, listed)
 
     names = [tp.name for tp in tables]
-    if validate_only:
-        files, entries = _check_all(shard, tables, filters, root)
-        return CheckpointResult(resolved, files, entries, names, reset)
-    return _restore_all(shard, resolved, tables, filters, root, reset)
+    try:
+        if validate_only:
+            files, entries = _check_all(shard, tables, filters, root)
+            return CheckpointResult(resolved, files, entries, names, reset)
+        return _restore_all(shard, resolved, tables, filters, root, reset)
+    except ConfigError as e:
+        # Only the manifest's declarations are built here (a filter the shard lacks):
+        # a config they cannot build means the manifest is damaged.
+        raise CheckpointCorruptError(
+            f"{assets}/{MANIFEST_NAME}: declares a hash filter that cannot be built: {e}"
+        ) from e
 
 
 def _check_filters(shard: Shard, filters: list[_FilterPlan], root: DataRoot) -> list[str]:

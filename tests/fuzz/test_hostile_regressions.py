@@ -225,10 +225,11 @@ DELETE = object()
 
 
 def _manifest_with(tmp_path: Path, field: str, value: Any, *, section: str = "tables",
-                   name: str = "emb") -> Iterator[RunningServer]:
+                   name: str | None = "emb") -> Iterator[RunningServer]:
     """A committed checkpoint of the baseline at ``ck`` whose manifest's ``section`` entry
-    ``name`` (table 'emb') has ``field`` set to ``value`` (checksum recomputed; the value
-    ``DELETE`` removes it), served by an empty shard."""
+    ``name`` (table 'emb'; None: the section itself) has ``field`` set to ``value``
+    (checksum recomputed; the value ``DELETE`` removes it, a callable is called with the
+    entry instead), served by an empty shard."""
     import json
 
     import google_crc32c
@@ -239,8 +240,11 @@ def _manifest_with(tmp_path: Path, field: str, value: Any, *, section: str = "ta
         assert send(server, "Admin.CommitCheckpoint", save)[0] == Code.OK
         path = tmp_path / "ck" / "model.ckpt-1.assets" / "manifest.json"
         manifest = json.loads(path.read_text())
-        where = manifest[section][name] if section else manifest
-        if value is DELETE:
+        where = manifest if not section else (
+            manifest[section] if name is None else manifest[section][name])
+        if callable(value):
+            value(where)
+        elif value is DELETE:
             del where[field]
         else:
             where[field] = value
@@ -289,5 +293,38 @@ def test_a_manifest_that_drops_the_filters_its_tables_use_is_data_loss(
     # Found by test_hostile_files: without its hash_filters the restore answered OK and
     # left the filters' state as it was.
     for server in _manifest_with(tmp_path, "hash_filters", value, section=""):
+        refused(server, "Admin.RestoreCheckpoint", pb.AdminRestoreRequest(model_dir="ck"),
+                Code.DATA_LOSS, "manifest.json")
+
+
+def _drop_exp(tables: dict[str, Any]) -> None:
+    del tables["exp"]
+
+
+def _rename_exp(tables: dict[str, Any]) -> None:
+    tables["flt2"] = tables.pop("exp")
+
+
+@pytest.mark.parametrize("mutate", [_drop_exp, _rename_exp])
+def test_a_manifest_that_drops_or_renames_a_table_is_data_loss(
+    tmp_path: Path, mutate: Any
+) -> None:
+    # Found by test_hostile_files: with table 'exp' deleted (its files still listed) the
+    # restore into an empty shard answered OK without it; renamed, table 'flt2' would
+    # have been created from exp's files.
+    for server in _manifest_with(tmp_path, "", mutate, section="tables", name=None):
+        refused(server, "Admin.RestoreCheckpoint", pb.AdminRestoreRequest(model_dir="ck"),
+                Code.DATA_LOSS, "manifest.json")
+
+
+def _split_num_1(filters: dict[str, Any]) -> None:
+    filters["flt"]["split_num"] = 1
+
+
+def test_a_manifest_declaring_an_unbuildable_filter_is_data_loss(tmp_path: Path) -> None:
+    # Found by test_hostile_files: split_num 1 made the restore into an empty shard fail
+    # with the filter's INVALID_ARGUMENT, naming no file.
+    for server in _manifest_with(tmp_path, "", _split_num_1, section="hash_filters",
+                                 name=None):
         refused(server, "Admin.RestoreCheckpoint", pb.AdminRestoreRequest(model_dir="ck"),
                 Code.DATA_LOSS, "manifest.json")
