@@ -829,15 +829,28 @@ def _check_listing(manifest: dict[str, Any]) -> None:
 
 
 def _filter_options(decl: dict[str, Any]) -> FilterOptions:
+    """A manifest's filter declaration as options, each field of its JSON type.
+
+    :raises ValueError, KeyError, TypeError: a field is missing or of another type (a
+        number where a flag belongs, a flag where a number does, would be taken as
+        another configuration).
+    """
+    def field(key: str, kind: type) -> Any:
+        value = decl[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueError(f"hash filter field {key!r} is not a{'n' if kind is int else ''} "
+                             f"{kind.__name__}")
+        return value
+
     return FilterOptions(
-        enable_hash_filter=bool(decl["enable_hash_filter"]),
-        filter_type=str(decl["filter_type"]),
+        enable_hash_filter=field("enable_hash_filter", bool),
+        filter_type=field("filter_type", str),
         occurrence_threshold_config=base64.b64decode(
-            decl["occurrence_threshold_config"], validate=True
+            field("occurrence_threshold_config", str), validate=True
         ),
-        capacity=int(decl["capacity"]),
-        split_num=int(decl["split_num"]),
-        equal_probability=bool(decl["equal_probability"]),
+        capacity=field("capacity", int),
+        split_num=field("split_num", int),
+        equal_probability=field("equal_probability", bool),
     )
 
 

@@ -328,3 +328,16 @@ def test_a_manifest_declaring_an_unbuildable_filter_is_data_loss(tmp_path: Path)
                                  name=None):
         refused(server, "Admin.RestoreCheckpoint", pb.AdminRestoreRequest(model_dir="ck"),
                 Code.DATA_LOSS, "manifest.json")
+
+
+def _split_num_true(filters: dict[str, Any]) -> None:
+    filters["prob"]["split_num"] = True
+
+
+def test_a_manifest_whose_filter_field_changed_type_is_data_loss(tmp_path: Path) -> None:
+    # Found by test_hostile_files: split_num true was read as 1 and the restore created
+    # the filter with another configuration than the one saved.
+    for server in _manifest_with(tmp_path, "", _split_num_true, section="hash_filters",
+                                 name=None):
+        refused(server, "Admin.RestoreCheckpoint", pb.AdminRestoreRequest(model_dir="ck"),
+                Code.DATA_LOSS, "manifest.json")
