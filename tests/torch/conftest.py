@@ -1,4 +1,5 @@
-"""Fixtures of the ps_client.torch tests: skipped as a whole without the [torch] extra.
+"""Fixtures of the ps_client.torch tests (each test module skips itself, with the reason,
+when the [torch] extra is not installed; this file never imports torch).
 
 A 2-shard cluster of in-process servers on loopback (tests/integration/conftest.py),
 so every lookup and gradient really crosses gRPC to the shard owning the id.
@@ -10,10 +11,6 @@ import contextlib
 from collections.abc import Iterator
 
 import pytest
-
-pytest.importorskip(
-    "torch", reason="the [torch] extra is not installed (bash scripts/bootstrap.sh --torch)"
-)
 
 from ps_client import PsClient
 from tests.integration.conftest import start_inprocess_server

@@ -14,18 +14,22 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 from protos import embedding_hash_table_pb2 as eht
 from ps_client import PsClient, Table
-from ps_client.torch import (
+from ps_server.engine.configs import adagrad, sgd, table_config
+
+torch = pytest.importorskip(
+    "torch", reason="the [torch] extra is not installed (bash scripts/bootstrap.sh --torch)"
+)
+
+from ps_client.torch import (  # noqa: E402 - needs torch
     Feature,
     ShardedEmbedding,
     ShardedEmbeddingBag,
     ShardedEmbeddingBagCollection,
     prefetching,
 )
-from ps_server.engine.configs import adagrad, sgd, table_config
 
 pytestmark = pytest.mark.integration
 
