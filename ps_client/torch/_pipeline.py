@@ -140,7 +140,7 @@ class SparseSide:
         """The rows of ``uniq`` (one array per table) within the staleness bound."""
         self._raise_pending()
         self.times.lookups += 1
-        started = time.perf_counter()
+        started, pushed = time.perf_counter(), self.times.push_wait
         try:
             if not self.pipelined:
                 return self.lookup_fn(uniq)
@@ -154,7 +154,9 @@ class SparseSide:
                 return rows
             return self._refresh(uniq, rows, hit.pushes_seen, now)
         finally:
-            self.times.lookup_wait += time.perf_counter() - started
+            # Time spent waiting for a push inside the lookup counts as push wait only.
+            waited = self.times.push_wait - pushed
+            self.times.lookup_wait += time.perf_counter() - started - waited
             self._prune()
 
     def _refresh(self, uniq: Sequence[Ids], rows: list[Rows], seen: int, now: int) -> list[Rows]:
