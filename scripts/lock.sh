@@ -3,7 +3,9 @@
 #   requirements/dev.txt      every runtime, development and build dependency (bootstrap.sh, CI)
 #   requirements/runtime.txt  the runtime subset, same versions (the Dockerfile)
 #   requirements/build.txt    the build backend alone, same version (the Dockerfile's builder)
-# Both carry sha256 hashes and are installed with --require-hashes.
+#   requirements/torch.txt    the [torch] extra alone (requirements/torch.in), same versions
+#                             as dev.txt where they share packages (bootstrap.sh --torch)
+# All carry sha256 hashes and are installed with --require-hashes.
 #
 #   bash scripts/lock.sh                 keep current pins, add what pyproject.toml now needs
 #   bash scripts/lock.sh --upgrade       move every pin to the newest allowed release
@@ -27,4 +29,6 @@ common=(--quiet --generate-hashes --allow-unsafe --strip-extras
   -o requirements/runtime.txt pyproject.toml
 "$tools/bin/pip-compile" "${common[@]}" -c requirements/dev.txt \
   -o requirements/build.txt requirements/build.in
-echo "locked: requirements/dev.txt requirements/runtime.txt requirements/build.txt"
+"$tools/bin/pip-compile" "${common[@]}" -c requirements/dev.txt \
+  -o requirements/torch.txt requirements/torch.in
+echo "locked: requirements/dev.txt requirements/runtime.txt requirements/build.txt requirements/torch.txt"

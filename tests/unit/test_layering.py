@@ -78,3 +78,22 @@ def test_wire_module_imports_no_transport() -> None:
         n for n in _imports(wire) if any(n == x or n.startswith(x + ".") for x in FORBIDDEN)
     )
     assert found == []
+
+
+def test_only_the_torch_extra_imports_torch() -> None:
+    """torch is an optional extra: the core (client, server, protos, the core examples)
+    imports neither torch nor ``ps_client.torch``; only ``ps_client/torch/`` does."""
+    extra = REPO / "ps_client" / "torch"
+    files = [
+        f
+        for root in ("ps_client", "ps_server", "protos", "examples")
+        for f in sorted((REPO / root).rglob("*.py"))
+        if extra not in f.parents
+    ]
+    assert files
+    offenders = {
+        str(f.relative_to(REPO)): _offending(f, ("torch", "torchrec", "ps_client.torch"))
+        for f in files
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
+    assert any(_offending(f, ("torch",)) for f in sorted(extra.rglob("*.py")))
