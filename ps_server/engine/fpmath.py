@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["fma32", "sequential_sum32"]
+__all__ = ["fma32", "fma_chain", "sequential_sum32"]
 
 
 #: Elements per block of :func:`fma32`: two float64 scratch arrays of 1 MiB, big enough
@@ -91,6 +91,66 @@ def fma32(a: Any, b: Any, c: Any) -> npt.NDArray[np.float32]:
                 pick = [x if x.ndim == 0 else x[at] for x in (xa, xb, xc)]
                 o[at] = _fma32_exact(*pick)
     return out.reshape(shape)
+
+
+def fma_chain(a: Any, b: Any, start: Any) -> npt.NDArray[np.float32]:
+    """``out[k] = fma32(a[k], b[k], out[k-1])`` for ``k < c``, with ``out[-1] = start``:
+    ``c`` dependent FMAs (e.g. one entry's repeated SGD steps), each rounded exactly as
+    :func:`fma32` rounds it.
+
+    The products do not depend on the chain, so they are formed once, exactly, in
+    float64; each step is then one float64 add and a rounding to float32 (three numpy
+    calls on ``start``'s shape, whatever ``c``). The steps whose float64 sum may have
+    decided a tie (see :func:`fma32`) are checked afterwards; where the exact FMA
+    differs (rare), the chain is redone from that step.
+
+    :param a: ``[c, ...]`` or a scalar; ``b``: ``[c, ...]``; ``start``: ``[...]``.
+    :returns: ``float32[c, ...]``.
+    """
+    a32, b32 = np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32)
+    first = np.asarray(start, dtype=np.float32)
+    shape = np.broadcast_shapes(a32.shape, b32.shape, (1, *first.shape))
+    steps = shape[0]
+    with np.errstate(invalid="ignore", over="ignore"):
+        products = np.multiply(a32, b32, dtype=np.float64)  # exact: 24 + 24 bits
+        products = np.broadcast_to(products, shape)
+        sums = np.empty(shape, dtype=np.float64)
+        out = np.empty(shape, dtype=np.float32)
+        prev = np.empty(first.shape, dtype=np.float64)
+
+        # Row views made once: the loop below runs once per step, so its cost is the
+        # three numpy calls and nothing else.
+        product_rows, sum_rows, out_rows = list(products), list(sums), list(out)
+        add, copyto = np.add, np.copyto
+
+        def run(begin: int, value: npt.NDArray[np.float32]) -> None:
+            prev[...] = value
+            for p, s, o in zip(product_rows[begin:], sum_rows[begin:], out_rows[begin:],
+                               strict=True):
+                add(prev, p, out=s)
+                copyto(o, s, casting="same_kind")
+                copyto(prev, o)
+
+        run(0, first)
+        begin = 0
+        while begin < steps:
+            s, o = sums[begin:], out[begin:]
+            suspect = (s.view(np.uint64) & _BELOW_F32) == _F32_HALFWAY
+            suspect |= (np.abs(o) <= np.float32(_F32_MIN_NORMAL)) & (s != 0)
+            at = np.flatnonzero(suspect.reshape(suspect.shape[0], -1).any(axis=1)) + begin
+            redo = None
+            for j in at.tolist():
+                fixed = _fma32_exact(a32 if a32.ndim == 0 else a32[j], b32[j],
+                                     first if j == 0 else out[j - 1])
+                if not np.array_equal(fixed.view(np.uint32), out[j].view(np.uint32)):
+                    out[j] = fixed
+                    redo = j
+                    break
+            if redo is None:
+                break
+            run(redo + 1, out[redo])
+            begin = redo + 1
+    return out
 
 
 def _fma32_exact(a: Any, b: Any, c: Any) -> npt.NDArray[np.float32]:

@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from protos import optimizer_pb2 as opt_pb
-from ps_server.engine.fpmath import fma32
+from ps_server.engine.fpmath import fma32, fma_chain
 from ps_server.engine.optimizers.base import (
     Optimizer,
     State,
@@ -92,23 +92,21 @@ class AdagradOptimizer(Optimizer):
         global_step: int,
     ) -> None:
         """Without weight decay ``norm_k = fma(g_k, g_k, norm_{k-1})`` does not read
-        ``w``: the accumulators of every rank come first, one batched FMA per rank, then
-        all the rates ``-lr / sqrt(norm_k)`` in one pass, then ``w_k = fma(rate_k, g_k,
-        w_{k-1})`` rank by rank: the same operations, in the same order, as one
-        :meth:`apply` per occurrence. Padding after an entry's last occurrence is never
-        read (:func:`sequence_ends`)."""
+        ``w``: the accumulators of every rank come first (one FMA chain,
+        :func:`~ps_server.engine.fpmath.fma_chain`), then all the rates ``-lr /
+        sqrt(norm_k)`` in one pass, then ``w_k = fma(rate_k, g_k, w_{k-1})`` (another):
+        the same operations, in the same order, as one :meth:`apply` per occurrence.
+        Padding after an entry's last occurrence is never read (:func:`sequence_ends`)."""
         norm = state["norm"]
         c = grads.shape[0]
         norms = np.empty((c + 1, *norm.shape), dtype=np.float32)
         norms[0] = norm
-        for k in range(c):
-            norms[k + 1] = fma32(grads[k], grads[k], norms[k])
+        norms[1:] = fma_chain(grads, grads, norm)
         with np.errstate(divide="ignore", invalid="ignore"):
             rates = np.sqrt(norms[1:])
             np.divide(-np.float32(lr), rates, out=rates)
         seq = np.empty((c + 1, *params.shape), dtype=np.float32)
         seq[0] = params
-        for k in range(c):
-            seq[k + 1] = fma32(rates[k], grads[k], seq[k])
+        seq[1:] = fma_chain(rates, grads, params)
         params[...] = sequence_ends(seq, ends)
         norm[...] = sequence_ends(norms, ends)

@@ -3,8 +3,8 @@
 ``w -= lr * g`` per element, as one fused multiply-add (``w = fma(-lr, g, w)``, one
 rounding: Monolith's ``-mfma`` build contracts it, see :mod:`ps_server.engine.fpmath`).
 No state; the dump is an empty ``SingleOptimizerDump.sgd`` (field 2). Repeated
-occurrences of one entry run in one pass per occurrence rank
-(:meth:`SgdOptimizer.apply_run`), so they need no waves.
+occurrences of one entry run as one chain of FMAs (:meth:`SgdOptimizer.apply_run`), so
+they need no waves.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from protos import optimizer_pb2 as opt_pb
-from ps_server.engine.fpmath import fma32
+from ps_server.engine.fpmath import fma32, fma_chain
 from ps_server.engine.optimizers.base import (
     Optimizer,
     State,
@@ -59,10 +59,7 @@ class SgdOptimizer(Optimizer):
         lr: float,
         global_step: int,
     ) -> None:
-        """``w_k = fma(-lr, g_k, w_{k-1})`` for every occurrence, one batched step per
-        occurrence rank; a zero padding gradient leaves ``w`` unchanged."""
-        w = params.copy()
-        neg_lr = -np.float32(lr)
-        for k in range(grads.shape[0]):
-            w = fma32(neg_lr, grads[k], w)
-        params[...] = w
+        """``w_k = fma(-lr, g_k, w_{k-1})`` for every occurrence: one FMA chain per
+        element (:func:`~ps_server.engine.fpmath.fma_chain`); a zero padding gradient
+        leaves ``w`` unchanged."""
+        params[...] = fma_chain(-np.float32(lr), grads, params)[-1]

@@ -119,3 +119,44 @@ def test_fma32_zero_factor_fast_path_matches_the_exact_fma(zero: float) -> None:
         np.testing.assert_array_equal(got, want)  # NaN where the FMA gives NaN
         num = ~np.isnan(want)
         assert np.array_equal(np.signbit(got[num]), np.signbit(want[num]))  # signed zeros
+
+
+@pytest.mark.parametrize("steps", [1, 2, 300])
+def test_fma_chain_is_one_fma32_per_step(steps: int) -> None:
+    # Halfway-prone steps: every addend is just below half an ulp of the running value
+    # (the naive float64 chain rounds some of them the wrong way), mixed with random ones.
+    rng = np.random.default_rng(steps)
+    start = np.array([1.0, -3.0, 2.0**-130, 5.5], dtype=np.float32)
+    a = np.empty((steps, 4), dtype=np.float32)
+    b = np.empty((steps, 4), dtype=np.float32)
+    w = start.copy()
+    for k in range(steps):
+        if k % 3 == 0:
+            ha, hb, _ = halfway_cases(rng, 4)
+            a[k], b[k] = ha * np.sign(w + np.float32(1e-30)), hb
+            half_ulp = np.spacing(np.abs(w)) / np.float32(2)
+            b[k] = half_ulp * (np.float32(1.0) - np.abs(a[k]) + np.float32(1.0))
+        else:
+            a[k] = rng.standard_normal(4).astype(np.float32)
+            b[k] = (rng.standard_normal(4) * 1e-3).astype(np.float32)
+        w = fma32(a[k], b[k], w)
+    want = np.empty((steps, 4), dtype=np.float32)
+    w = start.copy()
+    for k in range(steps):
+        w = fma32(a[k], b[k], w)
+        want[k] = w
+    got = fpmath.fma_chain(a, b, start)
+    assert got.shape == (steps, 4)
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    if steps == 300:  # the chain met steps where one float64 add rounds wrong
+        prev = np.vstack([start, want[:-1]]).astype(np.float64)
+        naive = (a.astype(np.float64) * b + prev).astype(np.float32)
+        assert not np.array_equal(naive.view(np.uint32), want.view(np.uint32))
+    # a scalar factor (SGD's -lr) broadcasts
+    lr = np.float32(-0.25)
+    w, seq = start.copy(), []
+    for k in range(steps):
+        w = fma32(lr, b[k], w)
+        seq.append(w)
+    assert np.array_equal(fpmath.fma_chain(lr, b, start).view(np.uint32),
+                          np.array(seq).view(np.uint32))
