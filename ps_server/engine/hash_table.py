@@ -69,7 +69,7 @@ CapacityGuard = Callable[[str, int, int], None]
 #: may carry when a segment of the table steps repeated ids wave by wave (an optimizer
 #: without a run form, or a transforming retriever): each occurrence past the first
 #: costs a pass over the batch's state. SGD and Adagrad without weight decay take any
-#: multiplicity at about the cost of distinct ids (docs/semantics.md §4.2).
+#: multiplicity: a few µs per occurrence of the hottest id (docs/semantics.md §4.2).
 MAX_SEQUENTIAL_REPEATS = 1024
 
 
