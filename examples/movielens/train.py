@@ -229,6 +229,15 @@ def train(data: MovieLens, sparse: Sparse, model: DeepFM, args: argparse.Namespa
     return test_auc
 
 
+def final_rows(sparse: Sparse, vocab: dict[str, int]) -> dict[str, npt.NDArray[np.float32]]:
+    """Every field's embedding rows, ``[vocab, 1 + dim]``, wherever they live."""
+    if isinstance(sparse, InMemorySparse):
+        return sparse.weights()
+    assert isinstance(sparse, ShardedEmbeddingBagCollection)
+    sparse.flush()
+    return {f.name: f.table.lookup(np.arange(vocab[f.name])) for f in sparse.features}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--in_memory", action="store_true",
@@ -253,6 +262,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no_pipeline", action="store_true",
                    help="shards: no prefetching (the results are the same)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--save_rows", type=Path, default=None,
+                   help="write the final embedding rows of every field to this .npz")
     return p.parse_args(argv)
 
 
@@ -282,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
                                     pipelined=not args.no_pipeline)
             stack.callback(sparse.close)
         test_auc = train(data, sparse, model, args)
+        if args.save_rows is not None:
+            saved: dict[str, Any] = dict(final_rows(sparse, data.vocab))
+            np.savez_compressed(args.save_rows, **saved)
     seconds = time.perf_counter() - start
     print(f"RESULT variant={variant} test_auc={test_auc:.6f} seconds={seconds:.1f}", flush=True)
     return 0
