@@ -83,9 +83,9 @@ def test_wire_module_imports_no_transport() -> None:
 def test_only_the_torch_extra_imports_torch() -> None:
     """torch is an optional extra: the core (client, server, protos, the core examples)
     imports neither torch nor ``ps_client.torch``; only ``ps_client/torch/`` and the
-    examples of the extra (``examples/ddp/``) do."""
+    examples of the extra (``examples/ddp/``, ``examples/movielens/``) do."""
     extra = REPO / "ps_client" / "torch"
-    torch_examples = [REPO / "examples" / "ddp"]
+    torch_examples = [REPO / "examples" / "ddp", REPO / "examples" / "movielens"]
     files = [
         f
         for root in ("ps_client", "ps_server", "protos", "examples")
