@@ -18,11 +18,11 @@ import grpc
 import numpy as np
 import pytest
 
-from protos import embedding_hash_table_pb2 as eht
 from protos import ps_service_pb2 as pb
 from protos import ps_service_pb2_grpc as ps_grpc
 from ps_client import PsClient, PsUnavailable, RetryPolicy
 from ps_client.testing import local_cluster
+from ps_server.engine import configs
 
 pytestmark = [pytest.mark.integration]
 
@@ -31,23 +31,12 @@ LR = 0.5
 RETRY = RetryPolicy(max_attempts=2, initial_backoff=0.05, max_backoff=0.1, attempt_timeout=5)
 
 
-def sgd_config() -> eht.EmbeddingHashTableConfig:
-    cfg = eht.EmbeddingHashTableConfig()
-    cfg.cuckoo.SetInParent()
-    seg = cfg.entry_config.segments.add()
-    seg.dim_size = 2
-    seg.init_config.zeros.SetInParent()
-    seg.opt_config.sgd.SetInParent()
-    seg.comp_config.fp32.SetInParent()
-    return cfg
-
-
 def create_table_on(address: str, name: str) -> None:
     """The test's setup, on one shard: the table, as ``create_table`` made it."""
     with grpc.insecure_channel(address) as channel:
         ps_grpc.ParameterServerStub(channel).CreateTable(
             pb.CreateTableRequest(
-                name=name, config=sgd_config().SerializeToString(deterministic=True),
+                name=name, config=configs.table_config(2).SerializeToString(deterministic=True),
                 saver_parallel=-1, allow_existing=True,
             ),
             timeout=10,
@@ -74,7 +63,7 @@ def test_kill_a_shard_mid_write_restart_it_and_retry_applies_each_part_once() ->
     with local_cluster(2) as cluster, \
             PsClient(cluster.addresses, timeout=5, retry=RETRY) as client:
         addrs = list(cluster.addresses)
-        table = client.create_table(sgd_config(), name="emb", learning_rate_fns=(LR,))
+        table = client.create_table(configs.table_config(2), name="emb", learning_rate_fns=(LR,))
         table.assign([2, 4], [[1.0, 2.0], [5.0, 6.0]])
         cluster.kill(1)  # SIGKILL; shard 1's part never arrives
         with pytest.raises(PsUnavailable) as info:

@@ -49,6 +49,7 @@ from ps_client.async_table import AsyncTable
 from ps_client.transport import ChannelOptions
 from ps_server import codec
 from ps_server.config import ServerConfig
+from ps_server.engine import configs
 from ps_server.runtime import ShardRuntime
 from ps_server.server import ShardServer, build_shard_server
 from ps_server.service import SERVICE_NAME
@@ -68,17 +69,6 @@ TIMEOUT = 60.0
 RETRY = RetryPolicy(attempt_timeout=TIMEOUT)
 DATA, ADMIN = "exactly-once-data-token", "exactly-once-admin-token"
 AUTH = (("authorization", f"Bearer {DATA}"),)
-
-
-def sgd_table_config() -> eht.EmbeddingHashTableConfig:
-    cfg = eht.EmbeddingHashTableConfig()
-    cfg.cuckoo.SetInParent()
-    seg = cfg.entry_config.segments.add()
-    seg.dim_size = 2
-    seg.init_config.zeros.SetInParent()
-    seg.opt_config.sgd.SetInParent()
-    seg.comp_config.fp32.SetInParent()
-    return cfg
 
 
 def run(test: Callable[[], Awaitable[None]]) -> None:
@@ -260,7 +250,7 @@ async def shard_behind_proxy(retry: RetryPolicy = RETRY) -> AsyncIterator[Setup]
         address = await proxy.start()
         client = new_client(address, retry)
         try:
-            table = await client.create_table(sgd_table_config(), name="t",
+            table = await client.create_table(configs.table_config(2), name="t",
                                               learning_rate_fns=(LR,))
             yield Setup(shard, proxy, client, table)
         finally:
@@ -455,7 +445,7 @@ def test_a_request_refused_before_it_ran_is_not_remembered() -> None:
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await stub.ApplyGradients(request, timeout=TIMEOUT, metadata=AUTH)
             assert info.value.code() == grpc.StatusCode.NOT_FOUND
-            later = await setup.client.create_table(sgd_table_config(), name="later",
+            later = await setup.client.create_table(configs.table_config(2), name="later",
                                                     learning_rate_fns=(LR,))
             answer = await stub.ApplyGradients(request, timeout=TIMEOUT, metadata=AUTH)
             assert not answer.replayed
@@ -502,7 +492,7 @@ def test_answers_lost_after_applying_are_replayed_from_the_ledger() -> None:
             servicer = shard.runtime
             client = new_client(f"127.0.0.1:{shard.port}")
             try:
-                table = await client.create_table(sgd_table_config(), name="t",
+                table = await client.create_table(configs.table_config(2), name="t",
                                                   learning_rate_fns=(LR,))
                 await table.apply_gradients(IDS, GRADS, global_step=1)
                 assert (await table.lookup(IDS)).tolist() == ONE_SGD_STEP

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from protos import embedding_hash_table_pb2 as eht
 from ps_client import AsyncPsClient, PsClient, PsError, PsInvalidArgument
+from ps_server.engine import configs
 from tests.integration.conftest import RunningServer, start_inprocess_server
 
 pytestmark = pytest.mark.integration
@@ -38,17 +38,6 @@ ONE_STEP_ON_SHARD_0 = [
     [7.0, 8.0],
 ]
 assert ONE_STEP_ON_SHARD_0 == [[0.75, 2.5], [3.0, 4.0], [4.0, 5.875], [7.0, 8.0]]
-
-
-def sgd_config() -> eht.EmbeddingHashTableConfig:
-    cfg = eht.EmbeddingHashTableConfig()
-    cfg.cuckoo.SetInParent()
-    seg = cfg.entry_config.segments.add()
-    seg.dim_size = 2
-    seg.init_config.zeros.SetInParent()
-    seg.opt_config.sgd.SetInParent()
-    seg.comp_config.fp32.SetInParent()
-    return cfg
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +73,8 @@ def test_sync_partial_write_names_the_shards_and_retry_applies_nothing_twice(
 ) -> None:
     addrs = addresses(shards)
     with PsClient(addrs, timeout=30) as client:
-        table = client.create_table(sgd_config(), name="sync_partial", learning_rate_fns=(LR,))
+        table = client.create_table(configs.table_config(2), name="sync_partial",
+                                    learning_rate_fns=(LR,))
         table.assign(IDS, START)
         with pytest.raises(PsInvalidArgument) as info:
             table.apply_gradients(IDS, GRADS, 1)
@@ -112,7 +102,8 @@ def test_every_shard_refusing_says_nothing_changed_anywhere(
 ) -> None:
     addrs = addresses(shards)
     with PsClient(addrs, timeout=30) as client:
-        table = client.create_table(sgd_config(), name="all_refuse", learning_rate_fns=(LR,))
+        table = client.create_table(configs.table_config(2), name="all_refuse",
+                                    learning_rate_fns=(LR,))
         table.assign(IDS, START)
         grads = GRADS.copy()
         grads[0, 0] = np.inf  # shard 0's part refused too
@@ -135,7 +126,8 @@ def test_a_write_to_one_shard_keeps_its_message_and_carries_the_outcome(
 ) -> None:
     addrs = addresses(shards)
     with PsClient(addrs, timeout=30) as client:
-        table = client.create_table(sgd_config(), name="one_shard", learning_rate_fns=(LR,))
+        table = client.create_table(configs.table_config(2), name="one_shard",
+                                    learning_rate_fns=(LR,))
         with pytest.raises(PsInvalidArgument) as info:
             table.apply_gradients([3], [[NAN, 1.0]], 1)  # shard 1 only
         err = info.value
@@ -156,7 +148,7 @@ def test_async_partial_write_and_retry(shards: list[RunningServer]) -> None:
     async def scenario() -> None:
         client = AsyncPsClient(addrs, timeout=30)
         try:
-            table = await client.create_table(sgd_config(), name="async_partial",
+            table = await client.create_table(configs.table_config(2), name="async_partial",
                                               learning_rate_fns=(LR,))
             await table.assign(IDS, START)
             with pytest.raises(PsInvalidArgument) as info:
