@@ -164,8 +164,9 @@ def table_config() -> eht.EmbeddingHashTableConfig:
 
 
 @contextlib.contextmanager
-def echo_servers(n: int) -> Iterator[list[tuple[str, int]]]:
-    """``n`` echo server processes on loopback; yields their (address, pid)."""
+def echo_servers(n: int, mode: str = "aio") -> Iterator[list[tuple[str, int]]]:
+    """``n`` echo server processes on loopback (``mode``: ``aio`` or ``sync`` server);
+    yields their (address, pid)."""
     script = Path(__file__).resolve().parent / "echo_server.py"
     with tempfile.TemporaryDirectory(prefix="echo_") as tmp:
         procs, files = [], []
@@ -174,7 +175,8 @@ def echo_servers(n: int) -> Iterator[list[tuple[str, int]]]:
                 pf = os.path.join(tmp, f"echo_{i}.port")
                 files.append(pf)
                 procs.append(subprocess.Popen(
-                    [sys.executable, str(script), "--port=0", f"--port_file={pf}"],
+                    [sys.executable, str(script), "--port=0", f"--port_file={pf}",
+                     f"--mode={mode}"],
                     stdin=subprocess.DEVNULL,
                 ))
             ports = []

@@ -1,0 +1,193 @@
+"""The trainer's round trip: the sync ``Table`` API against a plain grpcio echo.
+
+A trainer calls the synchronous :class:`ps_client.Table` from its own process. This
+bench is that process: it fills a 1,000,000 x 32 SGD table on 1 and 2 local
+``ps-server`` processes, then times
+
+* ``Table.lookup`` of 65,536 random (distinct) ids of the table, and
+* ``Table.apply_gradients`` (SGD) of the same ids,
+
+against the fastest bare grpcio echo of the same request and response bytes it can
+make in the same run: a *sync* grpc client (one ``future()`` per server, as a plain
+fan-out does) calling echo servers that return fixed bytes (``bench/echo_server.py``)
+on grpcio's synchronous server and on ``grpc.aio``; the faster variant per case is the
+baseline. ``bench/service_bench.py``'s own echo (an aio client on a loop thread) runs
+too, so its baseline can be compared with the plain one.
+
+Printed per case: p50 latency, client CPU per call (this process, every thread: CPU
+time, not wall), shard CPU per call (the server processes, from
+``/proc/<pid>/task/*/schedstat``), and ours / echo for time (echo p50 / our p50, so
+1.0 = as fast as the echo) and for client CPU (our CPU / echo CPU). All cases are
+interleaved round by round, so they see the same load.
+
+Usage: ``python bench/trainer_bench.py [--quick] [--shards 1,2] [--repeats R]``;
+``--quick`` (CI) finishes well under a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.echo_server import MAX_MESSAGE_BYTES, METHOD, request_for
+from bench.service_bench import (
+    Case,
+    EchoClient,
+    Result,
+    echo_servers,
+    measure_interleaved,
+    paired_ratio,
+    table_config,
+)
+from ps_client import PsClient
+from ps_client.testing import local_cluster
+
+BATCH = 65_536
+DIM = 32
+ROWS = 1_000_000
+FILL_BATCH = 1 << 17
+OPS = ("lookup", "apply_gradients")
+ECHO_MODES = ("sync", "aio")
+
+
+class SyncEcho:
+    """A plain sync grpcio client of echo servers: one call per server, fanned out
+    with ``future()`` when there are several."""
+
+    def __init__(self, servers: list[tuple[str, int]]) -> None:
+        self.pids = [p for _, p in servers]
+        opts = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        self.channels = [grpc.insecure_channel(a, options=opts) for a, _ in servers]
+        self.calls = [c.unary_unary(METHOD) for c in self.channels]
+
+    def round_trip(self, n: int, up: int, down: int) -> Callable[[], object]:
+        requests = [request_for(up // n, down // n) for _ in range(n)]
+        calls = self.calls[:n]
+        if n == 1:
+            return functools.partial(calls[0], requests[0])
+
+        def once() -> None:
+            futures = [c.future(r) for c, r in zip(calls, requests, strict=True)]
+            for f in futures:
+                f.result()
+
+        return once
+
+    def close(self) -> None:
+        for c in self.channels:
+            c.close()
+
+
+def fill(table: object, rng: np.random.Generator) -> np.ndarray:
+    """Fill ``table`` with ROWS random ids; returns them."""
+    ids = rng.choice(np.int64(1) << 40, size=ROWS, replace=False).astype(np.int64)
+    for start in range(0, ROWS, FILL_BATCH):
+        part = ids[start:start + FILL_BATCH]
+        vals = rng.standard_normal((part.shape[0], DIM)).astype(np.float32)
+        table.assign(part, vals)  # type: ignore[attr-defined]
+    return ids
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few repeats (CI)")
+    parser.add_argument("--shards", default="1,2", help="comma-separated shard counts")
+    parser.add_argument("--repeats", type=int, default=0, help="timed calls per case")
+    args = parser.parse_args()
+    counts = [int(x) for x in args.shards.split(",")]
+    repeats = args.repeats or (8 if args.quick else 40)
+    warmup = 2 if args.quick else 5
+    print(f"trainer round trip: sync Table API, {ROWS:,} x {DIM} table, batch {BATCH} ids; "
+          f"{os.cpu_count()} CPUs; {repeats} timed calls per case after {warmup} warm-up; "
+          f"load average before: {os.getloadavg()[0]:.2f}")
+    ids_bytes, rows_bytes = BATCH * 8, BATCH * DIM * 4
+    up_down = {"lookup": (ids_bytes, rows_bytes), "apply_gradients": (ids_bytes + rows_bytes, 0)}
+    n_max = max(counts)
+    with contextlib.ExitStack() as stack:
+        echoes: dict[str, SyncEcho] = {}
+        for mode in ECHO_MODES:
+            echoes[mode] = SyncEcho(stack.enter_context(echo_servers(n_max, mode)))
+            stack.callback(echoes[mode].close)
+        loop_echo = EchoClient(stack.enter_context(echo_servers(n_max)))
+        stack.callback(loop_echo.close)
+        ours: dict[tuple[str, int], tuple[Callable[[], object], list[int]]] = {}
+        for n in counts:
+            rng = np.random.default_rng(n)
+            cluster = stack.enter_context(local_cluster(n))
+            client = stack.enter_context(PsClient(cluster.addresses))
+            table = client.create_table(table_config(), learning_rate_fns=(0.01,))
+            ids = fill(table, rng)
+            batch = rng.choice(ids, size=BATCH, replace=False)
+            grads = rng.standard_normal((BATCH, DIM)).astype(np.float32) * np.float32(1e-3)
+            pids = [p.pid for p in cluster.processes]
+            ours["lookup", n] = (functools.partial(table.lookup, batch), pids)
+            ours["apply_gradients", n] = (
+                functools.partial(table.apply_gradients, batch, grads, 1), pids)
+        rows: list[tuple[Result, dict[str, Result]]] = []
+        for op in OPS:
+            up, down = up_down[op]
+            cases: list[Case] = []
+            for n in counts:
+                fn, pids = ours[op, n]
+                mine = Result(op, n, up + down)
+                bases: dict[str, Result] = {}
+                cases.append(Case(mine, fn, pids))
+                for mode, echo in echoes.items():
+                    bases[mode] = Result(f"echo {mode}", n, up + down)
+                    cases.append(Case(bases[mode], echo.round_trip(n, up, down), echo.pids[:n]))
+                bases["service_bench"] = Result("echo service_bench", n, up + down)
+                cases.append(Case(bases["service_bench"], loop_echo.round_trip(n, up, down),
+                                  loop_echo.pids[:n]))
+                rows.append((mine, bases))
+            measure_interleaved(cases, warmup, repeats)
+    print(f"load average after: {os.getloadavg()[0]:.2f}\n")
+    report(rows)
+
+
+def report(rows: list[tuple[Result, dict[str, Result]]]) -> None:
+    head = (f"{'case':<34}{'shards':>6}{'p50 ms':>9}{'cli cpu ms':>11}{'shard cpu ms':>13}"
+            f"{'time x':>8}{'paired':>8}{'cli cpu x':>10}")
+    print(head)
+    print("-" * len(head))
+    targets = []
+    for mine, bases in rows:
+        plain = {k: v for k, v in bases.items() if k in ECHO_MODES}
+        best_mode = min(plain, key=lambda k: plain[k].typical)
+        best = plain[best_mode]
+        for label, res in [(mine.name, mine)] + [
+                (f"  {r.name}{' (baseline)' if k == best_mode else ''}", r)
+                for k, r in bases.items()]:
+            print(f"{label:<34}{res.shards:>6}{res.pct(50) * 1e3:>9.2f}"
+                  f"{res.client_cpu * 1e3:>11.2f}{res.server_cpu * 1e3:>13.2f}"
+                  f"{best.typical / res.typical:>8.2f}{paired_ratio(res, best):>8.2f}"
+                  f"{res.client_cpu / best.client_cpu:>10.2f}")
+        sb = bases["service_bench"]
+        print(f"  service_bench echo / plain echo p50: {sb.typical / best.typical:.2f}x")
+        targets.append((mine, best))
+    print("\ntime x = baseline p50 / this p50 (1.0 = as fast as the plain echo); paired = the "
+          "median of that ratio call by call; cli cpu x = this client CPU / the baseline's")
+    print("\ntargets (issue 15 item 1):")
+    for mine, best in targets:
+        t = best.typical / mine.typical
+        c = mine.client_cpu / best.client_cpu
+        print(f"  {mine.name:<16} {mine.shards} shard(s): time {t:.2f}x (>= 0.6: "
+              f"{'met' if t >= 0.6 else 'NOT met'}), client cpu {c:.2f}x (<= 1.5: "
+              f"{'met' if c <= 1.5 else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    start = time.monotonic()
+    main()
+    print(f"\n({time.monotonic() - start:.0f} s)")
