@@ -17,7 +17,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -172,18 +172,42 @@ def dedup(ids: Ids) -> tuple[Ids, Positions | None]:
     n = ids.shape[0]
     if n == 0:
         return ids[:0], None
-    # Sorting values is 3x cheaper than sorting positions: it settles a batch without
-    # duplicates (as a trainer's unique ids are) for a third of the full work.
+    if not _may_repeat(ids):  # no duplicates (as a trainer's unique ids): nothing to fold
+        return ids, None
     sorted_ids = np.sort(ids)
     starts = np.empty(n, dtype=bool)
     starts[0] = True
     np.not_equal(sorted_ids[1:], sorted_ids[:-1], out=starts[1:])
-    if bool(starts.all()):  # no duplicates: nothing to fold
+    if bool(starts.all()):
         return ids, None
     order = np.argsort(ids)  # ids[order] == sorted_ids, ties in any order
     inverse = np.empty(n, dtype=np.int64)
     inverse[order] = np.cumsum(starts) - 1
     return sorted_ids[starts], inverse
+
+
+_FIB_HASH: Final = np.uint64(0x9E3779B97F4A7C15)
+"""2**64 / golden ratio: Fibonacci hashing spreads any id pattern over the top bits."""
+
+
+def _may_repeat(ids: Ids) -> bool:
+    """False when no id of ``ids`` repeats; True when one does (or, under 1024 ids,
+    may: the caller's sort decides).
+
+    Equal ids fall in one bucket of a table of ``8 * len(ids)`` buckets, so only the
+    ids sharing a bucket with another (about 12% of distinct ids) need sorting; that
+    settles a batch without duplicates several times faster than sorting it all.
+    """
+    n = ids.shape[0]
+    if n < 1024:
+        return True  # a sort of so few costs less than the buckets
+    bits = (8 * n - 1).bit_length()
+    bucket = ((ids.view(np.uint64) * _FIB_HASH) >> np.uint64(64 - bits)).astype(np.intp)
+    crowded = np.bincount(bucket, minlength=1 << bits)[bucket] > 1
+    if not crowded.any():
+        return False
+    suspects = np.sort(ids[crowded])
+    return bool((suspects[1:] == suspects[:-1]).any())
 
 
 def partition(ids: Ids, num_shards: int) -> list[Positions]:
