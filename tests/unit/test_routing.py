@@ -232,3 +232,19 @@ def test_to_int32_overflow() -> None:
     assert to_int32(np.array([0, 5], dtype=np.int64), "x").dtype == np.int32
     with pytest.raises(PsInvalidArgument, match="int32"):
         to_int32(np.array([2**31], dtype=np.int64), "emb_offsets")
+
+
+@pytest.mark.parametrize("n", [1023, 1024, 5000, 65536])
+def test_dedup_of_large_batches_finds_every_duplicate(n: int) -> None:
+    # Batches of 1,024 ids and more are first checked bucket by bucket (a hash of the
+    # ids); the answer must be the sort's: none when distinct, each one when not.
+    rng = np.random.default_rng(n)
+    distinct = rng.choice(np.arange(-(2**40), 2**40, 7919, dtype=np.int64), n, replace=False)
+    uniq, inverse = dedup(distinct)
+    assert inverse is None and uniq is distinct
+    for dup_at in (0, n // 2, n - 1):
+        ids = distinct.copy()
+        ids[dup_at] = ids[(dup_at + 1) % n]
+        uniq, inverse = dedup(ids)
+        assert inverse is not None and uniq.size == n - 1
+        np.testing.assert_array_equal(uniq[inverse], ids)
