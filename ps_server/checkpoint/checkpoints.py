@@ -762,6 +762,8 @@ def _read_manifest(assets: str, root: DataRoot) -> dict[str, Any] | None:
                     f"({'enabled' if options.enable_hash_filter else 'disabled'}) but its "
                     f"file_stem says it saved {'files' if stem is not None else 'none'}"
                 )
+        if _CHECKSUM_KEY in manifest:
+            _check_checksum(manifest)
         if "files" in manifest:
             _check_listing(manifest)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -800,10 +802,9 @@ def _check_table_declaration(name: Any, decl: Any) -> None:
         )
 
 
-def _check_listing(manifest: dict[str, Any]) -> None:
-    """A manifest that lists files: its own checksum, and every listed file has facts."""
-    if _CHECKSUM_KEY not in manifest:
-        raise ValueError(f"it lists files but has no {_CHECKSUM_KEY}")
+def _check_checksum(manifest: dict[str, Any]) -> None:
+    """A manifest's own checksum matches its content (checked whenever it has one, so
+    a manifest cannot lose its file lists to pass for one written before them)."""
     recorded = manifest[_CHECKSUM_KEY]
     computed = _manifest_checksum(manifest)
     if recorded != computed:
@@ -811,6 +812,12 @@ def _check_listing(manifest: dict[str, Any]) -> None:
             f"its checksum differs ({_CHECKSUM_KEY} records {recorded!r}, its content has "
             f"{computed}): the manifest was changed or damaged"
         )
+
+
+def _check_listing(manifest: dict[str, Any]) -> None:
+    """A manifest that lists files: it has a checksum, and every listed file has facts."""
+    if _CHECKSUM_KEY not in manifest:
+        raise ValueError(f"it lists files but has no {_CHECKSUM_KEY}")
     names = _check_file_names(manifest["files"])
     readers: dict[str, str] = {}
     for what in ("tables", "hash_filters"):

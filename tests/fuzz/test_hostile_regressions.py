@@ -225,7 +225,8 @@ DELETE = object()
 
 
 def _manifest_with(tmp_path: Path, field: str, value: Any, *, section: str = "tables",
-                   name: str | None = "emb") -> Iterator[RunningServer]:
+                   name: str | None = "emb", recompute: bool = True
+                   ) -> Iterator[RunningServer]:
     """A committed checkpoint of the baseline at ``ck`` whose manifest's ``section`` entry
     ``name`` (table 'emb'; None: the section itself) has ``field`` set to ``value``
     (checksum recomputed; the value ``DELETE`` removes it, a callable is called with the
@@ -249,8 +250,10 @@ def _manifest_with(tmp_path: Path, field: str, value: Any, *, section: str = "ta
         else:
             where[field] = value
         body = {k: v for k, v in manifest.items() if k != "manifest_crc32c"}
-        manifest["manifest_crc32c"] = int(google_crc32c.value(json.dumps(
-            body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")))
+        if recompute:
+            manifest["manifest_crc32c"] = int(google_crc32c.value(json.dumps(
+                body, sort_keys=True, separators=(",", ":"), ensure_ascii=True
+            ).encode("ascii")))
         path.write_text(json.dumps(manifest))
         server.shard.tables.clear()
         server.shard.filters.clear()
@@ -339,5 +342,21 @@ def test_a_manifest_whose_filter_field_changed_type_is_data_loss(tmp_path: Path)
     # the filter with another configuration than the one saved.
     for server in _manifest_with(tmp_path, "", _split_num_true, section="hash_filters",
                                  name=None):
+        refused(server, "Admin.RestoreCheckpoint", pb.AdminRestoreRequest(model_dir="ck"),
+                Code.DATA_LOSS, "manifest.json")
+
+
+def _drop_files_and_emb(manifest: dict[str, Any]) -> None:
+    del manifest["files"]
+    del manifest["tables"]["emb"]
+
+
+def test_a_manifest_stripped_of_its_file_lists_is_checked_by_its_checksum(
+    tmp_path: Path
+) -> None:
+    # Found by test_hostile_files: without "files" the checksum was not checked, so a
+    # manifest that also lost table 'emb' passed for one written before file lists.
+    for server in _manifest_with(tmp_path, "", _drop_files_and_emb, section="",
+                                 recompute=False):
         refused(server, "Admin.RestoreCheckpoint", pb.AdminRestoreRequest(model_dir="ck"),
                 Code.DATA_LOSS, "manifest.json")
