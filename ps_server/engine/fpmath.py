@@ -52,6 +52,8 @@ def fma32(a: Any, b: Any, c: Any) -> npt.NDArray[np.float32]:
         # or NaN against inf/NaN), so adding c rounds once, as the FMA does.
         with np.errstate(invalid="ignore"):
             return np.asarray(a32 * b32 + c32, dtype=np.float32)
+    if a32.size <= _SMALL and b32.size <= _SMALL and c32.size <= _SMALL:
+        return _fma32_small(a32, b32, c32)
     shape = np.broadcast_shapes(a32.shape, b32.shape, c32.shape)
     flat = [x if x.ndim == 0 else np.broadcast_to(x, shape).reshape(-1) for x in (a32, b32, c32)]
     n = int(np.prod(shape, dtype=np.int64))
@@ -91,6 +93,29 @@ def fma32(a: Any, b: Any, c: Any) -> npt.NDArray[np.float32]:
                 pick = [x if x.ndim == 0 else x[at] for x in (xa, xb, xc)]
                 o[at] = _fma32_exact(*pick)
     return out.reshape(shape)
+
+
+#: Inputs up to this many elements take :func:`_fma32_small`: a few numpy calls on
+#: whole arrays instead of the blocked loop, whose set-up costs tens of µs (an
+#: optimizer stepping one hot row once per occurrence makes many such tiny calls).
+_SMALL = 4096
+
+
+def _fma32_small(a32: npt.NDArray[np.float32], b32: npt.NDArray[np.float32],
+                 c32: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """:func:`fma32` of small float32 arrays: the same rule, unblocked."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        s = np.multiply(a32, b32, dtype=np.float64)  # exact: 24 + 24 bits
+        s = np.add(s, c32, dtype=np.float64)
+        out = s.astype(np.float32)
+        suspect = (s.view(np.uint64) & _BELOW_F32) == _F32_HALFWAY
+        suspect |= (np.abs(out) <= np.float32(_F32_MIN_NORMAL)) & (s != 0)
+        if suspect.any():
+            at = np.nonzero(suspect)
+            shape = out.shape
+            pick = [np.broadcast_to(x, shape)[at] for x in (a32, b32, c32)]
+            out[at] = _fma32_exact(*pick)
+    return np.asarray(out)
 
 
 def fma_chain(a: Any, b: Any, start: Any) -> npt.NDArray[np.float32]:
@@ -139,11 +164,17 @@ def fma_chain(a: Any, b: Any, start: Any) -> npt.NDArray[np.float32]:
             suspect |= (np.abs(o) <= np.float32(_F32_MIN_NORMAL)) & (s != 0)
             at = np.flatnonzero(suspect.reshape(suspect.shape[0], -1).any(axis=1)) + begin
             redo = None
+            row_shape = shape[1:]
             for j in at.tolist():
-                fixed = _fma32_exact(a32 if a32.ndim == 0 else a32[j], b32[j],
-                                     first if j == 0 else out[j - 1])
-                if not np.array_equal(fixed.view(np.uint32), out[j].view(np.uint32)):
-                    out[j] = fixed
+                # Only the suspect elements of step j: a step of many rows may hold one.
+                where = np.nonzero(suspect[j - begin])
+                fixed = _fma32_exact(
+                    a32 if a32.ndim == 0 else np.broadcast_to(a32[j], row_shape)[where],
+                    np.broadcast_to(b32[j], row_shape)[where],
+                    np.broadcast_to(first if j == 0 else out[j - 1], row_shape)[where])
+                got = out[j][where]
+                if not np.array_equal(fixed.view(np.uint32), got.view(np.uint32)):
+                    out[j][where] = fixed
                     redo = j
                     break
             if redo is None:

@@ -36,6 +36,7 @@ from ps_server.engine.compressors import RawRetriever
 from ps_server.engine.entry_layout import EntryLayout, Segment
 from ps_server.engine.id_index import IdIndex
 from ps_server.engine.optimizers.base import (
+    WAVE_STEP_COST,
     State,
     first_occurrences,
     has_duplicates,
@@ -65,12 +66,14 @@ _FLT_MIN = np.float32(1.17549435e-38)
 #: before it changes anything (clock and hash filter included); it raises to refuse.
 CapacityGuard = Callable[[str, int, int], None]
 
-#: Most occurrences of one id an ``apply_gradients`` request (without ``enable_dedup``)
-#: may carry when a segment of the table steps repeated ids wave by wave (an optimizer
-#: without a run form, or a transforming retriever): each occurrence past the first
-#: costs a pass over the batch's state. SGD and Adagrad without weight decay take any
-#: multiplicity: a few µs per occurrence of the hottest id (docs/semantics.md §4.2).
-MAX_SEQUENTIAL_REPEATS = 1024
+#: Occurrences of one id that any ``apply_gradients`` request (without
+#: ``enable_dedup``) may carry, whatever its size. Beyond it a request of ``n`` ids may
+#: repeat an id up to ``n // cost`` times, ``cost`` being the table's most expensive
+#: :meth:`~ps_server.engine.optimizers.base.Optimizer.repeat_cost`: each occurrence
+#: past the first is one more sequential step of that row, so the repeats of an
+#: accepted request cost at most about what its distinct ids cost (docs/semantics.md
+#: §4.2).
+REPEAT_FLOOR = 256
 
 
 @dataclass
@@ -143,8 +146,8 @@ class EmbeddingHashTable:
             )
         self.hash_filter = hash_filter
         self.capacity_guard = capacity_guard
-        #: Per-request multiplicity limit (see :data:`MAX_SEQUENTIAL_REPEATS`).
-        self.max_sequential_repeats = MAX_SEQUENTIAL_REPEATS
+        #: Occurrences of one id any request may carry (see :data:`REPEAT_FLOOR`).
+        self.repeat_floor = REPEAT_FLOOR
         self.dim = self.layout.dim
         self.max_update_ts = 0
         cap = max(16, min(int(config.initial_capacity), 1 << 20))
@@ -520,31 +523,49 @@ class EmbeddingHashTable:
             )
         return lrs
 
-    def _wave_segments(self) -> list[str]:
-        """Names of the optimizers of segments that step repeated ids wave by wave."""
-        return [
-            type(seg.optimizer).__name__
+    def repeat_cost(self) -> tuple[int, list[str]]:
+        """The cost of one more occurrence of one id (:meth:`Optimizer.repeat_cost`; a
+        segment whose retriever transforms the gradient steps in waves) and the names
+        of the optimizers that cost it; ``(0, [])`` for a table without optimizers."""
+        costs = [
+            (max(seg.optimizer.repeat_cost(), WAVE_STEP_COST)
+             if not isinstance(seg.retriever, RawRetriever) else seg.optimizer.repeat_cost(),
+             type(seg.optimizer).__name__)
             for seg in self.layout.segments
             if seg.optimizer is not None
-            and (not seg.optimizer.has_run_form() or not isinstance(seg.retriever, RawRetriever))
         ]
+        if not costs:
+            return 0, []
+        worst = max(cost for cost, _ in costs)
+        return worst, sorted({name for cost, name in costs if cost == worst})
+
+    def repeat_limit(self, n: int) -> int | None:
+        """Most occurrences of one id an ``apply_gradients`` request of ``n`` ids (without
+        ``enable_dedup``) may carry: ``max(repeat_floor, n // cost)``; ``None`` when the
+        table has no optimizer."""
+        cost, _ = self.repeat_cost()
+        return max(self.repeat_floor, n // cost) if cost else None
 
     def check_repeats(self, ids: Ids) -> None:
-        """Refuse, before any change, a request repeating one id more than
-        :data:`MAX_SEQUENTIAL_REPEATS` times when some segment steps repeats in waves."""
-        if ids.size <= self.max_sequential_repeats:
+        """Refuse, before any change, a request repeating one id more often than
+        :meth:`repeat_limit` allows for its size."""
+        if ids.size <= self.repeat_floor:
             return
-        slow = self._wave_segments()
-        if not slow:
+        cost, names = self.repeat_cost()
+        if not cost:
+            return
+        limit = max(self.repeat_floor, ids.size // cost)
+        if ids.size <= limit:
             return
         count, worst = max_multiplicity(ids)
-        if count > self.max_sequential_repeats:
+        if count > limit:
             raise ResourceExhaustedError(
-                f"table {self.name!r}: id {worst} occurs {count} times in one "
-                f"apply_gradients request; the limit is {self.max_sequential_repeats} "
-                f"occurrences of one id per request for this table ({', '.join(slow)} "
-                "steps repeated ids one occurrence at a time); split the batch or set "
-                "enable_dedup"
+                f"table {self.name!r}: id {worst} occurs {count} times in an "
+                f"apply_gradients request of {ids.size} ids; the limit for a request of "
+                f"that size is {limit} occurrences of one id (the larger of "
+                f"{self.repeat_floor} and ids // {cost}: each occurrence past the first "
+                f"is one more sequential {', '.join(names)} step of that id); split the "
+                "batch, or set enable_dedup to sum each id's gradients into one step"
             )
 
     def _advance_clock(self, req: int) -> None:

@@ -1,9 +1,11 @@
 """A hot id repeated past the per-request limit, as a trainer meets it (issue 12, class 7).
 
-Optimizers without an exact run form (Adam here) step a repeated id once per
-occurrence, so one request may repeat an id at most ``MAX_SEQUENTIAL_REPEATS`` times:
-past it the call is RESOURCE_EXHAUSTED naming the id, its count and the limit, and no
-shard changes. SGD has a run form: any multiplicity is applied, every occurrence a step.
+Every occurrence of an id is its own optimizer step, bit for bit as Monolith's C++
+steps it, so an id repeated r times costs r sequential steps. One request of ``n`` ids
+may repeat an id at most ``max(REPEAT_FLOOR, n // cost)`` times, ``cost`` being the
+table optimizer's cost of one more occurrence (SGD 32, Adagrad 64, Adam and the others
+512 distinct ids' worth): past it the call is RESOURCE_EXHAUSTED naming the id, its
+count and the limit, and no shard changes; at the limit every occurrence is a step.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from ps_client import PsClient
 from ps_client.errors import PsResourceExhausted
 from ps_client.testing import local_cluster
 from ps_server.engine import configs
-from ps_server.engine.hash_table import MAX_SEQUENTIAL_REPEATS
+from ps_server.engine.hash_table import REPEAT_FLOOR
 
 pytestmark = pytest.mark.integration
 
@@ -29,28 +31,43 @@ def test_repeats_past_the_limit_are_refused_and_change_nothing() -> None:
         # 7 and 9 both live on shard 1: the refusal is one shard's whole answer (a write
         # refused by some shards while others apply is issue 12's class 6).
         table.assign([7, 9], np.ones((2, 4), np.float32))
-        hot = np.concatenate([np.full(MAX_SEQUENTIAL_REPEATS + 1, 7), [9]])
+        hot = np.concatenate([np.full(REPEAT_FLOOR + 1, 7), [9]])
         with pytest.raises(PsResourceExhausted) as info:
             table.apply_gradients(hot, np.ones((hot.size, 4), np.float32), global_step=1)
         message = str(info.value)
-        assert f"id 7 occurs {MAX_SEQUENTIAL_REPEATS + 1} times" in message, message
-        assert f"the limit is {MAX_SEQUENTIAL_REPEATS}" in message, message
+        assert f"id 7 occurs {REPEAT_FLOOR + 1} times" in message, message
+        assert f"request of {REPEAT_FLOOR + 2} ids" in message, message
+        assert f"the limit for a request of that size is {REPEAT_FLOOR} " in message, message
+        assert "AdamOptimizer" in message and "enable_dedup" in message, message
         assert table.lookup([7, 9]).tolist() == [[1.0] * 4] * 2  # nothing applied
         # At the limit the request is applied, every occurrence a step.
-        at_limit = np.full(MAX_SEQUENTIAL_REPEATS, 7)
+        at_limit = np.full(REPEAT_FLOOR, 7)
         table.apply_gradients(at_limit, np.ones((at_limit.size, 4), np.float32), global_step=1)
         assert (table.lookup([7]) < 1.0).all()
+        # enable_dedup sums an id's gradients into one step: no limit.
+        table.apply_gradients(hot, np.ones((hot.size, 4), np.float32), global_step=2,
+                              enable_dedup=True)
 
 
-def test_sgd_applies_any_multiplicity_exactly() -> None:
+def test_sgd_applies_a_hot_id_at_its_limit_exactly() -> None:
     lr = 0.01
+    hot = 1000
+    n = 32 * hot  # SGD's cost is 32: a request of n ids may repeat an id n // 32 times
     with local_cluster(num_shards=1) as cluster, PsClient(cluster.addresses) as client:
         table = client.create_table(configs.table_config(2, optimizer=configs.sgd()),
                                     name="sgd", learning_rate_fns=(lr,))
         table.assign([5], np.zeros((1, 2), np.float32))
-        n = 4 * MAX_SEQUENTIAL_REPEATS
-        table.apply_gradients(np.full(n, 5), np.ones((n, 2), np.float32), global_step=1)
-        # The sequential float32 chain w <- w - lr * 1, n times.
+        ids = np.concatenate([np.full(hot, 5), np.arange(1000, 1000 + n - hot)])
+        rng = np.random.default_rng(3)
+        ids = ids[rng.permutation(n)]
+        table.apply_gradients(ids, np.ones((n, 2), np.float32), global_step=1)
+        # The sequential float32 chain w <- w - lr * 1 (exact product: one rounding per
+        # step, as the FMA rounds it), once per occurrence.
         want = np.subtract.accumulate(
-            np.concatenate([[0.0], np.full(n, lr)]).astype(np.float32))[-1]
+            np.concatenate([[0.0], np.full(hot, lr)]).astype(np.float32))[-1]
+        assert table.lookup([5]).tolist() == [[float(want)] * 2]
+        # One more occurrence of 5 in a request of the same size is refused.
+        ids[ids == 1000 + 7] = 5
+        with pytest.raises(PsResourceExhausted, match=f"id 5 occurs {hot + 1} times"):
+            table.apply_gradients(ids, np.ones((n, 2), np.float32), global_step=2)
         assert table.lookup([5]).tolist() == [[float(want)] * 2]

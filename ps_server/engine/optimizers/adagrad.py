@@ -78,6 +78,9 @@ class AdagradOptimizer(Optimizer):
             step[:, :blocked] = grads[:, :blocked]  # Monolith's AVX blocks: the raw g
         params[...] = fma32(neg_lr, step, params)
 
+    #: Two FMA chains per occurrence (accumulator, then weight) and a rate pass.
+    run_step_cost: ClassVar[int] = 64
+
     def has_run_form(self) -> bool:
         # With weight decay the gradient reads w, so each step needs the previous one.
         return not self.weight_decay

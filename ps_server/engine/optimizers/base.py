@@ -45,6 +45,12 @@ class StateSlot:
     repeated: bool
 
 
+#: Cost of one more wave (one more occurrence of the hottest row, stepped by
+#: :meth:`Optimizer.apply` on the rows still active) in distinct ids' worth of work:
+#: tens of µs of numpy calls against a fraction of a µs per distinct id.
+WAVE_STEP_COST = 512
+
+
 class Optimizer(abc.ABC):
     """Update rule for one segment of an entry.
 
@@ -159,11 +165,20 @@ class Optimizer(abc.ABC):
         for name, arr in state.items():
             put_rows(arr, r, gathered[name])
 
+    #: Cost of one more occurrence of one row, stepped by :meth:`apply_run`, in
+    #: distinct ids' worth of work (measured by ``bench/repeats_bench.py``): a table
+    #: lets one request repeat an id about ``n / cost`` times (docs/semantics.md §4.2).
+    run_step_cost: ClassVar[int] = 32
+
+    def repeat_cost(self) -> int:
+        """Cost of one more occurrence of one row in a request, in distinct ids' worth
+        of work: :attr:`run_step_cost` with a run form, else :data:`WAVE_STEP_COST`."""
+        return self.run_step_cost if self.has_run_form() else WAVE_STEP_COST
+
     def has_run_form(self) -> bool:
         """Whether :meth:`apply_run` can step rows through many occurrences at once
         with exactly the bits of one :meth:`apply` per occurrence. False by default:
-        such optimizers are applied wave by wave and tables cap how often one id may
-        repeat in a request (docs/semantics.md §4.2)."""
+        such optimizers are applied wave by wave (docs/semantics.md §4.2)."""
         return False
 
     def apply_run(
@@ -292,6 +307,10 @@ def apply_in_runs(
     classes = np.frexp(counts.astype(np.float64))[1]  # bit length of each count
     for e in np.unique(classes):
         picked = np.flatnonzero(classes == e)
+        if e == 1:  # rows met once: one plain step each
+            once = order[starts[picked]]
+            optimizer._apply_rows(values, state, rows[once], grads[once], lr, global_step)
+            continue
         n_occ = counts[picked]
         c = int(n_occ.max())
         rank = np.arange(c)[:, None]

@@ -71,6 +71,23 @@ def test_fma32_rounds_once_on_random_and_halfway_inputs() -> None:
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
+def test_fma32_small_inputs_round_once_too() -> None:
+    # Inputs of at most fpmath._SMALL elements take the unblocked path: same rule,
+    # including broadcasting (a scalar factor, a column against rows).
+    rng = np.random.default_rng(9)
+    a, b, c = halfway_cases(rng, 600)
+    for lo in range(0, 600, 100):
+        part = slice(lo, lo + 100)
+        got = fma32(a[part], b[part], c[part])
+        assert np.array_equal(got.view(np.uint32), exact_fma(a[part], b[part], c[part]).view(
+            np.uint32))
+    col = rng.standard_normal((7, 1)).astype(np.float32)
+    rows = rng.standard_normal((7, 5)).astype(np.float32)
+    got = fma32(np.float32(-0.3), col, rows)
+    assert got.shape == (7, 5)
+    assert np.array_equal(got, fpmath._fma32_exact(np.float32(-0.3), col, rows))
+
+
 def test_fma32_halfway_inputs_are_where_rounding_twice_fails() -> None:
     # The cases above are meaningful: the naive float32(float64 sum) gets some wrong.
     a, b, c = halfway_cases(np.random.default_rng(8), 3000)

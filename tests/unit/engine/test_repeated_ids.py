@@ -18,7 +18,7 @@ import pytest
 
 from protos import embedding_hash_table_pb2 as eht
 from ps_server.engine import configs
-from ps_server.engine.hash_table import MAX_SEQUENTIAL_REPEATS, EmbeddingHashTable
+from ps_server.engine.hash_table import REPEAT_FLOOR, EmbeddingHashTable
 from ps_server.engine.optimizers import Optimizer, optimizer_from_config
 from ps_server.engine.optimizers.base import State, occurrence_waves
 from ps_server.errors import ResourceExhaustedError
@@ -152,37 +152,50 @@ def test_limit_refuses_before_any_change() -> None:
     table = _table(ADAM)
     table.apply_gradients([1, 2], np.ones((2, 4), np.float32), [0.1], req_time=5)
     before = table.lookup([1, 2, 9])
-    n = MAX_SEQUENTIAL_REPEATS + 1
+    n = REPEAT_FLOOR + 1
     ids = np.r_[np.full(n, 9, np.int64), [1, 3]]
     with pytest.raises(ResourceExhaustedError) as err:
         table.apply_gradients(ids, np.ones((ids.size, 4), np.float32), [0.1], req_time=99)
     msg = str(err.value)
-    assert "id 9" in msg and f"{n} times" in msg and str(MAX_SEQUENTIAL_REPEATS) in msg
+    assert "id 9" in msg and f"{n} times" in msg and str(REPEAT_FLOOR) in msg
     assert table.size() == 2 and table.max_update_ts == 5
     np.testing.assert_array_equal(table.lookup([1, 2, 9]), before)
 
 
 def test_limit_allows_its_own_count_and_dedup() -> None:
     table = _table(ADAM)
-    ids = np.full(MAX_SEQUENTIAL_REPEATS, 9, np.int64)
+    ids = np.full(REPEAT_FLOOR, 9, np.int64)
     table.apply_gradients(ids, np.ones((ids.size, 4), np.float32), [0.1])
-    ids = np.full(MAX_SEQUENTIAL_REPEATS + 1, 9, np.int64)
+    ids = np.full(REPEAT_FLOOR + 1, 9, np.int64)
     table.apply_gradients(ids, np.ones((ids.size, 4), np.float32), [0.1], enable_dedup=True)
     assert table.size() == 1
 
 
-@pytest.mark.parametrize("opt", [configs.sgd(0.1), configs.adagrad(0.1)])
-def test_run_form_optimizers_take_any_multiplicity(opt: eht.OptimizerConfig) -> None:
+@pytest.mark.parametrize(("opt", "cost"), [
+    (configs.sgd(0.1), 32),
+    (configs.adagrad(0.1), 64),
+    (configs.adagrad(0.1, weight_decay_factor=0.01), 512),  # no run form with decay
+    (ADAM, 512),
+])
+def test_limit_grows_with_the_request(opt: eht.OptimizerConfig, cost: int) -> None:
+    """A request of n ids may repeat an id max(REPEAT_FLOOR, n // cost) times."""
     table = _table(opt)
-    n = 4 * MAX_SEQUENTIAL_REPEATS
-    table.apply_gradients(np.full(n, 9, np.int64), np.ones((n, 4), np.float32), [0.1])
-    assert table.size() == 1
+    hot = REPEAT_FLOOR + 44
+    n = cost * hot
+    assert table.repeat_limit(n) == hot and table.repeat_limit(n - 1) == hot - 1
+    assert table.repeat_limit(10) == REPEAT_FLOOR
+    ids = np.concatenate([np.full(hot, 9, np.int64), np.arange(100, 100 + n - hot)])
+    grads = np.ones((n, 4), np.float32)
+    table.apply_gradients(ids, grads, [0.1])
+    ids[-1] = 9  # hot + 1 occurrences in a request of the same size
+    with pytest.raises(ResourceExhaustedError, match=f"id 9 occurs {hot + 1} times"):
+        table.apply_gradients(ids, grads, [0.1])
 
 
 def test_limit_applies_when_any_segment_lacks_a_run_form() -> None:
     segs = [configs.segment(2, configs.sgd(0.1)), configs.segment(2, ADAM)]
     table = EmbeddingHashTable(configs.table_config(segments=segs), name="t")
-    n = MAX_SEQUENTIAL_REPEATS + 1
+    n = REPEAT_FLOOR + 1
     with pytest.raises(ResourceExhaustedError, match="AdamOptimizer"):
         table.apply_gradients(np.full(n, 4, np.int64), np.ones((n, 4), np.float32), [0.1, 0.1])
     assert table.size() == 0
@@ -195,7 +208,7 @@ def test_fused_optimize_checks_every_block_before_the_first_is_applied() -> None
     shard.create_table("sgd", configs.table_config(2, optimizer=configs.sgd()))
     shard.create_table("adam", configs.table_config(2, optimizer=ADAM))
     shard.assign("sgd", [1], np.ones((1, 2), np.float32))
-    hot = MAX_SEQUENTIAL_REPEATS + 1
+    hot = REPEAT_FLOOR + 1
     ids = np.concatenate([[1], np.full(hot, 3)])
     grads = np.ones((1 + hot) * 2, np.float32)
     with pytest.raises(ResourceExhaustedError, match=f"id 3 occurs {hot} times"):
