@@ -6,19 +6,27 @@ may repeat an id at most ``max(REPEAT_FLOOR, n // cost)`` times, ``cost`` being 
 table optimizer's cost of one more occurrence (SGD 32, Adagrad 64, Adam and the others
 512 distinct ids' worth): past it the call is RESOURCE_EXHAUSTED naming the id, its
 count and the limit, and no shard changes; at the limit every occurrence is a step.
+An apply held on one table does not stall calls on another.
 """
 
 from __future__ import annotations
+
+import threading
+from typing import Any
 
 import numpy as np
 import pytest
 
 from protos import embedding_hash_table_pb2 as eht
+from protos import ps_service_pb2 as pb
 from ps_client import PsClient
 from ps_client.errors import PsResourceExhausted
 from ps_client.testing import local_cluster
 from ps_server.engine import configs
 from ps_server.engine.hash_table import REPEAT_FLOOR
+from tests.integration.conftest import start_inprocess_server
+from tests.integration.test_admin import admin, in_flight, in_thread, wait_until
+from tests.integration.test_service import apply, assign, lookup, make_table
 
 pytestmark = pytest.mark.integration
 
@@ -71,3 +79,41 @@ def test_sgd_applies_a_hot_id_at_its_limit_exactly() -> None:
         with pytest.raises(PsResourceExhausted, match=f"id 5 occurs {hot + 1} times"):
             table.apply_gradients(ids, np.ones((n, 2), np.float32), global_step=2)
         assert table.lookup([5]).tolist() == [[float(want)] * 2]
+
+
+def test_a_long_apply_on_one_table_does_not_stall_another(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An apply held inside the engine (as a long one is) keeps its own table's lock and
+    one worker thread: lookups and applies on another table answer meanwhile, and a
+    lookup on the busy table waits for it (class 7's 'stalled lookups')."""
+    with start_inprocess_server() as srv:
+        for name in ("busy", "other"):
+            make_table(srv.stub, name, configs.table_config(2, optimizer=configs.sgd()))
+            assign(srv.stub, name, [1, 2], [[1.0, 1.0], [2.0, 2.0]])
+        busy = srv.shard.tables["busy"].table
+        entered, release = threading.Event(), threading.Event()
+        original = busy.apply_gradients
+
+        def held(*args: Any, **kwargs: Any) -> None:
+            entered.set()
+            assert release.wait(20), "the test never released the apply"
+            original(*args, **kwargs)
+
+        monkeypatch.setattr(busy, "apply_gradients", held)
+        writer, _ = in_thread(lambda: apply(srv.stub, "busy", [1], [[1.0, 1.0]], [0.5]))
+        assert entered.wait(10)
+        try:
+            # The other table answers while the apply holds "busy".
+            assert lookup(srv.stub, "other", [1, 2]).tolist() == [[1.0, 1.0], [2.0, 2.0]]
+            apply(srv.stub, "other", [2], [[2.0, 2.0]], [0.5])
+            assert lookup(srv.stub, "other", [2]).tolist() == [[1.0, 1.0]]
+            assert admin(srv).Stats(pb.StatsRequest(), timeout=5).in_flight == 1
+            # A lookup on the busy table waits for the apply, then sees it.
+            reader, read = in_thread(lambda: lookup(srv.stub, "busy", [1]))
+            wait_until("the shard admitted the lookup", lambda: in_flight(srv) == 2)
+            assert reader.is_alive() and not read
+        finally:
+            release.set()
+        writer.join(10)
+        reader.join(10)
+        assert read["result"].tolist() == [[0.5, 0.5]]
