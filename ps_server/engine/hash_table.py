@@ -40,8 +40,8 @@ from ps_server.engine.optimizers.base import (
     State,
     first_occurrences,
     has_duplicates,
-    max_multiplicity,
     occurrence_waves,
+    repeated_more_than,
 )
 from ps_server.engine.rows import put_rows
 from ps_server.engine.types import Floats, Ids, Mask, Rows, as_ids, as_rows_matrix
@@ -555,10 +555,9 @@ class EmbeddingHashTable:
         if not cost:
             return
         limit = max(self.repeat_floor, ids.size // cost)
-        if ids.size <= limit:
-            return
-        count, worst = max_multiplicity(ids)
-        if count > limit:
+        hot = repeated_more_than(ids, limit)
+        if hot is not None:
+            count, worst = hot
             raise ResourceExhaustedError(
                 f"table {self.name!r}: id {worst} occurs {count} times in an "
                 f"apply_gradients request of {ids.size} ids; the limit for a request of "

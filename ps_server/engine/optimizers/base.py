@@ -273,6 +273,31 @@ def occurrence_waves(rows: Rows) -> list[npt.NDArray[np.intp]]:
     return np.split(by_rank, np.cumsum(np.bincount(rank))[:-1])
 
 
+_FIB_HASH = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio (Fibonacci hashing)
+
+
+def repeated_more_than(ids: npt.NDArray[Any], limit: int) -> tuple[int, int] | None:
+    """``(count, value)`` of the most repeated value of ``ids`` if it occurs more than
+    ``limit`` times, else None.
+
+    Equal values share a bucket of a hash table of about ``2 * len(ids)`` buckets, so
+    a value can occur more than ``limit`` times only in a bucket holding more than
+    ``limit`` ids: one hash and one ``bincount`` settle most batches, and only the ids
+    of such buckets (the hot ones) are sorted.
+    """
+    n = ids.shape[0]
+    if n <= limit:
+        return None
+    bits = (2 * n - 1).bit_length()
+    keys = np.asarray(ids, dtype=np.int64).view(np.uint64)
+    bucket = ((keys * _FIB_HASH) >> np.uint64(64 - bits)).astype(np.intp)
+    heavy = np.bincount(bucket, minlength=1 << bits) > limit
+    if not heavy.any():
+        return None
+    count, value = max_multiplicity(ids[heavy[bucket]])
+    return (count, value) if count > limit else None
+
+
 def max_multiplicity(ids: npt.NDArray[Any]) -> tuple[int, int]:
     """``(count, value)`` of the most repeated value of ``ids`` (``(0, 0)`` if empty)."""
     if ids.size == 0:

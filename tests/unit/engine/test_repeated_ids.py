@@ -221,3 +221,24 @@ def test_fused_optimize_checks_every_block_before_the_first_is_applied() -> None
     shard.fused_optimize(["sgd", "adam"], [(0, 1), (1, hot)], ids, grads, [1.0, 1.0], 1,
                          enable_grad_accumulation=True)
     assert shard.lookup("sgd", [1]).tolist() == [[0.0, 0.0]]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_repeated_more_than_finds_exactly_the_ids_past_a_limit(seed: int) -> None:
+    from ps_server.engine.optimizers.base import repeated_more_than
+
+    rng = np.random.default_rng(seed)
+    distinct = rng.permutation(200_000).astype(np.int64) * 7919 - 10**12
+    assert repeated_more_than(distinct, 1) is None
+    # Ids drawn from a small range: every count known by np.unique.
+    ids = rng.integers(-50, 50, 30_000)
+    values, counts = np.unique(ids, return_counts=True)
+    top = int(counts.max())
+    assert repeated_more_than(ids, top) is None
+    count, value = repeated_more_than(ids, top - 1) or (0, 0)
+    assert count == top and counts[values == value][0] == top
+    # One hot id among distinct ones, at and just past the limit.
+    hot = distinct.copy()
+    hot[rng.choice(hot.size, 300, replace=False)] = -3
+    assert repeated_more_than(hot, 300) is None
+    assert repeated_more_than(hot, 299) == (300, -3)
