@@ -242,3 +242,18 @@ def test_repeated_more_than_finds_exactly_the_ids_past_a_limit(seed: int) -> Non
     hot[rng.choice(hot.size, 300, replace=False)] = -3
     assert repeated_more_than(hot, 300) is None
     assert repeated_more_than(hot, 299) == (300, -3)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 1023, 1024, 100_000])
+def test_has_duplicates_is_exact(n: int) -> None:
+    from ps_server.engine.optimizers.base import has_duplicates
+
+    rng = np.random.default_rng(n)
+    rows = rng.permutation(3 * n)[:n].astype(np.int64)  # distinct rows
+    assert not has_duplicates(rows)
+    assert not has_duplicates(np.arange(n, dtype=np.int64))  # consecutive rows
+    if n >= 2:
+        for a, b in ((0, n - 1), (n // 2 - 1, n // 2)):
+            twice = rows.copy()
+            twice[b] = twice[a]
+            assert has_duplicates(twice)
