@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["fma32", "fma_chain", "sequential_sum32"]
+__all__ = ["expm1f", "fma32", "fma_chain", "powf_half", "sequential_sum32", "tanhf"]
 
 
 #: Elements per block of :func:`fma32`: two float64 scratch arrays of 1 MiB, big enough
@@ -179,3 +179,174 @@ def sequential_sum32(x: npt.NDArray[np.float32], axis: int = -1) -> npt.NDArray[
     ``sum += x[i]``), not numpy's pairwise summation."""
     acc = np.add.accumulate(np.asarray(x, dtype=np.float32), axis=axis, dtype=np.float32)
     return np.asarray(np.take(acc, -1, axis=axis))
+
+
+# ----------------------------------------------------------------- glibc float functions
+#
+# Monolith's HashNet retriever calls ``std::tanh(float)`` and ``std::pow(float, float)``,
+# i.e. glibc's ``tanhf`` and ``powf``. The vectors were recorded against glibc 2.36, whose
+# ``tanhf`` is fdlibm's (via ``expm1f``) and is *not* correctly rounded: a float64
+# ``tanh`` rounded once to float32 differs from it in the last bit for about one input in
+# eight. :func:`tanhf` below follows fdlibm's float algorithm step by step, each
+# operation a float32 operation as glibc's SSE code performs it (glibc's generic x86-64
+# build has no FMA, so nothing there is fused).
+
+_F32 = np.float32
+_LN2_HI = np.uint32(0x3F317180).view(np.float32)
+_LN2_LO = np.uint32(0x3717F7D1).view(np.float32)
+_INV_LN2 = np.uint32(0x3FB8AA3B).view(np.float32)
+# fdlibm's scaled expm1 coefficients Q1..Q5 (as float32 bit patterns).
+_EXPM1_Q = np.array([0xBD088889, 0x3AD00D01, 0xB8A670CD, 0x36867E54, 0xB457EDBB],
+                    dtype=np.uint32).view(np.float32)
+
+
+def _with_exponent_added(y: npt.NDArray[np.float32], k: npt.NDArray[np.int32]
+                         ) -> npt.NDArray[np.float32]:
+    """``y * 2**k`` by adding ``k`` to the float32 exponent field (no range checks)."""
+    bits = y.view(np.int32) + (k.astype(np.int32) << 23)
+    return np.asarray(bits.view(np.float32))
+
+
+def expm1f(x: Any) -> npt.NDArray[np.float32]:
+    """glibc 2.36 ``expm1f`` (fdlibm's algorithm), bit for bit, on float32 arrays."""
+    x = np.asarray(x, dtype=np.float32)
+    shape = x.shape
+    x = x.reshape(-1)
+    hx = x.view(np.uint32) & np.uint32(0x7FFFFFFF)
+    neg = x.view(np.int32) < 0
+    out = np.empty_like(x)
+    with np.errstate(over="ignore", invalid="ignore"):
+        # Not finite, or beyond the overflow threshold: x + x keeps NaN, exp(+inf) - 1 =
+        # +inf, exp(-inf) - 1 = -1; x > 88.72 overflows to +inf.
+        big = hx >= np.uint32(0x42B17218)
+        out[big] = np.where(np.isnan(x[big]), x[big] + x[big],
+                            np.where(neg[big], _F32(-1), _F32(np.inf)))
+        # x < -27 ln2: -1 (tiny - 1 rounds to -1).
+        minus_one = (hx >= np.uint32(0x4195B844)) & neg & ~big
+        out[minus_one] = _F32(-1)
+        # |x| < 2^-25: x itself.
+        small = hx < np.uint32(0x33000000)
+        out[small] = x[small]
+        main = ~(big | minus_one | small)
+        if main.any():
+            out[main] = _expm1f_main(x[main], hx[main], neg[main])
+    return out.reshape(shape)
+
+
+def _expm1f_main(x: npt.NDArray[np.float32], hx: npt.NDArray[np.uint32],
+                 neg: npt.NDArray[np.bool_]) -> npt.NDArray[np.float32]:
+    """:func:`expm1f` for 2^-25 <= |x| < 88.72 (x > -27 ln2): reduction and polynomial."""
+    one, half, two = _F32(1), _F32(0.5), _F32(2)
+    n = x.size
+    k = np.zeros(n, dtype=np.int32)
+    c = np.zeros(n, dtype=np.float32)
+    xr = x.copy()
+    reduce = hx > np.uint32(0x3EB17218)  # |x| > ln2 / 2
+    near = reduce & (hx < np.uint32(0x3F851592))  # ... and |x| < 1.5 ln2: k = ±1
+    far = reduce & ~near
+    hi = np.zeros(n, dtype=np.float32)
+    lo = np.zeros(n, dtype=np.float32)
+    sgn_hi = np.where(neg, _LN2_HI, -_LN2_HI).astype(np.float32)
+    hi[near] = x[near] + sgn_hi[near]
+    lo[near] = np.where(neg[near], -_LN2_LO, _LN2_LO)
+    k[near] = np.where(neg[near], -1, 1)
+    if far.any():
+        xf = x[far]
+        kf = (_INV_LN2 * xf + np.where(neg[far], -half, half).astype(np.float32))
+        kf = np.trunc(kf).astype(np.int32)
+        t = kf.astype(np.float32)
+        hi[far] = xf - t * _LN2_HI
+        lo[far] = t * _LN2_LO
+        k[far] = kf
+    xr[reduce] = hi[reduce] - lo[reduce]
+    c[reduce] = (hi[reduce] - xr[reduce]) - lo[reduce]
+
+    x = xr
+    q1, q2, q3, q4, q5 = _EXPM1_Q
+    hfx = half * x
+    hxs = x * hfx
+    r1 = one + hxs * (q1 + hxs * (q2 + hxs * (q3 + hxs * (q4 + hxs * q5))))
+    t = _F32(3) - r1 * hfx
+    e = hxs * ((r1 - t) / (_F32(6) - x * t))
+
+    out = x - (x * e - hxs)  # k == 0 (c is 0)
+    kk = k != 0
+    if not kk.any():
+        return out
+    e = (x * (e - c) - c) - hxs
+    # k == -1
+    m = k == -1
+    out[m] = half * (x[m] - e[m]) - half
+    # k == 1
+    m = k == 1
+    below = m & (x < _F32(-0.25))
+    out[below] = -two * (e[below] - (x[below] + half))
+    above = m & ~below
+    out[above] = one + two * (x[above] - e[above])
+    # k <= -2 or k > 56: exp(x) - 1 as 2^k * (1 - (e - x)) - 1.
+    m = (k <= -2) | (k > 56)
+    if m.any():
+        y = one - (e[m] - x[m])
+        km = k[m]
+        y = np.where(km == 128, y * two * _F32(2.0**127), _with_exponent_added(y, km))
+        out[m] = y - one
+    # 2 <= k < 23: t = 1 - 2^-k; y = t - (e - x), scaled by 2^k.
+    m = (k >= 2) & (k < 23)
+    if m.any():
+        km = k[m]
+        t = (np.int32(0x3F800000) - (np.int32(0x1000000) >> km)).view(np.float32)
+        out[m] = _with_exponent_added(t - (e[m] - x[m]), km)
+    # 23 <= k <= 56: t = 2^-k; y = (x - (e + t)) + 1, scaled by 2^k.
+    m = (k >= 23) & (k <= 56)
+    if m.any():
+        km = k[m]
+        t = ((np.int32(0x7F) - km) << 23).view(np.float32)
+        y = (x[m] - (e[m] + t)) + one
+        out[m] = _with_exponent_added(y, km)
+    return out
+
+
+def tanhf(x: Any) -> npt.NDArray[np.float32]:
+    """glibc 2.36 ``tanhf`` (fdlibm's algorithm), bit for bit, on float32 arrays.
+
+    ``|x| < 2^-55``: ``x * (1 + x)``; ``|x| < 1``: ``-t / (t + 2)`` with ``t =
+    expm1f(-2|x|)``; ``|x| < 22``: ``1 - 2 / (t + 2)`` with ``t = expm1f(2|x|)``;
+    beyond: ±1; NaN stays NaN; the sign is put back last.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    shape = x.shape
+    x = x.reshape(-1)
+    ix = x.view(np.uint32) & np.uint32(0x7FFFFFFF)
+    neg = x.view(np.int32) < 0
+    ax = np.abs(x)
+    one, two = _F32(1), _F32(2)
+    z = np.ones_like(x)  # |x| >= 22 (and inf): 1 - tiny rounds to 1
+    with np.errstate(over="ignore", invalid="ignore"):
+        tiny = ix < np.uint32(0x24000000)
+        lt1 = ~tiny & (ix < np.uint32(0x3F800000))
+        mid = (ix >= np.uint32(0x3F800000)) & (ix < np.uint32(0x41B00000))
+        if lt1.any():
+            t = expm1f(-two * ax[lt1])
+            z[lt1] = -t / (t + two)
+        if mid.any():
+            t = expm1f(two * ax[mid])
+            z[mid] = one - two / (t + two)
+        z[tiny] = ax[tiny] * (one + ax[tiny])
+        z = np.where(neg, -z, z)
+        z[tiny] = x[tiny] * (one + x[tiny])
+        nan = np.isnan(x)
+        z[nan] = one / x[nan] + one  # quiets a signalling NaN, keeps the payload
+    return z.reshape(shape)
+
+
+def powf_half(x: Any) -> npt.NDArray[np.float32]:
+    """``powf(x, 0.5f)`` as glibc computes it, on float32 arrays.
+
+    Computed as the correctly rounded square root (float64 ``sqrt`` rounded once),
+    except ``powf(-0, 0.5) = +0`` and ``powf(-inf, 0.5) = +inf``.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    with np.errstate(invalid="ignore"):
+        r = np.sqrt(x.astype(np.float64)).astype(np.float32)
+    r = np.where(x == 0, np.float32(0), r)
+    return np.asarray(np.where(x == -np.inf, np.float32(np.inf), r))
