@@ -70,14 +70,27 @@ class Fp32Compressor(Compressor):
 
 
 class Fp16Compressor(Compressor):
-    """IEEE half precision (2 bytes): round-to-nearest-even, overflow becomes ±inf."""
+    """IEEE half precision (2 bytes): round-to-nearest-even, overflow becomes ±inf.
+
+    As Monolith's half.hpp (v2.1.0, default rounding): that is numpy's float16 cast,
+    except for NaNs, which half.hpp always makes quiet — sign, ``0x7E00`` and the top
+    10 payload bits (``(bits >> 13) & 0x3FF``) — where numpy keeps a signalling NaN
+    signalling (e.g. float ``0x7F800001``: half.hpp ``0x7E00``, numpy ``0x7C01``).
+    """
 
     bytes_per_value = 2
     storage_dtype = np.dtype(np.float16)
 
     def encode(self, values: npt.ArrayLike) -> npt.NDArray[np.float16]:
-        with np.errstate(over="ignore"):
-            return np.asarray(values, dtype=np.float32).astype(np.float16)
+        f = np.asarray(values, dtype=np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = f.astype(np.float16)
+        nan = np.isnan(f)
+        if nan.any():
+            fb = f[nan].view(np.uint32)
+            half_bits = (((fb >> 16) & 0x8000) | 0x7E00 | ((fb >> 13) & 0x3FF)).astype(np.uint16)
+            out[nan] = half_bits.view(np.float16)
+        return out
 
     def decode(self, encoded: npt.NDArray[Any]) -> Floats:
         return np.asarray(encoded, dtype=np.float16).astype(np.float32)

@@ -77,12 +77,6 @@ _GAPS: list[tuple[str, list[str]]] = [
         ],
     ),
     (
-        "fp16: half.hpp v2.1.0 conversion differs from numpy's float16 cast for some inputs",
-        [
-            "compressors/fp16",
-        ],
-    ),
-    (
         "split_num < 5: Monolith allocates 5 splits and reports 3; ours refuses the config",
         [
             "filters/sliding/cap10_split3",
