@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["expm1f", "fma32", "fma_chain", "powf_half", "sequential_sum32", "tanhf"]
+__all__ = ["expm1f", "fma32", "fma64", "fma_chain", "powf_half", "sequential_sum32", "tanhf"]
 
 
 #: Elements per block of :func:`fma32`: two float64 scratch arrays of 1 MiB, big enough
@@ -339,14 +339,143 @@ def tanhf(x: Any) -> npt.NDArray[np.float32]:
     return z.reshape(shape)
 
 
-def powf_half(x: Any) -> npt.NDArray[np.float32]:
-    """``powf(x, 0.5f)`` as glibc computes it, on float32 arrays.
+def fma64(a: Any, b: Any, c: Any) -> npt.NDArray[np.float64]:
+    """``a*b + c`` on float64 arrays with one rounding (a double-precision FMA).
 
-    Computed as the correctly rounded square root (float64 ``sqrt`` rounded once),
-    except ``powf(-0, 0.5) = +0`` and ``powf(-inf, 0.5) = +inf``.
+    Boldo & Melquiond's emulation ("Emulation of FMA and correctly rounded sums: proved
+    algorithms using rounding to odd", 2008): the exact product ``uh + ul`` (Dekker's
+    split), ``th + tl = c + uh`` (TwoSum), ``v`` = ``tl + ul`` rounded to odd, then
+    ``th + v`` rounded to nearest. Exact for finite operands away from float64's
+    overflow and subnormal ranges (the only use here: :func:`powf_half`'s polynomials).
+    """
+    a, b, c = (np.asarray(v, dtype=np.float64) for v in (a, b, c))
+    uh = a * b
+    split = np.float64(134217729.0)  # 2^27 + 1
+    ta, tb = split * a, split * b
+    ah = ta - (ta - a)
+    bh = tb - (tb - b)
+    al, bl = a - ah, b - bh
+    ul = ((ah * bh - uh) + ah * bl + al * bh) + al * bl
+    th, tl = _two_sum(c, uh)
+    v, e = _two_sum(tl, ul)
+    vi = v.view(np.int64)
+    odd_fix = (e != 0) & ((vi & 1) == 0)
+    vi = vi + np.where((e > 0) == (v > 0), 1, -1) * odd_fix
+    return np.asarray(th + vi.view(np.float64))
+
+
+def _two_sum(a: npt.NDArray[np.float64], b: npt.NDArray[np.float64]
+             ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Knuth's TwoSum: ``s + e == a + b`` exactly, ``s`` the rounded sum."""
+    s = np.asarray(a + b)
+    bb = s - a
+    return s, np.asarray((a - (s - bb)) + (b - bb))
+
+
+# glibc's powf (ARM's optimized-routines algorithm, MIT licence; glibc >= 2.28): log2(x)
+# from a 16-interval table and a degree-5 polynomial, times y, then exp2 from a 32-entry
+# table and a cubic, all in float64. On x86-64 with FMA (Monolith's machines, and the
+# recorded vectors) glibc picks its FMA build, where g++ fuses every ``a*b + c`` below.
+def _hex_floats(text: str) -> npt.NDArray[np.float64]:
+    """float64 array from C hex-float literals separated by white space."""
+    return np.array([float.fromhex(v) for v in text.split()], dtype=np.float64)
+
+
+_POWF_OFF = np.uint32(0x3F330000)
+# Interval i of log2's reduction: 1/c and log2(c).
+_POWF_INVC = _hex_floats("""
+    0x1.661ec79f8f3bep+0 0x1.571ed4aaf883dp+0 0x1.49539f0f010bp+0 0x1.3c995b0b80385p+0
+    0x1.30d190c8864a5p+0 0x1.25e227b0b8eap+0 0x1.1bb4a4a1a343fp+0 0x1.12358f08ae5bap+0
+    0x1.0953f419900a7p+0 0x1p+0 0x1.e608cfd9a47acp-1 0x1.ca4b31f026aap-1
+    0x1.b2036576afce6p-1 0x1.9c2d163a1aa2dp-1 0x1.886e6037841edp-1 0x1.767dcf5534862p-1
+""")
+_POWF_LOGC = _hex_floats("""
+    -0x1.efec65b963019p-2 -0x1.b0b6832d4fca4p-2 -0x1.7418b0a1fb77bp-2 -0x1.39de91a6dcf7bp-2
+    -0x1.01d9bf3f2b631p-2 -0x1.97c1d1b3b7afp-3 -0x1.2f9e393af3c9fp-3 -0x1.960cbbf788d5cp-4
+    -0x1.a6f9db6475fcep-5 0x0p+0 0x1.338ca9f24f53dp-4 0x1.476a9543891bap-3
+    0x1.e840b4ac4e4d2p-3 0x1.40645f0c6651cp-2 0x1.88e9c2c1b9ff8p-2 0x1.ce0a44eb17bccp-2
+""")
+_POWF_LOG2_POLY = tuple(_hex_floats("""
+    0x1.27616c9496e0bp-2 -0x1.71969a075c67ap-2 0x1.ec70a6ca7baddp-2 -0x1.7154748bef6c8p-1
+    0x1.71547652ab82bp0
+""").tolist())
+# 2^(i/32) as bits, minus i << 47 (so adding k << 47 scales by 2^(k/32)).
+_EXP2F_TAB = np.array([
+    0x3ff0000000000000, 0x3fefd9b0d3158574, 0x3fefb5586cf9890f, 0x3fef9301d0125b51,
+    0x3fef72b83c7d517b, 0x3fef54873168b9aa, 0x3fef387a6e756238, 0x3fef1e9df51fdee1,
+    0x3fef06fe0a31b715, 0x3feef1a7373aa9cb, 0x3feedea64c123422, 0x3feece086061892d,
+    0x3feebfdad5362a27, 0x3feeb42b569d4f82, 0x3feeab07dd485429, 0x3feea47eb03a5585,
+    0x3feea09e667f3bcd, 0x3fee9f75e8ec5f74, 0x3feea11473eb0187, 0x3feea589994cce13,
+    0x3feeace5422aa0db, 0x3feeb737b0cdc5e5, 0x3feec49182a3f090, 0x3feed503b23e255d,
+    0x3feee89f995ad3ad, 0x3feeff76f2fb5e47, 0x3fef199bdd85529c, 0x3fef3720dcef9069,
+    0x3fef5818dcfba487, 0x3fef7c97337b9b5f, 0x3fefa4afa2a490da, 0x3fefd0765b6e4540,
+], dtype=np.uint64)
+_EXP2F_POLY = tuple(_hex_floats("0x1.c6af84b912394p-5 0x1.ebfce50fac4f3p-3 0x1.62e42ff0c52d6p-1"
+                                 ).tolist())
+_EXP2F_SHIFT = np.float64(float.fromhex("0x1.8p+52") / 32)
+
+
+def powf_half(x: Any) -> npt.NDArray[np.float32]:
+    """glibc's ``powf(x, 0.5f)`` (its FMA build), bit for bit, on float32 arrays.
+
+    Not the correctly rounded square root: for about 1 positive float in 1,600 (e.g.
+    ``1 + 0.005 * 855``) it is one ulp off it. ``powf(±0, 0.5) = +0``, ``powf(+inf,
+    0.5) = powf(-inf, 0.5) = +inf``, a NaN stays NaN (quieted), ``x < 0`` gives x86's default NaN
+    (``0xFFC00000``).
     """
     x = np.asarray(x, dtype=np.float32)
-    with np.errstate(invalid="ignore"):
-        r = np.sqrt(x.astype(np.float64)).astype(np.float32)
-    r = np.where(x == 0, np.float32(0), r)
-    return np.asarray(np.where(x == -np.inf, np.float32(np.inf), r))
+    shape = x.shape
+    x = x.reshape(-1)
+    ix = x.view(np.uint32).copy()
+    out = np.empty_like(x)
+    with np.errstate(invalid="ignore", over="ignore"):
+        special = (ix - np.uint32(0x00800000)) >= np.uint32(0x7F800000 - 0x00800000)
+        zero_inf = (ix & np.uint32(0x7FFFFFFF)) == 0
+        zero_inf |= (ix & np.uint32(0x7FFFFFFF)) == np.uint32(0x7F800000)
+        nan = np.isnan(x)
+        negative = ~nan & ~zero_inf & (x < 0)
+        out[zero_inf] = x[zero_inf] * x[zero_inf]  # +0 or +inf
+        out[nan] = x[nan] + np.float32(0.5)
+        out[negative] = np.uint32(0xFFC00000).view(np.float32)  # x86's default NaN (0/0)
+        sub = special & ~(zero_inf | nan | negative)  # positive subnormals
+        if sub.any():
+            ix[sub] = ((x[sub] * np.float32(2.0**23)).view(np.uint32) & np.uint32(0x7FFFFFFF)
+                       ) - np.uint32(23 << 23)
+        main = ~(zero_inf | nan | negative)
+        if main.any():
+            out[main] = _powf_core(ix[main], 0.5)
+    return out.reshape(shape)
+
+
+def _powf_core(ix: npt.NDArray[np.uint32], y: float) -> npt.NDArray[np.float32]:
+    """glibc powf's ``exp2(y * log2(x))`` for positive ``x`` given as (normalized) bits."""
+    tmp = ix - _POWF_OFF
+    i = ((tmp >> np.uint32(19)) % np.uint32(16)).astype(np.intp)
+    top = tmp & np.uint32(0xFF800000)
+    iz = ix - top
+    k = top.view(np.int32) >> 23
+    z = iz.view(np.float32).astype(np.float64)
+    r = fma64(z, _POWF_INVC[i], -1.0)
+    y0 = _POWF_LOGC[i] + k.astype(np.float64)
+    a0, a1, a2, a3, a4 = _POWF_LOG2_POLY
+    r2 = r * r
+    p01 = fma64(a0, r, a1)
+    p23 = fma64(a2, r, a3)
+    r4 = r2 * r2
+    q = fma64(a4, r, y0)
+    q = fma64(p23, r2, q)
+    logx = fma64(p01, r4, q)
+
+    xd = np.float64(y) * logx
+    kd = xd + _EXP2F_SHIFT
+    ki = kd.view(np.uint64)
+    kd = kd - _EXP2F_SHIFT
+    rr = xd - kd
+    t = _EXP2F_TAB[(ki % np.uint64(32)).astype(np.intp)] + (ki << np.uint64(47))
+    s = t.view(np.float64)
+    c0, c1, c2 = _EXP2F_POLY
+    zz = fma64(c0, rr, c1)
+    rr2 = rr * rr
+    yy = fma64(c2, rr, 1.0)
+    yy = fma64(zz, rr2, yy)
+    return np.asarray((yy * s).astype(np.float32))
