@@ -192,6 +192,8 @@ def sequential_sum32(x: npt.NDArray[np.float32], axis: int = -1) -> npt.NDArray[
 # build has no FMA, so nothing there is fused).
 
 _F32 = np.float32
+#: Elements per block of :func:`tanhf` (its temporaries, 4 bytes each, stay in cache).
+LIBM_BLOCK = 1 << 16
 _LN2_HI = np.uint32(0x3F317180).view(np.float32)
 _LN2_LO = np.uint32(0x3717F7D1).view(np.float32)
 _INV_LN2 = np.uint32(0x3FB8AA3B).view(np.float32)
@@ -208,58 +210,46 @@ def _with_exponent_added(y: npt.NDArray[np.float32], k: npt.NDArray[np.int32]
 
 
 def expm1f(x: Any) -> npt.NDArray[np.float32]:
-    """glibc 2.36 ``expm1f`` (fdlibm's algorithm), bit for bit, on float32 arrays."""
+    """glibc 2.36 ``expm1f`` (fdlibm's algorithm), bit for bit, on float32 arrays.
+
+    Every lane runs the reduction and polynomial and the result of its branch is
+    selected (``np.where``), which is much faster in numpy than gathering each branch.
+    """
     x = np.asarray(x, dtype=np.float32)
-    shape = x.shape
-    x = x.reshape(-1)
-    hx = x.view(np.uint32) & np.uint32(0x7FFFFFFF)
-    neg = x.view(np.int32) < 0
-    out = np.empty_like(x)
-    with np.errstate(over="ignore", invalid="ignore"):
-        # Not finite, or beyond the overflow threshold: x + x keeps NaN, exp(+inf) - 1 =
-        # +inf, exp(-inf) - 1 = -1; x > 88.72 overflows to +inf.
-        big = hx >= np.uint32(0x42B17218)
-        out[big] = np.where(np.isnan(x[big]), x[big] + x[big],
-                            np.where(neg[big], _F32(-1), _F32(np.inf)))
-        # x < -27 ln2: -1 (tiny - 1 rounds to -1).
-        minus_one = (hx >= np.uint32(0x4195B844)) & neg & ~big
-        out[minus_one] = _F32(-1)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        hx = x.view(np.uint32) & np.uint32(0x7FFFFFFF)
+        neg = x.view(np.int32) < 0
+        out = _expm1f_main(x, hx, neg)
         # |x| < 2^-25: x itself.
-        small = hx < np.uint32(0x33000000)
-        out[small] = x[small]
-        main = ~(big | minus_one | small)
-        if main.any():
-            out[main] = _expm1f_main(x[main], hx[main], neg[main])
-    return out.reshape(shape)
+        out = np.where(hx < np.uint32(0x33000000), x, out)
+        # x < -27 ln2: -1 (tiny - 1 rounds to -1).
+        out = np.where((hx >= np.uint32(0x4195B844)) & neg, _F32(-1), out)
+        # Not finite, or beyond the overflow threshold: NaN stays NaN (x + x), exp(+inf)
+        # - 1 = +inf, exp(-inf) - 1 = -1, x > 88.72 overflows to +inf.
+        big = hx >= np.uint32(0x42B17218)
+        if big.any():
+            out = np.where(big, np.where(neg, _F32(-1), _F32(np.inf)), out)
+            out = np.where(np.isnan(x), x + x, out)
+    return np.asarray(out, dtype=np.float32)
 
 
 def _expm1f_main(x: npt.NDArray[np.float32], hx: npt.NDArray[np.uint32],
                  neg: npt.NDArray[np.bool_]) -> npt.NDArray[np.float32]:
-    """:func:`expm1f` for 2^-25 <= |x| < 88.72 (x > -27 ln2): reduction and polynomial."""
+    """:func:`expm1f` for 2^-25 <= |x| < 88.72 (x > -27 ln2): reduction and polynomial.
+    Other lanes compute garbage that :func:`expm1f` replaces."""
     one, half, two = _F32(1), _F32(0.5), _F32(2)
-    n = x.size
-    k = np.zeros(n, dtype=np.int32)
-    c = np.zeros(n, dtype=np.float32)
-    xr = x.copy()
     reduce = hx > np.uint32(0x3EB17218)  # |x| > ln2 / 2
     near = reduce & (hx < np.uint32(0x3F851592))  # ... and |x| < 1.5 ln2: k = ±1
-    far = reduce & ~near
-    hi = np.zeros(n, dtype=np.float32)
-    lo = np.zeros(n, dtype=np.float32)
-    sgn_hi = np.where(neg, _LN2_HI, -_LN2_HI).astype(np.float32)
-    hi[near] = x[near] + sgn_hi[near]
-    lo[near] = np.where(neg[near], -_LN2_LO, _LN2_LO)
-    k[near] = np.where(neg[near], -1, 1)
-    if far.any():
-        xf = x[far]
-        kf = (_INV_LN2 * xf + np.where(neg[far], -half, half).astype(np.float32))
-        kf = np.trunc(kf).astype(np.int32)
-        t = kf.astype(np.float32)
-        hi[far] = xf - t * _LN2_HI
-        lo[far] = t * _LN2_LO
-        k[far] = kf
-    xr[reduce] = hi[reduce] - lo[reduce]
-    c[reduce] = (hi[reduce] - xr[reduce]) - lo[reduce]
+    # k = (int)(x / ln2 ± 0.5) (truncation), then x - k ln2 as hi - lo.
+    kf = np.trunc(_INV_LN2 * x + np.where(neg, -half, half))
+    kf = np.where(np.abs(kf) < _F32(2.0**30), kf, _F32(0))
+    t = kf.astype(np.float32)
+    hi = np.where(near, x + np.where(neg, _LN2_HI, -_LN2_HI), x - t * _LN2_HI)
+    lo = np.where(near, np.where(neg, -_LN2_LO, _LN2_LO), t * _LN2_LO)
+    k = np.where(near, np.where(neg, -1, 1), kf.astype(np.int32))
+    k = np.where(reduce, k, 0).astype(np.int32)
+    xr = np.where(reduce, hi - lo, x)
+    c = np.where(reduce, (hi - xr) - lo, _F32(0))
 
     x = xr
     q1, q2, q3, q4, q5 = _EXPM1_Q
@@ -270,40 +260,30 @@ def _expm1f_main(x: npt.NDArray[np.float32], hx: npt.NDArray[np.uint32],
     e = hxs * ((r1 - t) / (_F32(6) - x * t))
 
     out = x - (x * e - hxs)  # k == 0 (c is 0)
-    kk = k != 0
-    if not kk.any():
-        return out
+    if not (k != 0).any():
+        return np.asarray(out)
     e = (x * (e - c) - c) - hxs
-    # k == -1
-    m = k == -1
-    out[m] = half * (x[m] - e[m]) - half
-    # k == 1
-    m = k == 1
-    below = m & (x < _F32(-0.25))
-    out[below] = -two * (e[below] - (x[below] + half))
-    above = m & ~below
-    out[above] = one + two * (x[above] - e[above])
+    out = np.where(k == -1, half * (x - e) - half, out)
+    if (k == 1).any():
+        k1 = np.where(x < _F32(-0.25), -two * (e - (x + half)), one + two * (x - e))
+        out = np.where(k == 1, k1, out)
     # k <= -2 or k > 56: exp(x) - 1 as 2^k * (1 - (e - x)) - 1.
-    m = (k <= -2) | (k > 56)
-    if m.any():
-        y = one - (e[m] - x[m])
-        km = k[m]
-        y = np.where(km == 128, y * two * _F32(2.0**127), _with_exponent_added(y, km))
-        out[m] = y - one
+    wide = (k <= -2) | (k > 56)
+    if wide.any():
+        y = one - (e - x)
+        y = np.where(k == 128, y * two * _F32(2.0**127), _with_exponent_added(y, k))
+        out = np.where(wide, y - one, out)
     # 2 <= k < 23: t = 1 - 2^-k; y = t - (e - x), scaled by 2^k.
-    m = (k >= 2) & (k < 23)
-    if m.any():
-        km = k[m]
-        t = (np.int32(0x3F800000) - (np.int32(0x1000000) >> km)).view(np.float32)
-        out[m] = _with_exponent_added(t - (e[m] - x[m]), km)
+    mid = (k >= 2) & (k < 23)
+    if mid.any():
+        t = (np.int32(0x3F800000) - (np.int32(0x1000000) >> np.clip(k, 0, 31))).view(np.float32)
+        out = np.where(mid, _with_exponent_added(t - (e - x), k), out)
     # 23 <= k <= 56: t = 2^-k; y = (x - (e + t)) + 1, scaled by 2^k.
-    m = (k >= 23) & (k <= 56)
-    if m.any():
-        km = k[m]
-        t = ((np.int32(0x7F) - km) << 23).view(np.float32)
-        y = (x[m] - (e[m] + t)) + one
-        out[m] = _with_exponent_added(y, km)
-    return out
+    high = (k >= 23) & (k <= 56)
+    if high.any():
+        t = ((np.int32(0x7F) - np.clip(k, 0, 127)) << 23).view(np.float32)
+        out = np.where(high, _with_exponent_added((x - (e + t)) + one, k), out)
+    return np.asarray(out)
 
 
 def tanhf(x: Any) -> npt.NDArray[np.float32]:
@@ -311,32 +291,34 @@ def tanhf(x: Any) -> npt.NDArray[np.float32]:
 
     ``|x| < 2^-55``: ``x * (1 + x)``; ``|x| < 1``: ``-t / (t + 2)`` with ``t =
     expm1f(-2|x|)``; ``|x| < 22``: ``1 - 2 / (t + 2)`` with ``t = expm1f(2|x|)``;
-    beyond: ±1; NaN stays NaN; the sign is put back last.
+    beyond: ±1; NaN stays NaN; the sign is put back last. Large arrays go in blocks of
+    :data:`LIBM_BLOCK` elements, so the many float32 temporaries stay in cache.
     """
     x = np.asarray(x, dtype=np.float32)
-    shape = x.shape
-    x = x.reshape(-1)
+    if x.size <= LIBM_BLOCK:
+        return _tanhf_block(x)
+    flat = x.reshape(-1)
+    out = np.empty(flat.shape, dtype=np.float32)
+    for lo in range(0, flat.size, LIBM_BLOCK):
+        out[lo : lo + LIBM_BLOCK] = _tanhf_block(flat[lo : lo + LIBM_BLOCK])
+    return out.reshape(x.shape)
+
+
+def _tanhf_block(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """:func:`tanhf` of one block."""
     ix = x.view(np.uint32) & np.uint32(0x7FFFFFFF)
     neg = x.view(np.int32) < 0
     ax = np.abs(x)
     one, two = _F32(1), _F32(2)
-    z = np.ones_like(x)  # |x| >= 22 (and inf): 1 - tiny rounds to 1
-    with np.errstate(over="ignore", invalid="ignore"):
-        tiny = ix < np.uint32(0x24000000)
-        lt1 = ~tiny & (ix < np.uint32(0x3F800000))
-        mid = (ix >= np.uint32(0x3F800000)) & (ix < np.uint32(0x41B00000))
-        if lt1.any():
-            t = expm1f(-two * ax[lt1])
-            z[lt1] = -t / (t + two)
-        if mid.any():
-            t = expm1f(two * ax[mid])
-            z[mid] = one - two / (t + two)
-        z[tiny] = ax[tiny] * (one + ax[tiny])
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        ge1 = ix >= np.uint32(0x3F800000)
+        t = expm1f(np.where(ge1, two * ax, -two * ax))
+        z = np.where(ge1, one - two / (t + two), -t / (t + two))
+        z = np.where(ix >= np.uint32(0x41B00000), one, z)  # |x| >= 22 (and inf): 1 - tiny
         z = np.where(neg, -z, z)
-        z[tiny] = x[tiny] * (one + x[tiny])
-        nan = np.isnan(x)
-        z[nan] = one / x[nan] + one  # quiets a signalling NaN, keeps the payload
-    return z.reshape(shape)
+        z = np.where(ix < np.uint32(0x24000000), x * (one + x), z)  # tiny, and ±0
+        z = np.where(np.isnan(x), one / x + one, z)  # quiets a signalling NaN
+    return np.asarray(z, dtype=np.float32)
 
 
 def fma64(a: Any, b: Any, c: Any) -> npt.NDArray[np.float64]:
