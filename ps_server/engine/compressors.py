@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from protos import float_compressor_pb2 as fcfg
+from ps_server.engine.fpmath import fma32, powf_half, tanhf
 from ps_server.engine.types import Floats
 from ps_server.errors import ConfigError
 
@@ -69,14 +70,27 @@ class Fp32Compressor(Compressor):
 
 
 class Fp16Compressor(Compressor):
-    """IEEE half precision (2 bytes): round-to-nearest-even, overflow becomes ±inf."""
+    """IEEE half precision (2 bytes): round-to-nearest-even, overflow becomes ±inf.
+
+    As Monolith's half.hpp (v2.1.0, default rounding): that is numpy's float16 cast,
+    except for NaNs, which half.hpp always makes quiet — sign, ``0x7E00`` and the top
+    10 payload bits (``(bits >> 13) & 0x3FF``) — where numpy keeps a signalling NaN
+    signalling (e.g. float ``0x7F800001``: half.hpp ``0x7E00``, numpy ``0x7C01``).
+    """
 
     bytes_per_value = 2
     storage_dtype = np.dtype(np.float16)
 
     def encode(self, values: npt.ArrayLike) -> npt.NDArray[np.float16]:
-        with np.errstate(over="ignore"):
-            return np.asarray(values, dtype=np.float32).astype(np.float16)
+        f = np.asarray(values, dtype=np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = f.astype(np.float16)
+        nan = np.isnan(f)
+        if nan.any():
+            fb = f[nan].view(np.uint32)
+            half_bits = (((fb >> 16) & 0x8000) | 0x7E00 | ((fb >> 13) & 0x3FF)).astype(np.uint16)
+            out[nan] = half_bits.view(np.float16)
+        return out
 
     def decode(self, encoded: npt.NDArray[Any]) -> Floats:
         return np.asarray(encoded, dtype=np.float16).astype(np.float32)
@@ -139,8 +153,8 @@ class OneBitCompressor(Compressor):
 
     def encode(self, values: npt.ArrayLike) -> npt.NDArray[np.int8]:
         w = np.asarray(values, dtype=np.float32)
-        with np.errstate(invalid="ignore"):
-            positive = self.amplitude * np.tanh(self.init_scale * w) > 0
+        with np.errstate(invalid="ignore", over="ignore"):
+            positive = self.amplitude * tanhf(self.init_scale * w) > 0
         return np.where(positive, np.int8(1), np.int8(-1))
 
     def decode(self, encoded: npt.NDArray[Any]) -> Floats:
@@ -222,13 +236,19 @@ class FixedR8Retriever(Retriever):
 
 
 class OneBitRetriever(Retriever):
-    """HashNet continuation: lookups see ``amplitude * tanh(scale * w)``.
+    """HashNet continuation: lookups see ``amplitude * tanhf(scale * w)``.
 
     ``scale`` starts at ``init_scale`` and is state of this object (shared by every
     entry of the segment). :meth:`backward` first refreshes it when ``global_step`` is
-    a multiple of ``step_size`` — ``scale = min(init_scale * sqrt(1 + 0.005 *
-    global_step), max_scale)`` in float32 — then scales the gradient by the derivative
-    of the forward map, ``amplitude * scale * (1 - tanh(scale * w)**2)``.
+    a multiple of ``step_size`` — ``scale = min(init_scale * powf(fma(0.005,
+    global_step, 1), 0.5), max_scale)`` in float32 — then scales the gradient by the
+    derivative of the forward map, ``(amplitude * scale) * fma(-y, y, 1)`` with ``y =
+    tanhf(scale * w)``.
+
+    Every step is the float32 operation Monolith's compiled code performs: glibc's
+    ``tanhf`` (:func:`~ps_server.engine.fpmath.tanhf`), ``powf(x, 0.5f)``
+    (:func:`~ps_server.engine.fpmath.powf_half`), and the two multiply-adds g++ fuses
+    (``1 + 0.005 * step`` and ``1 - y * y``), docs/semantics.md §5.3.
 
     :raises ConfigError: ``step_size`` is not positive.
     """
@@ -253,19 +273,23 @@ class OneBitRetriever(Retriever):
         self.scale = self.init_scale
 
     def forward(self, params: Floats) -> Floats:
-        return self.amplitude * np.tanh(self.scale * np.asarray(params, dtype=np.float32))
+        with np.errstate(over="ignore", invalid="ignore"):
+            return self.amplitude * tanhf(self.scale * np.asarray(params, dtype=np.float32))
 
     def backward(self, params: Floats, grads: Floats, global_step: int) -> Floats:
         if global_step % self.step_size == 0:
-            with np.errstate(invalid="ignore"):
-                grown = self.init_scale * np.sqrt(
-                    np.float32(1) + self.GAMMA * np.float32(global_step)
-                )
-            # np.minimum keeps a NaN (negative steps), as std::min(NaN, max) does.
-            self.scale = np.float32(np.minimum(grown, self.max_scale))
-        y = np.tanh(self.scale * np.asarray(params, dtype=np.float32))
-        factor = self.amplitude * self.scale * (np.float32(1) - y * y)
-        return np.asarray(grads, dtype=np.float32) * factor
+            # int64 -> float32 in one rounding, as C's static_cast<float>.
+            step = np.asarray(global_step, dtype=np.int64).astype(np.float32)
+            base = fma32(self.GAMMA, step, np.float32(1))
+            with np.errstate(invalid="ignore", over="ignore"):
+                grown = np.float32(self.init_scale * powf_half(base))
+            # std::min(grown, max_scale) is (max_scale < grown) ? max_scale : grown, so
+            # a NaN (negative steps) stays NaN and a NaN max_scale is never taken.
+            self.scale = self.max_scale if self.max_scale < grown else grown
+        with np.errstate(over="ignore", invalid="ignore"):
+            y = tanhf(self.scale * np.asarray(params, dtype=np.float32))
+            factor = (self.amplitude * self.scale) * fma32(-y, y, np.float32(1))
+            return np.asarray(grads, dtype=np.float32) * factor
 
     def __repr__(self) -> str:
         return (

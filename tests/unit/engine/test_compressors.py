@@ -120,6 +120,16 @@ def test_fp16_keeps_nan_and_shape() -> None:
     assert out[0, 1] == 0.5
 
 
+def test_fp16_quiets_nans_as_half_hpp_does() -> None:
+    # half.hpp v2.1.0: sign | 0x7E00 | ((bits >> 13) & 0x3FF). Float 0x7F800001 (a
+    # signalling NaN) is 0x7E00 in Monolith's vectors (numpy's cast gives 0x7C01);
+    # 0xFF812345 -> 0x8000 | 0x7E00 | (0x012345 >> 13 = 0x9) = 0xFE09; a quiet 0x7FC00000
+    # stays 0x7E00.
+    x = np.array([0x7F800001, 0xFF812345, 0x7FC00000, 0x3F800000], dtype=np.uint32)
+    enc = Fp16Compressor(dim=4).encode(x.view(np.float32))
+    assert enc.view(np.uint16).tolist() == [0x7E00, 0xFE09, 0x7E00, 0x3C00]
+
+
 def test_fp32_is_identity_and_copies() -> None:
     comp = Fp32Compressor(dim=2)
     values = f32([[0.1, -3.5], [NAN, INF]])
@@ -269,6 +279,22 @@ def test_one_bit_retriever_first_backward_off_schedule_keeps_init_scale() -> Non
     # step 7 is no multiple of 200: scale stays init_scale = 3
     out = ret.backward(f32([[0.2]]), f32([[1.0]]), 7)
     assert out[0, 0] == pytest.approx(0.1 * 3.0 * (1 - math.tanh(0.6) ** 2), rel=1e-6)
+
+
+def bits32(values: list[list[int]]) -> np.ndarray:
+    return np.array(values, dtype=np.uint32).view(np.float32)
+
+
+def test_one_bit_retriever_rounds_as_monolith_compiled_code() -> None:
+    # From Monolith's vectors (hash_net_quantizer, defaults): w = 0xbfe77578, g =
+    # 0xbf07fe0e at step 0 give 0xbbb17613, which needs 1 - y*y fused (one rounding)
+    ret = OneBitRetriever(dim=1)
+    out = ret.backward(bits32([[0xBFE77578]]), bits32([[0xBF07FE0E]]), 0)
+    assert out.view(np.uint32).tolist() == [[0xBBB17613]]
+    # glibc's powf(1 + 0.005 * 855, 0.5f) = 0x4012fdbd, one ulp above sqrt (0x4012fdbc)
+    ret = OneBitRetriever(dim=1, step_size=855)
+    ret.backward(f32([[0.0]]), f32([[1.0]]), 855)
+    assert np.float32(ret.scale).view(np.uint32) == 0x4012FDBD
 
 
 def test_one_bit_retriever_rejects_non_positive_step_size() -> None:

@@ -177,3 +177,74 @@ def test_fma_chain_is_one_fma32_per_step(steps: int) -> None:
         seq.append(w)
     assert np.array_equal(fpmath.fma_chain(lr, b, start).view(np.uint32),
                           np.array(seq).view(np.uint32))
+
+
+# ------------------------------------------------------------ glibc float functions
+# Expected bits are glibc 2.36's own results (libm tanhf / expm1f / powf on x86-64 with
+# FMA, the library Monolith's reference vectors were recorded against).
+
+
+def _f32_from_bits(bits: list[int]) -> npt.NDArray[np.float32]:
+    return np.array(bits, dtype=np.uint32).view(np.float32)
+
+
+def _bits(x: npt.NDArray[np.float32]) -> list[int]:
+    return [int(v) for v in np.asarray(x, dtype=np.float32).view(np.uint32).reshape(-1)]
+
+
+def test_tanhf_is_glibcs_not_a_correctly_rounded_tanh() -> None:
+    # glibc's tanhf is one ulp off the correctly rounded value here (a float64 tanh
+    # rounded once gives 0x3d0070f3 and 0x3f768417)
+    x = _f32_from_bits([0x3D007BBC, 0x3FFE14C6])
+    assert _bits(fpmath.tanhf(x)) == [0x3D0070F4, 0x3F768416]
+
+
+def test_tanhf_branches_and_special_values() -> None:
+    x = _f32_from_bits([0xBF800000, 0x24000000, 0x23FFFFFF, 0x41B00000, 0x41AFFFFF,
+                        0x7F800000, 0xFF800000, 0x80000000, 0x3F000000, 0xBE000000])
+    assert _bits(fpmath.tanhf(x)) == [0xBF42F7D6, 0x24000000, 0x23FFFFFF, 0x3F800000,
+                                      0x3F800000, 0x3F800000, 0xBF800000, 0x80000000,
+                                      0x3EEC9A9F, 0xBDFEACCA]
+    assert np.isnan(fpmath.tanhf(np.float32(np.nan)))
+    assert fpmath.tanhf(np.zeros((2, 3), np.float32)).shape == (2, 3)
+
+
+def test_expm1f_matches_glibc_across_its_reductions() -> None:
+    # k = 0, k = -1 / +1, 2 <= k < 23, k > 56 is not reachable below 88.7, k <= -2,
+    # x < -27 ln2 (-1), near overflow, |x| < 2^-25 (x itself)
+    x = _f32_from_bits([0x3E000000, 0xBE000000, 0x3F000000, 0xBF400000, 0x40000000,
+                        0x41000000, 0x42000000, 0xC1000000, 0xC2000000, 0x42B00000,
+                        0x33800000])
+    assert _bits(fpmath.expm1f(x)) == [0x3E085811, 0xBDF0A577, 0x3F261299, 0xBF0712FC,
+                                       0x40CC7326, 0x453A3F54, 0x568FA1FE, 0xBF7FEA04,
+                                       0xBF800000, 0x7EF882B7, 0x33800000]
+
+
+def test_powf_half_is_glibcs_powf_not_sqrt() -> None:
+    # 1 + 0.005 * 855 = 0x40a8cccd: glibc's powf(x, 0.5f) is 0x4012fdbd, the correctly
+    # rounded square root 0x4012fdbc
+    x = _f32_from_bits([0x40A8CCCD, 0x40000000, 0x40400000, 0x40C00000, 0x4916B410])
+    assert _bits(fpmath.powf_half(x)) == [0x4012FDBD, 0x3FB504F3, 0x3FDDB3D7, 0x401CC471,
+                                          0x44446B07]
+
+
+def test_powf_half_special_values() -> None:
+    # smallest subnormal, largest subnormal, -0, +0, +inf, -inf, -1, largest float
+    x = _f32_from_bits([0x00000001, 0x007FFFFF, 0x80000000, 0x00000000, 0x7F800000,
+                        0xFF800000, 0xBF800000, 0x7F7FFFFF])
+    assert _bits(fpmath.powf_half(x)) == [0x1A3504F3, 0x1FFFFFFF, 0x00000000, 0x00000000,
+                                          0x7F800000, 0x7F800000, 0xFFC00000, 0x5F7FFFFF]
+
+
+def test_fma64_rounds_once() -> None:
+    # (1 + 2^-30)(1 - 2^-30) - 1 = -2^-60 exactly; unfused float64 gives 0
+    a, b = 1 + 2.0**-30, 1 - 2.0**-30
+    assert a * b - 1 == 0.0
+    assert fpmath.fma64(a, b, -1.0) == -(2.0**-60)
+    # (1 + 2^-27)^2 = 1 + 2^-26 + 2^-54; adding -2^-26 + 2^-53 leaves 1 + 2^-53 + 2^-54,
+    # above the halfway point 1 + 2^-53, so 1 + 2^-52. Unfused, the product first rounds
+    # to 1 + 2^-26 and the sum is the tie 1 + 2^-53, which rounds to even: 1.
+    a = b = 1 + 2.0**-27
+    c = -(2.0**-26) + 2.0**-53
+    assert a * b + c == 1.0
+    assert fpmath.fma64(a, b, c) == 1 + 2.0**-52

@@ -77,30 +77,6 @@ _GAPS: list[tuple[str, list[str]]] = [
         ],
     ),
     (
-        "one_bit retriever: HashNet backward uses libm tanhf/powf and g++ FMAs (and Adagrad's "
-        "AVX path); ours numpy tanh/sqrt, unfused",
-        [
-            "optimizers/one_bit_sgd/d3",
-            "optimizers/one_bit_sgd/d8",
-            "optimizers/one_bit_adagrad_defaults/d3",
-            "optimizers/one_bit_adagrad_defaults/d8",
-        ],
-    ),
-    (
-        "fp16: half.hpp v2.1.0 conversion differs from numpy's float16 cast for some inputs",
-        [
-            "compressors/fp16",
-        ],
-    ),
-    (
-        "HashNet: Monolith uses libm tanhf/powf and g++ FMAs; ours numpy tanh and sqrt",
-        [
-            "compressors/hash_net_quantizer/0",
-            "compressors/hash_net_quantizer/1",
-            "compressors/hash_net_quantizer/2",
-        ],
-    ),
-    (
         "split_num < 5: Monolith allocates 5 splits and reports 3; ours refuses the config",
         [
             "filters/sliding/cap10_split3",
