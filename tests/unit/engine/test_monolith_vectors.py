@@ -106,31 +106,6 @@ _GAPS: list[tuple[str, list[str]]] = [
             "filters/sliding/cap10_split3",
         ],
     ),
-    (
-        "Monolith draws from a time-seeded thread_local XorShift128+ (glibc srand/rand "
-        "seeding); ours from a numpy generator",
-        [
-            "filters/probabilistic/unequal_c1_t7",
-            "filters/probabilistic/unequal_c2_t7",
-            "filters/probabilistic/equal_c1_t7",
-            "filters/probabilistic/equal_c2_t7",
-            "filters/probabilistic/unequal_c1_t0",
-            "filters/probabilistic/equal_c3_t2",
-        ],
-    ),
-    (
-        "test harness: our ProbabilisticFilter takes thresholds as a "
-        "SlotOccurrenceThresholdConfig, not set up here",
-        [
-            "filters/probabilistic/null_table",
-        ],
-    ),
-    (
-        "needs a table (present ids are never filtered; the rest draw from XorShift)",
-        [
-            "filters/probabilistic/present_ids_0_2_4_6_unequal_c1_t7",
-        ],
-    ),
 ]
 KNOWN_GAPS: dict[str, str] = {case: why for why, cases in _GAPS for case in cases}
 
@@ -341,18 +316,40 @@ def test_filter_case(case: Any) -> None:
                 nz = np.flatnonzero(got.cells)
                 assert [[int(i), int(got.cells[i])] for i in nz] == exp["nonzero_cells"]
         return
+    prob = load("filters")["probabilistic"]
+    seed = prob["fixed_time"]  # the driver's time(): Monolith's srand seed
+    # Each Monolith run starts on a fresh thread, i.e. a fresh generator: a new filter.
     if "filtered_first64" in c:
-        f = ProbabilisticFilter(c["equal_probability"],
-                                thresholds={"default": c["threshold"]})  # type: ignore[arg-type]
-        ids = np.arange(64, dtype=np.int64)
+        f = ProbabilisticFilter(c["equal_probability"], _thresholds(c["threshold"]), seed)
+        ids = np.arange(64, dtype=np.int64)  # all in slot 0: the default threshold
         got = f.should_be_filtered(ids, np.full(64, c["count"], np.uint32), with_table=True)
         assert got.astype(int).tolist() == c["filtered_first64"]
     elif c["name"] == "null_table":
-        f = ProbabilisticFilter(thresholds={"default": 7})  # type: ignore[arg-type]
+        f = ProbabilisticFilter(False, _thresholds(7), seed)
         got = f.should_be_filtered(np.arange(100, dtype=np.int64), None, with_table=False)
         assert int(got.sum()) == c["filtered_of_100"]
+        # No table, no draw: the stream is still at its start.
+        (first,) = [r for r in prob["runs"] if r["name"] == "unequal_c1_t7"]
+        got = f.should_be_filtered(np.arange(64, dtype=np.int64), None, with_table=True)
+        assert got.astype(int).tolist() == first["filtered_first64"]
     else:
-        pytest.fail("present ids need a table; see the table-level tests")
+        assert c["name"] == "present_ids_0_2_4_6_unequal_c1_t7"
+        table = _table(_PLAIN_ENTRY_HEX)
+        table.assign([0, 2, 4, 6], np.ones((4, table.dim), np.float32))
+        table.hash_filter = ProbabilisticFilter(False, _thresholds(7), seed)
+        ids = np.arange(8, dtype=np.int64)
+        table.assign(ids, np.ones((8, table.dim), np.float32))
+        assert (~table.contains(ids)).astype(int).tolist() == c["filtered_ids_0_to_7"]
+
+
+def _thresholds(default: int) -> eht.SlotOccurrenceThresholdConfig:
+    return eht.SlotOccurrenceThresholdConfig(default_occurrence_threshold=default)
+
+
+#: A one-segment (dim 1, SGD) entry: the present-ids case only needs a table.
+_PLAIN_ENTRY_HEX = text_format.Parse(
+    "segments { dim_size: 1 opt_config { sgd {} } init_config { zeros {} } "
+    "comp_config { fp32 {} } }", eht.EntryConfig()).SerializeToString().hex()
 
 
 def test_monolith_bug_group_adagrad_zero_weights_and_gradient_store_nan_we_store_zero() -> None:
