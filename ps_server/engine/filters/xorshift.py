@@ -157,6 +157,20 @@ class XorShift128Plus:
         self._len = _DEGREE
         self.draws = 0  # draws made so far
 
+    @property
+    def state(self) -> tuple[int, int]:
+        """``(s[0], s[1])`` now: the generator Monolith would hold after these draws."""
+        i = self.draws - self._base
+        return int(self._z[i]), int(self._z[i + 1])
+
+    @state.setter
+    def state(self, value: tuple[int, int]) -> None:
+        s0, s1 = int(value[0]) & _M64, int(value[1]) & _M64
+        if s0 == 0 and s1 == 0:
+            raise ValueError("xorshift128+ state must not be all zero")
+        self._z = np.array(_stepped(s0, s1, _DEGREE), dtype=np.uint64)
+        self._base, self._len = self.draws, _DEGREE
+
     def rand32(self, n: int) -> npt.NDArray[np.uint32]:
         """The next ``n`` draws (``uint32[n]``), as ``n`` calls of ``Rand32()``."""
         if n <= 0:

@@ -178,3 +178,20 @@ def test_no_table_draws_nothing() -> None:
     assert not f.should_be_filtered(np.arange(1000), None, with_table=False).any()
     got = f.should_be_filtered(np.arange(64), None, with_table=True)
     assert got.astype(int).tolist() == t7["filtered_first64"]
+
+
+def test_state_can_be_read_and_handed_over() -> None:
+    v = _vectors()
+    a = XorShift128Plus(v["fixed_time"])
+    assert a.state == monolith_state(v["fixed_time"])
+    a.rand32(10)
+    b = XorShift128Plus(5)
+    b.state = a.state  # b now continues a's stream
+    assert b.rand32(54).tolist() == v["rand32_first64"][10:]
+    big = XorShift128Plus(5)
+    big.rand32(200_000)
+    c = XorShift128Plus(6)
+    c.state = big.state
+    assert np.array_equal(c.rand32(1000), big.rand32(1000))
+    with pytest.raises(ValueError):
+        c.state = (0, 0)
