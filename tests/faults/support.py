@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from protos import embedding_hash_table_pb2 as eht
+from ps_server.engine.filters.xorshift import XorShift128Plus
 from ps_server.engine.hash_table import EmbeddingHashTable
 from ps_server.engine.shard import FilterOptions, Shard
 from tests.integration.conftest import RunningServer, start_inprocess_server
@@ -50,6 +51,8 @@ def filter_fingerprint(hash_filter: Any) -> tuple[Any, ...]:
                         hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()))
         elif isinstance(value, np.random.Generator):
             out.append((name, repr(value.bit_generator.state)))
+        elif isinstance(value, XorShift128Plus):
+            out.append((name, value.state))
         elif not name.startswith("_") and isinstance(value, int | float | bool | str | bytes):
             out.append((name, value))
     return tuple(out)

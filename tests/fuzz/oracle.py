@@ -328,7 +328,7 @@ class Harness:
             rng = getattr(slot.hash_filter, "_rng", None)
             live = self.shard.filters.get(name)
             if rng is not None and live is not None and name not in self.fingerprint["filters"]:
-                live.hash_filter._rng.bit_generator.state = rng.bit_generator.state
+                live.hash_filter._rng.state = rng.state
 
     # ------------------------------------------------------------ one request
 

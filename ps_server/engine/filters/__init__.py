@@ -73,7 +73,8 @@ def filter_from_options(
     :param capacity: sliding filter capacity (raised to 300 if smaller).
     :param split_num: sliding filter splits (>= 5).
     :param equal_probability: probabilistic filter rule.
-    :param seed: probabilistic filter random seed (``None``: OS entropy).
+    :param seed: probabilistic filter seed, the value Monolith's ``srand(time(0))``
+        would get (same seed, same draws as Monolith); ``None``: from OS entropy.
     :raises ConfigError: unknown ``filter_type`` (also a ``ValueError``), bad config,
         ``split_num < 5``, capacity too small.
     """

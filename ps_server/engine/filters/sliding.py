@@ -1,6 +1,8 @@
 """Monolith's sliding hash filter: counting cells in a ring of splits, vectorized.
 
-Layout (docs/semantics.md §3.2). ``n = split_num`` splits (``split_num >= 5``), each an array
+Layout (docs/semantics.md §3.2). ``n = max(split_num, 5)`` splits (``split_num < 5`` is
+refused unless ``allow_small_split_num``, Monolith's quirk: 5 allocated, ``split_num``
+reported and saved), each an array
 of ``total_size + 64`` ``uint16`` cells, ``split_capacity = capacity // (n - 1)`` and
 ``total_size = int(split_capacity * 1.2)``. A cell is ``(signature << 4) | count``
 with ``signature = (uint64(id) >> 17) & 0xFFF`` and a 4-bit count saturating at 15;
@@ -107,10 +109,17 @@ class SlidingHashFilter(HashFilter):
     """Counting filter over a ring of ``split_num`` splits (Monolith's default filter).
 
     :param capacity: elements the whole filter is sized for; raised to 300 if smaller.
-    :param split_num: number of splits (files on save); must be >= 5.
+    :param split_num: number of splits (files on save); must be >= 5 unless
+        ``allow_small_split_num``.
     :param thresholds: per-slot thresholds (see :class:`HashFilter`).
-    :raises ConfigError: ``split_num < 5``, a negative capacity, a capacity too small
-        for ``split_num`` (no cell per split), or an invalid thresholds config.
+    :param allow_small_split_num: Monolith's behaviour for ``1 <= split_num < 5``:
+        allocate 5 splits (:attr:`allocated_splits`, sizes and ``max_backward_step``
+        from 5) but report ``split_num`` (in metas and :attr:`split_num`), so a save
+        writes and a restore reads only the first ``split_num`` splits; the others are
+        neither saved nor restored. Off by default: such a config is refused.
+    :raises ConfigError: ``split_num < 5`` (unless allowed; always for < 1), a negative
+        capacity, a capacity too small for the splits (no cell per split), or an
+        invalid thresholds config.
     """
 
     def __init__(
@@ -118,30 +127,35 @@ class SlidingHashFilter(HashFilter):
         capacity: int = DEFAULT_CAPACITY,
         split_num: int = DEFAULT_SPLIT_NUM,
         thresholds: ThresholdConfig | Thresholds = None,
+        *,
+        allow_small_split_num: bool = False,
     ) -> None:
         super().__init__(thresholds)
         capacity, split_num = int(capacity), int(split_num)
-        if split_num < MIN_SPLIT_NUM:
+        if split_num < MIN_SPLIT_NUM and not (allow_small_split_num and split_num >= 1):
             raise ConfigError(
                 f"sliding hash filter split_num must be >= {MIN_SPLIT_NUM}, got {split_num} "
-                "(Monolith silently uses 5 splits but still reports the smaller number)"
+                "(Monolith silently uses 5 splits but still reports the smaller number; "
+                "allow_small_split_num=True reproduces that)"
             )
         if capacity < 0:
             raise ConfigError(f"sliding hash filter capacity must be >= 0, got {capacity}")
         self.capacity = max(capacity, MIN_CAPACITY)
         self._split_num = split_num
-        self.split_capacity = self.capacity // (split_num - MAX_FORWARD_STEP + 1)
+        self._splits = max(split_num, MIN_SPLIT_NUM)
+        n = self._splits
+        self.split_capacity = self.capacity // (n - MAX_FORWARD_STEP + 1)
         self.total_size = int(self.split_capacity * FILL_RATE)
         if self.total_size < 1:
             raise ConfigError(
-                f"capacity {self.capacity} is too small for {split_num} splits "
+                f"capacity {self.capacity} is too small for {n} splits "
                 f"(split capacity {self.split_capacity} gives no cells)"
             )
-        self.max_backward_step = split_num - MAX_FORWARD_STEP
+        self.max_backward_step = n - MAX_FORWARD_STEP
         self._width = self.total_size + PADDING
-        self.cells = np.zeros((split_num, self._width), dtype=np.uint16)
-        self.num_elements = np.zeros(split_num, dtype=np.int64)
-        self.split_failure_counts = np.zeros(split_num, dtype=np.int64)
+        self.cells = np.zeros((n, self._width), dtype=np.uint16)
+        self.num_elements = np.zeros(n, dtype=np.int64)
+        self.split_failure_counts = np.zeros(n, dtype=np.int64)
         self.head = 0
         self.head_increment = 0
         self.failure_count = 0
@@ -151,7 +165,13 @@ class SlidingHashFilter(HashFilter):
 
     @property
     def split_num(self) -> int:
+        """Reported split count: metas and the number of files a save writes."""
         return self._split_num
+
+    @property
+    def allocated_splits(self) -> int:
+        """Splits in the ring: ``split_num``, or 5 for a smaller ``split_num``."""
+        return self._splits
 
     def __repr__(self) -> str:
         return (
@@ -195,7 +215,7 @@ class SlidingHashFilter(HashFilter):
         """Monolith's ``get``: the count ``add`` would return now, without counting."""
         ids = as_ids(ids)
         pos, sig = self._positions(ids), signatures(ids)
-        n = self._split_num
+        n = self._splits
         result = np.full(ids.shape[0], MAX_COUNT, dtype=np.int64)
         pending = np.arange(ids.shape[0])
         fresh = np.zeros(0, dtype=np.int64)
@@ -233,7 +253,7 @@ class SlidingHashFilter(HashFilter):
 
     def _backward(self, pos: _I64, sig: _I64) -> _I64:
         """Count found by the backward search (0 if none) for keys new in the window."""
-        n = self._split_num
+        n = self._splits
         base = np.zeros(pos.shape[0], dtype=np.int64)
         active = np.arange(pos.shape[0])
         for back in range(1, min(self.head_increment, self.max_backward_step) + 1):
@@ -268,7 +288,7 @@ class SlidingHashFilter(HashFilter):
     def _add_window(self, pos: _I64, sig: _I64, k: _I64, out: _I64) -> int:
         """Process occurrences while ``head`` is fixed; write ``out``; return how many."""
         m = pos.shape[0]
-        n, width = self._split_num, self._width
+        n, width = self._splits, self._width
         head, nxt = self.head, (self.head + 1) % n
         flat = self.cells.reshape(-1)
 
@@ -482,7 +502,7 @@ class SlidingHashFilter(HashFilter):
                 fixed_sig = sigs[first]
 
     def _advance(self) -> None:
-        n = self._split_num
+        n = self._splits
         self.head = (self.head + 1) % n
         self.head_increment += 1
         cleared = (self.head + 1) % n
@@ -508,10 +528,14 @@ class SlidingHashFilter(HashFilter):
         shared.failure_count = self.failure_count
         return meta
 
-    def export_splits(self) -> list[FilterSplit]:
-        """One :class:`FilterSplit` per split; ``cells`` are read-only views."""
+    def export_splits(self, *, allocated: bool = False) -> list[FilterSplit]:
+        """One :class:`FilterSplit` per saved split; ``cells`` are read-only views.
+
+        :param allocated: every allocated split instead (differs only when a
+            ``split_num < 5`` was allowed: the splits past ``split_num`` are never saved).
+        """
         out = []
-        for i in range(self._split_num):
+        for i in range(self._splits if allocated else self._split_num):
             view = self.cells[i].view()
             view.flags.writeable = False
             out.append(FilterSplit(self._meta(i), view))
@@ -547,9 +571,9 @@ class SlidingHashFilter(HashFilter):
                 f"{self.total_size} in the live filter (capacity {self.capacity}, "
                 f"split_num {self._split_num})"
             )
-        if shared.head >= self._split_num:
+        if shared.head >= self._splits:
             raise CheckpointCorruptError(
-                f"{where}: head {shared.head} is out of range for {self._split_num} splits"
+                f"{where}: head {shared.head} is out of range for {self._splits} splits"
             )
 
     def check_split(self, index: int, split: FilterSplit, source: str = "") -> None:

@@ -9,12 +9,15 @@ ints and its own copy of the documented hash.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protos import embedding_hash_table_pb2 as eht
+from ps_server.checkpoint.filter_dump import restore_filter, save_filter
 from ps_server.engine.filters import (
     FILTER_TYPES,
     DummyHashFilter,
@@ -221,6 +224,36 @@ def test_construction_rejects_bad_sizes() -> None:
     with pytest.raises(ConfigError):
         SlidingHashFilter(-1, 7)
 
+
+
+def test_small_split_num_as_monolith_when_allowed(tmp_path: Path) -> None:
+    # Monolith's SlidingHashFilter(10, 3) (tests/data/monolith_vectors/filters.json,
+    # cap10_split3): capacity 300, 5 splits of total_size 90 (300 // 4 = 75 * 1.2),
+    # max_backward_step 3, every meta says split_num 3, a save writes 3 files.
+    with pytest.raises(ConfigError, match="allow_small_split_num"):
+        SlidingHashFilter(10, 3)
+    f = SlidingHashFilter(10, 3, allow_small_split_num=True)
+    assert (f.split_num, f.allocated_splits, f.total_size, f.max_backward_step) == (3, 5, 90, 3)
+    assert f.cells.shape == (5, 90 + 64)
+    saved = f.export_splits()
+    assert len(saved) == 3 and len(f.export_splits(allocated=True)) == 5
+    assert {s.meta.sliding_hash_filter_meta.split_num for s in saved} == {3}
+    for bad in (0, -1):
+        with pytest.raises(ConfigError):
+            SlidingHashFilter(300, bad, allow_small_split_num=True)
+    # Files round trip: 3 written, 3 read back; splits 3 and 4 are never saved.
+    f.add(np.arange(40, dtype=np.int64) << 20, None)
+    paths = save_filter(f, str(tmp_path / "hash_filter_0"))
+    assert [p.rsplit("-", 3)[-3:] for p in paths] == [
+        ["00000", "of", "00003"], ["00001", "of", "00003"], ["00002", "of", "00003"]]
+    g = SlidingHashFilter(10, 3, allow_small_split_num=True)
+    g.cells[4] = 7  # not in the checkpoint: left as it is
+    restore_filter(g, str(tmp_path / "hash_filter_0"))
+    assert np.array_equal(g.cells[:3], f.cells[:3]) and (g.cells[4] == 7).all()
+    assert g.head == f.head and g.failure_count == f.failure_count
+    # A 5-split filter does not accept them (split_num 3 in the metas).
+    with pytest.raises(ConfigMismatchError):
+        restore_filter(SlidingHashFilter(10, 5), str(tmp_path / "hash_filter_0"))
 
 def test_signatures() -> None:
     ids = np.array([1, 1 << 17, 2 << 17, 3 << 17, (0xFFF << 17) | (1 << 29)], dtype=np.int64)

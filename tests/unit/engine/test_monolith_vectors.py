@@ -76,37 +76,6 @@ _GAPS: list[tuple[str, list[str]]] = [
             "optimizers/combo_sr_both",
         ],
     ),
-    (
-        "split_num < 5: Monolith allocates 5 splits and reports 3; ours refuses the config",
-        [
-            "filters/sliding/cap10_split3",
-        ],
-    ),
-    (
-        "Monolith draws from a time-seeded thread_local XorShift128+ (glibc srand/rand "
-        "seeding); ours from a numpy generator",
-        [
-            "filters/probabilistic/unequal_c1_t7",
-            "filters/probabilistic/unequal_c2_t7",
-            "filters/probabilistic/equal_c1_t7",
-            "filters/probabilistic/equal_c2_t7",
-            "filters/probabilistic/unequal_c1_t0",
-            "filters/probabilistic/equal_c3_t2",
-        ],
-    ),
-    (
-        "test harness: our ProbabilisticFilter takes thresholds as a "
-        "SlotOccurrenceThresholdConfig, not set up here",
-        [
-            "filters/probabilistic/null_table",
-        ],
-    ),
-    (
-        "needs a table (present ids are never filtered; the rest draw from XorShift)",
-        [
-            "filters/probabilistic/present_ids_0_2_4_6_unequal_c1_t7",
-        ],
-    ),
 ]
 KNOWN_GAPS: dict[str, str] = {case: why for why, cases in _GAPS for case in cases}
 
@@ -292,7 +261,8 @@ def filter_params() -> list[Any]:
 def test_filter_case(case: Any) -> None:
     kind, c = case
     if kind == "sliding":
-        f = SlidingHashFilter(c["capacity"], c["split_num"])
+        # Monolith accepts split_num < 5 (allocating 5 splits); ours only when asked.
+        f = SlidingHashFilter(c["capacity"], c["split_num"], allow_small_split_num=True)
         counts = c.get("counts") or [1] * len(c["ids"])
         returns, gets = [], []
         for i, fid in enumerate(c["ids"]):
@@ -303,8 +273,10 @@ def test_filter_case(case: Any) -> None:
         assert gets == c["get_after"]
         assert [int(r < c["threshold"]) for r in returns] == c["filtered"]
         assert f.failure_count == c["failure_count"]
+        assert f.split_num == c.get("split_num_reported", c["split_num"])
+        assert len(f.export_splits()) == f.split_num  # what a save writes
         for exp in c["splits"]:
-            got = f.export_splits()[exp["split"]]
+            got = f.export_splits(allocated=True)[exp["split"]]
             meta = got.meta
             sm = meta.sliding_hash_filter_meta
             assert (meta.failure_count, meta.total_size, meta.num_elements) == (
@@ -317,18 +289,40 @@ def test_filter_case(case: Any) -> None:
                 nz = np.flatnonzero(got.cells)
                 assert [[int(i), int(got.cells[i])] for i in nz] == exp["nonzero_cells"]
         return
+    prob = load("filters")["probabilistic"]
+    seed = prob["fixed_time"]  # the driver's time(): Monolith's srand seed
+    # Each Monolith run starts on a fresh thread, i.e. a fresh generator: a new filter.
     if "filtered_first64" in c:
-        f = ProbabilisticFilter(c["equal_probability"],
-                                thresholds={"default": c["threshold"]})  # type: ignore[arg-type]
-        ids = np.arange(64, dtype=np.int64)
+        f = ProbabilisticFilter(c["equal_probability"], _thresholds(c["threshold"]), seed)
+        ids = np.arange(64, dtype=np.int64)  # all in slot 0: the default threshold
         got = f.should_be_filtered(ids, np.full(64, c["count"], np.uint32), with_table=True)
         assert got.astype(int).tolist() == c["filtered_first64"]
     elif c["name"] == "null_table":
-        f = ProbabilisticFilter(thresholds={"default": 7})  # type: ignore[arg-type]
+        f = ProbabilisticFilter(False, _thresholds(7), seed)
         got = f.should_be_filtered(np.arange(100, dtype=np.int64), None, with_table=False)
         assert int(got.sum()) == c["filtered_of_100"]
+        # No table, no draw: the stream is still at its start.
+        (first,) = [r for r in prob["runs"] if r["name"] == "unequal_c1_t7"]
+        got = f.should_be_filtered(np.arange(64, dtype=np.int64), None, with_table=True)
+        assert got.astype(int).tolist() == first["filtered_first64"]
     else:
-        pytest.fail("present ids need a table; see the table-level tests")
+        assert c["name"] == "present_ids_0_2_4_6_unequal_c1_t7"
+        table = _table(_PLAIN_ENTRY_HEX)
+        table.assign([0, 2, 4, 6], np.ones((4, table.dim), np.float32))
+        table.hash_filter = ProbabilisticFilter(False, _thresholds(7), seed)
+        ids = np.arange(8, dtype=np.int64)
+        table.assign(ids, np.ones((8, table.dim), np.float32))
+        assert (~table.contains(ids)).astype(int).tolist() == c["filtered_ids_0_to_7"]
+
+
+def _thresholds(default: int) -> eht.SlotOccurrenceThresholdConfig:
+    return eht.SlotOccurrenceThresholdConfig(default_occurrence_threshold=default)
+
+
+#: A one-segment (dim 1, SGD) entry: the present-ids case only needs a table.
+_PLAIN_ENTRY_HEX = text_format.Parse(
+    "segments { dim_size: 1 opt_config { sgd {} } init_config { zeros {} } "
+    "comp_config { fp32 {} } }", eht.EntryConfig()).SerializeToString().hex()
 
 
 def test_monolith_bug_group_adagrad_zero_weights_and_gradient_store_nan_we_store_zero() -> None:
