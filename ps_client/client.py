@@ -458,9 +458,29 @@ class Table:
         self._client._run(self._core.assign_add(ids, values, req_time))
         return self
 
-    def lookup(self, ids: Any) -> npt.NDArray[np.float32]:
-        """``float32[len(ids), dim_size]``; missing ids give zero rows (nothing is created)."""
-        return self._client._run(self._core.lookup(ids))
+    @property
+    def wire_dtype(self) -> str:
+        """How lookups and gradients travel when a call does not say: ``"float32"``
+        (the default), ``"float16"`` or ``"bfloat16"`` (half the bytes, rounded as
+        docs/api.md says). Settable; shared by every handle of this table in this client.
+
+        :raises PsInvalidArgument: (``ValueError``) set to another name.
+        """
+        return self._core.wire_dtype
+
+    @wire_dtype.setter
+    def wire_dtype(self, value: str) -> None:
+        self._core.wire_dtype = value
+
+    def lookup(self, ids: Any, *, wire_dtype: str | None = None) -> npt.NDArray[np.float32]:
+        """``float32[len(ids), dim_size]``; missing ids give zero rows (nothing is created).
+
+        :param wire_dtype: how the values travel (None: :attr:`wire_dtype`):
+            ``"float16"`` / ``"bfloat16"`` halve the answer's bytes; each shard rounds its
+            float32 rows to that form, and they come back widened to float32.
+        :raises PsInvalidArgument: (``ValueError``) an unknown ``wire_dtype``.
+        """
+        return self._client._run(self._core.lookup(ids, wire_dtype=wire_dtype))
 
     def lookup_entry(self, ids: Any) -> list[bytes]:
         """One serialized ``EntryDump`` per id (``id`` unset); ``b""`` when missing."""
@@ -468,7 +488,7 @@ class Table:
 
     def apply_gradients(
         self, ids: Any, grads: Any, global_step: int, *, enable_dedup: bool = False,
-        req_time: int = 0,
+        req_time: int = 0, wire_dtype: str | None = None,
     ) -> Table:
         """Optimize ``(id, grad)`` pairs in order (each occurrence is one step).
 
@@ -476,11 +496,16 @@ class Table:
         ``enable_dedup`` each owner shard sums duplicate ids' grads and makes one step
         (filter count = occurrences).
 
-        :raises PsInvalidArgument: (``ValueError``) grads not ``[len(ids), dim_size]``.
+        :param wire_dtype: how the grads travel (None: :attr:`wire_dtype`):
+            ``"float16"`` / ``"bfloat16"`` round them here to half their bytes; the
+            shards widen them back and apply float32 math.
+        :raises PsInvalidArgument: (``ValueError``) grads not ``[len(ids), dim_size]``,
+            or an unknown ``wire_dtype``.
         """
         self._client._run(
             self._core.apply_gradients(
-                ids, grads, global_step, enable_dedup=enable_dedup, req_time=req_time
+                ids, grads, global_step, enable_dedup=enable_dedup, req_time=req_time,
+                wire_dtype=wire_dtype,
             )
         )
         return self

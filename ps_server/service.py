@@ -32,7 +32,9 @@ import ps_server
 from protos import contract
 from protos import ps_service_pb2 as ps_pb2
 from protos import ps_service_pb2_grpc as ps_grpc
+from protos.wire import FLOAT16, narrow
 from ps_server import codec
+from ps_server.errors import BadTensorError
 from ps_server.runtime import ShardRuntime
 from ps_server.status import translate_errors
 
@@ -149,12 +151,19 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
     async def Lookup(self, request: codec.BulkRequest[ps_pb2.LookupRequest], context: Any
                      ) -> bytes:
         name = request.head.table
+        wire = codec.float_wire(request.head.values_wire, "LookupRequest.values_wire")
+
+        def fill(ids: np.ndarray[Any, Any], values: np.ndarray[Any, Any]) -> None:
+            if wire == codec.FLOAT32:
+                self._shard.lookup(name, ids, out=values)
+            else:  # float32 rows, narrowed into the answer
+                narrow(self._shard.lookup(name, ids), wire, out=values)
 
         def work() -> bytes:
             ids = codec.decode_ids(request.tensor("ids"))
             return codec.encode_message_filled(
                 ps_pb2.LookupResponse(), "values", (ids.shape[0], self._shard.dim(name)),
-                codec.FLOAT32, lambda values: self._shard.lookup(name, ids, out=values),
+                wire, lambda values: fill(ids, values),
             )
 
         return await self.runtime.run("Lookup", work, tables=[name])
@@ -233,14 +242,24 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
     async def ApplyGradients(self, request: codec.BulkRequest[ps_pb2.ApplyGradientsRequest],
                              context: Any) -> ps_pb2.UpdateResponse:
         head = request.head
+        wire = codec.float_wire(head.grads_wire, "ApplyGradientsRequest.grads_wire")
 
         def work() -> None:
             ids = codec.decode_ids(request.tensor("ids"))
-            grads = codec.decode_floats(request.tensor("grads"), "grads", rows=ids.shape[0])
-            self._shard.apply_gradients(
-                head.table, ids, grads, np.array(head.learning_rates, dtype=np.float32),
-                head.global_step, enable_dedup=head.enable_dedup, req_time=head.req_time,
-            )
+            grads = codec.decode_floats(request.tensor("grads"), "grads", rows=ids.shape[0],
+                                        wire=wire)
+            try:
+                self._shard.apply_gradients(
+                    head.table, ids, grads, np.array(head.learning_rates, dtype=np.float32),
+                    head.global_step, enable_dedup=head.enable_dedup, req_time=head.req_time,
+                )
+            except BadTensorError as e:
+                if wire != FLOAT16 or not np.isinf(grads).any():
+                    raise
+                raise BadTensorError(
+                    f"{e} (the grads travelled as float16: a finite float32 gradient of "
+                    "magnitude 65520 or more arrives as an infinity; send bfloat16 or float32)"
+                ) from e
 
         return _update(await self._apply_once("ApplyGradients", head.tag, work,
                                               tables=[head.table], table_filters=True))
