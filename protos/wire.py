@@ -168,8 +168,7 @@ def _f16_block(x: npt.NDArray[np.float32], out: npt.NDArray[np.uint16],
     np.copyto(t2, _U(0x7E00), where=tf.view(np.bool_)[: t1.shape[0]])  # NaN: quiet NaN
     np.right_shift(w, _U(16), out=t1)
     t1 &= _U(0x8000)
-    t2 |= t1
-    np.copyto(out, t2, casting="unsafe")
+    np.bitwise_or(t2, t1, out=out, casting="unsafe")
 
 
 def _bf16_block(x: npt.NDArray[np.float32], out: npt.NDArray[np.uint16],
@@ -183,13 +182,12 @@ def _bf16_block(x: npt.NDArray[np.float32], out: npt.NDArray[np.uint16],
     t1 &= _U(1)
     t1 += _U(0x7FFF)
     t1 += w
-    t1 >>= _U(16)
+    np.right_shift(t1, _U(16), out=out, casting="unsafe")
     nan = np.isnan(x, out=tf.view(np.bool_)[: x.shape[0]])
     if nan.any():  # the rounding could carry a NaN into infinity: keep it a (quiet) NaN
         np.right_shift(w, _U(16), out=t2)
         t2 |= _U(0x0040)
-        np.copyto(t1, t2, where=nan)
-    np.copyto(out, t1, casting="unsafe")
+        np.copyto(out, t2, where=nan, casting="unsafe")
 
 
 def narrow(values: npt.NDArray[np.float32], wire: np.dtype[Any],

@@ -113,6 +113,32 @@ def read_floats(
     return np.frombuffer(data, dtype=FLOAT32, count=count).astype(np.float32, copy=False)
 
 
+def read_half_rows(
+    buf: bytes, response: type[Message], name: str, n: int, dim: int, what: str,
+    wire: np.dtype[Any],
+) -> npt.NDArray[Any]:
+    """The ``[n, dim]`` payload of ``Tensor`` field ``name`` in the half-size ``wire``
+    form (``protos.wire.FLOAT16`` / ``BFLOAT16``), as it came: a read-only view of
+    ``buf``, not widened.
+
+    :raises PsInternal: as :func:`read_floats`.
+    """
+    number = response.DESCRIPTOR.fields_by_name[name].number
+    try:
+        tensor = split_tensors(buf, (number,))[0].get(number)
+    except WireError as e:
+        raise PsInternal(f"{what}: the shard's answer is malformed: {e}") from e
+    data = tensor.data if tensor is not None else memoryview(b"")
+    count = n * dim
+    if len(data) != count * wire.itemsize:
+        kind = "bfloat16" if wire == BFLOAT16 else wire.name
+        raise PsInternal(
+            f"{what}: expected {count} {kind} values ({count * wire.itemsize} bytes), "
+            f"the shard sent {len(data)} bytes"
+        )
+    return np.frombuffer(data, dtype=wire, count=count).reshape(n, dim)
+
+
 def read_rows(
     buf: bytes, response: type[Message], name: str, n: int, dim: int, what: str,
     wire: np.dtype[Any] = FLOAT32,

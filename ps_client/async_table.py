@@ -18,8 +18,8 @@ import numpy.typing as npt
 
 from protos import embedding_hash_table_pb2 as eht
 from protos import ps_service_pb2 as pb
-from protos.wire import FLOAT32, FLOAT_WIRES, narrow, wire_of
-from ps_client._codec import Gather, encode_request, read_rows
+from protos.wire import FLOAT32, FLOAT_WIRES, narrow, row_items, widen, wire_of
+from ps_client._codec import Gather, encode_request, read_half_rows, read_rows
 from ps_client.errors import PsInvalidArgument
 from ps_client.learning_rate_functions import LearningRate, evaluate_learning_rates
 from ps_client.routing import (
@@ -102,6 +102,44 @@ def float_wire(wire_dtype: Any) -> tuple[pb.FloatWire, np.dtype[Any]]:
     return cast(pb.FloatWire, number), wire_of(number)
 
 
+class _HalfRows:
+    """Shards' half-wire answers put into the caller's order, widened to float32 once
+    at the end: rows are placed as 2-byte items (half the bytes a float32 placement
+    moves), and a single shard's answer is widened straight from the received bytes."""
+
+    def __init__(self, positions: Sequence[npt.NDArray[np.int64]],
+                 inverse: npt.NDArray[np.int64] | None, dim: int, wire: np.dtype[Any]) -> None:
+        self.positions = positions
+        self.inverse = inverse
+        self.dim = dim
+        self.wire = wire
+        self.count = sum(int(p.shape[0]) for p in positions)
+        self.unique: npt.NDArray[Any] | None = None
+        if len(positions) > 1:
+            self.unique = np.empty((self.count, dim), dtype=wire)
+        self._rows = row_items(self.unique) if self.unique is not None else None
+        self._only: npt.NDArray[Any] | None = None
+
+    def add(self, shard: int, rows: npt.NDArray[Any]) -> None:
+        pos = self.positions[shard]
+        if pos.size == 0 or self.dim == 0:
+            return
+        if self._rows is None:  # one shard answered every unique id, in order
+            self._only = rows
+            return
+        items = row_items(np.ascontiguousarray(rows))
+        assert items is not None
+        np.put(self._rows, pos, items)
+
+    def widened(self) -> npt.NDArray[np.float32]:
+        rows = self.unique if self.unique is not None else self._only
+        if rows is None:  # no rows, or rows of no floats
+            rows = np.zeros((self.count, self.dim), dtype=self.wire)
+        if self.inverse is not None:
+            rows = np.take(rows, self.inverse, axis=0)
+        return widen(rows, self.wire)
+
+
 class AsyncTable:
     """One logical table spread over all shards (async twin of :class:`ps_client.Table`)."""
 
@@ -167,12 +205,20 @@ class AsyncTable:
             if p.size else None
             for p in positions
         ]
+        what = f"Lookup of {self.name!r}"
+        if wire != FLOAT32:
+            half = _HalfRows(positions, inverse, dim, wire)
+            await self._transport.each(
+                "Lookup", requests,
+                on_answer=lambda shard, answer: half.add(shard, read_half_rows(
+                    answer, pb.LookupResponse, "values", positions[shard].size, dim, what,
+                    wire)))
+            return half.widened()
         rows = RowAssembly(positions, inverse, dim)
 
         def place(shard: int, answer: bytes) -> None:
             rows.add(shard, read_rows(answer, pb.LookupResponse, "values",
-                                      positions[shard].size, dim, f"Lookup of {self.name!r}",
-                                      wire))
+                                      positions[shard].size, dim, what))
 
         await self._transport.each("Lookup", requests, on_answer=place)
         return rows.out

@@ -22,6 +22,7 @@ without being applied (:meth:`~ps_server.runtime.ShardRuntime.apply_once`).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
@@ -44,6 +45,26 @@ __all__ = ["SERVICE_NAME", "ParameterServerServicer", "add_servicer_to_server"]
 SERVICE_NAME: Final = contract.DATA_SERVICE.full_name
 
 _T = TypeVar("_T")
+
+
+#: Largest float32 scratch a worker thread keeps between half-wire lookups (bytes);
+#: bigger answers get a buffer of their own.
+_SCRATCH_BYTES: Final = 64 << 20
+
+_scratch = threading.local()
+
+
+def _rows_scratch(n: int, dim: int) -> np.ndarray[Any, Any]:
+    """A float32 ``[n, dim]`` array this worker thread reuses for the rows of a
+    half-wire lookup before they are narrowed: a fresh 8 MiB array each call would
+    cost its page faults every time."""
+    size = n * dim
+    if size * 4 > _SCRATCH_BYTES:
+        return np.empty((n, dim), dtype=np.float32)
+    buf: np.ndarray[Any, Any] | None = getattr(_scratch, "buf", None)
+    if buf is None or buf.shape[0] < size:
+        buf = _scratch.buf = np.empty(size, dtype=np.float32)
+    return buf[:size].reshape(n, dim)
 
 
 def _update(answer: tuple[None, bool]) -> ps_pb2.UpdateResponse:
@@ -157,7 +178,8 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
             if wire == codec.FLOAT32:
                 self._shard.lookup(name, ids, out=values)
             else:  # float32 rows, narrowed into the answer
-                narrow(self._shard.lookup(name, ids), wire, out=values)
+                rows = _rows_scratch(*values.shape)
+                narrow(self._shard.lookup(name, ids, out=rows), wire, out=values)
 
         def work() -> bytes:
             ids = codec.decode_ids(request.tensor("ids"))
