@@ -22,8 +22,9 @@ without being applied (:meth:`~ps_server.runtime.ShardRuntime.apply_once`).
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Final, TypeVar
 
 import grpc
@@ -65,6 +66,21 @@ def _rows_scratch(n: int, dim: int) -> np.ndarray[Any, Any]:
     if buf is None or buf.shape[0] < size:
         buf = _scratch.buf = np.empty(size, dtype=np.float32)
     return buf[:size].reshape(n, dim)
+
+
+@contextlib.contextmanager
+def _float16_overflow_named(wire: np.dtype[Any], grads: np.ndarray[Any, Any]) -> Iterator[None]:
+    """A refusal of non-finite grads that came as float16 and hold an infinity says
+    that a finite float32 gradient can have become it on the way."""
+    try:
+        yield
+    except BadTensorError as e:
+        if wire != FLOAT16 or not np.isinf(grads).any():
+            raise
+        raise BadTensorError(
+            f"{e} (the grads travelled as float16: a finite float32 gradient of "
+            "magnitude 65520 or more arrives as an infinity; send bfloat16 or float32)"
+        ) from e
 
 
 def _update(answer: tuple[None, bool]) -> ps_pb2.UpdateResponse:
@@ -206,15 +222,24 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
     async def FusedLookup(self, request: codec.BulkRequest[ps_pb2.FusedLookupRequest],
                           context: Any) -> bytes:
         head = request.head
+        wire = codec.float_wire(head.values_wire, "FusedLookupRequest.values_wire")
 
         def work() -> bytes:
             ids = codec.decode_ids(request.tensor("ids"))
             blocks = [(b.table_index, b.num_ids) for b in head.blocks]
             names = list(head.tables)
             floats = self._shard.fused_lookup_size(names, blocks, ids.shape[0])
+
+            def fill(values: np.ndarray[Any, Any]) -> None:
+                if wire == codec.FLOAT32:
+                    self._shard.fused_lookup(names, blocks, ids, out=values)
+                else:
+                    rows = _rows_scratch(floats, 1).reshape(-1)
+                    narrow(self._shard.fused_lookup(names, blocks, ids, out=rows), wire,
+                           out=values)
+
             return codec.encode_message_filled(
-                ps_pb2.FusedLookupResponse(), "values", (floats,), codec.FLOAT32,
-                lambda values: self._shard.fused_lookup(names, blocks, ids, out=values),
+                ps_pb2.FusedLookupResponse(), "values", (floats,), wire, fill,
             )
 
         return await self.runtime.run("FusedLookup", work, tables=head.tables)
@@ -270,18 +295,11 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
             ids = codec.decode_ids(request.tensor("ids"))
             grads = codec.decode_floats(request.tensor("grads"), "grads", rows=ids.shape[0],
                                         wire=wire)
-            try:
+            with _float16_overflow_named(wire, grads):
                 self._shard.apply_gradients(
                     head.table, ids, grads, np.array(head.learning_rates, dtype=np.float32),
                     head.global_step, enable_dedup=head.enable_dedup, req_time=head.req_time,
                 )
-            except BadTensorError as e:
-                if wire != FLOAT16 or not np.isinf(grads).any():
-                    raise
-                raise BadTensorError(
-                    f"{e} (the grads travelled as float16: a finite float32 gradient of "
-                    "magnitude 65520 or more arrives as an infinity; send bfloat16 or float32)"
-                ) from e
 
         return _update(await self._apply_once("ApplyGradients", head.tag, work,
                                               tables=[head.table], table_filters=True))
@@ -290,18 +308,22 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
     async def FusedOptimize(self, request: codec.BulkRequest[ps_pb2.FusedOptimizeRequest],
                             context: Any) -> ps_pb2.UpdateResponse:
         head = request.head
+        wire = codec.float_wire(head.grads_wire, "FusedOptimizeRequest.grads_wire")
 
         def work() -> None:
-            self._shard.fused_optimize(
-                list(head.tables),
-                [(b.table_index, b.num_ids) for b in head.blocks],
-                codec.decode_ids(request.tensor("ids")),
-                codec.decode_floats(request.tensor("grads"), "grads"),
-                np.array(head.learning_rates, dtype=np.float32),
-                head.global_step,
-                enable_grad_accumulation=head.enable_grad_accumulation,
-                req_time=head.req_time,
-            )
+            ids = codec.decode_ids(request.tensor("ids"))
+            grads = codec.decode_floats(request.tensor("grads"), "grads", wire=wire)
+            with _float16_overflow_named(wire, grads):
+                self._shard.fused_optimize(
+                    list(head.tables),
+                    [(b.table_index, b.num_ids) for b in head.blocks],
+                    ids,
+                    grads,
+                    np.array(head.learning_rates, dtype=np.float32),
+                    head.global_step,
+                    enable_grad_accumulation=head.enable_grad_accumulation,
+                    req_time=head.req_time,
+                )
 
         return _update(await self._apply_once("FusedOptimize", head.tag, work,
                                               tables=head.tables, table_filters=True))

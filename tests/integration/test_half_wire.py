@@ -169,3 +169,64 @@ def test_half_grads_of_the_wrong_size_name_the_form(server: RunningServer) -> No
             grads_wire=pb.FLOAT_WIRE_BFLOAT16))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "bfloat16" in (info.value.details() or "")
+
+
+@pytest.mark.parametrize("wire_dtype", ["float16", "bfloat16"])
+def test_fused_ops_take_the_half_wire(client: PsClient, wire_dtype: str) -> None:
+    # Tables of dims 3 and 2, N = 2 logical shards; ids of both parities.
+    t0 = client.create_table(table_config(3, "adagrad"), learning_rate_fns=[0.5])
+    t1 = client.create_table(table_config(2, "sgd"), learning_rate_fns=[0.25])
+    r0, r1 = representable(4, 3, seed=20), representable(4, 2, seed=21)
+    t0.assign([1, 2, -3, 8], r0)
+    t1.assign([4, 5, 7, 10], r1)
+    ids = np.array([1, -3, 4, 2, 8, 5, 7, 10], dtype=np.int64)
+    sizes = [2, 1, 2, 3]  # (s0,t0) (s0,t1) (s1,t0) (s1,t1)
+    emb, _, id_off, emb_off, indices = client.fused_lookup([t0, t1], ids, sizes, 2,
+                                                           wire_dtype=wire_dtype)
+    want, _, _, _, _ = client.fused_lookup([t0, t1], ids, sizes, 2)
+    assert emb.dtype == np.float32
+    assert np.array_equal(emb.view(np.uint32), want.view(np.uint32))
+
+    # The same representable grads through float32 and the half wire, on twin tables.
+    u0 = client.create_table(table_config(3, "adagrad"), learning_rate_fns=[0.5])
+    u1 = client.create_table(table_config(2, "sgd"), learning_rate_fns=[0.25])
+    u0.assign([1, 2, -3, 8], r0)
+    u1.assign([4, 5, 7, 10], r1)
+    grads = representable(1, emb.size, seed=22).reshape(-1)
+    client.fused_apply_gradient([t0, t1], ids, indices, sizes, grads, id_off, emb_off,
+                                [0.5, 0.25], 0, 1, 2, wire_dtype=wire_dtype)
+    client.fused_apply_gradient([u0, u1], ids, indices, sizes, grads, id_off, emb_off,
+                                [0.5, 0.25], 0, 1, 2)
+    for a, b, some in ((t0, u0, [1, 2, -3, 8]), (t1, u1, [4, 5, 7, 10])):
+        assert np.array_equal(a.lookup(some).view(np.uint32), b.lookup(some).view(np.uint32))
+        assert a.lookup_entry(some) == b.lookup_entry(some)
+
+    # None takes the tables' common default; differing defaults need an explicit one.
+    t0.wire_dtype = t1.wire_dtype = wire_dtype
+    assert np.array_equal(client.fused_lookup([t0, t1], ids, sizes, 2)[0],
+                          client.fused_lookup([t0, t1], ids, sizes, 2,
+                                              wire_dtype=wire_dtype)[0])
+    t1.wire_dtype = "float32"
+    with pytest.raises(PsInvalidArgument, match="wire_dtype defaults differ"):
+        client.fused_lookup([t0, t1], ids, sizes, 2)
+    with pytest.raises(PsInvalidArgument, match="wire_dtype"):
+        client.fused_apply_gradient([t0, t1], ids, indices, sizes, grads, id_off, emb_off,
+                                    [0.5, 0.25], 0, 1, 2, wire_dtype="int4")
+
+
+def test_unknown_fused_float_wire_is_invalid_argument(server: RunningServer) -> None:
+    stub = server.stub
+    make_table(stub, "t", table_config(2, "sgd"))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.FusedLookup(pb.FusedLookupRequest(
+            tables=["t"], blocks=[pb.FusedBlock(table_index=0, num_ids=1)],
+            ids=ids_tensor([1]), values_wire=3))  # type: ignore[arg-type]
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "FusedLookupRequest.values_wire 3 is not a FloatWire" in (info.value.details() or "")
+    with pytest.raises(grpc.RpcError) as info:
+        stub.FusedOptimize(pb.FusedOptimizeRequest(
+            tables=["t"], blocks=[pb.FusedBlock(table_index=0, num_ids=1)],
+            ids=ids_tensor([1]), grads=rows_tensor([1.0, 1.0]), learning_rates=[1.0],
+            grads_wire=9))  # type: ignore[arg-type]
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "FusedOptimizeRequest.grads_wire 9 is not a FloatWire" in (info.value.details() or "")
