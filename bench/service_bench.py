@@ -329,6 +329,11 @@ def main() -> None:
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
 
 
+def busiest(res: Result) -> float:
+    """CPU seconds per call of the busier side, client or server processes."""
+    return max(res.client_cpu, res.server_cpu)
+
+
 def half_wire(n: int, warmup: int, repeats: int) -> None:
     """Lookup and apply on ``n`` shards with each ``wire_dtype``, calls interleaved:
     ids/s of float16 and bfloat16 against float32's (issue target: lookup >= 1.6x)."""
@@ -352,19 +357,23 @@ def half_wire(n: int, warmup: int, repeats: int) -> None:
                 cases.append(Case(res, fn, pids))
             measure_interleaved(cases, warmup, repeats)
     print(f"\nhalf-size wire, {n} shard(s) (ids/s against float32 in the same run; "
-          "cpu ms per call client+server):")
+          "cpu ms per call client+server; MB = payload bytes per call):")
     for op in OPS:
         base = results[op, "float32"]
         parts = []
         for wire in WIRE_DTYPES:
             res = results[op, wire]
             parts.append(f"{wire} {res.ids_per_s / 1e6:.2f} Mids/s "
-                         f"({res.client_cpu * 1e3:.1f}+{res.server_cpu * 1e3:.1f})")
+                         f"({res.client_cpu * 1e3:.1f}+{res.server_cpu * 1e3:.1f}, "
+                         f"{res.bytes_per_call / MB:.1f} MB)")
         ratios = "  ".join(
             f"{wire}/float32 {base.typical / results[op, wire].typical:.2f}x"
+            f" (one core per process: {busiest(base) / busiest(results[op, wire]):.2f}x)"
             for wire in WIRE_DTYPES[1:])
         print(f"  {op:<16} {'; '.join(parts)}")
         print(f"  {'':<16} {ratios}")
+    print("  (one core per process = modelled calls/s, 1 / the larger of client and "
+          "server CPU per call)")
     got = min(base_t / results["lookup", w].typical
               for w in WIRE_DTYPES[1:] for base_t in [results["lookup", "float32"].typical])
     print(f"target: half-wire lookup ids/s >= 1.6x float32's: {got:.2f}x (the lower of the "
