@@ -1,10 +1,20 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class FloatWire(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FLOAT_WIRE_FLOAT32: _ClassVar[FloatWire]
+    FLOAT_WIRE_FLOAT16: _ClassVar[FloatWire]
+    FLOAT_WIRE_BFLOAT16: _ClassVar[FloatWire]
+FLOAT_WIRE_FLOAT32: FloatWire
+FLOAT_WIRE_FLOAT16: FloatWire
+FLOAT_WIRE_BFLOAT16: FloatWire
 
 class RequestTag(_message.Message):
     __slots__ = ("client_id", "seq")
@@ -149,12 +159,14 @@ class ListTablesResponse(_message.Message):
     def __init__(self, names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("table", "ids")
+    __slots__ = ("table", "ids", "values_wire")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_WIRE_FIELD_NUMBER: _ClassVar[int]
     table: str
     ids: Tensor
-    def __init__(self, table: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    values_wire: FloatWire
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., values_wire: _Optional[_Union[FloatWire, str]] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("values",)
@@ -191,7 +203,7 @@ class AssignRequest(_message.Message):
     def __init__(self, table: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., req_time: _Optional[int] = ..., tag: _Optional[_Union[RequestTag, _Mapping]] = ...) -> None: ...
 
 class ApplyGradientsRequest(_message.Message):
-    __slots__ = ("table", "ids", "grads", "learning_rates", "global_step", "enable_dedup", "req_time", "tag")
+    __slots__ = ("table", "ids", "grads", "learning_rates", "global_step", "enable_dedup", "req_time", "grads_wire", "tag")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     GRADS_FIELD_NUMBER: _ClassVar[int]
@@ -199,6 +211,7 @@ class ApplyGradientsRequest(_message.Message):
     GLOBAL_STEP_FIELD_NUMBER: _ClassVar[int]
     ENABLE_DEDUP_FIELD_NUMBER: _ClassVar[int]
     REQ_TIME_FIELD_NUMBER: _ClassVar[int]
+    GRADS_WIRE_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
     table: str
     ids: Tensor
@@ -207,8 +220,9 @@ class ApplyGradientsRequest(_message.Message):
     global_step: int
     enable_dedup: bool
     req_time: int
+    grads_wire: FloatWire
     tag: RequestTag
-    def __init__(self, table: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., grads: _Optional[_Union[Tensor, _Mapping]] = ..., learning_rates: _Optional[_Iterable[float]] = ..., global_step: _Optional[int] = ..., enable_dedup: _Optional[bool] = ..., req_time: _Optional[int] = ..., tag: _Optional[_Union[RequestTag, _Mapping]] = ...) -> None: ...
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., grads: _Optional[_Union[Tensor, _Mapping]] = ..., learning_rates: _Optional[_Iterable[float]] = ..., global_step: _Optional[int] = ..., enable_dedup: _Optional[bool] = ..., req_time: _Optional[int] = ..., grads_wire: _Optional[_Union[FloatWire, str]] = ..., tag: _Optional[_Union[RequestTag, _Mapping]] = ...) -> None: ...
 
 class UpdateResponse(_message.Message):
     __slots__ = ("replayed",)
@@ -225,14 +239,16 @@ class FusedBlock(_message.Message):
     def __init__(self, table_index: _Optional[int] = ..., num_ids: _Optional[int] = ...) -> None: ...
 
 class FusedLookupRequest(_message.Message):
-    __slots__ = ("tables", "blocks", "ids")
+    __slots__ = ("tables", "blocks", "ids", "values_wire")
     TABLES_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_WIRE_FIELD_NUMBER: _ClassVar[int]
     tables: _containers.RepeatedScalarFieldContainer[str]
     blocks: _containers.RepeatedCompositeFieldContainer[FusedBlock]
     ids: Tensor
-    def __init__(self, tables: _Optional[_Iterable[str]] = ..., blocks: _Optional[_Iterable[_Union[FusedBlock, _Mapping]]] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    values_wire: FloatWire
+    def __init__(self, tables: _Optional[_Iterable[str]] = ..., blocks: _Optional[_Iterable[_Union[FusedBlock, _Mapping]]] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., values_wire: _Optional[_Union[FloatWire, str]] = ...) -> None: ...
 
 class FusedLookupResponse(_message.Message):
     __slots__ = ("values",)
@@ -241,7 +257,7 @@ class FusedLookupResponse(_message.Message):
     def __init__(self, values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class FusedOptimizeRequest(_message.Message):
-    __slots__ = ("tables", "blocks", "ids", "grads", "learning_rates", "global_step", "enable_grad_accumulation", "req_time", "tag")
+    __slots__ = ("tables", "blocks", "ids", "grads", "learning_rates", "global_step", "enable_grad_accumulation", "req_time", "grads_wire", "tag")
     TABLES_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
@@ -250,6 +266,7 @@ class FusedOptimizeRequest(_message.Message):
     GLOBAL_STEP_FIELD_NUMBER: _ClassVar[int]
     ENABLE_GRAD_ACCUMULATION_FIELD_NUMBER: _ClassVar[int]
     REQ_TIME_FIELD_NUMBER: _ClassVar[int]
+    GRADS_WIRE_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
     tables: _containers.RepeatedScalarFieldContainer[str]
     blocks: _containers.RepeatedCompositeFieldContainer[FusedBlock]
@@ -259,8 +276,9 @@ class FusedOptimizeRequest(_message.Message):
     global_step: int
     enable_grad_accumulation: bool
     req_time: int
+    grads_wire: FloatWire
     tag: RequestTag
-    def __init__(self, tables: _Optional[_Iterable[str]] = ..., blocks: _Optional[_Iterable[_Union[FusedBlock, _Mapping]]] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., grads: _Optional[_Union[Tensor, _Mapping]] = ..., learning_rates: _Optional[_Iterable[float]] = ..., global_step: _Optional[int] = ..., enable_grad_accumulation: _Optional[bool] = ..., req_time: _Optional[int] = ..., tag: _Optional[_Union[RequestTag, _Mapping]] = ...) -> None: ...
+    def __init__(self, tables: _Optional[_Iterable[str]] = ..., blocks: _Optional[_Iterable[_Union[FusedBlock, _Mapping]]] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., grads: _Optional[_Union[Tensor, _Mapping]] = ..., learning_rates: _Optional[_Iterable[float]] = ..., global_step: _Optional[int] = ..., enable_grad_accumulation: _Optional[bool] = ..., req_time: _Optional[int] = ..., grads_wire: _Optional[_Union[FloatWire, str]] = ..., tag: _Optional[_Union[RequestTag, _Mapping]] = ...) -> None: ...
 
 class InterceptGradientRequest(_message.Message):
     __slots__ = ("hash_filter", "ids", "grads", "tag")

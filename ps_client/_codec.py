@@ -25,14 +25,23 @@ import numpy.typing as npt
 from google.protobuf.message import Message
 
 from protos.wire import (
+    BFLOAT16,
+    FLOAT16,
     FLOAT32,
     WIRE_DTYPES,
     FilledTensor,
     WireError,
     encode_filled,
     split_tensors,
+    widen,
 )
 from ps_client.errors import PsInternal
+
+#: Array dtype -> wire dtype of a request's tensors: :data:`protos.wire.WIRE_DTYPES`
+#: plus the 2-byte forms of the half-size wire (``protos.wire.narrow`` makes them).
+_REQUEST_WIRE: dict[np.dtype[Any], np.dtype[Any]] = {
+    **WIRE_DTYPES, FLOAT16: FLOAT16, BFLOAT16: BFLOAT16,
+}
 
 
 class Gather(NamedTuple):
@@ -47,7 +56,8 @@ def encode_request(head: Message, **tensors: npt.NDArray[Any] | Gather) -> bytes
     """Wire bytes of ``head`` plus its ``Tensor`` fields named by the keywords.
 
     ``head`` holds the scalar fields (its tensor fields left unset); arrays must be
-    ``int64`` (ids) or ``float32`` (values, grads). An array is written whole, keeping
+    ``int64`` (ids) or ``float32`` (values, grads), or a half-size wire form
+    (``protos.wire.FLOAT16`` / ``BFLOAT16``), written as it is. An array is written whole, keeping
     its shape; a :class:`Gather` as its selected rows, gathered straight into the
     request's bytes (``protos.wire.encode_filled``), so a shard's share of a
     batch is written once.
@@ -56,7 +66,7 @@ def encode_request(head: Message, **tensors: npt.NDArray[Any] | Gather) -> bytes
     for name, tensor in tensors.items():
         arr, positions = (tensor.array, tensor.positions) if isinstance(tensor, Gather) else (
             tensor, None)
-        wire = arr.astype(WIRE_DTYPES[arr.dtype], copy=False)
+        wire = arr.astype(_REQUEST_WIRE[arr.dtype], copy=False)
         if positions is None or positions.shape[0] == wire.shape[0]:
             filled.append(FilledTensor(name, wire.shape, wire.dtype,
                                        functools.partial(np.copyto, src=wire)))
@@ -75,10 +85,12 @@ def _gather(arr: npt.NDArray[Any], positions: npt.NDArray[np.int64],
 
 
 def read_floats(
-    buf: bytes, response: type[Message], name: str, count: int, what: str
+    buf: bytes, response: type[Message], name: str, count: int, what: str,
+    wire: np.dtype[Any] = FLOAT32,
 ) -> npt.NDArray[np.float32]:
     """The ``float32[count]`` payload of ``Tensor`` field ``name`` of a ``response``
-    message encoded in ``buf``: a read-only view of ``buf``, no copy.
+    message encoded in ``buf``: a read-only view of ``buf``, no copy; or, when the
+    floats travel in a half-size ``wire`` form, a new array of them widened (exactly).
 
     :raises PsInternal: the field holds a different number of floats, or ``buf`` is
         not a well-formed message.
@@ -89,16 +101,47 @@ def read_floats(
     except WireError as e:
         raise PsInternal(f"{what}: the shard's answer is malformed: {e}") from e
     data = tensor.data if tensor is not None else memoryview(b"")
-    if len(data) != count * 4:
+    size = wire.itemsize
+    if len(data) != count * size:
+        kind = "bfloat16" if wire == BFLOAT16 else wire.name
         raise PsInternal(
-            f"{what}: expected {count} float32 values ({count * 4} bytes), "
+            f"{what}: expected {count} {kind} values ({count * size} bytes), "
             f"the shard sent {len(data)} bytes"
         )
+    if wire != FLOAT32:
+        return widen(np.frombuffer(data, dtype=wire, count=count), wire)
     return np.frombuffer(data, dtype=FLOAT32, count=count).astype(np.float32, copy=False)
 
 
+def read_half_rows(
+    buf: bytes, response: type[Message], name: str, n: int, dim: int, what: str,
+    wire: np.dtype[Any],
+) -> npt.NDArray[Any]:
+    """The ``[n, dim]`` payload of ``Tensor`` field ``name`` in the half-size ``wire``
+    form (``protos.wire.FLOAT16`` / ``BFLOAT16``), as it came: a read-only view of
+    ``buf``, not widened.
+
+    :raises PsInternal: as :func:`read_floats`.
+    """
+    number = response.DESCRIPTOR.fields_by_name[name].number
+    try:
+        tensor = split_tensors(buf, (number,))[0].get(number)
+    except WireError as e:
+        raise PsInternal(f"{what}: the shard's answer is malformed: {e}") from e
+    data = tensor.data if tensor is not None else memoryview(b"")
+    count = n * dim
+    if len(data) != count * wire.itemsize:
+        kind = "bfloat16" if wire == BFLOAT16 else wire.name
+        raise PsInternal(
+            f"{what}: expected {count} {kind} values ({count * wire.itemsize} bytes), "
+            f"the shard sent {len(data)} bytes"
+        )
+    return np.frombuffer(data, dtype=wire, count=count).reshape(n, dim)
+
+
 def read_rows(
-    buf: bytes, response: type[Message], name: str, n: int, dim: int, what: str
+    buf: bytes, response: type[Message], name: str, n: int, dim: int, what: str,
+    wire: np.dtype[Any] = FLOAT32,
 ) -> npt.NDArray[np.float32]:
     """:func:`read_floats` viewed as ``float32[n, dim]``."""
-    return read_floats(buf, response, name, n * dim, what).reshape(n, dim)
+    return read_floats(buf, response, name, n * dim, what, wire).reshape(n, dim)

@@ -312,7 +312,7 @@ class AsyncPsClient:
 
     async def fused_lookup(
         self, tables: Sequence[AsyncTable], ids: Any, fused_slot_size: Any,
-        num_of_shards: int, req_time: int = 0,
+        num_of_shards: int, req_time: int = 0, *, wire_dtype: str | None = None,
     ) -> FusedLookupResult:
         """Monolith's ``fused_lookup`` over logical tables (see :mod:`ps_client.fused_ops`).
 
@@ -323,31 +323,37 @@ class AsyncPsClient:
         :returns: ``(embeddings float32[emb_offsets[-1]], recv_splits int32[N],
             id_offsets int32[K*N+1], emb_offsets int32[K*N+1], indices int64)``, Monolith's
             five outputs; ``indices`` is ``ids`` passed through (int64, values unchanged).
-        :raises PsInvalidArgument: sizes that do not match ``ids`` or the tables.
+        :param wire_dtype: how the values travel (None: the tables' common
+            ``wire_dtype``): ``"float32"``, ``"float16"`` or ``"bfloat16"``.
+        :raises PsInvalidArgument: sizes that do not match ``ids`` or the tables; an
+            unknown ``wire_dtype``, or None for tables whose defaults differ.
         """
         del req_time
         await self._ready()
         return await fused_ops.fused_lookup(
-            self.transport, tables, ids, fused_slot_size, num_of_shards
+            self.transport, tables, ids, fused_slot_size, num_of_shards, wire_dtype
         )
 
     async def fused_apply_gradient(
         self, tables: Sequence[AsyncTable], ids: Any, indices: Any, fused_slot_size: Any,
         id_grads: Any, id_offsets: Any, grad_offsets: Any, learning_rate_tensors: Any,
         req_time: int, global_step: int, num_of_shards: int,
-        enable_grad_accumulation: bool = False,
+        enable_grad_accumulation: bool = False, *, wire_dtype: str | None = None,
     ) -> None:
         """Monolith's ``fused_apply_gradient`` over logical tables (see
         :mod:`ps_client.fused_ops`). ``indices`` is unused, as in Monolith.
 
-        :raises PsInvalidArgument: offsets, sizes, grads or rates that do not fit.
+        :param wire_dtype: how the grads travel (None: the tables' common
+            ``wire_dtype``): ``"float32"``, ``"float16"`` or ``"bfloat16"``.
+        :raises PsInvalidArgument: offsets, sizes, grads or rates that do not fit; an
+            unknown ``wire_dtype``, or None for tables whose defaults differ.
         """
         del indices
         await self._ready()
         await fused_ops.fused_apply_gradient(
             self.transport, tables, ids, fused_slot_size, id_grads, id_offsets, grad_offsets,
             learning_rate_tensors, req_time, global_step, num_of_shards,
-            enable_grad_accumulation,
+            enable_grad_accumulation, wire_dtype,
         )
 
     # ------------------------------------------------------------ failed writes

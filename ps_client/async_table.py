@@ -11,14 +11,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
 
 from protos import embedding_hash_table_pb2 as eht
 from protos import ps_service_pb2 as pb
-from ps_client._codec import Gather, encode_request, read_rows
+from protos.wire import FLOAT32, FLOAT_WIRES, narrow, row_items, widen, wire_of
+from ps_client._codec import Gather, encode_request, read_half_rows, read_rows
 from ps_client.errors import PsInvalidArgument
 from ps_client.learning_rate_functions import LearningRate, evaluate_learning_rates
 from ps_client.routing import (
@@ -31,6 +32,9 @@ from ps_client.routing import (
     scatter_objects,
 )
 from ps_client.transport import Transport
+
+WIRE_DTYPE_NAMES = tuple(FLOAT_WIRES)
+"""The names ``wire_dtype`` takes: ``"float32"`` (the default), ``"float16"``, ``"bfloat16"``."""
 
 CURSOR_SHARD_SHIFT = 40
 """``save_as_tensor`` cursors are ``real_shard << 40 | row offset on that shard``."""
@@ -79,12 +83,86 @@ def check_learning_rate_fns(fns: Sequence[LearningRate], num_segments: int, tabl
             )
 
 
+def float_wire(wire_dtype: Any) -> tuple[pb.FloatWire, np.dtype[Any]]:
+    """``(FloatWire number, element dtype)`` of a ``wire_dtype`` name (or numpy dtype).
+
+    :raises PsInvalidArgument: not one of :data:`WIRE_DTYPE_NAMES`.
+    """
+    name = wire_dtype
+    if not isinstance(name, str):
+        try:
+            name = np.dtype(wire_dtype).name
+        except TypeError:
+            name = None
+    number = FLOAT_WIRES.get(name) if isinstance(name, str) else None
+    if number is None:
+        raise PsInvalidArgument(
+            f"wire_dtype must be one of {', '.join(WIRE_DTYPE_NAMES)}, got {wire_dtype!r}"
+        )
+    return cast(pb.FloatWire, number), wire_of(number)
+
+
+class _HalfRows:
+    """Shards' half-wire answers put into the caller's order, widened to float32 once
+    at the end: rows are placed as 2-byte items (half the bytes a float32 placement
+    moves), and a single shard's answer is widened straight from the received bytes."""
+
+    def __init__(self, positions: Sequence[npt.NDArray[np.int64]],
+                 inverse: npt.NDArray[np.int64] | None, dim: int, wire: np.dtype[Any]) -> None:
+        self.positions = positions
+        self.inverse = inverse
+        self.dim = dim
+        self.wire = wire
+        self.count = sum(int(p.shape[0]) for p in positions)
+        self.unique: npt.NDArray[Any] | None = None
+        if len(positions) > 1:
+            self.unique = np.empty((self.count, dim), dtype=wire)
+        self._rows = row_items(self.unique) if self.unique is not None else None
+        self._only: npt.NDArray[Any] | None = None
+
+    def add(self, shard: int, rows: npt.NDArray[Any]) -> None:
+        pos = self.positions[shard]
+        if pos.size == 0 or self.dim == 0:
+            return
+        if self._rows is None:  # one shard answered every unique id, in order
+            self._only = rows
+            return
+        items = row_items(np.ascontiguousarray(rows))
+        assert items is not None
+        np.put(self._rows, pos, items)
+
+    def widened(self) -> npt.NDArray[np.float32]:
+        rows = self.unique if self.unique is not None else self._only
+        if rows is None:  # no rows, or rows of no floats
+            rows = np.zeros((self.count, self.dim), dtype=self.wire)
+        if self.inverse is not None:
+            rows = np.take(rows, self.inverse, axis=0)
+        return widen(rows, self.wire)
+
+
 class AsyncTable:
     """One logical table spread over all shards (async twin of :class:`ps_client.Table`)."""
 
     def __init__(self, transport: Transport, spec: TableSpec) -> None:
         self._transport = transport
         self.spec = spec
+        self._wire_dtype = "float32"
+
+    @property
+    def wire_dtype(self) -> str:
+        """How this handle's lookups and gradients travel when a call does not say:
+        ``"float32"`` (the default, exact), ``"float16"`` or ``"bfloat16"`` (half the
+        bytes; rounding in docs/api.md). Settable; shared by every handle of the table
+        in this client."""
+        return self._wire_dtype
+
+    @wire_dtype.setter
+    def wire_dtype(self, value: Any) -> None:
+        number, _ = float_wire(value)
+        self._wire_dtype = WIRE_DTYPE_NAMES[number]
+
+    def _wire(self, wire_dtype: Any) -> tuple[pb.FloatWire, np.dtype[Any]]:
+        return float_wire(self._wire_dtype if wire_dtype is None else wire_dtype)
 
     @property
     def name(self) -> str:
@@ -106,25 +184,41 @@ class AsyncTable:
 
     # ------------------------------------------------------------ reads
 
-    async def lookup(self, ids: Any) -> npt.NDArray[np.float32]:
+    async def lookup(self, ids: Any, *, wire_dtype: str | None = None
+                     ) -> npt.NDArray[np.float32]:
         """``float32[len(ids), dim_size]``; missing ids read as zeros.
 
         Ids are deduplicated before they are sent; duplicates share one row.
+
+        :param wire_dtype: how the values travel (None: :attr:`wire_dtype`); with
+            ``"float16"`` or ``"bfloat16"`` each shard rounds its float32 rows to that
+            form and the client widens them back to float32 (exactly).
         """
+        number, wire = self._wire(wire_dtype)
         ids_ = as_ids(ids)
         dim = self.dim_size
         uniq, inverse = dedup(ids_)
         positions = partition(uniq, self._transport.num_shards)
         requests = [
-            encode_request(pb.LookupRequest(table=self.name), ids=Gather(uniq, p))
+            encode_request(pb.LookupRequest(table=self.name, values_wire=number),
+                           ids=Gather(uniq, p))
             if p.size else None
             for p in positions
         ]
+        what = f"Lookup of {self.name!r}"
+        if wire != FLOAT32:
+            half = _HalfRows(positions, inverse, dim, wire)
+            await self._transport.each(
+                "Lookup", requests,
+                on_answer=lambda shard, answer: half.add(shard, read_half_rows(
+                    answer, pb.LookupResponse, "values", positions[shard].size, dim, what,
+                    wire)))
+            return half.widened()
         rows = RowAssembly(positions, inverse, dim)
 
         def place(shard: int, answer: bytes) -> None:
             rows.add(shard, read_rows(answer, pb.LookupResponse, "values",
-                                      positions[shard].size, dim, f"Lookup of {self.name!r}"))
+                                      positions[shard].size, dim, what))
 
         await self._transport.each("Lookup", requests, on_answer=place)
         return rows.out
@@ -237,28 +331,36 @@ class AsyncTable:
 
     async def apply_gradients(
         self, ids: Any, grads: Any, global_step: int, *, enable_dedup: bool = False,
-        req_time: int = 0,
+        req_time: int = 0, wire_dtype: str | None = None,
     ) -> None:
         """Run the optimizer on every ``(id, grad)`` in order, each on its owner shard.
 
         Learning rates are evaluated here at ``global_step``. With ``enable_dedup`` each
-        owner shard sums its duplicates and makes one step per id.
+        owner shard sums its duplicates and makes one step per id. With ``wire_dtype``
+        ``"float16"`` or ``"bfloat16"`` (None: :attr:`wire_dtype`) the grads are rounded
+        to that form here and widened back to float32 by each shard, whose optimizer
+        math stays float32.
 
-        :raises PsInvalidArgument: before any call: ``global_step`` not an int64 >= 0,
-            grads complex or beyond float32's range, or of the wrong shape. A shard
-            refuses NaN or infinite grads and rates (INVALID_ARGUMENT) unless started
-            with ``--allow_non_finite``.
+        :raises PsInvalidArgument: before any call: an unknown ``wire_dtype``,
+            ``global_step`` not an int64 >= 0, grads complex or beyond float32's range,
+            or of the wrong shape. A shard refuses NaN or infinite grads and rates
+            (INVALID_ARGUMENT) unless started with ``--allow_non_finite``; a float16
+            wire turns finite grads of magnitude 65520 or more into infinities.
         """
+        number, wire = self._wire(wire_dtype)
         step = as_global_step(global_step)
         ids_ = as_ids(ids)
-        g = as_rows(grads, ids_.shape[0], self.dim_size, "grads")
+        g: npt.NDArray[Any] = as_rows(grads, ids_.shape[0], self.dim_size, "grads")
+        if wire != FLOAT32:
+            g = narrow(g, wire)
         lrs = evaluate_learning_rates(self.spec.learning_rate_fns, step)
         positions = partition(ids_, self._transport.num_shards)
         requests = [
             encode_request(
                 pb.ApplyGradientsRequest(
                     table=self.name, learning_rates=lrs.tolist(), global_step=step,
-                    enable_dedup=enable_dedup, req_time=req_time, tag=self._transport.next_tag(),
+                    enable_dedup=enable_dedup, req_time=req_time, grads_wire=number,
+                    tag=self._transport.next_tag(),
                 ),
                 ids=Gather(ids_, p), grads=Gather(g, p),
             )

@@ -294,7 +294,7 @@ class PsClient:
 
     def fused_lookup(
         self, tables: Sequence[Table], ids: Any, fused_slot_size: Any, num_of_shards: int,
-        req_time: int = 0,
+        req_time: int = 0, *, wire_dtype: str | None = None,
     ) -> FusedLookupResult:
         """Monolith's ``fused_lookup`` (docs/semantics.md §7), whatever shard owns each id.
 
@@ -304,11 +304,15 @@ class PsClient:
         :returns: ``(embeddings float32, recv_splits int32[N], id_offsets int32[K*N+1],
             emb_offsets int32[K*N+1], indices int64)``, Monolith's five outputs; ``indices``
             is ``ids`` passed through (int64, values unchanged).
-        :raises PsInvalidArgument: ``sum(fused_slot_size) != len(ids)`` or bad sizes.
+        :param wire_dtype: how the values travel (None: the tables' common
+            ``wire_dtype``), as for :meth:`Table.lookup`.
+        :raises PsInvalidArgument: ``sum(fused_slot_size) != len(ids)`` or bad sizes; an
+            unknown ``wire_dtype``, or None for tables whose defaults differ.
         """
         return self._run(
             self._core.fused_lookup(
-                _cores(tables), ids, fused_slot_size, num_of_shards, req_time
+                _cores(tables), ids, fused_slot_size, num_of_shards, req_time,
+                wire_dtype=wire_dtype,
             )
         )
 
@@ -316,20 +320,23 @@ class PsClient:
         self, tables: Sequence[Table], ids: Any, indices: Any, fused_slot_size: Any,
         id_grads: Any, id_offsets: Any, grad_offsets: Any, learning_rate_tensors: Any,
         req_time: int, global_step: int, num_of_shards: int,
-        enable_grad_accumulation: bool = False,
+        enable_grad_accumulation: bool = False, *, wire_dtype: str | None = None,
     ) -> None:
         """Monolith's ``fused_apply_gradient`` (docs/semantics.md §7), whatever shard owns each id.
 
         ``learning_rate_tensors`` is the concatenation of every table's per-segment
         rates; ``indices`` is unused.
 
-        :raises PsInvalidArgument: offsets, sizes, grads or rates that do not fit.
+        :param wire_dtype: how the grads travel (None: the tables' common
+            ``wire_dtype``), as for :meth:`Table.apply_gradients`.
+        :raises PsInvalidArgument: offsets, sizes, grads or rates that do not fit; an
+            unknown ``wire_dtype``, or None for tables whose defaults differ.
         """
         self._run(
             self._core.fused_apply_gradient(
                 _cores(tables), ids, indices, fused_slot_size, id_grads, id_offsets,
                 grad_offsets, learning_rate_tensors, req_time, global_step, num_of_shards,
-                enable_grad_accumulation,
+                enable_grad_accumulation, wire_dtype=wire_dtype,
             )
         )
 
@@ -458,9 +465,29 @@ class Table:
         self._client._run(self._core.assign_add(ids, values, req_time))
         return self
 
-    def lookup(self, ids: Any) -> npt.NDArray[np.float32]:
-        """``float32[len(ids), dim_size]``; missing ids give zero rows (nothing is created)."""
-        return self._client._run(self._core.lookup(ids))
+    @property
+    def wire_dtype(self) -> str:
+        """How lookups and gradients travel when a call does not say: ``"float32"``
+        (the default), ``"float16"`` or ``"bfloat16"`` (half the bytes, rounded as
+        docs/api.md says). Settable; shared by every handle of this table in this client.
+
+        :raises PsInvalidArgument: (``ValueError``) set to another name.
+        """
+        return self._core.wire_dtype
+
+    @wire_dtype.setter
+    def wire_dtype(self, value: str) -> None:
+        self._core.wire_dtype = value
+
+    def lookup(self, ids: Any, *, wire_dtype: str | None = None) -> npt.NDArray[np.float32]:
+        """``float32[len(ids), dim_size]``; missing ids give zero rows (nothing is created).
+
+        :param wire_dtype: how the values travel (None: :attr:`wire_dtype`):
+            ``"float16"`` / ``"bfloat16"`` halve the answer's bytes; each shard rounds its
+            float32 rows to that form, and they come back widened to float32.
+        :raises PsInvalidArgument: (``ValueError``) an unknown ``wire_dtype``.
+        """
+        return self._client._run(self._core.lookup(ids, wire_dtype=wire_dtype))
 
     def lookup_entry(self, ids: Any) -> list[bytes]:
         """One serialized ``EntryDump`` per id (``id`` unset); ``b""`` when missing."""
@@ -468,7 +495,7 @@ class Table:
 
     def apply_gradients(
         self, ids: Any, grads: Any, global_step: int, *, enable_dedup: bool = False,
-        req_time: int = 0,
+        req_time: int = 0, wire_dtype: str | None = None,
     ) -> Table:
         """Optimize ``(id, grad)`` pairs in order (each occurrence is one step).
 
@@ -476,11 +503,16 @@ class Table:
         ``enable_dedup`` each owner shard sums duplicate ids' grads and makes one step
         (filter count = occurrences).
 
-        :raises PsInvalidArgument: (``ValueError``) grads not ``[len(ids), dim_size]``.
+        :param wire_dtype: how the grads travel (None: :attr:`wire_dtype`):
+            ``"float16"`` / ``"bfloat16"`` round them here to half their bytes; the
+            shards widen them back and apply float32 math.
+        :raises PsInvalidArgument: (``ValueError``) grads not ``[len(ids), dim_size]``,
+            or an unknown ``wire_dtype``.
         """
         self._client._run(
             self._core.apply_gradients(
-                ids, grads, global_step, enable_dedup=enable_dedup, req_time=req_time
+                ids, grads, global_step, enable_dedup=enable_dedup, req_time=req_time,
+                wire_dtype=wire_dtype,
             )
         )
         return self

@@ -16,8 +16,9 @@ import numpy as np
 import numpy.typing as npt
 
 from protos import ps_service_pb2 as pb
+from protos.wire import FLOAT32, narrow
 from ps_client._codec import Gather, encode_request, read_floats
-from ps_client.async_table import AsyncTable
+from ps_client.async_table import AsyncTable, float_wire
 from ps_client.errors import PsInvalidArgument
 from ps_client.routing import (
     FusedRoute,
@@ -36,11 +37,33 @@ FusedLookupResult = tuple[
 """``(embeddings, recv_splits, id_offsets, emb_offsets, indices)``, Monolith's five outputs."""
 
 
+def _on_wire(floats: npt.NDArray[np.float32], wire: np.dtype[Any]) -> npt.NDArray[Any]:
+    return floats if wire == FLOAT32 else narrow(floats, wire)
+
+
+def fused_wire(tables: Sequence[AsyncTable], wire_dtype: Any) -> tuple[Any, np.dtype[Any]]:
+    """``(FloatWire number, element dtype)`` of a fused op: ``wire_dtype``, or when None
+    the tables' common ``wire_dtype``.
+
+    :raises PsInvalidArgument: an unknown name, or None for tables whose defaults differ.
+    """
+    if wire_dtype is None:
+        defaults = sorted({t.wire_dtype for t in tables}) or ["float32"]
+        if len(defaults) > 1:
+            raise PsInvalidArgument(
+                f"the tables' wire_dtype defaults differ ({', '.join(defaults)}): pass "
+                "wire_dtype to the fused op"
+            )
+        wire_dtype = defaults[0]
+    return float_wire(wire_dtype)
+
+
 async def fused_lookup(
     transport: Transport, tables: Sequence[AsyncTable], ids: Any, fused_slot_size: Any,
-    num_of_shards: int,
+    num_of_shards: int, wire_dtype: str | None = None,
 ) -> FusedLookupResult:
-    """Monolith's ``fused_lookup``.
+    """Monolith's ``fused_lookup``; the values travel as ``wire_dtype`` (None: the
+    tables' common default, :func:`fused_wire`) and come back widened to float32.
 
     :returns: ``(embeddings float32[emb_offsets[-1]], recv_splits int32[N],
         id_offsets int32[K*N+1], emb_offsets int32[K*N+1], indices int64[len(ids)])``;
@@ -48,6 +71,7 @@ async def fused_lookup(
         ``fused_apply_gradient``.
     :raises PsInvalidArgument: sizes that do not match ``ids`` or the tables.
     """
+    number, wire = fused_wire(tables, wire_dtype)
     ids_ = as_ids(ids)
     names = [t.name for t in tables]
     layout = fused_layout(fused_slot_size, [t.dim_size for t in tables], num_of_shards)
@@ -57,6 +81,7 @@ async def fused_lookup(
             pb.FusedLookupRequest(
                 tables=names,
                 blocks=[pb.FusedBlock(table_index=t, num_ids=c) for t, c in o.blocks],
+                values_wire=number,
             ),
             ids=Gather(ids_, o.positions),
         )
@@ -65,7 +90,7 @@ async def fused_lookup(
     ]
     answers = await transport.each("FusedLookup", requests)
     flats = [
-        read_floats(a, pb.FusedLookupResponse, "values", o.floats, "FusedLookup")
+        read_floats(a, pb.FusedLookupResponse, "values", o.floats, "FusedLookup", wire)
         if a is not None
         else np.zeros(0, dtype=np.float32)
         for a, o in zip(answers, route.owners, strict=True)
@@ -86,8 +111,11 @@ async def fused_apply_gradient(
     transport: Transport, tables: Sequence[AsyncTable], ids: Any, fused_slot_size: Any,
     id_grads: Any, id_offsets: Any, grad_offsets: Any, learning_rate_tensors: Any,
     req_time: int, global_step: int, num_of_shards: int, enable_grad_accumulation: bool,
+    wire_dtype: str | None = None,
 ) -> None:
-    """Monolith's ``fused_apply_gradient``.
+    """Monolith's ``fused_apply_gradient``; the grads travel as ``wire_dtype`` (None:
+    the tables' common default, :func:`fused_wire`), rounded here and widened by the
+    shards, whose math stays float32.
 
     Block ``i`` (worker ``s``, table ``t``) applies ``id_grads[grad_offsets[i]:
     grad_offsets[i+1]]`` to ``ids[id_offsets[i]:id_offsets[i+1]]`` of ``tables[t]``
@@ -98,6 +126,7 @@ async def fused_apply_gradient(
     :raises PsInvalidArgument: offsets, sizes, grads or rates that do not fit; grads or
         rates complex or beyond float32's range; ``global_step`` not an int64 >= 0.
     """
+    number, wire = fused_wire(tables, wire_dtype)
     step = as_global_step(global_step)
     ids_ = as_ids(ids)
     names = [t.name for t in tables]
@@ -150,10 +179,10 @@ async def fused_apply_gradient(
                     blocks=[pb.FusedBlock(table_index=t, num_ids=c) for t, c in blocks],
                     learning_rates=lrs.tolist(), global_step=step,
                     enable_grad_accumulation=bool(enable_grad_accumulation),
-                    req_time=int(req_time), tag=transport.next_tag(),
+                    req_time=int(req_time), grads_wire=number, tag=transport.next_tag(),
                 ),
                 ids=Gather(logical_ids, o.positions),
-                grads=grads[route.float_index(o.positions, grad_off)],
+                grads=_on_wire(grads[route.float_index(o.positions, grad_off)], wire),
             )
         )
     await transport.write_each("FusedOptimize", requests)

@@ -30,6 +30,7 @@ from google.protobuf.message import Message
 
 from protos import ps_service_pb2 as ps_pb2
 from protos.wire import (
+    BFLOAT16,
     FLOAT32,
     INT64,
     WIRE_DTYPES,
@@ -39,6 +40,8 @@ from protos.wire import (
     encode_filled,
     split_tensors,
     tensor_frame,
+    widen,
+    wire_of,
 )
 from ps_server.engine.types import Floats, Ids
 from ps_server.errors import BadTensorError, DimMismatchError
@@ -57,6 +60,7 @@ __all__ = [
     "encode_ids",
     "encode_message",
     "encode_message_filled",
+    "float_wire",
     "to_wire",
 ]
 
@@ -88,9 +92,10 @@ def _frombuffer(tensor: TensorLike, shape: tuple[int, ...], dtype: np.dtype[Any]
     want = count * dtype.itemsize
     if len(data) != want:
         dims = " x ".join(str(d) for d in shape) or "0"
+        kind = "bfloat16" if dtype == BFLOAT16 else dtype.name
         raise BadTensorError(
-            f"{what}: {len(data)} bytes is not {dims} x {dtype.name} ({want} bytes expected; "
-            f"data must be raw little-endian {dtype.name})"
+            f"{what}: {len(data)} bytes is not {dims} x {kind} ({want} bytes expected; "
+            f"data must be raw little-endian {kind})"
         )
     try:
         return np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
@@ -117,9 +122,13 @@ def decode_floats(
     *,
     rows: int | None = None,
     dim: int | None = None,
+    wire: np.dtype[Any] = FLOAT32,
 ) -> Floats:
     """``float32`` array of the Tensor's shape (1-D or 2-D; unset Tensor → ``[0]``).
 
+    :param wire: the element form the floats travel in (:func:`float_wire`): float32
+        (read in place), or float16 / bfloat16 (2 bytes each, widened exactly into a
+        new float32 array).
     :param rows: when given, a 2-D tensor must have this many rows and a 1-D one a
         multiple of it (checked before the engine sees the array).
     :param dim: when given, a 2-D tensor must have this many columns.
@@ -133,7 +142,9 @@ def decode_floats(
         raise BadTensorError(
             f"{what}: shape must be [n, dim] or flat [n * dim], got {list(shape)}"
         )
-    arr = _frombuffer(tensor, shape, FLOAT32, what)
+    arr = _frombuffer(tensor, shape, wire, what)
+    if wire != FLOAT32:
+        arr = widen(arr, wire)
     if rows is not None:
         if len(shape) == 2 and shape[0] != rows:
             raise DimMismatchError(
@@ -147,6 +158,18 @@ def decode_floats(
     if dim is not None and len(shape) == 2 and shape[1] != dim:
         raise DimMismatchError(f"{what}: rows have {shape[1]} floats, expected dim {dim}")
     return arr
+
+
+def float_wire(number: int, what: str) -> np.dtype[Any]:
+    """The element dtype of ``FloatWire`` ``number`` read from field ``what``.
+
+    :raises BadTensorError: (INVALID_ARGUMENT) not a ``FloatWire`` value; the message
+        names the field and the value.
+    """
+    try:
+        return wire_of(number, what)
+    except ValueError as e:
+        raise BadTensorError(str(e)) from None
 
 
 def encode_ids(ids: Any) -> ps_pb2.Tensor:

@@ -22,7 +22,9 @@ without being applied (:meth:`~ps_server.runtime.ShardRuntime.apply_once`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any, Final, TypeVar
 
 import grpc
@@ -32,7 +34,9 @@ import ps_server
 from protos import contract
 from protos import ps_service_pb2 as ps_pb2
 from protos import ps_service_pb2_grpc as ps_grpc
+from protos.wire import FLOAT16, narrow
 from ps_server import codec
+from ps_server.errors import BadTensorError
 from ps_server.runtime import ShardRuntime
 from ps_server.status import translate_errors
 
@@ -42,6 +46,41 @@ __all__ = ["SERVICE_NAME", "ParameterServerServicer", "add_servicer_to_server"]
 SERVICE_NAME: Final = contract.DATA_SERVICE.full_name
 
 _T = TypeVar("_T")
+
+
+#: Largest float32 scratch a worker thread keeps between half-wire lookups (bytes);
+#: bigger answers get a buffer of their own.
+_SCRATCH_BYTES: Final = 64 << 20
+
+_scratch = threading.local()
+
+
+def _rows_scratch(n: int, dim: int) -> np.ndarray[Any, Any]:
+    """A float32 ``[n, dim]`` array this worker thread reuses for the rows of a
+    half-wire lookup before they are narrowed: a fresh 8 MiB array each call would
+    cost its page faults every time."""
+    size = n * dim
+    if size * 4 > _SCRATCH_BYTES:
+        return np.empty((n, dim), dtype=np.float32)
+    buf: np.ndarray[Any, Any] | None = getattr(_scratch, "buf", None)
+    if buf is None or buf.shape[0] < size:
+        buf = _scratch.buf = np.empty(size, dtype=np.float32)
+    return buf[:size].reshape(n, dim)
+
+
+@contextlib.contextmanager
+def _float16_overflow_named(wire: np.dtype[Any], grads: np.ndarray[Any, Any]) -> Iterator[None]:
+    """A refusal of non-finite grads that came as float16 and hold an infinity says
+    that a finite float32 gradient can have become it on the way."""
+    try:
+        yield
+    except BadTensorError as e:
+        if wire != FLOAT16 or not np.isinf(grads).any():
+            raise
+        raise BadTensorError(
+            f"{e} (the grads travelled as float16: a finite float32 gradient of "
+            "magnitude 65520 or more arrives as an infinity; send bfloat16 or float32)"
+        ) from e
 
 
 def _update(answer: tuple[None, bool]) -> ps_pb2.UpdateResponse:
@@ -149,12 +188,20 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
     async def Lookup(self, request: codec.BulkRequest[ps_pb2.LookupRequest], context: Any
                      ) -> bytes:
         name = request.head.table
+        wire = codec.float_wire(request.head.values_wire, "LookupRequest.values_wire")
+
+        def fill(ids: np.ndarray[Any, Any], values: np.ndarray[Any, Any]) -> None:
+            if wire == codec.FLOAT32:
+                self._shard.lookup(name, ids, out=values)
+            else:  # float32 rows, narrowed into the answer
+                rows = _rows_scratch(*values.shape)
+                narrow(self._shard.lookup(name, ids, out=rows), wire, out=values)
 
         def work() -> bytes:
             ids = codec.decode_ids(request.tensor("ids"))
             return codec.encode_message_filled(
                 ps_pb2.LookupResponse(), "values", (ids.shape[0], self._shard.dim(name)),
-                codec.FLOAT32, lambda values: self._shard.lookup(name, ids, out=values),
+                wire, lambda values: fill(ids, values),
             )
 
         return await self.runtime.run("Lookup", work, tables=[name])
@@ -175,15 +222,24 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
     async def FusedLookup(self, request: codec.BulkRequest[ps_pb2.FusedLookupRequest],
                           context: Any) -> bytes:
         head = request.head
+        wire = codec.float_wire(head.values_wire, "FusedLookupRequest.values_wire")
 
         def work() -> bytes:
             ids = codec.decode_ids(request.tensor("ids"))
             blocks = [(b.table_index, b.num_ids) for b in head.blocks]
             names = list(head.tables)
             floats = self._shard.fused_lookup_size(names, blocks, ids.shape[0])
+
+            def fill(values: np.ndarray[Any, Any]) -> None:
+                if wire == codec.FLOAT32:
+                    self._shard.fused_lookup(names, blocks, ids, out=values)
+                else:
+                    rows = _rows_scratch(floats, 1).reshape(-1)
+                    narrow(self._shard.fused_lookup(names, blocks, ids, out=rows), wire,
+                           out=values)
+
             return codec.encode_message_filled(
-                ps_pb2.FusedLookupResponse(), "values", (floats,), codec.FLOAT32,
-                lambda values: self._shard.fused_lookup(names, blocks, ids, out=values),
+                ps_pb2.FusedLookupResponse(), "values", (floats,), wire, fill,
             )
 
         return await self.runtime.run("FusedLookup", work, tables=head.tables)
@@ -233,14 +289,17 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
     async def ApplyGradients(self, request: codec.BulkRequest[ps_pb2.ApplyGradientsRequest],
                              context: Any) -> ps_pb2.UpdateResponse:
         head = request.head
+        wire = codec.float_wire(head.grads_wire, "ApplyGradientsRequest.grads_wire")
 
         def work() -> None:
             ids = codec.decode_ids(request.tensor("ids"))
-            grads = codec.decode_floats(request.tensor("grads"), "grads", rows=ids.shape[0])
-            self._shard.apply_gradients(
-                head.table, ids, grads, np.array(head.learning_rates, dtype=np.float32),
-                head.global_step, enable_dedup=head.enable_dedup, req_time=head.req_time,
-            )
+            grads = codec.decode_floats(request.tensor("grads"), "grads", rows=ids.shape[0],
+                                        wire=wire)
+            with _float16_overflow_named(wire, grads):
+                self._shard.apply_gradients(
+                    head.table, ids, grads, np.array(head.learning_rates, dtype=np.float32),
+                    head.global_step, enable_dedup=head.enable_dedup, req_time=head.req_time,
+                )
 
         return _update(await self._apply_once("ApplyGradients", head.tag, work,
                                               tables=[head.table], table_filters=True))
@@ -249,18 +308,22 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
     async def FusedOptimize(self, request: codec.BulkRequest[ps_pb2.FusedOptimizeRequest],
                             context: Any) -> ps_pb2.UpdateResponse:
         head = request.head
+        wire = codec.float_wire(head.grads_wire, "FusedOptimizeRequest.grads_wire")
 
         def work() -> None:
-            self._shard.fused_optimize(
-                list(head.tables),
-                [(b.table_index, b.num_ids) for b in head.blocks],
-                codec.decode_ids(request.tensor("ids")),
-                codec.decode_floats(request.tensor("grads"), "grads"),
-                np.array(head.learning_rates, dtype=np.float32),
-                head.global_step,
-                enable_grad_accumulation=head.enable_grad_accumulation,
-                req_time=head.req_time,
-            )
+            ids = codec.decode_ids(request.tensor("ids"))
+            grads = codec.decode_floats(request.tensor("grads"), "grads", wire=wire)
+            with _float16_overflow_named(wire, grads):
+                self._shard.fused_optimize(
+                    list(head.tables),
+                    [(b.table_index, b.num_ids) for b in head.blocks],
+                    ids,
+                    grads,
+                    np.array(head.learning_rates, dtype=np.float32),
+                    head.global_step,
+                    enable_grad_accumulation=head.enable_grad_accumulation,
+                    req_time=head.req_time,
+                )
 
         return _update(await self._apply_once("FusedOptimize", head.tag, work,
                                               tables=head.tables, table_filters=True))
