@@ -385,10 +385,11 @@ def _two_sum(a: npt.NDArray[np.float64], b: npt.NDArray[np.float64]
     return s, np.asarray((a - (s - bb)) + (b - bb))
 
 
-# glibc's powf (ARM's optimized-routines algorithm, MIT licence; glibc >= 2.28): log2(x)
-# from a 16-interval table and a degree-5 polynomial, times y, then exp2 from a 32-entry
-# table and a cubic, all in float64. On x86-64 with FMA (Monolith's machines, and the
-# recorded vectors) glibc picks its FMA build, where g++ fuses every ``a*b + c`` below.
+# glibc's powf (glibc >= 2.28; its tables are Arm's optimized-routines, MIT licence, see
+# THIRD_PARTY_NOTICES.md): log2(x) from a 16-interval table and a degree-5 polynomial,
+# times y, then exp2 from a 32-entry table and a cubic, all in float64. On x86-64 with
+# FMA (Monolith's machines, and the recorded vectors) glibc picks its FMA build, where
+# g++ fuses every ``a*b + c`` below.
 def _hex_floats(text: str) -> npt.NDArray[np.float64]:
     """float64 array from C hex-float literals separated by white space."""
     return np.array([float.fromhex(v) for v in text.split()], dtype=np.float64)
