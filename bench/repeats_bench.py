@@ -5,8 +5,8 @@ of Monolith's C++ (docs/semantics.md §4.2, §5.4). Those steps round a fused
 multiply-add each, so no optimizer has an exact vectorized form for one id's chain of
 steps: each occurrence past the first costs a sequential step (a few µs for SGD and
 Adagrad's run forms, tens of µs for a wave of the others). A request of n ids may
-therefore repeat one id at most ``max(REPEAT_FLOOR, n // cost)`` times (cost: SGD 32,
-Adagrad 64, others 512); more is refused with RESOURCE_EXHAUSTED before anything
+therefore repeat one id at most ``max(REPEAT_FLOOR, n // cost)`` times (floor 128;
+cost: SGD 96, Adagrad 128, others 512); more is refused with RESOURCE_EXHAUSTED before anything
 changes.
 
 Per optimizer, on the same table (dim 8, entries already present), this prints the

@@ -73,7 +73,7 @@ CapacityGuard = Callable[[str, int, int], None]
 #: past the first is one more sequential step of that row, so the repeats of an
 #: accepted request cost at most about what its distinct ids cost (docs/semantics.md
 #: §4.2).
-REPEAT_FLOOR = 256
+REPEAT_FLOOR = 128
 
 
 @dataclass

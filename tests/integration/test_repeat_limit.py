@@ -3,7 +3,7 @@
 Every occurrence of an id is its own optimizer step, bit for bit as Monolith's C++
 steps it, so an id repeated r times costs r sequential steps. One request of ``n`` ids
 may repeat an id at most ``max(REPEAT_FLOOR, n // cost)`` times, ``cost`` being the
-table optimizer's cost of one more occurrence (SGD 32, Adagrad 64, Adam and the others
+table optimizer's cost of one more occurrence (SGD 96, Adagrad 128, Adam and the others
 512 distinct ids' worth): past it the call is RESOURCE_EXHAUSTED naming the id, its
 count and the limit, and no shard changes; at the limit every occurrence is a step.
 An apply held on one table does not stall calls on another.
@@ -60,7 +60,7 @@ def test_repeats_past_the_limit_are_refused_and_change_nothing() -> None:
 def test_sgd_applies_a_hot_id_at_its_limit_exactly() -> None:
     lr = 0.01
     hot = 1000
-    n = 32 * hot  # SGD's cost is 32: a request of n ids may repeat an id n // 32 times
+    n = 96 * hot  # SGD's cost is 96: a request of n ids may repeat an id n // 96 times
     with local_cluster(num_shards=1) as cluster, PsClient(cluster.addresses) as client:
         table = client.create_table(configs.table_config(2, optimizer=configs.sgd()),
                                     name="sgd", learning_rate_fns=(lr,))

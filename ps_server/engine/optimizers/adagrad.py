@@ -79,7 +79,7 @@ class AdagradOptimizer(Optimizer):
         params[...] = fma32(neg_lr, step, params)
 
     #: Two FMA chains per occurrence (accumulator, then weight) and a rate pass.
-    run_step_cost: ClassVar[int] = 64
+    run_step_cost: ClassVar[int] = 128
 
     def has_run_form(self) -> bool:
         # With weight decay the gradient reads w, so each step needs the previous one.

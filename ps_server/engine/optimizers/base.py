@@ -168,7 +168,7 @@ class Optimizer(abc.ABC):
     #: Cost of one more occurrence of one row, stepped by :meth:`apply_run`, in
     #: distinct ids' worth of work (measured by ``bench/repeats_bench.py``): a table
     #: lets one request repeat an id about ``n / cost`` times (docs/semantics.md §4.2).
-    run_step_cost: ClassVar[int] = 32
+    run_step_cost: ClassVar[int] = 96
 
     def repeat_cost(self) -> int:
         """Cost of one more occurrence of one row in a request, in distinct ids' worth
@@ -341,19 +341,25 @@ def apply_in_runs(
     Rows are grouped by their number of occurrences into classes ``[2^e, 2^(e+1))``;
     each class is one ``apply_run`` call on a ``[c, m, dim]`` block of gradients
     padded with zeros (at most twice the class's occurrences), so the cost is a
-    handful of numpy passes per class whatever the multiplicities.
+    handful of numpy passes per class whatever the multiplicities. Rows met once take
+    one plain step together; only the rows sharing a hash bucket with another are
+    sorted to find them (a batch with a few hot rows is not sorted whole).
     """
-    order = np.argsort(rows, kind="stable")
+    bits = (4 * rows.size - 1).bit_length()
+    bucket = _bucket_of(rows, bits)
+    shared = np.bincount(bucket, minlength=1 << bits)[bucket] > 1
+    suspects = np.flatnonzero(shared)
+    order = suspects[np.argsort(rows[suspects], kind="stable")]
     sorted_rows = rows[order]
     starts = np.flatnonzero(np.r_[True, sorted_rows[1:] != sorted_rows[:-1]])
     counts = np.diff(np.r_[starts, sorted_rows.size])
     classes = np.frexp(counts.astype(np.float64))[1]  # bit length of each count
-    for e in np.unique(classes):
+    # Rows met once: those alone in their bucket, and class 1 among the suspects.
+    once = np.concatenate([np.flatnonzero(~shared), order[starts[classes == 1]]])
+    if once.size:
+        optimizer._apply_rows(values, state, rows[once], grads[once], lr, global_step)
+    for e in np.unique(classes[classes > 1]):
         picked = np.flatnonzero(classes == e)
-        if e == 1:  # rows met once: one plain step each
-            once = order[starts[picked]]
-            optimizer._apply_rows(values, state, rows[once], grads[once], lr, global_step)
-            continue
         n_occ = counts[picked]
         c = int(n_occ.max())
         rank = np.arange(c)[:, None]

@@ -172,8 +172,8 @@ def test_limit_allows_its_own_count_and_dedup() -> None:
 
 
 @pytest.mark.parametrize(("opt", "cost"), [
-    (configs.sgd(0.1), 32),
-    (configs.adagrad(0.1), 64),
+    (configs.sgd(0.1), 96),
+    (configs.adagrad(0.1), 128),
     (configs.adagrad(0.1, weight_decay_factor=0.01), 512),  # no run form with decay
     (ADAM, 512),
 ])
