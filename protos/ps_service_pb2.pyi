@@ -127,20 +127,22 @@ class CreateHashFilterRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., enable_hash_filter: _Optional[bool] = ..., occurrence_threshold_config: _Optional[bytes] = ..., capacity: _Optional[int] = ..., split_num: _Optional[int] = ..., equal_probability: _Optional[bool] = ..., filter_type: _Optional[str] = ...) -> None: ...
 
 class CreateTableRequest(_message.Message):
-    __slots__ = ("name", "config", "hash_filter", "extra_restore_names", "saver_parallel", "allow_existing")
+    __slots__ = ("name", "config", "hash_filter", "extra_restore_names", "saver_parallel", "allow_existing", "monolith_quirks")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     HASH_FILTER_FIELD_NUMBER: _ClassVar[int]
     EXTRA_RESTORE_NAMES_FIELD_NUMBER: _ClassVar[int]
     SAVER_PARALLEL_FIELD_NUMBER: _ClassVar[int]
     ALLOW_EXISTING_FIELD_NUMBER: _ClassVar[int]
+    MONOLITH_QUIRKS_FIELD_NUMBER: _ClassVar[int]
     name: str
     config: bytes
     hash_filter: str
     extra_restore_names: _containers.RepeatedScalarFieldContainer[str]
     saver_parallel: int
     allow_existing: bool
-    def __init__(self, name: _Optional[str] = ..., config: _Optional[bytes] = ..., hash_filter: _Optional[str] = ..., extra_restore_names: _Optional[_Iterable[str]] = ..., saver_parallel: _Optional[int] = ..., allow_existing: _Optional[bool] = ...) -> None: ...
+    monolith_quirks: bool
+    def __init__(self, name: _Optional[str] = ..., config: _Optional[bytes] = ..., hash_filter: _Optional[str] = ..., extra_restore_names: _Optional[_Iterable[str]] = ..., saver_parallel: _Optional[int] = ..., allow_existing: _Optional[bool] = ..., monolith_quirks: _Optional[bool] = ...) -> None: ...
 
 class CreateResponse(_message.Message):
     __slots__ = ("created",)

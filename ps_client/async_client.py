@@ -207,10 +207,15 @@ class AsyncPsClient:
         hash_filters: AsyncHashFilters | None = None,
         extra_restore_names: Sequence[str] = (),
         saver_parallel: int = -1,
+        monolith_quirks: bool = False,
     ) -> AsyncTable:
         """Create a table on every shard.
 
         :param name: None picks a fresh ``MonolithHashTable_<n>``.
+        :param monolith_quirks: the shards reproduce Monolith's C++ where monolith-ps
+            deliberately differs (multi-segment stochastic rounding, Group AdaGrad's
+            ``0/0``, Adam's restore swap: docs/semantics.md §12); for tables restored
+            from Monolith checkpoints that must keep training as Monolith would.
         :raises PsInvalidArgument: not a config, wrong number of learning rates
             (one per segment), or a config the shards reject.
         :raises PsAlreadyExists: the name is used in this client or exists on a shard.
@@ -251,6 +256,7 @@ class AsyncPsClient:
                     hash_filter=spec.hash_filter,
                     extra_restore_names=list(spec.extra_restore_names),
                     saver_parallel=spec.saver_parallel, allow_existing=True,
+                    monolith_quirks=bool(monolith_quirks),
                 ),
             )
         except PsError:

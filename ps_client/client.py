@@ -250,6 +250,7 @@ class PsClient:
         hash_filters: HashFilters | None = None,
         extra_restore_names: Sequence[str] = (),
         saver_parallel: int = -1,
+        monolith_quirks: bool = False,
     ) -> Table:
         """Create one logical table on every shard.
 
@@ -258,6 +259,8 @@ class PsClient:
             function of the global step (e.g. ``PolynomialDecay``), evaluated at each
             ``apply_gradients``.
         :param hash_filters: the filters consulted before creating entries.
+        :param monolith_quirks: reproduce Monolith's C++ where monolith-ps deliberately
+            differs (docs/semantics.md §12), e.g. for a table restored from Monolith.
         :raises PsInvalidArgument: (``ValueError``) wrong number of learning rates or a
             config the shards reject.
         :raises PsAlreadyExists: (``ValueError``) the name is already used.
@@ -267,6 +270,7 @@ class PsClient:
                 config, name=name, learning_rate_fns=learning_rate_fns,
                 hash_filters=hash_filters._core if hash_filters is not None else None,
                 extra_restore_names=extra_restore_names, saver_parallel=saver_parallel,
+                monolith_quirks=monolith_quirks,
             )
         )
         return Table(self, core)

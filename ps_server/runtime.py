@@ -420,6 +420,7 @@ class ShardRuntime:
         extra_restore_names: Sequence[str] = (),
         saver_parallel: int = -1,
         allow_existing: bool = False,
+        monolith_quirks: bool = False,
     ) -> bool:
         """Create table ``name`` (True), or find it with the same config when
         ``allow_existing`` (False)."""
@@ -429,6 +430,7 @@ class ShardRuntime:
                 name, config, hash_filter=hash_filter,
                 extra_restore_names=list(extra_restore_names),
                 saver_parallel=saver_parallel, allow_existing=allow_existing,
+                monolith_quirks=monolith_quirks,
             ),
             exclusive=True,
         )

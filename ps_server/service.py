@@ -179,6 +179,7 @@ class ParameterServerServicer(ps_grpc.ParameterServerServicer):
             # 0 is proto3's "unset": Monolith's automatic file count (-1).
             saver_parallel=request.saver_parallel or -1,
             allow_existing=request.allow_existing,
+            monolith_quirks=request.monolith_quirks,
         )
         return ps_pb2.CreateResponse(created=created)
 

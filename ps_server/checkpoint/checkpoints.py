@@ -45,7 +45,8 @@ Filter files: a shard whose tables use exactly one file-saving filter writes it 
     {"format": "monolith-ps-checkpoint", "version": 1, "global_step": 12, "num_shards": 2,
      "tables": {"<name>": {"file_stem": "<P>", "config": "<b64 EmbeddingHashTableConfig>",
                            "hash_filter": "<filter name or ''>",
-                           "extra_restore_names": [...], "saver_parallel": -1}},
+                           "extra_restore_names": [...], "saver_parallel": -1,
+                           "monolith_quirks": true}},   (only when set; absent = false)
      "hash_filters": {"<name>": {"file_stem": "hash_filter", "enable_hash_filter": true,
                                  "filter_type": "sliding_hash_filter",
                                  "occurrence_threshold_config": "<b64>", "capacity": 300000000,
@@ -391,6 +392,8 @@ def _manifest(shard: Shard, global_step: int, parts: list[dict[str, Any]]) -> di
             "hash_filter": slot.hash_filter,
             "extra_restore_names": list(slot.extra_restore_names),
             "saver_parallel": slot.saver_parallel,
+            # Written only when set, so other tables' declarations stay as before.
+            **({"monolith_quirks": True} if slot.table.monolith_quirks else {}),
         }
         for name, slot in sorted(shard.tables.items())
     }
@@ -795,6 +798,8 @@ def _check_table_declaration(name: Any, decl: Any) -> None:
     parallel = decl["saver_parallel"]
     if not isinstance(parallel, int) or isinstance(parallel, bool):
         raise ValueError(f"table {name!r}: saver_parallel is not an integer")
+    if not isinstance(decl.get("monolith_quirks", False), bool):
+        raise ValueError(f"table {name!r}: monolith_quirks is not a boolean")
     stem = decl.get("file_stem")
     if stem is not None and stem != file_stem(name):
         raise ValueError(
@@ -1274,6 +1279,7 @@ def _restore_all(
                     hash_filter=decl["hash_filter"],
                     extra_restore_names=tuple(decl["extra_restore_names"]),
                     saver_parallel=int(decl["saver_parallel"]),
+                    monolith_quirks=bool(decl.get("monolith_quirks", False)),
                 )
                 created_tables.append(tp.name)
         files = _check_filters(shard, filters, root)

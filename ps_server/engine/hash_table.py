@@ -122,6 +122,9 @@ class EmbeddingHashTable:
     :param seed: seed of random initializers (None = fixed default).
     :param capacity_guard: consulted before assign, assign_add and apply_gradients
         insert entries (see :data:`CapacityGuard`); restores are not guarded.
+    :param monolith_quirks: behave as Monolith's C++ where we deliberately differ
+        (docs/semantics.md §12): multi-segment stochastic rounding, Group AdaGrad's
+        ``0/0``, Adam's restore swap (:class:`~ps_server.engine.entry_layout.EntryLayout`).
     :raises ConfigError: the config cannot be built (names the field and why).
     """
 
@@ -133,12 +136,16 @@ class EmbeddingHashTable:
         name: str = "table",
         seed: int | None = None,
         capacity_guard: CapacityGuard | None = None,
+        monolith_quirks: bool = False,
     ) -> None:
         if not config.HasField("entry_config"):
             raise ConfigError(f"table {name!r}: config has no entry_config")
         self.name = name
         self.config = config
-        self.layout = EntryLayout.from_config(config.entry_config, seed=seed)
+        self.monolith_quirks = bool(monolith_quirks)
+        self.layout = EntryLayout.from_config(
+            config.entry_config, seed=seed, monolith_quirks=self.monolith_quirks
+        )
         if config.skip_zero_embedding and not self.layout.serving:
             raise ConfigError(
                 f"table {name!r}: skip_zero_embedding requires SERVING entries "
@@ -368,8 +375,11 @@ class EmbeddingHashTable:
             if ids_.size == 0:
                 return
         rows = self._create_missing(ids_, rows)
-        for seg, state, lr in zip(self.layout.segments, self._states, lrs, strict=True):
-            self._optimize_segment(seg, state, rows, g[:, seg.columns], float(lr), step)
+        if self.layout.entrywise:  # monolith_quirks with stochastic rounding
+            self.layout.optimize_entrywise(self._values, self._states, rows, g, lrs, step)
+        else:
+            for seg, state, lr in zip(self.layout.segments, self._states, lrs, strict=True):
+                self._optimize_segment(seg, state, rows, g[:, seg.columns], float(lr), step)
         self._timestamps[rows] = np.uint32(req & _UINT32_MASK)
 
     # ------------------------------------------------------- bulk state access
@@ -398,7 +408,9 @@ class EmbeddingHashTable:
         then raise the clock to the largest timestamp. Ids must be distinct.
 
         For SERVING tables values are re-encoded and state/timestamps are ignored
-        (timestamp 0), as Monolith's restore does.
+        (timestamp 0), as Monolith's restore does. With ``monolith_quirks`` an Adam
+        segment's powers restore as Monolith's (swapped, see
+        :meth:`~ps_server.engine.entry_layout.EntryLayout.restored_states`).
         """
         ids_ = as_ids(cols.ids)
         if ids_.size == 0:
@@ -420,7 +432,8 @@ class EmbeddingHashTable:
         if self.layout.serving:
             self._timestamps[rows] = 0
             return
-        for state, given in zip(self._states, cols.states, strict=True):
+        restored = self.layout.restored_states(cols.states, ids_.shape[0])
+        for state, given in zip(self._states, restored, strict=True):
             for name, arr in given.items():
                 put_rows(state[name], rows, arr)
         ts = np.asarray(cols.timestamps, dtype=np.int64)

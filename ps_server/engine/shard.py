@@ -262,11 +262,16 @@ class Shard:
         extra_restore_names: Sequence[str] = (),
         saver_parallel: int = -1,
         allow_existing: bool = False,
+        monolith_quirks: bool = False,
     ) -> bool:
         """Create table ``name``; True if created.
 
-        :param allow_existing: an existing table with the same config is not an error
-            (returns False); without it any existing name is ``AlreadyExistsError``.
+        :param allow_existing: an existing table with the same config (and the same
+            ``monolith_quirks``) is not an error (returns False); without it any
+            existing name is ``AlreadyExistsError``.
+        :param monolith_quirks: the table reproduces Monolith's C++ where we
+            deliberately differ (docs/semantics.md §12; see
+            :class:`~ps_server.engine.hash_table.EmbeddingHashTable`).
         :param saver_parallel: files per save (< 0: automatic); at most
             :data:`MAX_FILES_PER_SAVE`.
         :raises AlreadyExistsError: also when another table's name has the same file
@@ -298,15 +303,19 @@ class Shard:
         config_bytes = msg.SerializeToString(deterministic=True)
         existing = self.tables.get(name)
         if existing is not None:
-            if allow_existing and existing.config_bytes == config_bytes:
+            same_quirks = existing.table.monolith_quirks == bool(monolith_quirks)
+            if allow_existing and existing.config_bytes == config_bytes and same_quirks:
                 return False
             raise AlreadyExistsError(
                 f"table {name!r} exists already"
-                + (" with a different config" if allow_existing else "")
+                + ("" if not allow_existing
+                   else " with a different config" if existing.config_bytes != config_bytes
+                   else f" with monolith_quirks={existing.table.monolith_quirks}")
             )
         flt = self.hash_filter(hash_filter).hash_filter if hash_filter else None
         guard = self.check_capacity if self.limits.enabled else None
-        table = EmbeddingHashTable(msg, hash_filter=flt, name=name, capacity_guard=guard)
+        table = EmbeddingHashTable(msg, hash_filter=flt, name=name, capacity_guard=guard,
+                                   monolith_quirks=bool(monolith_quirks))
         self.tables[name] = TableSlot(
             table, config_bytes, hash_filter, tuple(extra_restore_names), saver_parallel
         )

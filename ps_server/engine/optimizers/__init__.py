@@ -65,12 +65,18 @@ OPTIMIZERS: dict[str, type[Optimizer]] = {
 NOT_IMPLEMENTED = ("dynamic_wd_adagrad", "group_ftrl", "dc")
 
 
-def optimizer_from_config(config: opt_pb.OptimizerConfig, dim: int) -> Optimizer:
+def optimizer_from_config(
+    config: opt_pb.OptimizerConfig, dim: int, *, monolith_quirks: bool = False
+) -> Optimizer:
     """Build the optimizer of one segment.
 
     :param config: the segment's ``OptimizerConfig``; it is not modified.
     :param dim: the segment's width; it replaces the sub-config's ``dim_size`` (the
         optimizer keeps a copy of the sub-config with ``dim_size = dim``).
+    :param monolith_quirks: reproduce Monolith's C++ where we deliberately differ
+        (docs/semantics.md §12); among optimizers only Group AdaGrad's ``0/0`` depends
+        on it (stochastic rounding and Adam's restore are the table's, see
+        :class:`~ps_server.engine.entry_layout.EntryLayout`).
     :returns: the optimizer, wrapped in :class:`StochasticRoundingFloat16` when
         ``config.stochastic_rounding_float16`` is set.
     :raises ConfigError: no ``type`` set, a type Monolith does not implement
@@ -90,7 +96,11 @@ def optimizer_from_config(config: opt_pb.OptimizerConfig, dim: int) -> Optimizer
     sub: Any = type(getattr(config, which))()
     sub.CopyFrom(getattr(config, which))
     sub.dim_size = dim
-    optimizer = OPTIMIZERS[which](sub, dim)
+    optimizer = (
+        GroupAdagradOptimizer(sub, dim, zero_norm_nan=True)
+        if which == "group_adagrad" and monolith_quirks
+        else OPTIMIZERS[which](sub, dim)
+    )
     if config.stochastic_rounding_float16:
         optimizer = StochasticRoundingFloat16(optimizer)
     return optimizer

@@ -24,7 +24,9 @@ entry. The dump is ``SingleOptimizerDump.adam`` (field 7) with ``m`` (1), ``v`` 
 Choice (docs/semantics.md §12): Monolith's restore writes the dumped ``beta2_power``
 into ``beta1_power`` and leaves ``beta2_power`` at its initial value. Our slots map
 one to one onto the dump fields, so both powers restore correctly; the file format
-is unchanged. ``use_beta1_warmup`` and ``warmup_steps`` are ignored.
+is unchanged. A table with ``monolith_quirks`` restores as Monolith does
+(:meth:`AdamOptimizer.monolith_restored_state`). ``use_beta1_warmup`` and
+``warmup_steps`` are ignored.
 """
 
 from __future__ import annotations
@@ -79,6 +81,17 @@ class AdamOptimizer(Optimizer):
             "beta1_power": np.full((n, 1), self.beta1, np.float32),
             "beta2_power": np.full((n, 1), self.beta2, np.float32),
         }
+
+    def monolith_restored_state(self, given: State, n: int) -> State:
+        """The state Monolith's restore leaves from ``n`` dumped rows ``given``: its
+        ``Restore`` writes the dump's ``beta2_power`` into ``beta1_power`` and leaves
+        ``beta2_power`` at its initial value (``beta2``); ``m`` and ``v`` as dumped.
+        Slots missing from ``given`` keep what the caller would have kept."""
+        out = dict(given)
+        if "beta2_power" in given:
+            out["beta1_power"] = given["beta2_power"]
+        out["beta2_power"] = np.full((n, 1), self.beta2, np.float32)
+        return out
 
     def apply(
         self, params: Floats, state: State, grads: Floats, lr: float, global_step: int

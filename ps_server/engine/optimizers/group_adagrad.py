@@ -19,7 +19,8 @@ and ``Z^2`` is summed left to right in float32 with one fused multiply-add per e
 (field 1).
 
 Choice (docs/semantics.md §5.1 records it): when ``Z`` is 0 (zero weights and a zero gradient)
-Monolith divides 0 by 0 and stores NaN; we store 0, the limit of the formula. Every
+Monolith divides 0 by 0 and stores NaN; we store 0, the limit of the formula. With
+``zero_norm_nan`` (a table's ``monolith_quirks``) we store Monolith's NaN. Every
 other case, NaN inputs included, follows the formula. ``warmup_steps`` is ignored.
 """
 
@@ -39,12 +40,18 @@ class GroupAdagradOptimizer(Optimizer):
     """Group AdaGrad with a per-entry scalar accumulator (float32).
 
     Slots: ``grad_square_sum`` scalar (dump field 1). Dump: ``group_adagrad`` (field 15).
+
+    :param zero_norm_nan: a row with ``Z = 0`` (and ``l2 = 0``; a positive ``l2``
+        zeroes it anyway) gets Monolith's ``0/0``, NaN, instead of 0.
     """
 
     dump_field: ClassVar[int | None] = 15
 
-    def __init__(self, config: opt_pb.GroupAdaGradOptimizerConfig, dim: int) -> None:
+    def __init__(
+        self, config: opt_pb.GroupAdaGradOptimizerConfig, dim: int, *, zero_norm_nan: bool = False
+    ) -> None:
         super().__init__(config, dim)
+        self.zero_norm_nan = zero_norm_nan
         self.initial_accumulator_value = np.float32(config.initial_accumulator_value)
         self.beta = np.float32(config.beta)
         self.l2 = np.float32(config.l2_regularization_strength)
@@ -69,7 +76,9 @@ class GroupAdagradOptimizer(Optimizer):
             z = g - params / eta
             norm = np.sqrt(_sequential_fma_square_sum(z))
             coeff = -eta * (norm - self.l2) / norm
-            shrunk = (norm < self.l2) | (norm == 0)
+            shrunk = norm < self.l2
+            if not self.zero_norm_nan:
+                shrunk |= norm == 0
             params[...] = np.where(shrunk, np.float32(0), coeff * z)
 
 

@@ -17,9 +17,15 @@ is ``s1 * 2^-16 mod M`` with ``M = 18000 * 2^16 - 1``; and ``2^-16 = 18000 (mod 
 So the k-th draw is ``18000^k mod M``: a batch is ``s * 18000^j mod M`` for consecutive
 ``j``, computed from a cached table of powers.
 
-Choice: Monolith keeps one generator per thread shared by every wrapped optimizer; we
-keep one per wrapper object (thread-safe), so each segment's sequence is reproducible
-on its own. The dump and slots are the inner optimizer's.
+Choice (docs/semantics.md §5.1, §12): Monolith keeps one generator per thread shared by
+every wrapped optimizer, and its wrapper of segment k rounds the entry from the
+segment's offset to the END of the entry; we keep one generator per wrapper object
+(thread-safe), so each segment's sequence is reproducible on its own, and round the
+segment only. A table with ``monolith_quirks`` does what Monolith does instead: its
+layout drives the wrappers' inner optimizers and rounds with :func:`stochastic_round`
+and one :class:`MultiplyWithCarry` per table
+(:meth:`~ps_server.engine.entry_layout.EntryLayout.optimize_entrywise`). The dump and
+slots are the inner optimizer's.
 """
 
 from __future__ import annotations

@@ -59,24 +59,7 @@ def same_bits(actual: Any, expected: Any, what: str) -> None:
 
 
 # Known gaps: what differs -> the cases it affects. strict=True, so a fix shows as XPASS.
-_GAPS: list[tuple[str, list[str]]] = [
-    (
-        "Group AdaGrad: zero weights and a zero gradient give Z = 0; Monolith stores 0/0 = "
-        "NaN, we store 0 (a documented choice, docs/semantics.md §5.1)",
-        [
-            "optimizers/group_adagrad_zero_grad_zero_w",
-        ],
-    ),
-    (
-        "stochastic rounding: Monolith's decorator of segment k rounds num[off_k:] to the end "
-        "of the entry and all decorators share one per-thread generator; ours rounds the "
-        "segment only, one generator per wrapper",
-        [
-            "optimizers/combo_sr_first",
-            "optimizers/combo_sr_both",
-        ],
-    ),
-]
+_GAPS: list[tuple[str, list[str]]] = []
 KNOWN_GAPS: dict[str, str] = {case: why for why, cases in _GAPS for case in cases}
 
 
@@ -94,9 +77,24 @@ def optimizer_params() -> list[Any]:
     return [param(f"optimizers/{c['name']}", c) for c in load("optimizers")["cases"]]
 
 
-def _table(entry_config_hex: str) -> EmbeddingHashTable:
+#: Cases where Monolith's C++ does what we deliberately do not by default (its bugs,
+#: docs/semantics.md §12): they run on a table with ``monolith_quirks=True``, which
+#: reproduces them. The default's behaviour is pinned by the tests named for each bug
+#: (tests/unit/engine/test_monolith_quirks.py and the end of this file).
+MONOLITH_QUIRK_CASES = frozenset({
+    # Group AdaGrad stores 0/0 = NaN for zero weights and a zero gradient.
+    "group_adagrad_zero_grad_zero_w",
+    # The SR decorator of segment k rounds num[off_k:] to the end of the entry, and all
+    # decorators share one generator.
+    "combo_sr_first",
+    "combo_sr_both",
+})
+
+
+def _table(entry_config_hex: str, monolith_quirks: bool = False) -> EmbeddingHashTable:
     entry = eht.EntryConfig.FromString(bytes.fromhex(entry_config_hex))
-    return EmbeddingHashTable(eht.EmbeddingHashTableConfig(entry_config=entry))
+    return EmbeddingHashTable(eht.EmbeddingHashTableConfig(entry_config=entry),
+                              monolith_quirks=monolith_quirks)
 
 
 def _check_opt(table: EmbeddingHashTable, expected: list[Any], what: str) -> None:
@@ -117,7 +115,11 @@ def test_optimizer_case(case: Any) -> None:
         with pytest.raises(ConfigError):
             _table(case["entry_config_hex"])
         return
-    table = _table(case["entry_config_hex"])
+    _run_optimizer_case(case, monolith_quirks=case["name"] in MONOLITH_QUIRK_CASES)
+
+
+def _run_optimizer_case(case: Any, monolith_quirks: bool) -> None:
+    table = _table(case["entry_config_hex"], monolith_quirks)
     std = load("optimizers")["standard_inputs"][str(case["dim"])]
     lrs = floats(case["learning_rates"])
     if case["assigned_w0"]:
@@ -343,3 +345,15 @@ def test_monolith_bug_group_adagrad_zero_weights_and_gradient_store_nan_we_store
             assert got.tolist() == [0.0] * case["dim"]
         assert np.isfinite(got).all()
     assert np.any(table.select_entries([ENTRY_ID]).values[0] != 0)  # it trained on
+
+
+
+@pytest.mark.parametrize("case", [
+    c for c in optimizer_params()
+    if not c.marks and "error" not in c.values[0]
+    and c.values[0]["name"] not in MONOLITH_QUIRK_CASES
+])
+def test_optimizer_case_with_monolith_quirks_is_monolith_too(case: Any) -> None:
+    """``monolith_quirks`` changes only what Monolith does differently: every other
+    optimizer case gives Monolith's bits with the option on as well."""
+    _run_optimizer_case(case, monolith_quirks=True)
