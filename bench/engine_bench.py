@@ -11,7 +11,11 @@ the same process on the same machine, as a ratio:
   (gather + scatter; and vs the np.take form of it), and the same ratio for FTRL,
   Momentum, Adadelta, MovingAverage, Group AdaGrad, Adam and AMSGrad;
 * first-time insert of 1M new ids (ids/s, beside the lookup rate);
-* resident bytes per entry (RSS growth while filling the table / N).
+* resident bytes per entry (RSS growth while filling the table / N);
+* the cost of Monolith's exact float arithmetic (docs/semantics.md §5.3, §5.4) against
+  numpy's own: ``fma32`` vs ``a*b + c`` in float32 and glibc's ``tanhf`` vs ``np.tanh``
+  on 1M float32 values (glibc's ``powf`` only computes HashNet's scalar scale), and a
+  HashNet (one-bit retriever) lookup vs a plain table's.
 
 Usage: ``python bench/engine_bench.py [--quick] [--entries N]``.
 """
@@ -29,7 +33,7 @@ import numpy as np
 import psutil
 
 from protos import embedding_hash_table_pb2 as eht
-from ps_server.engine import configs
+from ps_server.engine import configs, fpmath
 from ps_server.engine.hash_table import EmbeddingHashTable
 
 BATCH = 65_536
@@ -201,6 +205,35 @@ def headline(entries: int, repeats: int) -> dict[str, float]:
     }
 
 
+def exact_math(repeats: int) -> None:
+    """Monolith's float arithmetic, emulated exactly, against numpy's own on the same
+    1M float32 values (what bit-exactness costs, issue 13)."""
+    rng = np.random.default_rng(5)
+    a, b, c = (rng.standard_normal(1_000_000).astype(np.float32) for _ in range(3))
+    pairs = {
+        "fma32 / a*b+c": (lambda i: fpmath.fma32(a, b, c), lambda i: a * b + c),
+        "tanhf / np.tanh": (lambda i: fpmath.tanhf(b), lambda i: np.tanh(b)),
+    }
+    print("\nexact float arithmetic (1M float32 values): time of Monolith's / numpy's")
+    for name, (exact, plain) in pairs.items():
+        t_exact, t_plain = median_time(exact, repeats), median_time(plain, repeats)
+        print(f"  {name:<18} {t_exact * 1e3:7.2f} ms / {t_plain * 1e3:6.2f} ms = "
+              f"{t_exact / t_plain:5.1f}x")
+    plain = EmbeddingHashTable(configs.table_config(DIM, optimizer=configs.sgd()))
+    cfg = eht.EmbeddingHashTableConfig()
+    cfg.CopyFrom(configs.table_config(DIM, optimizer=configs.sgd()))
+    cfg.entry_config.segments[0].comp_config.one_bit.SetInParent()
+    one_bit = EmbeddingHashTable(cfg)
+    ids = np.arange(BATCH, dtype=np.int64)
+    grads = rng.standard_normal((BATCH, DIM)).astype(np.float32)
+    for t in (plain, one_bit):
+        t.apply_gradients(ids, grads, [0.01])
+    t_one_bit = median_time(lambda i: one_bit.lookup(ids), repeats)
+    t_raw = median_time(lambda i: plain.lookup(ids), repeats)
+    print(f"  one-bit lookup     {t_one_bit * 1e3:7.2f} ms / {t_raw * 1e3:6.2f} ms = "
+          f"{t_one_bit / t_raw:5.1f}x  ({BATCH:,} ids x {DIM}, vs a plain table)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, under 30 s")
@@ -211,6 +244,7 @@ def main() -> None:
     monolith_lookup(10 if args.quick else 100)
     monolith_optimize(dedup=False)
     monolith_optimize(dedup=True)
+    exact_math(4 if args.quick else 16)
     r = headline(entries, repeats)
     print(
         f"\nsummary: lookup {r['lookup_ratio']:.2f}x gather, SGD {r['sgd_ratio']:.2f}x "
