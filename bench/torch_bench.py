@@ -10,10 +10,19 @@ trained for ``--steps`` batches of ``--batch`` examples:
   fused push per step) on 1 and 2 local shard processes, synchronous, pipelined with
   staleness 0 (exact) and pipelined with staleness 1.
 
+With TorchRec installed (``bash scripts/bootstrap.sh --torchrec``) the same model is also
+trained with TorchRec's ``EmbeddingBagCollection`` on CPU (one table, the 26 features,
+fed a ``KeyedJaggedTensor``): as TorchRec builds it (a dense gradient of the whole
+table, ``torch.optim.SGD``; 3 steps only, each takes seconds at full size) and with its
+``EmbeddingBag``s switched to sparse gradients (the fast way to train it unsharded on
+CPU); and ``ShardedEmbeddingBagCollection`` runs once more fed the same
+``KeyedJaggedTensor`` (the drop-in swap, returning a ``KeyedTensor``).
+
 It prints training examples/s, the ratio to the in-memory baseline measured in the same
-run, and the time of a step split into lookup wait, compute (forward, backward, dense
-step, bookkeeping) and push wait. Needs the ``[torch]`` extra (``bash
-scripts/bootstrap.sh --torch``); without it, it says so and exits 0.
+run (and, with TorchRec, to TorchRec's sparse-gradient EBC), and the time of a step split
+into lookup wait, compute (forward, backward, dense step, bookkeeping) and push wait.
+Needs the ``[torch]`` extra (``bash scripts/bootstrap.sh --torch``); without it, it says
+so and exits 0.
 
 Measured here (``--steps 40 --batch 1024``, vocab 100k, 2 cores shared with other
 work, so noisy): in memory 133k ex/s; 1 shard 17.7k (0.13x) synchronous, 16.8k
@@ -22,6 +31,15 @@ pipelined at staleness 0, 24.7k at staleness 1 (0.19x); 2 shards 22.7k (0.17x), 
 at staleness 0 with Zipf ids nearly every batch shares ids with the previous one, so
 the forward waits for the previous push before re-reading them: little gain; at
 staleness 1 the push wait all but vanishes.
+
+With TorchRec 1.8.0 (same flags, a later run with the machine loaded ~4x over its 2
+cores, so the in-memory baseline fell to 66k ex/s): TorchRec EBC with its dense gradient
+96 ex/s (a 2.6M x 16 gradient and SGD step per batch), with sparse gradients 27.5k
+(0.42x in memory); ours against the latter: 1 shard 0.49x synchronous, 0.60x at
+staleness 0, 0.90x at staleness 1; fed the KJT 0.81x synchronous and 1.22x at staleness
+1; 2 shards 0.63x / 0.64x / 0.69x, KJT 0.69x / 0.65x. The KJT input costs nothing over
+the mapping (it is sliced in numpy, no ``to_dict()``); the spread between runs here is
+load noise.
 
 Usage: ``python bench/torch_bench.py [--quick] [--steps N] [--batch B] [--vocab V]``.
 """
@@ -54,6 +72,25 @@ def make_batches(steps: int, batch: int, vocab: int, seed: int = 1) -> list[Batc
         labels = (rng.random(batch) < 0.25).astype(np.float32)
         out.append((ids.astype(np.int64), dense, labels))
     return out
+
+
+def torchrec_or_none() -> Any:
+    """The torchrec package, or None when it is not installed (it is optional)."""
+    if importlib.util.find_spec("torchrec") is None:
+        return None
+    import torchrec
+
+    return torchrec
+
+
+def keyed_jagged(trc: Any, names: list[str], ids: npt.NDArray[np.int64]) -> Any:
+    """The batch as TorchRec's input: one id per feature and example, key-major."""
+    import torch
+
+    return trc.KeyedJaggedTensor.from_lengths_sync(
+        keys=names, values=torch.from_numpy(np.ascontiguousarray(ids.T).reshape(-1)),
+        lengths=torch.ones(ids.size, dtype=torch.int64),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,18 +149,58 @@ def run(steps: int, batch: int, vocab: int, shard_counts: tuple[int, ...]) -> No
         loss.backward()
         opt.step()
     base = steps * batch / (time.perf_counter() - started)
-    print(f"{'in-memory torch.nn.EmbeddingBag':<44} {base:>10,.0f} ex/s   1.00x")
+    print(f"{'in-memory torch.nn.EmbeddingBag':<48} {base:>10,.0f} ex/s   1.00x")
 
-    def features(b: Batch) -> tuple[dict[str, tuple[Any, Any]]]:
+    trc = torchrec_or_none()
+    kjts = [keyed_jagged(trc, names, b[0]) for b in batches] if trc is not None else []
+    ref: float | None = None
+    if trc is not None:
+        # The dense gradient of the whole table costs seconds a step at the full size:
+        # a few steps tell its rate.
+        dense_steps = min(steps, 3)
+        for label, sparse, n in ((f"TorchRec EBC (CPU, dense grad, {dense_steps} steps)",
+                                  False, dense_steps),
+                                 ("TorchRec EBC (CPU, sparse grad)", True, steps)):
+            ebc = trc.EmbeddingBagCollection(tables=[trc.EmbeddingBagConfig(
+                name="t", embedding_dim=DIM, num_embeddings=SPARSE * vocab, feature_names=names,
+            )], device=torch.device("cpu"))
+            bag = ebc.embedding_bags["t"]
+            bag.sparse = sparse
+            torch.nn.init.zeros_(bag.weight)
+            top = mlp()
+            opt = torch.optim.SGD([*ebc.parameters(), *top.parameters()], lr=LR)
+            started = time.perf_counter()
+            for kjt, (_, dense, labels) in zip(kjts[:n], batches[:n], strict=True):
+                x = ebc(kjt).values()
+                loss = loss_fn(top(torch.cat([x, torch.from_numpy(dense)], 1)).squeeze(1),
+                               torch.from_numpy(labels))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            rate = n * batch / (time.perf_counter() - started)
+            print(f"{label:<48} {rate:>10,.0f} ex/s {rate / base:>6.2f}x")
+            ref = rate
+    else:
+        print("(TorchRec not installed: bash scripts/bootstrap.sh --torchrec to compare with "
+              "its EmbeddingBagCollection)")
+
+    def features(b: tuple[Any, ...]) -> tuple[dict[str, tuple[Any, Any]]]:
         return ({n: (torch.from_numpy(b[0][:, i].copy()), offsets)
                  for i, n in enumerate(names)},)
 
     for shards in shard_counts:
         with local_cluster(shards) as cluster, PsClient(cluster.addresses) as client:
-            for label, options in (("synchronous", {}),
-                                   ("pipelined, staleness 0", {"pipelined": True}),
-                                   ("pipelined, staleness 1",
-                                    {"pipelined": True, "staleness": 1})):
+            runs: list[tuple[str, dict[str, Any], bool]] = [
+                ("synchronous", {}, False),
+                ("pipelined, staleness 0", {"pipelined": True}, False),
+                ("pipelined, staleness 1", {"pipelined": True, "staleness": 1}, False),
+            ]
+            if trc is not None:
+                runs += [("synchronous, KJT input", {}, True),
+                         ("pipelined, staleness 1, KJT input",
+                          {"pipelined": True, "staleness": 1}, True)]
+            for label, options, keyed in runs:
+                inputs = (lambda b: (kjts[b[3]],)) if keyed else features
                 table = client.create_table(
                     configs.table_config(DIM, optimizer=configs.sgd()), learning_rate_fns=[LR]
                 )
@@ -132,15 +209,17 @@ def run(steps: int, batch: int, vocab: int, shard_counts: tuple[int, ...]) -> No
                 )
                 top = mlp()
                 opt = torch.optim.SGD(top.parameters(), lr=LR)
-                source: Iterator[Batch] = (
-                    prefetching(batches, coll, inputs=features) if coll.pipelined
-                    else iter(batches)
+                numbered = [(*b, i) for i, b in enumerate(batches)]
+                source: Iterator[tuple[Any, ...]] = (
+                    prefetching(numbered, coll, inputs=inputs) if coll.pipelined
+                    else iter(numbered)
                 )
                 coll.step_times.reset()
                 started = time.perf_counter()
                 for step, b in enumerate(source):
-                    out = coll(*features(b))
-                    x = torch.cat([out[n] for n in names] + [torch.from_numpy(b[1])], 1)
+                    out = coll(*inputs(b))
+                    emb = out.values() if keyed else torch.cat([out[n] for n in names], 1)
+                    x = torch.cat([emb, torch.from_numpy(b[1])], 1)
                     loss = loss_fn(top(x).squeeze(1), torch.from_numpy(b[2]))
                     opt.zero_grad()
                     loss.backward()
@@ -152,9 +231,11 @@ def run(steps: int, batch: int, vocab: int, shard_counts: tuple[int, ...]) -> No
                 t = coll.step_times
                 per = 1e3 / steps
                 compute = elapsed - t.lookup_wait - t.push_wait
-                print(f"{f'{shards} shard(s), {label}':<44} {rate:>10,.0f} ex/s "
-                      f"{rate / base:>6.2f}x   per step: lookup wait {t.lookup_wait * per:6.1f} "
-                      f"ms, compute {compute * per:6.1f} ms, push wait {t.push_wait * per:6.1f} ms")
+                vs = "" if ref is None else f" {rate / ref:>6.2f}x TorchRec"
+                print(f"{f'{shards} shard(s), {label}':<48} {rate:>10,.0f} ex/s "
+                      f"{rate / base:>6.2f}x{vs}   per step: lookup wait "
+                      f"{t.lookup_wait * per:6.1f} ms, compute {compute * per:6.1f} ms, "
+                      f"push wait {t.push_wait * per:6.1f} ms")
     return None
 
 

@@ -3,8 +3,10 @@
 * :class:`ShardedEmbedding` / :class:`ShardedEmbeddingBag`: ``torch.nn.Embedding`` /
   ``torch.nn.EmbeddingBag`` whose rows live on the shards (one :class:`ps_client.Table`);
 * :class:`ShardedEmbeddingBagCollection`: many features over many tables, one fused
-  round trip per shard (``{name: (values, offsets)}`` or TorchRec's
-  ``KeyedJaggedTensor``).
+  round trip per shard (``{name: (values, offsets)}`` in, ``{name: tensor}`` out; or
+  TorchRec's ``KeyedJaggedTensor`` in and a ``KeyedTensor`` out, as TorchRec's
+  ``EmbeddingBagCollection``, which it can replace: ``from_torchrec_configs``). TorchRec
+  stays optional: it is imported only to build the output for an input of its type.
 
 The step API: ``out = module(ids)``; ``loss.backward()``; ``module.apply_gradients(step)``
 sends the gradient of every forward since the last call to the shards, where the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -241,8 +242,10 @@ def _bag_index(offsets: Any, n: int) -> tuple[npt.NDArray[np.int64], int]:
 
 
 def _reduce(per_value: torch.Tensor, bags: npt.NDArray[np.int64], num_bags: int,
-            mode: str) -> torch.Tensor:
+            mode: str, weights: torch.Tensor | None = None) -> torch.Tensor:
     dim = per_value.shape[-1]
+    if weights is not None:  # per-sample weights (sum mode only, checked by the caller)
+        per_value = per_value * weights.reshape(-1, 1)
     index = torch.from_numpy(bags)
     out = torch.zeros(num_bags, dim, dtype=torch.float32).index_add(0, index, per_value)
     if mode == "mean":
@@ -297,38 +300,107 @@ class Feature:
     mode: str = "sum"
 
 
-def _jagged_items(features: Any, names: Sequence[str]) -> dict[str, tuple[Any, Any]]:
-    """``{name: (values, offsets)}`` from a mapping or a TorchRec ``KeyedJaggedTensor``."""
+# One feature's input: its values (ids), bag starts, and per-sample weights or None.
+_Jagged = tuple[Any, Any, Any]
+
+
+def _is_keyed_jagged(features: Any) -> bool:
+    """A TorchRec ``KeyedJaggedTensor`` (duck-typed: TorchRec is never imported to check)."""
+    return all(callable(getattr(features, m, None))
+               for m in ("keys", "values", "lengths", "weights_or_none"))
+
+
+def _keyed_jagged_items(kjt: Any) -> dict[str, _Jagged]:
+    """``{key: (values, bag starts, weights)}`` of a ``KeyedJaggedTensor``, sliced from its
+    flat ``values()`` / ``lengths()`` (key-major: every bag of the first key, then the
+    next key's), with one bag count per key (``stride_per_key()``, so variable batch
+    sizes per key work too)."""
+    keys = list(kjt.keys())
+    values = kjt.values()
+    weights = kjt.weights_or_none()
+    lengths = _as_ids(kjt.lengths(), "KeyedJaggedTensor lengths")
+    if callable(getattr(kjt, "stride_per_key", None)):
+        per_key = np.asarray(kjt.stride_per_key(), dtype=np.int64).reshape(-1)
+    else:
+        per_key = np.full(len(keys), lengths.shape[0] // max(len(keys), 1), dtype=np.int64)
+    if per_key.shape[0] != len(keys) or int(per_key.sum()) != lengths.shape[0]:
+        raise ValueError(f"KeyedJaggedTensor: {lengths.shape[0]} lengths do not split into "
+                         f"{len(keys)} keys of {per_key.tolist()} bags")
+    value_off = np.concatenate([[0], np.cumsum(lengths)])
+    key_off = np.concatenate([[0], np.cumsum(per_key)])
+    out: dict[str, _Jagged] = {}
+    for k, key in enumerate(keys):
+        starts = value_off[key_off[k]:key_off[k + 1]]
+        lo, hi = int(value_off[key_off[k]]), int(value_off[key_off[k + 1]])
+        out[key] = (values[lo:hi], starts - lo, None if weights is None else weights[lo:hi])
+    return out
+
+
+def _jagged_items(features: Any) -> tuple[dict[str, _Jagged], bool]:
+    """``{name: (values, offsets, weights)}`` and whether the input was keyed (TorchRec),
+    from a mapping ``{name: (values, offsets[, per_sample_weights])}`` or a TorchRec
+    ``KeyedJaggedTensor``."""
     if isinstance(features, Mapping):
-        return {k: tuple(v) for k, v in features.items()}
-    keys = getattr(features, "keys", None)
-    if callable(keys) and hasattr(features, "to_dict"):  # KeyedJaggedTensor, duck-typed
-        out = {}
-        for k, jt in features.to_dict().items():
-            out[k] = (jt.values(), jt.offsets()[:-1])
-        return out
+        items: dict[str, _Jagged] = {}
+        for k, v in features.items():
+            parts = tuple(v)
+            if len(parts) not in (2, 3):
+                raise ValueError(f"feature {k!r}: expected (values, offsets) or "
+                                 f"(values, offsets, per_sample_weights), got {len(parts)} items")
+            items[k] = (parts[0], parts[1], parts[2] if len(parts) == 3 else None)
+        return items, False
+    if _is_keyed_jagged(features):
+        return _keyed_jagged_items(features), True
     raise TypeError(
         "features must be a mapping {name: (values, offsets)} or a torchrec "
         f"KeyedJaggedTensor, got {type(features).__name__}"
     )
 
 
+def _as_weights(w: Any, n: int, name: str) -> torch.Tensor:
+    t = w if isinstance(w, torch.Tensor) else torch.as_tensor(np.asarray(w))
+    t = t.to(torch.float32).reshape(-1)
+    if t.shape[0] != n:
+        raise ValueError(f"feature {name!r}: {t.shape[0]} per-sample weights for {n} values")
+    return t
+
+
+def _keyed_tensor(keys: list[str], dims: list[int], values: torch.Tensor) -> Any:
+    """TorchRec's ``KeyedTensor`` (imported only here: its input was a TorchRec type)."""
+    jagged = importlib.import_module("torchrec.sparse.jagged_tensor")
+    return jagged.KeyedTensor(keys=keys, length_per_key=dims, values=values, key_dim=1)
+
+
+_POOLING = {"SUM": "sum", "MEAN": "mean"}
+
+
 class ShardedEmbeddingBagCollection(_ShardedModule):
     """Several features over several tables, one fused round trip per shard.
 
     ``forward(features)`` takes ``{name: (values, offsets)}`` (``offsets`` as in
-    ``torch.nn.EmbeddingBag``: each bag's start) or a TorchRec ``KeyedJaggedTensor``
-    (its lengths-based offsets), and returns ``{name: float32[batch, dim]}``. Features
-    that share a table share its lookups. Lookups go through
+    ``torch.nn.EmbeddingBag``: each bag's start; a third item, per-sample weights, with
+    ``is_weighted=True``) and returns ``{name: float32[batch, dim]}``; or a TorchRec
+    ``KeyedJaggedTensor`` and returns what TorchRec's ``EmbeddingBagCollection`` returns,
+    a ``KeyedTensor`` (keys in feature order, ``values()`` ``float32[batch, sum of
+    dims]``), so a TorchRec model can swap its collection for this one. Keys of the
+    ``KeyedJaggedTensor`` that are no feature here are ignored, as TorchRec does; the
+    mapping must name exactly the features. TorchRec is never imported unless its input
+    is one of its types.
+
+    Features that share a table share its lookups. Lookups go through
     :meth:`PsClient.fused_lookup` and gradients through
     :meth:`PsClient.fused_apply_gradient` with each table's learning-rate functions at
     ``global_step``; every occurrence is one optimizer step (``enable_dedup``: one summed
     step per id and table). Pipelining options as in :class:`ShardedEmbedding`.
+
+    :param is_weighted: as TorchRec's: bags are sums of ``weight * row`` with the input's
+        per-sample weights (``KeyedJaggedTensor.weights()``), which must be given; ``sum``
+        features only (as ``torch.nn.EmbeddingBag``). Unweighted, weights are ignored.
     """
 
     def __init__(self, client: PsClient, features: Sequence[Feature], *,
                  enable_dedup: bool = False, pipelined: bool = False,
-                 staleness: int = 0) -> None:
+                 staleness: int = 0, is_weighted: bool = False) -> None:
         super().__init__(pipelined=pipelined, staleness=staleness)
         if not features:
             raise ValueError("a collection needs at least one feature")
@@ -337,6 +409,9 @@ class ShardedEmbeddingBagCollection(_ShardedModule):
             raise ValueError(f"feature names must be distinct, got {names}")
         for f in features:
             _check_mode(f.mode)
+            if is_weighted and f.mode != "sum":
+                raise ValueError(f"feature {f.name!r}: per-sample weights (is_weighted=True) "
+                                 f"need mode 'sum', got {f.mode!r}")
         self.client = client
         self.features = tuple(features)
         self.tables: list[Table] = []
@@ -346,6 +421,35 @@ class ShardedEmbeddingBagCollection(_ShardedModule):
         self._table_of = [next(i for i, t in enumerate(self.tables) if t is f.table)
                           for f in features]
         self.enable_dedup = bool(enable_dedup)
+        self._is_weighted = bool(is_weighted)
+
+    @classmethod
+    def from_torchrec_configs(cls, client: PsClient, configs: Iterable[Any],
+                              tables: Mapping[str, Table], **options: Any
+                              ) -> ShardedEmbeddingBagCollection:
+        """The collection that stands for TorchRec's ``EmbeddingBagCollection(configs)``.
+
+        Each ``EmbeddingBagConfig`` (duck-typed: ``name``, ``embedding_dim``,
+        ``feature_names``, ``pooling`` SUM or MEAN) gives one feature per feature name, in
+        TorchRec's output order, over ``tables[config.name]``, whose dim must match.
+        ``options`` are the constructor's (``is_weighted``, ``pipelined``, ...).
+        """
+        features = []
+        for cfg in configs:
+            table = tables[cfg.name]
+            if table.dim_size != int(cfg.embedding_dim):
+                raise ValueError(f"table for {cfg.name!r} has dim {table.dim_size}, the config "
+                                 f"{cfg.embedding_dim}")
+            pooling = getattr(cfg.pooling, "name", str(cfg.pooling)).upper()
+            if pooling not in _POOLING:
+                raise ValueError(f"{cfg.name!r}: pooling {pooling} is not supported "
+                                 f"(only {sorted(_POOLING)})")
+            features += [Feature(n, table, _POOLING[pooling]) for n in cfg.feature_names]
+        return cls(client, features, **options)
+
+    def is_weighted(self) -> bool:
+        """True when bags are weighted sums (TorchRec's ``is_weighted``)."""
+        return self._is_weighted
 
     def _lookup_fn(self, uniq: Sequence[Ids]) -> list[Rows]:
         sizes = np.array([u.shape[0] for u in uniq], dtype=np.int64)
@@ -371,19 +475,30 @@ class ShardedEmbeddingBagCollection(_ShardedModule):
             enable_grad_accumulation=self.enable_dedup,
         )
 
-    def _split(self, features: Any) -> tuple[list[Ids], list[tuple[npt.NDArray[np.int64], int]]]:
-        items = _jagged_items(features, [f.name for f in self.features])
+    def _split(self, features: Any) -> tuple[
+        list[Ids], list[tuple[npt.NDArray[np.int64], int]], list[torch.Tensor | None], bool
+    ]:
+        items, keyed = _jagged_items(features)
         missing = [f.name for f in self.features if f.name not in items]
-        extra = sorted(set(items) - {f.name for f in self.features})
+        extra = [] if keyed else sorted(set(items) - {f.name for f in self.features})
         if missing or extra:
             raise ValueError(f"features missing: {missing}, unknown: {extra}")
-        values, bags = [], []
+        values: list[Ids] = []
+        bags: list[tuple[npt.NDArray[np.int64], int]] = []
+        weights: list[torch.Tensor | None] = []
         for f in self.features:
-            v, o = items[f.name]
+            v, o, w = items[f.name]
             flat = _as_ids(v, f"{f.name} values")
             values.append(flat)
             bags.append(_bag_index(o, flat.shape[0]))
-        return values, bags
+            if not self._is_weighted:
+                weights.append(None)
+            elif w is None:
+                raise ValueError(f"feature {f.name!r}: is_weighted=True but the input has no "
+                                 "per-sample weights")
+            else:
+                weights.append(_as_weights(w, flat.shape[0], f.name))
+        return values, bags, weights, keyed
 
     def _per_table(self, values: list[Ids]) -> list[Ids]:
         return [
@@ -393,11 +508,13 @@ class ShardedEmbeddingBagCollection(_ShardedModule):
         ]
 
     def _unique_of(self, *args: Any) -> list[Ids]:
-        values, _ = self._split(args[0])
+        values = self._split(args[0])[0]
         return [np.unique(ids) for ids in self._per_table(values)]
 
-    def forward(self, features: Any) -> dict[str, torch.Tensor]:
-        values, bags = self._split(features)
+    def forward(self, features: Any) -> Any:
+        """``{name: float32[batch, dim]}`` for a mapping; a TorchRec ``KeyedTensor`` for a
+        ``KeyedJaggedTensor``."""
+        values, bags, weights, keyed = self._split(features)
         per_table = self._per_table(values)
         uniq_inv = [_unique(ids) for ids in per_table]
         rows = self._side.rows([u for u, _ in uniq_inv])
@@ -409,13 +526,17 @@ class ShardedEmbeddingBagCollection(_ShardedModule):
                                                for p, d in zip(per_table, dims, strict=True)])])
         used = [0] * len(self.tables)
         out: dict[str, torch.Tensor] = {}
-        for f, v, (bag, num_bags), t in zip(self.features, values, bags, self._table_of,
-                                            strict=True):
+        for f, v, (bag, num_bags), w, t in zip(self.features, values, bags, weights,
+                                               self._table_of, strict=True):
             begin = int(base[t]) + used[t] * dims[t]
             used[t] += v.shape[0]
             part = flat[begin:begin + v.shape[0] * dims[t]].reshape(-1, dims[t])
-            out[f.name] = _reduce(part, bag, num_bags, f.mode)
-        return out
+            out[f.name] = _reduce(part, bag, num_bags, f.mode, w)
+        if not keyed:
+            return out
+        names = [f.name for f in self.features]
+        return _keyed_tensor(names, [int(out[n].shape[1]) for n in names],
+                             torch.cat([out[n] for n in names], dim=1))
 
 
 def prefetching(batches: Iterable[B], module: _ShardedModule, inputs: Any = None,
