@@ -353,7 +353,7 @@ def settled(fp: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(fp)
     out["filters"] = {
         name: (options, tuple(x for x in state if not (isinstance(x, tuple) and len(x) == 2
-                                                        and "'state'" in str(x[1]))))
+                                                        and x[0] == "_rng")))
         for name, (options, state) in fp["filters"].items()}
     return out
 
