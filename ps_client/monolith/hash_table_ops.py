@@ -237,9 +237,14 @@ def hash_table_from_config(
     saver_parallel: int = -1,
     *,
     client: PsClient | None = None,
+    monolith_quirks: bool = False,
 ) -> HashTable:
     """Create the table ``MonolithHashTable_<name_suffix>`` on every shard.
 
+    :param monolith_quirks: reproduce Monolith's optimizer bugs that monolith-ps does not
+        copy by default (Adam's restore swap, Group AdaGrad's 0/0, multi-segment
+        stochastic rounding; ``PsClient.create_table``), e.g. to continue a Monolith
+        checkpoint exactly as Monolith would.
     :raises ValueError: the name is taken, or the learning rates do not match the segments.
     :raises NotImplementedError: a ``sync_client`` or a ``gpucuco`` table.
     """
@@ -259,6 +264,7 @@ def hash_table_from_config(
         hash_filters=None if hash_filter is None else hash_filter.filters,
         extra_restore_names=config.extra_restore_names,
         saver_parallel=saver_parallel,
+        monolith_quirks=monolith_quirks,
     )
     return HashTable(table, c)
 

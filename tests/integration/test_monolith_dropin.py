@@ -727,3 +727,22 @@ def test_unsupported_arguments_are_refused(one_shard: PsClient) -> None:
         ops.test_hash_table(1, sync_client=object())
     with pytest.raises(NotImplementedError):
         ops.test_hash_table(1, use_gpu=True)
+
+
+@pytest.mark.parametrize("quirks", [False, True])
+def test_hash_table_from_config_takes_monolith_quirks(one_shard: PsClient, quirks: bool
+                                                      ) -> None:
+    """Not a port: the drop-in's door to Monolith's optimizer bugs. Group AdaGrad with zero
+    weights and a zero gradient computes 0/0: Monolith stores NaN, we store 0 unless the
+    table is created with monolith_quirks."""
+    config = embedding_hash_table_pb2.EmbeddingHashTableConfig()
+    seg = config.entry_config.segments.add()
+    seg.dim_size = 2
+    seg.opt_config.group_adagrad.SetInParent()
+    seg.init_config.zeros.SetInParent()
+    config.cuckoo.SetInParent()
+    table = ops.hash_table_from_config(config, name_suffix=f"quirks_{quirks}",
+                                       monolith_quirks=quirks)
+    table.apply_gradients(_get_id_tensor([3]), np.zeros((1, 2), np.float32), global_step=1)
+    got = table.lookup(_get_id_tensor([3]))
+    assert np.isnan(got).all() if quirks else got.tolist() == [[0.0, 0.0]]
