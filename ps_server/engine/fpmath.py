@@ -54,6 +54,7 @@ def fma32(a: Any, b: Any, c: Any) -> npt.NDArray[np.float32]:
             return np.asarray(a32 * b32 + c32, dtype=np.float32)
     if a32.size <= _SMALL and b32.size <= _SMALL and c32.size <= _SMALL:
         return _fma32_small(a32, b32, c32)
+    square = a32 is b32 and a32.ndim > 0  # fma32(g, g, c): widen g once
     shape = np.broadcast_shapes(a32.shape, b32.shape, c32.shape)
     flat = [x if x.ndim == 0 else np.broadcast_to(x, shape).reshape(-1) for x in (a32, b32, c32)]
     if flat[0].ndim == 0 and flat[1].ndim != 0:
@@ -80,7 +81,9 @@ def fma32(a: Any, b: Any, c: Any) -> npt.NDArray[np.float32]:
                 s.fill(float(xa) * float(xb))  # exact: 24 + 24 bits
             else:
                 np.copyto(s, xa[lo:hi])
-                if fb is None:
+                if square:
+                    np.multiply(s, s, out=s)  # exact: 24 + 24 bits
+                elif fb is None:
                     np.copyto(t, xb[lo:hi])
                     np.multiply(s, t, out=s)  # exact: 24 + 24 bits
                 else:

@@ -294,3 +294,20 @@ def test_fma32_scalar_operands_in_blocks_round_once(scalar: str,
              ).astype(np.float32)
     if scalar != "ab":
         assert not np.array_equal(naive.view(np.uint32), want.view(np.uint32))
+
+
+def test_fma32_of_a_square_widens_once_and_rounds_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # fma32(g, g, c) (one array passed twice) squares a single widened copy: the same
+    # value, checked across blocks, with subnormal squares and exact ties.
+    monkeypatch.setattr(fpmath, "FMA_BLOCK", 1000)
+    rng = np.random.default_rng(23)
+    n = fpmath._SMALL + 1500
+    g = (rng.standard_normal(n) * 2.0 ** rng.integers(-40, 20, n)).astype(np.float32)
+    c = (rng.standard_normal(n) * 2.0 ** rng.integers(-40, 20, n)).astype(np.float32)
+    g[::9] = np.float32(2.0**-70) * rng.integers(1, 4, g[::9].size)  # squares below 2**-126
+    c[::9] = np.float32(2.0**-149) * rng.integers(-3, 3, c[::9].size)
+    g[4::9] = np.float32(3 * 2.0**-12)  # g*g = 9 * 2**-24: half an ulp of 1 times 9
+    c[4::9] = np.float32(1.0)
+    got = fma32(g, g, c)
+    assert np.array_equal(got.view(np.uint32), exact_fma(g, g, c).view(np.uint32))
+    assert np.array_equal(got.view(np.uint32), fma32(g, g.copy(), c).view(np.uint32))
