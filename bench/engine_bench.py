@@ -7,9 +7,12 @@ the same process on the same machine, as a ratio:
 * lookup of 65,536 random ids from an N x 32 table vs ``values[idx]`` on a plain
   float32 array of the same shape (and vs ``np.take(values, idx, axis=0)``, numpy's
   fastest row gather);
-* SGD / Adagrad apply_gradients on that batch vs ``values[idx] -= lr * g``
-  (gather + scatter; and vs the np.take form of it), and the same ratio for FTRL,
-  Momentum, Adadelta, MovingAverage, Group AdaGrad, Adam and AMSGrad;
+* SGD apply_gradients on that batch vs ``values[idx] -= lr * g`` (gather + scatter;
+  and vs the np.take form of it);
+* Adagrad, FTRL, Momentum, Adadelta, MovingAverage, Group AdaGrad, Adam and AMSGrad
+  apply_gradients vs a numpy gather + scatter that moves the same bytes: ``a[idx] -=
+  lr * g`` on the values *and* on each of the optimizer's state slots (a plain array
+  of the slot's width and dtype), same rows;
 * first-time insert of 1M new ids (ids/s, beside the lookup rate);
 * resident bytes per entry (RSS growth while filling the table / N);
 * the cost of Monolith's exact float arithmetic (docs/semantics.md §5.3, §5.4) against
@@ -160,19 +163,52 @@ def headline(entries: int, repeats: int) -> dict[str, float]:
     before = rss()
     ada = filled(configs.adagrad(), ada_n)
     ada_bytes = (rss() - before) / ada_n
-    ada_batches = [all_ids[rng.integers(0, ada_n, BATCH)] for _ in range(16)]
-    t_ada = median_time(lambda i: ada.apply_gradients(ada_batches[i % 16], grads, [0.01]),
-                        repeats)
+    ada_picks = [rng.integers(0, ada_n, BATCH) for _ in range(16)]
+    ada_batches = [all_ids[p] for p in ada_picks]
 
-    # The other optimizers (their float arithmetic follows Monolith's FMA build), on
-    # the same rows as Adagrad.
-    others: dict[str, float] = {}
-    for name, opt in other_optimizers().items():
-        table = filled(opt, ada_n)
-        others[name] = median_time(
-            lambda i, t=table: t.apply_gradients(ada_batches[i % 16], grads, [0.01]),  # type: ignore[misc]
-            max(4, repeats // 4))
-        del table
+    def state_baseline(table: EmbeddingHashTable) -> Callable[[int], None]:
+        """numpy gather + scatter of the same rows of the values and of every state
+        slot of ``table``'s optimizer (``a[idx] -= lr * g`` on each): the same bytes
+        an optimizer step must move."""
+        opt = table.layout.segments[0].optimizer
+        assert opt is not None
+        arrays = [np.ones((ada_n, DIM), dtype=np.float32)] + [
+            np.ones((ada_n, s.width), dtype=s.dtype) for s in opt.slots()]
+        deltas = [grads if a.shape[1] == DIM else grads[:, : a.shape[1]].astype(a.dtype)
+                  for a in arrays]
+
+        def step(i: int) -> None:
+            p = ada_picks[i % 16]
+            for a, d in zip(arrays, deltas, strict=True):
+                a[p] -= (lr * d).astype(a.dtype, copy=False)
+
+        return step
+
+    # Each stateful optimizer (their float arithmetic follows Monolith's FMA build) on
+    # the same rows, against the gather + scatter of its own values and slots. The two
+    # alternate call by call (the machine is shared: a busy spell slows both) and the
+    # ratio is the median of the per-pair ratios.
+    stateful: dict[str, tuple[float, float, float]] = {}
+    reps = max(8, repeats // 2)
+    for name, opt in {"Adagrad": configs.adagrad(), **other_optimizers()}.items():
+        opt_table = ada if name == "Adagrad" else filled(opt, ada_n)
+        base_step = state_baseline(opt_table)
+        base_times: list[float] = []
+        opt_times: list[float] = []
+        for i in range(reps + 1):  # the first pair warms up
+            t0 = time.perf_counter()
+            base_step(i)
+            t1 = time.perf_counter()
+            opt_table.apply_gradients(ada_batches[i % 16], grads, [0.01])
+            t2 = time.perf_counter()
+            if i:
+                base_times.append(t1 - t0)
+                opt_times.append(t2 - t1)
+        pair_ratio = float(np.median(np.array(base_times) / np.array(opt_times)))
+        stateful[name] = (float(np.median(opt_times)), float(np.median(base_times)), pair_ratio)
+        del base_step
+        del opt_table
+    del ada
 
     new_ids = np.arange(1_000_000, dtype=np.int64) * 3 + (1 << 40)
     fresh = EmbeddingHashTable(configs.table_config(DIM, optimizer=configs.sgd()))
@@ -186,11 +222,10 @@ def headline(entries: int, repeats: int) -> dict[str, float]:
           f"   ratio {t_gather / t_lookup:.2f}x  (target >= 0.5x)")
     print(f"  SGD apply     {BATCH / t_sgd:14,.0f} ids/s   numpy g+s    {BATCH / t_scatter:14,.0f}"
           f" ids/s   ratio {t_scatter / t_sgd:.2f}x  (target >= 0.6x)")
-    print(f"  Adagrad apply {BATCH / t_ada:14,.0f} ids/s   numpy g+s    {BATCH / t_scatter:14,.0f}"
-          f" ids/s   ratio {t_scatter / t_ada:.2f}x")
-    for name, t in others.items():
-        print(f"  {name:<13} {BATCH / t:14,.0f} ids/s   numpy g+s    {BATCH / t_scatter:14,.0f}"
-              f" ids/s   ratio {t_scatter / t:.2f}x")
+    print("  stateful optimizers vs numpy gather+scatter of the values and each state slot:")
+    for name, (t_apply, t_base, pair_ratio) in stateful.items():
+        print(f"  {name:<13} {BATCH / t_apply:14,.0f} ids/s   numpy g+s    "
+              f"{BATCH / t_base:14,.0f} ids/s   ratio {pair_ratio:.2f}x  (target >= 0.6x)")
     print(f"  vs np.take    lookup {t_take / t_lookup:.2f}x of {BATCH / t_take:,.0f} ids/s; "
           f"SGD {t_take_scatter / t_sgd:.2f}x of {BATCH / t_take_scatter:,.0f} ids/s")
     print(f"  first insert  {1e6 / t_insert:14,.0f} ids/s   (1M new ids via apply_gradients;"
@@ -200,7 +235,7 @@ def headline(entries: int, repeats: int) -> dict[str, float]:
     return {
         "lookup_ratio": t_gather / t_lookup,
         "sgd_ratio": t_scatter / t_sgd,
-        "adagrad_ratio": t_scatter / t_ada,
+        **{f"{name.lower()}_ratio": r for name, (_, _, r) in stateful.items()},
         "sgd_bytes": sgd_bytes,
     }
 
@@ -248,7 +283,9 @@ def main() -> None:
     r = headline(entries, repeats)
     print(
         f"\nsummary: lookup {r['lookup_ratio']:.2f}x gather, SGD {r['sgd_ratio']:.2f}x "
-        f"gather+scatter, Adagrad {r['adagrad_ratio']:.2f}x, {r['sgd_bytes']:.0f} B/SGD entry"
+        f"gather+scatter; of the gather+scatter of values and state: Adagrad "
+        f"{r['adagrad_ratio']:.2f}x, Adam {r['adam_ratio']:.2f}x, FTRL {r['ftrl_ratio']:.2f}x, "
+        f"Momentum {r['momentum_ratio']:.2f}x; {r['sgd_bytes']:.0f} B/SGD entry"
     )
 
 

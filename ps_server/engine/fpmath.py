@@ -54,29 +54,47 @@ def fma32(a: Any, b: Any, c: Any) -> npt.NDArray[np.float32]:
             return np.asarray(a32 * b32 + c32, dtype=np.float32)
     if a32.size <= _SMALL and b32.size <= _SMALL and c32.size <= _SMALL:
         return _fma32_small(a32, b32, c32)
+    square = a32 is b32 and a32.ndim > 0  # fma32(g, g, c): widen g once
     shape = np.broadcast_shapes(a32.shape, b32.shape, c32.shape)
     flat = [x if x.ndim == 0 else np.broadcast_to(x, shape).reshape(-1) for x in (a32, b32, c32)]
+    if flat[0].ndim == 0 and flat[1].ndim != 0:
+        flat[0], flat[1] = flat[1], flat[0]  # a scalar factor goes second
     n = int(np.prod(shape, dtype=np.int64))
     out = np.empty(n, dtype=np.float32)
     size = min(FMA_BLOCK, max(n, 1))
     scratch = np.empty(size, dtype=np.float64)
     other = np.empty(size, dtype=np.float64)
     flag = np.empty(size, dtype=bool)
+    magnitude = np.empty(size, dtype=np.float32)
+    xa, xb, xc = flat
+    # Scalars enter the float64 ufuncs as Python floats (exact: float32 values).
+    fb = float(xb) if xb.ndim == 0 else None
+    fc = float(xc) if xc.ndim == 0 else None
     with np.errstate(invalid="ignore", over="ignore"):
         for lo in range(0, n, FMA_BLOCK):
             hi = min(lo + FMA_BLOCK, n)
             m = hi - lo
-            xa, xb, xc = (x if x.ndim == 0 else x[lo:hi] for x in flat)
             s, t = scratch[:m], other[:m]
             # Widen each operand with a plain copy first: a float64 ufunc on float64
             # arrays runs unbuffered, much faster than a mixed-type (casting) one.
-            s[...] = xa
-            t[...] = xb
-            np.multiply(s, t, out=s)  # exact: 24 + 24 bits
-            t[...] = xc
-            np.add(s, t, out=s)
+            if xa.ndim == 0:  # both factors scalars
+                s.fill(float(xa) * float(xb))  # exact: 24 + 24 bits
+            else:
+                np.copyto(s, xa[lo:hi])
+                if square:
+                    np.multiply(s, s, out=s)  # exact: 24 + 24 bits
+                elif fb is None:
+                    np.copyto(t, xb[lo:hi])
+                    np.multiply(s, t, out=s)  # exact: 24 + 24 bits
+                else:
+                    np.multiply(s, fb, out=s)
+            if fc is None:
+                np.copyto(t, xc[lo:hi])
+                np.add(s, t, out=s)
+            else:
+                np.add(s, fc, out=s)
             o = out[lo:hi]
-            o[...] = s
+            np.copyto(o, s, casting="same_kind")
             # Float32 halfway points: the 29 mantissa bits a float32 drops are 1000...0.
             bits = t.view(np.uint64)  # t is free again
             np.bitwise_and(s.view(np.uint64), _BELOW_F32, out=bits)
@@ -84,13 +102,13 @@ def fma32(a: Any, b: Any, c: Any) -> npt.NDArray[np.float32]:
             # Results in float32's subnormal range (or rounded to its smallest normal or
             # to 0): its halfway points have more zero bits. Zeros that are exact (s == 0)
             # are fine; the rest take the exact path too.
-            tiny = np.abs(o) <= np.float32(_F32_MIN_NORMAL)
-            if tiny.any():
-                tiny &= s != 0
+            mag = np.abs(o, out=magnitude[:m])
+            if mag.min() <= np.float32(_F32_MIN_NORMAL):
+                tiny = (mag <= np.float32(_F32_MIN_NORMAL)) & (s != 0)
                 suspect |= tiny
             if suspect.any():
                 at = np.flatnonzero(suspect)
-                pick = [x if x.ndim == 0 else x[at] for x in (xa, xb, xc)]
+                pick = [x if x.ndim == 0 else x[lo:hi][at] for x in (xa, xb, xc)]
                 o[at] = _fma32_exact(*pick)
     return out.reshape(shape)
 

@@ -35,6 +35,7 @@ from ps_server.engine.optimizers.base import (
     float_slot,
     sequence_ends,
 )
+from ps_server.engine.rows import apply_in_row_blocks
 from ps_server.engine.types import Floats
 
 #: Dims per AVX block of Monolith's Adagrad (8 float32 lanes); the rest run scalar code.
@@ -62,6 +63,11 @@ class AdagradOptimizer(Optimizer):
         return {"norm": np.full((n, self.dim), self.initial_accumulator_value, np.float32)}
 
     def apply(
+        self, params: Floats, state: State, grads: Floats, lr: float, global_step: int
+    ) -> None:
+        apply_in_row_blocks(self._apply_block, params, state, grads, lr, global_step)
+
+    def _apply_block(
         self, params: Floats, state: State, grads: Floats, lr: float, global_step: int
     ) -> None:
         norm = state["norm"]

@@ -44,6 +44,7 @@ from ps_server.engine.optimizers.base import (
     float_slot,
     scalar_slot,
 )
+from ps_server.engine.rows import apply_in_row_blocks
 from ps_server.engine.types import Floats
 
 
@@ -94,6 +95,11 @@ class AdamOptimizer(Optimizer):
         return out
 
     def apply(
+        self, params: Floats, state: State, grads: Floats, lr: float, global_step: int
+    ) -> None:
+        apply_in_row_blocks(self._apply_block, params, state, grads, lr, global_step)
+
+    def _apply_block(
         self, params: Floats, state: State, grads: Floats, lr: float, global_step: int
     ) -> None:
         m, v = state["m"], state["v"]

@@ -51,7 +51,7 @@ class AmsgradOptimizer(AdamOptimizer):
         state["vhat"] = np.zeros((n, self.dim), np.float32)
         return state
 
-    def apply(
+    def _apply_block(
         self, params: Floats, state: State, grads: Floats, lr: float, global_step: int
     ) -> None:
         m, v, vhat = state["m"], state["v"], state["vhat"]

@@ -27,6 +27,7 @@ import numpy as np
 from protos import optimizer_pb2 as opt_pb
 from ps_server.engine.fpmath import fma32
 from ps_server.engine.optimizers.base import Optimizer, State, StateSlot, float_slot
+from ps_server.engine.rows import apply_in_row_blocks
 from ps_server.engine.types import Floats
 
 
@@ -51,6 +52,11 @@ class MomentumOptimizer(Optimizer):
         return {"n": np.zeros((n, self.dim), np.float32)}
 
     def apply(
+        self, params: Floats, state: State, grads: Floats, lr: float, global_step: int
+    ) -> None:
+        apply_in_row_blocks(self._apply_block, params, state, grads, lr, global_step)
+
+    def _apply_block(
         self, params: Floats, state: State, grads: Floats, lr: float, global_step: int
     ) -> None:
         n = state["n"]

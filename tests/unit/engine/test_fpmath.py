@@ -248,3 +248,66 @@ def test_fma64_rounds_once() -> None:
     c = -(2.0**-26) + 2.0**-53
     assert a * b + c == 1.0
     assert fpmath.fma64(a, b, c) == 1 + 2.0**-52
+
+
+@pytest.mark.parametrize("scalar", ["a", "b", "c", "ab"])
+def test_fma32_scalar_operands_in_blocks_round_once(scalar: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # The blocked path (more than _SMALL elements; blocks of 1,000 here so several are
+    # crossed) feeds scalar operands to the float64 ufuncs directly. Halfway cases with
+    # the scalar in each position, subnormal results, and plain random triples.
+    monkeypatch.setattr(fpmath, "FMA_BLOCK", 1000)
+    rng = np.random.default_rng(21)
+    n = fpmath._SMALL + 1500
+    k = np.float32(3)
+    one_k = np.float32(1.0) + k * np.float32(2.0**-23)
+    if scalar in ("a", "b", "ab"):
+        # factor 1 + 3 * 2**-23 as the scalar, the other factor half an ulp of c less a bit
+        c = (rng.uniform(1, 2, n) * 2.0 ** rng.integers(-20, 20, n)).astype(np.float32)
+        c[::3] = rng.standard_normal(c[::3].size).astype(np.float32)
+        other = (np.spacing(c) / np.float32(2)) * (np.float32(1.0) - k * np.float32(2.0**-23))
+        other[::5] = rng.standard_normal(other[::5].size).astype(np.float32)
+        other[7::11] = np.float32(2.0**-140)  # subnormal products, c tiny there too
+        c[7::11] = np.float32(2.0**-149) * rng.integers(-4, 4, c[7::11].size)
+        if scalar == "ab":
+            # both factors scalar: products 2**-140 * 1.5 against subnormal and normal c
+            a, b = np.float32(2.0**-140), np.float32(1.5)
+            c = c.astype(np.float32)
+        else:
+            a, b = (one_k, other) if scalar == "a" else (other, one_k)
+        got = fma32(a, b, c)
+        want = exact_fma(*(np.broadcast_to(np.asarray(x, dtype=np.float32), (n,))
+                           for x in (a, b, c)))
+    else:
+        cs = np.float32(1.0 + 2.0**-23)  # an odd last mantissa bit: the ties go wrong
+        a = np.full(n, one_k, dtype=np.float32)
+        a[::4] = rng.standard_normal(a[::4].size).astype(np.float32)
+        half_less = (np.spacing(cs) / np.float32(2)) * (np.float32(1.0) - k * np.float32(2.0**-23))
+        b = np.full(n, half_less, dtype=np.float32)
+        b[1::4] = rng.standard_normal(b[1::4].size).astype(np.float32)
+        c = np.full(n, cs, dtype=np.float32)
+        got = fma32(a, b, cs)
+        want = exact_fma(a, b, c)
+    assert got.shape == (n,) and got.dtype == np.float32
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    naive = (np.asarray(a, np.float64) * np.asarray(b, np.float64) + np.asarray(c, np.float64)
+             ).astype(np.float32)
+    if scalar != "ab":
+        assert not np.array_equal(naive.view(np.uint32), want.view(np.uint32))
+
+
+def test_fma32_of_a_square_widens_once_and_rounds_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # fma32(g, g, c) (one array passed twice) squares a single widened copy: the same
+    # value, checked across blocks, with subnormal squares and exact ties.
+    monkeypatch.setattr(fpmath, "FMA_BLOCK", 1000)
+    rng = np.random.default_rng(23)
+    n = fpmath._SMALL + 1500
+    g = (rng.standard_normal(n) * 2.0 ** rng.integers(-40, 20, n)).astype(np.float32)
+    c = (rng.standard_normal(n) * 2.0 ** rng.integers(-40, 20, n)).astype(np.float32)
+    g[::9] = np.float32(2.0**-70) * rng.integers(1, 4, g[::9].size)  # squares below 2**-126
+    c[::9] = np.float32(2.0**-149) * rng.integers(-3, 3, c[::9].size)
+    g[4::9] = np.float32(3 * 2.0**-12)  # g*g = 9 * 2**-24: half an ulp of 1 times 9
+    c[4::9] = np.float32(1.0)
+    got = fma32(g, g, c)
+    assert np.array_equal(got.view(np.uint32), exact_fma(g, g, c).view(np.uint32))
+    assert np.array_equal(got.view(np.uint32), fma32(g, g.copy(), c).view(np.uint32))
