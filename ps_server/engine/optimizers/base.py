@@ -144,21 +144,29 @@ class Optimizer(abc.ABC):
     ) -> None:
         """Waves on one gathered copy of the touched rows: rows are ordered by number of
         occurrences (most first), so wave k steps a prefix of the copy in place, and
-        the copy is scattered back once."""
-        order = np.argsort(rows, kind="stable")
+        the copy is scattered back once. Only the rows sharing a hash bucket with
+        another are sorted to count them; the rest occur once and close the copy."""
+        bits = (4 * rows.size - 1).bit_length()
+        bucket = _bucket_of(rows, bits)
+        shared = np.bincount(bucket, minlength=1 << bits)[bucket] > 1
+        suspects = np.flatnonzero(shared)
+        alone = np.flatnonzero(~shared)
+        order = suspects[np.argsort(rows[suspects], kind="stable")]
         sorted_rows = rows[order]
         starts = np.flatnonzero(np.r_[True, sorted_rows[1:] != sorted_rows[:-1]])
         counts = np.diff(np.r_[starts, sorted_rows.size])
         most_first = np.argsort(-counts, kind="stable")
         first = starts[most_first]
-        r = sorted_rows[first]
+        r = np.concatenate([sorted_rows[first], rows[alone]])
         # active[k] = how many rows have more than k occurrences.
-        active = (r.size - np.cumsum(np.bincount(counts))).tolist()
+        counts_all = np.concatenate([counts, np.ones(alone.size, dtype=counts.dtype)])
+        active = (r.size - np.cumsum(np.bincount(counts_all))).tolist()
         params = np.take(values, r, axis=0)
         gathered = {name: np.take(arr, r, axis=0) for name, arr in state.items()}
-        for k in range(int(counts.max())):
+        firsts = np.concatenate([order[first], alone])  # each copy row's first occurrence
+        for k in range(int(counts_all.max())):
             a = active[k]
-            wave_grads = np.take(grads, order[first[:a] + k], axis=0)
+            wave_grads = np.take(grads, firsts if k == 0 else order[first[:a] + k], axis=0)
             self.apply(params[:a], {name: arr[:a] for name, arr in gathered.items()},
                        wave_grads, lr, global_step)
         put_rows(values, r, params)
