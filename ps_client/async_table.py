@@ -129,7 +129,7 @@ class _HalfRows:
             return
         items = row_items(np.ascontiguousarray(rows))
         assert items is not None
-        np.put(self._rows, pos, items)
+        np.put(self._rows, pos, items, mode="wrap")  # positions are valid rows
 
     def widened(self) -> npt.NDArray[np.float32]:
         rows = self.unique if self.unique is not None else self._only
