@@ -78,6 +78,8 @@ Offsets = npt.NDArray[np.int64]
 _CHUNK_BYTES = 1 << 24
 # Runs of at least this many equal-length records are read through a template.
 _MIN_RUN = 128
+# Records left over by the runs are read grouped by length when a length has this many.
+_MIN_GROUP = 128
 
 
 _ID_TAG = key(1, WIRE_I64)
@@ -648,7 +650,69 @@ def _read_runs(
                 if rows.size:
                     _take(tpl, rec, rows, c + rows, sinks)
                 todo[c:d] = ~good
+    _read_scattered(buffer, offsets, codecs, dim, sinks, todo, templates)
     return todo
+
+
+def _windows(buffer: Buffer, length: int) -> Buffer:
+    """``uint8[buffer.size - length + 1, length]``: row ``k`` is ``buffer[k:k + length]``.
+
+    Overlapping rows, no copy: fancy-indexing its first axis gathers (or scatters)
+    whole records at arbitrary offsets, one contiguous copy per record.
+    """
+    return np.lib.stride_tricks.as_strided(
+        buffer, shape=(buffer.size - length + 1, length), strides=(1, 1),
+        writeable=buffer.flags.writeable,
+    )
+
+
+def _read_scattered(
+    buffer: Buffer,
+    offsets: Offsets,
+    codecs: list[_SegmentCodec],
+    dim: int,
+    sinks: _Sinks,
+    todo: npt.NDArray[np.bool_],
+    templates: dict[int, _Template | None],
+) -> None:
+    """Decode the records still ``todo`` grouped by length (mixed layouts interleave).
+
+    Each length's records are gathered into a ``[m, length]`` matrix and read through
+    the template of their first record; records that do not fit stay ``todo``.
+    """
+    rest = np.flatnonzero(todo)
+    if rest.size < _MIN_GROUP:
+        return
+    starts = offsets[rest]
+    lengths = offsets[rest + 1] - starts
+    distinct, inverse = np.unique(lengths, return_inverse=True)
+    if distinct.size > 16:  # not a few layouts: leave them to the walk
+        return
+    for g, length in enumerate(distinct.tolist()):
+        idx = rest[inverse == g]
+        if length == 0 or idx.size < _MIN_GROUP:
+            continue
+        tpl = templates.get(length)
+        first = buffer[offsets[idx[0]] : offsets[idx[0]] + length].reshape(1, length)
+        if tpl is None or _fitting(tpl, first) is not None:
+            tpl = _template(buffer, int(offsets[idx[0]]), length, codecs, dim)
+            templates[length] = tpl
+        if tpl is None:
+            continue
+        windows = _windows(buffer, length)
+        most = max(1, _CHUNK_BYTES // length)
+        for c in range(0, idx.size, most):
+            dest = idx[c : c + most]
+            rec = windows[offsets[dest]]
+            good = _fitting(tpl, rec)
+            if good is None:
+                _take(tpl, rec, slice(None), dest, sinks)
+                todo[dest] = False
+            else:
+                rows = np.flatnonzero(good)
+                if rows.size:
+                    _take(tpl, rec, rows, dest[rows], sinks)
+                todo[dest] = ~good
 
 
 def _take(tpl: _Template, rec: Buffer, rows: slice | Ids, dest: slice | Ids, sinks: _Sinks
