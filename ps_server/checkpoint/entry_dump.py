@@ -180,8 +180,15 @@ def _groups(signature: npt.NDArray[np.uint8]) -> list[npt.NDArray[np.int64]]:
     code = np.zeros(m, np.uint64)
     for column in signature.T:  # exact up to 8 columns; wider ones are verified below
         code = code * np.uint64(256) + column
-    _, inverse = np.unique(code, return_inverse=True)
-    groups = [np.flatnonzero(inverse == g) for g in range(int(inverse.max()) + 1)]
+    groups: list[npt.NDArray[np.int64]] = []
+    left = np.arange(m, dtype=np.int64)
+    while left.size and len(groups) < 8:  # a few layouts: peel them off one by one
+        hit = code[left] == code[left[0]]
+        groups.append(left[hit])
+        left = left[~hit]
+    if left.size:
+        _, inverse = np.unique(code[left], return_inverse=True)
+        groups += [left[inverse.ravel() == g] for g in range(int(inverse.max()) + 1)]
     if k > 8 and not all(bool((signature[g] == signature[g[0]]).all()) for g in groups):
         _, inverse = np.unique(signature, axis=0, return_inverse=True)
         inverse = inverse.ravel()
@@ -202,6 +209,18 @@ def _strided(rec: Buffer, pos: int, width: int, step: int, dtype: str) -> npt.ND
     """
     m, length = rec.shape
     return np.ndarray((m, width), dtype, buffer=rec, offset=pos, strides=(length, step))
+
+
+def _windows(buffer: Buffer, length: int) -> Buffer:
+    """``uint8[buffer.size - length + 1, length]``: row ``k`` is ``buffer[k:k + length]``.
+
+    Overlapping rows, no copy: fancy-indexing its first axis gathers (or scatters)
+    whole records at arbitrary offsets, one contiguous copy per record.
+    """
+    return np.lib.stride_tricks.as_strided(
+        buffer, shape=(buffer.size - length + 1, length), strides=(1, 1),
+        writeable=buffer.flags.writeable,
+    )
 
 
 def _put_floats(rec: Buffer, pos: int, tag: bytes, floats: npt.NDArray[Any]) -> int:
@@ -299,27 +318,49 @@ def encode_entry_dumps(
     if n == 0:
         return buffer, offsets
     signature = np.stack(lengths, axis=1).astype(np.uint8)
+    # Varints equal in every record are part of the template (written once per layout).
+    same = [bool(v.min() == v.max()) for v in varints]
 
-    def write(rec: Buffer, sel: slice | Ids, first: int) -> None:
+    def write(rec: Buffer, sel: slice | Ids, first: int, ts: bool = True) -> None:
+        # The first record written whole gives every constant byte of the layout;
+        # broadcast to all rows (one contiguous copy each), then only payload.
         layout = [int(x) for x in signature[first]]
-        _write_records(rec, sel, layout, values, codecs, states, varints, ids)
+        one = slice(first, first + 1)
+        _write_records(rec[:1], one, layout, values, codecs, states, varints, ids, None, ts)
+        if rec.shape[0] > 1:
+            rec[1:] = rec[0]
+            _write_records(rec, sel, layout, values, codecs, states, varints, ids, same, ts)
 
-    # A uniform range is written in place; a mixed one row by row into a padded
-    # matrix, then compacted into the buffer.
+    # A uniform range is written in place. In a mixed one, when only the timestamp's
+    # length varies (the usual case), every record's bytes before it are written as
+    # one matrix and scattered to the record offsets, then each timestamp length's
+    # tails; otherwise each layout is written as a matrix and scattered.
+    ts_bytes = len(_TS_TAG) + lengths[-1]
     for a, b in _spans(offsets, int(record_len.max())):
         region = buffer[offsets[a] : offsets[b]]
-        groups = _groups(signature[a:b])
+        sig = signature[a:b]
+        groups = _groups(sig)
         if len(groups) == 1:
             write(region.reshape(b - a, -1), slice(a, b), a)
             continue
-        lens = record_len[a:b]
-        padded = np.empty((b - a, int(lens.max())), np.uint8)
+        starts = offsets[a:b] - offsets[a]
+        if len(_groups(sig[:, :-1])) == 1:
+            head = int(record_len[a] - ts_bytes[a])
+            rec = np.empty((b - a, head), np.uint8)
+            write(rec, slice(a, b), a, ts=False)
+            _windows(region, head)[starts] = rec
+            for local in groups:
+                k = int(lengths[-1][a + int(local[0])])
+                tail = np.empty((local.size, len(_TS_TAG) + k), np.uint8)
+                pos = _put_const(tail, 0, _TS_TAG)
+                put_varints(tail, pos, varints[-1][local + a], k)
+                _windows(region, tail.shape[1])[starts[local] + head] = tail
+            continue
         for local in groups:
-            size = int(lens[local[0]])
+            size = int(record_len[a + int(local[0])])
             rec = np.empty((local.size, size), np.uint8)
             write(rec, local + a, a + int(local[0]))
-            padded[local, :size] = rec
-        region[:] = padded[_row_mask(lens, padded.shape[1])]
+            _windows(region, size)[starts[local]] = rec
     return buffer, offsets
 
 
@@ -332,34 +373,60 @@ def _write_records(
     states: list[State],
     varints: list[npt.NDArray[np.uint64]],
     ids: Ids | None,
+    same: list[bool] | None,
+    ts: bool = True,
 ) -> None:
-    """Fill ``rec`` ``[m, record_len]`` with the records ``sel``, all of one layout."""
+    """Fill ``rec`` ``[m, record_len]`` with the records ``sel``, all of one layout
+    (``ts`` False: all but ``last_update_ts_sec``, ``rec`` that much shorter).
+
+    ``same`` None: every byte. Otherwise ``rec`` already holds the layout's constant
+    bytes (tags, and the varints ``same`` marks equal in all records): only the rest.
+    """
+    every = same is None
+
+    def const(pos: int, tag: bytes) -> int:
+        return _put_const(rec, pos, tag) if every else pos + len(tag)
+
+    def floats(pos: int, tag: bytes, data: npt.NDArray[Any]) -> int:
+        if every:
+            return _put_floats(rec, pos, tag, data)
+        width = data.shape[1]
+        step = len(tag) + 4
+        _strided(rec, pos + len(tag), width, step, "<f4")[...] = data
+        return pos + width * step
+
+    def varint(pos: int, v: int) -> int:
+        if every or not same[v]:  # type: ignore[index]
+            return put_varints(rec, pos, _rows(varints[v], sel), layout[v])
+        return pos + layout[v]
+
     pos = 0
     if ids is not None:
-        pos = _put_const(rec, pos, _ID_TAG)
-        rec[:, pos : pos + 8] = ids[sel].view(np.uint8).reshape(-1, 8)
+        pos = const(pos, _ID_TAG)
+        rec[:, pos : pos + 8] = _rows(ids, sel).view(np.uint8).reshape(-1, 8)
         pos += 8
-    pos = _put_floats(rec, pos, _NUM_TAG, values[sel])
-    pos = _put_const(rec, pos, _OPT_TAG)
-    pos = put_varints(rec, pos, varints[0][sel], layout[0])
+    pos = floats(pos, _NUM_TAG, _rows(values, sel))
+    pos = const(pos, _OPT_TAG)
+    pos = varint(pos, 0)
     v = 1
     for codec, state in zip(codecs, states, strict=True):
         if codec.dump_name is None:
             continue
-        pos = _put_const(rec, pos, _DUMP_TAG)
-        pos = put_varints(rec, pos, varints[v][sel], layout[v])
-        pos = _put_const(rec, pos, codec.dump_tag)
-        pos = put_varints(rec, pos, varints[v + 1][sel], layout[v + 1])
+        pos = const(pos, _DUMP_TAG)
+        pos = varint(pos, v)
+        pos = const(pos, codec.dump_tag)
+        pos = varint(pos, v + 1)
         v += 2
         for sc in codec.slots:
             if sc.is_float:
-                pos = _put_floats(rec, pos, sc.tag, state[sc.slot.name][sel])
+                pos = floats(pos, sc.tag, _rows(state[sc.slot.name], sel))
             else:
-                pos = _put_const(rec, pos, sc.tag)
-                pos = put_varints(rec, pos, varints[v][sel], layout[v])
+                pos = const(pos, sc.tag)
+                pos = varint(pos, v)
                 v += 1
-    pos = _put_const(rec, pos, _TS_TAG)
-    pos = put_varints(rec, pos, varints[v][sel], layout[v])
+    if ts:
+        pos = const(pos, _TS_TAG)
+        pos = varint(pos, v)
     assert pos == rec.shape[1], "layout arithmetic out of step with the writer"
 
 
@@ -652,18 +719,6 @@ def _read_runs(
                 todo[c:d] = ~good
     _read_scattered(buffer, offsets, codecs, dim, sinks, todo, templates)
     return todo
-
-
-def _windows(buffer: Buffer, length: int) -> Buffer:
-    """``uint8[buffer.size - length + 1, length]``: row ``k`` is ``buffer[k:k + length]``.
-
-    Overlapping rows, no copy: fancy-indexing its first axis gathers (or scatters)
-    whole records at arbitrary offsets, one contiguous copy per record.
-    """
-    return np.lib.stride_tricks.as_strided(
-        buffer, shape=(buffer.size - length + 1, length), strides=(1, 1),
-        writeable=buffer.flags.writeable,
-    )
 
 
 def _read_scattered(
