@@ -317,7 +317,9 @@ def encode_entry_dumps(
     buffer = np.empty(int(offsets[-1]), np.uint8)
     if n == 0:
         return buffer, offsets
-    signature = np.stack(lengths, axis=1).astype(np.uint8)
+    signature = np.empty((n, len(lengths)), np.uint8)
+    for column, length in zip(signature.T, lengths, strict=True):
+        column[...] = length
     # Varints equal in every record are part of the template (written once per layout).
     same = [bool(v.min() == v.max()) for v in varints]
 
