@@ -67,7 +67,7 @@ from ps_server.checkpoint.monolith_multi import MultiTableCheckpoint, MultiTable
 from ps_server.checkpoint.tfrecord import (
     FileFacts,
     TFRecordWriter,
-    frame_record_runs,
+    frame_record_runs_array,
     read_framed_runs,
 )
 from ps_server.engine.expiry import expire_seconds_by_slot, expired_mask
@@ -104,9 +104,9 @@ __all__ = [
 ]
 
 #: Table rows encoded and written per step of a save.
-SAVE_CHUNK_ROWS = 1 << 15
+SAVE_CHUNK_ROWS = 1 << 14
 #: File bytes read and decoded per step of a restore.
-READ_CHUNK_BYTES = 8 << 20
+READ_CHUNK_BYTES = 4 << 20
 #: Threads checking files in parallel during a restore's first pass.
 RESTORE_THREADS = max(1, min(2, os.cpu_count() or 1))
 
@@ -252,7 +252,7 @@ class _WriteBehind:
     ``close`` (which fsyncs) finds little left to write.
     """
 
-    def __init__(self, depth: int = 2) -> None:
+    def __init__(self, depth: int = 1) -> None:
         self._pending: queue.Queue[_Chunk | None] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._syncs: list[threading.Thread] = []
@@ -267,7 +267,7 @@ class _WriteBehind:
                     if buffer is None or offsets is None:
                         self._start_sync(writer.tmp_path)
                     else:
-                        writer.write_frames(frame_record_runs(buffer, offsets), n)
+                        writer.write_frames(frame_record_runs_array(buffer, offsets), n)
                 except BaseException as e:  # handed to the saving thread
                     self._error = e
 
