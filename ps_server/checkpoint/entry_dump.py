@@ -347,10 +347,17 @@ def encode_entry_dumps(
             continue
         starts = offsets[a:b] - offsets[a]
         if len(_groups(sig[:, :-1])) == 1:
+            # The heads in place: the first one whole, copied to every record's
+            # start (one contiguous copy each), then each payload field scattered.
             head = int(record_len[a] - ts_bytes[a])
-            rec = np.empty((b - a, head), np.uint8)
-            write(rec, slice(a, b), a, ts=False)
-            _windows(region, head)[starts] = rec
+            layout = [int(x) for x in signature[a]]
+            one = np.empty((1, head), np.uint8)
+            _write_records(one, slice(a, a + 1), layout, values, codecs, states, varints,
+                           ids, None, False)
+            _windows(region, head)[starts] = one
+            end = _write_records(region, slice(a, b), layout, values, codecs, states,
+                                 varints, ids, same, False, starts)
+            assert end == head, "layout arithmetic out of step with the writer"
             for local in groups:
                 k = int(lengths[-1][a + int(local[0])])
                 tail = np.empty((local.size, len(_TS_TAG) + k), np.uint8)
@@ -377,14 +384,28 @@ def _write_records(
     ids: Ids | None,
     same: list[bool] | None,
     ts: bool = True,
-) -> None:
+    starts: Offsets | None = None,
+) -> int:
     """Fill ``rec`` ``[m, record_len]`` with the records ``sel``, all of one layout
     (``ts`` False: all but ``last_update_ts_sec``, ``rec`` that much shorter).
 
     ``same`` None: every byte. Otherwise ``rec`` already holds the layout's constant
     bytes (tags, and the varints ``same`` marks equal in all records): only the rest.
+    With ``starts`` (only with ``same``), ``rec`` is a flat buffer whose records
+    begin at ``starts``: each field is scattered there (strided element views whose
+    rows start at every byte), no matrix in between. Returns the bytes per record.
     """
     every = same is None
+    assert starts is None or not every, "scattered records need their constant bytes"
+
+    def scatter(pos: int, shape: tuple[int, ...], strides: tuple[int, ...], dtype: str,
+                data: npt.NDArray[Any]) -> None:
+        assert starts is not None
+        span = sum((k - 1) * st for k, st in zip(shape, strides, strict=True))
+        rows = rec.size - pos - span - np.dtype(dtype).itemsize + 1
+        view = np.ndarray((rows, *shape), dtype, buffer=rec, offset=pos,
+                          strides=(1, *strides))
+        view[starts] = data
 
     def const(pos: int, tag: bytes) -> int:
         return _put_const(rec, pos, tag) if every else pos + len(tag)
@@ -394,18 +415,31 @@ def _write_records(
             return _put_floats(rec, pos, tag, data)
         width = data.shape[1]
         step = len(tag) + 4
-        _strided(rec, pos + len(tag), width, step, "<f4")[...] = data
+        if starts is None:
+            _strided(rec, pos + len(tag), width, step, "<f4")[...] = data
+        else:
+            scatter(pos + len(tag), (width,), (step,), "<f4", data)
         return pos + width * step
 
     def varint(pos: int, v: int) -> int:
         if every or not same[v]:  # type: ignore[index]
-            return put_varints(rec, pos, _rows(varints[v], sel), layout[v])
+            if starts is None:
+                return put_varints(rec, pos, _rows(varints[v], sel), layout[v])
+            raw = _rows(varints[v], sel)
+            for k in range(layout[v]):
+                byte = (raw >> np.uint64(7 * k)) & np.uint64(0x7F)
+                if k < layout[v] - 1:
+                    byte |= np.uint64(0x80)
+                rec[starts + (pos + k)] = byte
         return pos + layout[v]
 
     pos = 0
     if ids is not None:
         pos = const(pos, _ID_TAG)
-        rec[:, pos : pos + 8] = _rows(ids, sel).view(np.uint8).reshape(-1, 8)
+        if starts is None:
+            rec[:, pos : pos + 8] = _rows(ids, sel).view(np.uint8).reshape(-1, 8)
+        else:
+            scatter(pos, (), (), "<i8", _rows(ids, sel))
         pos += 8
     pos = floats(pos, _NUM_TAG, _rows(values, sel))
     pos = const(pos, _OPT_TAG)
@@ -429,7 +463,8 @@ def _write_records(
     if ts:
         pos = const(pos, _TS_TAG)
         pos = varint(pos, v)
-    assert pos == rec.shape[1], "layout arithmetic out of step with the writer"
+    assert starts is not None or pos == rec.shape[1], "layout arithmetic out of step"
+    return pos
 
 
 def split_records(buffer: Buffer, offsets: Offsets) -> list[bytes]:
@@ -640,7 +675,14 @@ def _template(
         values.append((at, k))
         mask[at : at + k] = 0x80
     expected = buffer[start : start + length] & mask
-    # Cover the masked bytes with 8-byte windows (a short record is padded to one).
+    return _Template(
+        length, has_id, mask, expected, _words(mask, expected), tuple(floats), tuple(values)
+    )
+
+
+def _words(mask: Buffer, expected: Buffer) -> tuple[tuple[int, np.uint64, np.uint64], ...]:
+    """Cover the masked bytes with 8-byte windows (a short record is padded to one)."""
+    length = mask.size
     padded_mask = np.zeros(max(length, 8), np.uint8)
     padded_mask[:length] = mask
     padded_expected = np.zeros(max(length, 8), np.uint8)
@@ -656,8 +698,18 @@ def _template(
             (pos, padded_mask[window].view("<u8")[0], padded_expected[window].view("<u8")[0])
         )
         pos += 8
+    return tuple(words)
+
+
+def _head(tpl: _Template) -> _Template:
+    """The template of the records' bytes before ``last_update_ts_sec`` (its tag and
+    varint are the last bytes of a record): the part that a timestamp of another
+    length does not move."""
+    at, _ = tpl.values[-1]
+    head = at - len(_TS_TAG)
+    mask, expected = tpl.mask[:head], tpl.expected[:head]
     return _Template(
-        length, has_id, mask, expected, tuple(words), tuple(floats), tuple(values)
+        head, tpl.has_id, mask, expected, _words(mask, expected), tpl.floats, tpl.values[:-1]
     )
 
 
@@ -719,8 +771,70 @@ def _read_runs(
                 if rows.size:
                     _take(tpl, rec, rows, c + rows, sinks)
                 todo[c:d] = ~good
+    _read_heads(buffer, offsets, codecs, dim, sinks, todo)
     _read_scattered(buffer, offsets, codecs, dim, sinks, todo, templates)
     return todo
+
+
+def _read_heads(
+    buffer: Buffer,
+    offsets: Offsets,
+    codecs: list[_SegmentCodec],
+    dim: int,
+    sinks: _Sinks,
+    todo: npt.NDArray[np.bool_],
+) -> None:
+    """Decode the records still ``todo`` that differ from the first of them only in
+    the length of their timestamp (the usual mix: 0 beside real times).
+
+    Their bytes before the timestamp (the *head*, all of one length) are gathered in
+    record order as one ``[m, head]`` matrix and read through the head of the first
+    record's template; each tail (tag and varint) is checked and read per length.
+    Records that do not fit stay ``todo``.
+    """
+    rest = np.flatnonzero(todo)
+    if rest.size < _MIN_GROUP:
+        return
+    first = int(rest[0])
+    tpl = _template(buffer, int(offsets[first]), int(offsets[first + 1] - offsets[first]),
+                    codecs, dim)
+    if tpl is None:
+        return
+    head = _head(tpl)
+    size = head.length
+    tails = offsets[rest + 1] - offsets[rest] - size
+    cand = rest[(tails >= len(_TS_TAG) + 1) & (tails <= len(_TS_TAG) + 10)]
+    windows = _windows(buffer, size)
+    most = max(1, _CHUNK_BYTES // max(size, 1))
+    for c in range(0, cand.size, most):
+        idx = cand[c : c + most]
+        starts = offsets[idx]
+        rec = windows[starts]
+        fit = _fitting(head, rec)
+        good = np.ones(idx.size, np.bool_) if fit is None else fit
+        lens = offsets[idx + 1] - starts - size
+        ts = np.zeros(idx.size, np.uint64)
+        for k in np.unique(lens).tolist():
+            sel = np.flatnonzero(lens == k)
+            tail = _windows(buffer, k)[starts[sel] + size]
+            ok = tail[:, 0] == _TS_TAG[0]
+            if k > 2:
+                ok &= (tail[:, 1 : k - 1] >= 0x80).all(axis=1)
+            ok &= tail[:, k - 1] < 0x80
+            good[sel] &= ok
+            ts[sel] = varint_values(tail[:, 1:])
+        rows: slice | Ids
+        if good.all():
+            rows = slice(None)
+            whole = int(idx[-1]) - int(idx[0]) + 1 == idx.size
+            dest: slice | Ids = slice(int(idx[0]), int(idx[-1]) + 1) if whole else idx
+        else:
+            rows = np.flatnonzero(good)
+            dest = idx[rows]
+        _take(head, rec, rows, dest, sinks)
+        if sinks.ints is not None:
+            sinks.ints[-1][dest] = ts[rows].view(np.int64)
+        todo[dest] = False
 
 
 def _read_scattered(
@@ -781,7 +895,7 @@ def _take(tpl: _Template, rec: Buffer, rows: slice | Ids, dest: slice | Ids, sin
         return
     for (at, tag, width), target in zip(tpl.floats, sinks.floats, strict=True):
         target[dest] = _rows(_strided(rec, at + len(tag), width, len(tag) + 4, "<f4"), rows)
-    for (at, k), target in zip(tpl.values, sinks.ints, strict=True):
+    for (at, k), target in zip(tpl.values, sinks.ints[: len(tpl.values)], strict=True):
         target[dest] = varint_values(_rows(rec[:, at : at + k], rows)).view(np.int64)
 
 
