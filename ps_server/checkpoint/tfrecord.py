@@ -249,10 +249,15 @@ class TFRecordWriter:
     def abort(self) -> None:
         """Discard everything written; remove the temporary file. Idempotent."""
         f, self._file = self._file, None
-        if f is not None:
-            f.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.tmp_path)
+        try:
+            if f is not None:
+                # Closing flushes what is buffered, which fails again on a full disk;
+                # that data is being discarded anyway.
+                with contextlib.suppress(OSError):
+                    f.close()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.tmp_path)
 
     def __enter__(self) -> TFRecordWriter:
         return self
