@@ -150,13 +150,16 @@ def build_table(n: int, table: EmbeddingHashTable | None = None) -> EmbeddingHas
 class Trial:
     """The fastest of several runs of one operation.
 
-    ``extra`` is the largest RSS rise of any run; ``elsewhere`` the largest share of a
+    ``extra`` is the largest RSS rise of any run; ``cpu`` the least CPU time this
+    process spent in a run (all threads; on a busy machine a steadier figure than the
+    wall time); ``elsewhere`` the largest share of a
     run's wall time that other processes kept a CPU busy (a noisy machine).
     """
 
     secs: float = float("inf")
     extra: int = 0
     elsewhere: float = 0.0
+    cpu: float = float("inf")
 
     def run(self, fn: Callable[[], object]) -> None:
         """Time one run of ``fn``."""
@@ -169,6 +172,7 @@ class Trial:
         self.secs = min(self.secs, secs)
         self.extra = max(self.extra, mem[1] - mem[0])
         self.elsewhere = max(self.elsewhere, ((busy1 - busy0) - (own1 - own0)) / secs)
+        self.cpu = min(self.cpu, own1 - own0)
 
 
 def cpu_seconds() -> tuple[float, float]:
@@ -258,12 +262,13 @@ def main() -> None:
     print(f"raw read (cold)        {mb / raw_r.secs:8,.0f} MB/s   "
           f"(cached: {mb / raw_h.secs:,.0f} MB/s)")
     print()
-    print(f"{'':22} {'entries/s':>12} {'MB/s':>8} {'vs raw':>7} {'peak extra mem':>22}")
+    print(f"{'':22} {'entries/s':>12} {'MB/s':>8} {'vs raw':>7} {'peak extra mem':>22} "
+          f"{'CPU s':>6}")
 
     def row(label: str, t: Trial, raw: Trial, grown: int, ref: int) -> None:
         extra = max(0, t.extra - grown)
         print(f"{label:22} {n / t.secs:12,.0f} {mb / t.secs:8,.0f} {raw.secs / t.secs:6.2f}x "
-              f"{extra / 2**20:9,.0f} MiB = {extra / ref:4.2f}x table")
+              f"{extra / 2**20:9,.0f} MiB = {extra / ref:4.2f}x table {t.cpu:6.2f}")
 
     row("save", save, raw_w, 0, table_bytes)
     row("restore in place", inplace, raw_r, 0, table_bytes)

@@ -316,8 +316,17 @@ def as_u64(values: npt.NDArray[Any]) -> npt.NDArray[np.uint64]:
     return np.ascontiguousarray(values, dtype=np.int64).view(np.uint64)
 
 
+def _bytes_of(value: int) -> int:
+    """Bytes of the varint of one non-negative ``value`` below 2**64."""
+    return max(1, (value.bit_length() + 6) // 7)
+
+
 def varint_lengths(values: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
     """Bytes of the varint of each ``uint64`` value (1..10)."""
+    if values.size:
+        low, high = _bytes_of(int(values.min())), _bytes_of(int(values.max()))
+        if low == high:  # the usual case (one length for all): no per-value pass
+            return np.full(values.shape, low, np.int64)
     length = np.ones(values.shape, np.int64)
     for k in range(1, 10):
         length += values >= np.uint64(1 << (7 * k))

@@ -78,6 +78,8 @@ Offsets = npt.NDArray[np.int64]
 _CHUNK_BYTES = 1 << 24
 # Runs of at least this many equal-length records are read through a template.
 _MIN_RUN = 128
+# Records left over by the runs are read grouped by length when a length has this many.
+_MIN_GROUP = 128
 
 
 _ID_TAG = key(1, WIRE_I64)
@@ -178,8 +180,15 @@ def _groups(signature: npt.NDArray[np.uint8]) -> list[npt.NDArray[np.int64]]:
     code = np.zeros(m, np.uint64)
     for column in signature.T:  # exact up to 8 columns; wider ones are verified below
         code = code * np.uint64(256) + column
-    _, inverse = np.unique(code, return_inverse=True)
-    groups = [np.flatnonzero(inverse == g) for g in range(int(inverse.max()) + 1)]
+    groups: list[npt.NDArray[np.int64]] = []
+    left = np.arange(m, dtype=np.int64)
+    while left.size and len(groups) < 8:  # a few layouts: peel them off one by one
+        hit = code[left] == code[left[0]]
+        groups.append(left[hit])
+        left = left[~hit]
+    if left.size:
+        _, inverse = np.unique(code[left], return_inverse=True)
+        groups += [left[inverse.ravel() == g] for g in range(int(inverse.max()) + 1)]
     if k > 8 and not all(bool((signature[g] == signature[g[0]]).all()) for g in groups):
         _, inverse = np.unique(signature, axis=0, return_inverse=True)
         inverse = inverse.ravel()
@@ -200,6 +209,18 @@ def _strided(rec: Buffer, pos: int, width: int, step: int, dtype: str) -> npt.ND
     """
     m, length = rec.shape
     return np.ndarray((m, width), dtype, buffer=rec, offset=pos, strides=(length, step))
+
+
+def _windows(buffer: Buffer, length: int) -> Buffer:
+    """``uint8[buffer.size - length + 1, length]``: row ``k`` is ``buffer[k:k + length]``.
+
+    Overlapping rows, no copy: fancy-indexing its first axis gathers (or scatters)
+    whole records at arbitrary offsets, one contiguous copy per record.
+    """
+    return np.lib.stride_tricks.as_strided(
+        buffer, shape=(buffer.size - length + 1, length), strides=(1, 1),
+        writeable=buffer.flags.writeable,
+    )
 
 
 def _put_floats(rec: Buffer, pos: int, tag: bytes, floats: npt.NDArray[Any]) -> int:
@@ -296,28 +317,59 @@ def encode_entry_dumps(
     buffer = np.empty(int(offsets[-1]), np.uint8)
     if n == 0:
         return buffer, offsets
-    signature = np.stack(lengths, axis=1).astype(np.uint8)
+    signature = np.empty((n, len(lengths)), np.uint8)
+    for column, length in zip(signature.T, lengths, strict=True):
+        column[...] = length
+    # Varints equal in every record are part of the template (written once per layout).
+    same = [bool(v.min() == v.max()) for v in varints]
 
-    def write(rec: Buffer, sel: slice | Ids, first: int) -> None:
+    def write(rec: Buffer, sel: slice | Ids, first: int, ts: bool = True) -> None:
+        # The first record written whole gives every constant byte of the layout;
+        # broadcast to all rows (one contiguous copy each), then only payload.
         layout = [int(x) for x in signature[first]]
-        _write_records(rec, sel, layout, values, codecs, states, varints, ids)
+        one = slice(first, first + 1)
+        _write_records(rec[:1], one, layout, values, codecs, states, varints, ids, None, ts)
+        if rec.shape[0] > 1:
+            rec[1:] = rec[0]
+            _write_records(rec, sel, layout, values, codecs, states, varints, ids, same, ts)
 
-    # A uniform range is written in place; a mixed one row by row into a padded
-    # matrix, then compacted into the buffer.
+    # A uniform range is written in place. In a mixed one, when only the timestamp's
+    # length varies (the usual case), every record's bytes before it are written as
+    # one matrix and scattered to the record offsets, then each timestamp length's
+    # tails; otherwise each layout is written as a matrix and scattered.
+    ts_bytes = len(_TS_TAG) + lengths[-1]
     for a, b in _spans(offsets, int(record_len.max())):
         region = buffer[offsets[a] : offsets[b]]
-        groups = _groups(signature[a:b])
+        sig = signature[a:b]
+        groups = _groups(sig)
         if len(groups) == 1:
             write(region.reshape(b - a, -1), slice(a, b), a)
             continue
-        lens = record_len[a:b]
-        padded = np.empty((b - a, int(lens.max())), np.uint8)
+        starts = offsets[a:b] - offsets[a]
+        if len(_groups(sig[:, :-1])) == 1:
+            # The heads in place: the first one whole, copied to every record's
+            # start (one contiguous copy each), then each payload field scattered.
+            head = int(record_len[a] - ts_bytes[a])
+            layout = [int(x) for x in signature[a]]
+            one = np.empty((1, head), np.uint8)
+            _write_records(one, slice(a, a + 1), layout, values, codecs, states, varints,
+                           ids, None, False)
+            _windows(region, head)[starts] = one
+            end = _write_records(region, slice(a, b), layout, values, codecs, states,
+                                 varints, ids, same, False, starts)
+            assert end == head, "layout arithmetic out of step with the writer"
+            for local in groups:
+                k = int(lengths[-1][a + int(local[0])])
+                tail = np.empty((local.size, len(_TS_TAG) + k), np.uint8)
+                pos = _put_const(tail, 0, _TS_TAG)
+                put_varints(tail, pos, varints[-1][local + a], k)
+                _windows(region, tail.shape[1])[starts[local] + head] = tail
+            continue
         for local in groups:
-            size = int(lens[local[0]])
+            size = int(record_len[a + int(local[0])])
             rec = np.empty((local.size, size), np.uint8)
             write(rec, local + a, a + int(local[0]))
-            padded[local, :size] = rec
-        region[:] = padded[_row_mask(lens, padded.shape[1])]
+            _windows(region, size)[starts[local]] = rec
     return buffer, offsets
 
 
@@ -330,35 +382,89 @@ def _write_records(
     states: list[State],
     varints: list[npt.NDArray[np.uint64]],
     ids: Ids | None,
-) -> None:
-    """Fill ``rec`` ``[m, record_len]`` with the records ``sel``, all of one layout."""
+    same: list[bool] | None,
+    ts: bool = True,
+    starts: Offsets | None = None,
+) -> int:
+    """Fill ``rec`` ``[m, record_len]`` with the records ``sel``, all of one layout
+    (``ts`` False: all but ``last_update_ts_sec``, ``rec`` that much shorter).
+
+    ``same`` None: every byte. Otherwise ``rec`` already holds the layout's constant
+    bytes (tags, and the varints ``same`` marks equal in all records): only the rest.
+    With ``starts`` (only with ``same``), ``rec`` is a flat buffer whose records
+    begin at ``starts``: each field is scattered there (strided element views whose
+    rows start at every byte), no matrix in between. Returns the bytes per record.
+    """
+    every = same is None
+    assert starts is None or not every, "scattered records need their constant bytes"
+
+    def scatter(pos: int, shape: tuple[int, ...], strides: tuple[int, ...], dtype: str,
+                data: npt.NDArray[Any]) -> None:
+        assert starts is not None
+        span = sum((k - 1) * st for k, st in zip(shape, strides, strict=True))
+        rows = rec.size - pos - span - np.dtype(dtype).itemsize + 1
+        view = np.ndarray((rows, *shape), dtype, buffer=rec, offset=pos,
+                          strides=(1, *strides))
+        view[starts] = data
+
+    def const(pos: int, tag: bytes) -> int:
+        return _put_const(rec, pos, tag) if every else pos + len(tag)
+
+    def floats(pos: int, tag: bytes, data: npt.NDArray[Any]) -> int:
+        if every:
+            return _put_floats(rec, pos, tag, data)
+        width = data.shape[1]
+        step = len(tag) + 4
+        if starts is None:
+            _strided(rec, pos + len(tag), width, step, "<f4")[...] = data
+        else:
+            scatter(pos + len(tag), (width,), (step,), "<f4", data)
+        return pos + width * step
+
+    def varint(pos: int, v: int) -> int:
+        if every or not same[v]:  # type: ignore[index]
+            if starts is None:
+                return put_varints(rec, pos, _rows(varints[v], sel), layout[v])
+            raw = _rows(varints[v], sel)
+            for k in range(layout[v]):
+                byte = (raw >> np.uint64(7 * k)) & np.uint64(0x7F)
+                if k < layout[v] - 1:
+                    byte |= np.uint64(0x80)
+                rec[starts + (pos + k)] = byte
+        return pos + layout[v]
+
     pos = 0
     if ids is not None:
-        pos = _put_const(rec, pos, _ID_TAG)
-        rec[:, pos : pos + 8] = ids[sel].view(np.uint8).reshape(-1, 8)
+        pos = const(pos, _ID_TAG)
+        if starts is None:
+            rec[:, pos : pos + 8] = _rows(ids, sel).view(np.uint8).reshape(-1, 8)
+        else:
+            scatter(pos, (), (), "<i8", _rows(ids, sel))
         pos += 8
-    pos = _put_floats(rec, pos, _NUM_TAG, values[sel])
-    pos = _put_const(rec, pos, _OPT_TAG)
-    pos = put_varints(rec, pos, varints[0][sel], layout[0])
+    pos = floats(pos, _NUM_TAG, _rows(values, sel))
+    pos = const(pos, _OPT_TAG)
+    pos = varint(pos, 0)
     v = 1
     for codec, state in zip(codecs, states, strict=True):
         if codec.dump_name is None:
             continue
-        pos = _put_const(rec, pos, _DUMP_TAG)
-        pos = put_varints(rec, pos, varints[v][sel], layout[v])
-        pos = _put_const(rec, pos, codec.dump_tag)
-        pos = put_varints(rec, pos, varints[v + 1][sel], layout[v + 1])
+        pos = const(pos, _DUMP_TAG)
+        pos = varint(pos, v)
+        pos = const(pos, codec.dump_tag)
+        pos = varint(pos, v + 1)
         v += 2
         for sc in codec.slots:
             if sc.is_float:
-                pos = _put_floats(rec, pos, sc.tag, state[sc.slot.name][sel])
+                pos = floats(pos, sc.tag, _rows(state[sc.slot.name], sel))
             else:
-                pos = _put_const(rec, pos, sc.tag)
-                pos = put_varints(rec, pos, varints[v][sel], layout[v])
+                pos = const(pos, sc.tag)
+                pos = varint(pos, v)
                 v += 1
-    pos = _put_const(rec, pos, _TS_TAG)
-    pos = put_varints(rec, pos, varints[v][sel], layout[v])
-    assert pos == rec.shape[1], "layout arithmetic out of step with the writer"
+    if ts:
+        pos = const(pos, _TS_TAG)
+        pos = varint(pos, v)
+    assert starts is not None or pos == rec.shape[1], "layout arithmetic out of step"
+    return pos
 
 
 def split_records(buffer: Buffer, offsets: Offsets) -> list[bytes]:
@@ -569,7 +675,14 @@ def _template(
         values.append((at, k))
         mask[at : at + k] = 0x80
     expected = buffer[start : start + length] & mask
-    # Cover the masked bytes with 8-byte windows (a short record is padded to one).
+    return _Template(
+        length, has_id, mask, expected, _words(mask, expected), tuple(floats), tuple(values)
+    )
+
+
+def _words(mask: Buffer, expected: Buffer) -> tuple[tuple[int, np.uint64, np.uint64], ...]:
+    """Cover the masked bytes with 8-byte windows (a short record is padded to one)."""
+    length = mask.size
     padded_mask = np.zeros(max(length, 8), np.uint8)
     padded_mask[:length] = mask
     padded_expected = np.zeros(max(length, 8), np.uint8)
@@ -585,8 +698,18 @@ def _template(
             (pos, padded_mask[window].view("<u8")[0], padded_expected[window].view("<u8")[0])
         )
         pos += 8
+    return tuple(words)
+
+
+def _head(tpl: _Template) -> _Template:
+    """The template of the records' bytes before ``last_update_ts_sec`` (its tag and
+    varint are the last bytes of a record): the part that a timestamp of another
+    length does not move."""
+    at, _ = tpl.values[-1]
+    head = at - len(_TS_TAG)
+    mask, expected = tpl.mask[:head], tpl.expected[:head]
     return _Template(
-        length, has_id, mask, expected, tuple(words), tuple(floats), tuple(values)
+        head, tpl.has_id, mask, expected, _words(mask, expected), tpl.floats, tpl.values[:-1]
     )
 
 
@@ -648,7 +771,119 @@ def _read_runs(
                 if rows.size:
                     _take(tpl, rec, rows, c + rows, sinks)
                 todo[c:d] = ~good
+    _read_heads(buffer, offsets, codecs, dim, sinks, todo)
+    _read_scattered(buffer, offsets, codecs, dim, sinks, todo, templates)
     return todo
+
+
+def _read_heads(
+    buffer: Buffer,
+    offsets: Offsets,
+    codecs: list[_SegmentCodec],
+    dim: int,
+    sinks: _Sinks,
+    todo: npt.NDArray[np.bool_],
+) -> None:
+    """Decode the records still ``todo`` that differ from the first of them only in
+    the length of their timestamp (the usual mix: 0 beside real times).
+
+    Their bytes before the timestamp (the *head*, all of one length) are gathered in
+    record order as one ``[m, head]`` matrix and read through the head of the first
+    record's template; each tail (tag and varint) is checked and read per length.
+    Records that do not fit stay ``todo``.
+    """
+    rest = np.flatnonzero(todo)
+    if rest.size < _MIN_GROUP:
+        return
+    first = int(rest[0])
+    tpl = _template(buffer, int(offsets[first]), int(offsets[first + 1] - offsets[first]),
+                    codecs, dim)
+    if tpl is None:
+        return
+    head = _head(tpl)
+    size = head.length
+    tails = offsets[rest + 1] - offsets[rest] - size
+    cand = rest[(tails >= len(_TS_TAG) + 1) & (tails <= len(_TS_TAG) + 10)]
+    windows = _windows(buffer, size)
+    most = max(1, _CHUNK_BYTES // max(size, 1))
+    for c in range(0, cand.size, most):
+        idx = cand[c : c + most]
+        starts = offsets[idx]
+        rec = windows[starts]
+        fit = _fitting(head, rec)
+        good = np.ones(idx.size, np.bool_) if fit is None else fit
+        lens = offsets[idx + 1] - starts - size
+        ts = np.zeros(idx.size, np.uint64)
+        for k in np.unique(lens).tolist():
+            sel = np.flatnonzero(lens == k)
+            tail = _windows(buffer, k)[starts[sel] + size]
+            ok = tail[:, 0] == _TS_TAG[0]
+            if k > 2:
+                ok &= (tail[:, 1 : k - 1] >= 0x80).all(axis=1)
+            ok &= tail[:, k - 1] < 0x80
+            good[sel] &= ok
+            ts[sel] = varint_values(tail[:, 1:])
+        rows: slice | Ids
+        if good.all():
+            rows = slice(None)
+            whole = int(idx[-1]) - int(idx[0]) + 1 == idx.size
+            dest: slice | Ids = slice(int(idx[0]), int(idx[-1]) + 1) if whole else idx
+        else:
+            rows = np.flatnonzero(good)
+            dest = idx[rows]
+        _take(head, rec, rows, dest, sinks)
+        if sinks.ints is not None:
+            sinks.ints[-1][dest] = ts[rows].view(np.int64)
+        todo[dest] = False
+
+
+def _read_scattered(
+    buffer: Buffer,
+    offsets: Offsets,
+    codecs: list[_SegmentCodec],
+    dim: int,
+    sinks: _Sinks,
+    todo: npt.NDArray[np.bool_],
+    templates: dict[int, _Template | None],
+) -> None:
+    """Decode the records still ``todo`` grouped by length (mixed layouts interleave).
+
+    Each length's records are gathered into a ``[m, length]`` matrix and read through
+    the template of their first record; records that do not fit stay ``todo``.
+    """
+    rest = np.flatnonzero(todo)
+    if rest.size < _MIN_GROUP:
+        return
+    starts = offsets[rest]
+    lengths = offsets[rest + 1] - starts
+    distinct, inverse = np.unique(lengths, return_inverse=True)
+    if distinct.size > 16:  # not a few layouts: leave them to the walk
+        return
+    for g, length in enumerate(distinct.tolist()):
+        idx = rest[inverse == g]
+        if length == 0 or idx.size < _MIN_GROUP:
+            continue
+        tpl = templates.get(length)
+        first = buffer[offsets[idx[0]] : offsets[idx[0]] + length].reshape(1, length)
+        if tpl is None or _fitting(tpl, first) is not None:
+            tpl = _template(buffer, int(offsets[idx[0]]), length, codecs, dim)
+            templates[length] = tpl
+        if tpl is None:
+            continue
+        windows = _windows(buffer, length)
+        most = max(1, _CHUNK_BYTES // length)
+        for c in range(0, idx.size, most):
+            dest = idx[c : c + most]
+            rec = windows[offsets[dest]]
+            good = _fitting(tpl, rec)
+            if good is None:
+                _take(tpl, rec, slice(None), dest, sinks)
+                todo[dest] = False
+            else:
+                rows = np.flatnonzero(good)
+                if rows.size:
+                    _take(tpl, rec, rows, dest[rows], sinks)
+                todo[dest] = ~good
 
 
 def _take(tpl: _Template, rec: Buffer, rows: slice | Ids, dest: slice | Ids, sinks: _Sinks
@@ -660,7 +895,7 @@ def _take(tpl: _Template, rec: Buffer, rows: slice | Ids, dest: slice | Ids, sin
         return
     for (at, tag, width), target in zip(tpl.floats, sinks.floats, strict=True):
         target[dest] = _rows(_strided(rec, at + len(tag), width, len(tag) + 4, "<f4"), rows)
-    for (at, k), target in zip(tpl.values, sinks.ints, strict=True):
+    for (at, k), target in zip(tpl.values, sinks.ints[: len(tpl.values)], strict=True):
         target[dest] = varint_values(_rows(rec[:, at : at + k], rows)).view(np.int64)
 
 

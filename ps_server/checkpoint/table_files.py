@@ -67,13 +67,13 @@ from ps_server.checkpoint.monolith_multi import MultiTableCheckpoint, MultiTable
 from ps_server.checkpoint.tfrecord import (
     FileFacts,
     TFRecordWriter,
-    frame_record_runs,
+    frame_record_runs_array,
     read_framed_runs,
 )
 from ps_server.engine.expiry import expire_seconds_by_slot, expired_mask
 from ps_server.engine.hash_table import EmbeddingHashTable, EntryColumns
 from ps_server.engine.optimizers import optimizer_from_config
-from ps_server.engine.optimizers.base import Optimizer, State
+from ps_server.engine.optimizers.base import Optimizer, State, has_duplicates
 from ps_server.engine.types import Ids
 from ps_server.errors import (
     CheckpointCorruptError,
@@ -104,9 +104,9 @@ __all__ = [
 ]
 
 #: Table rows encoded and written per step of a save.
-SAVE_CHUNK_ROWS = 1 << 15
+SAVE_CHUNK_ROWS = 1 << 14
 #: File bytes read and decoded per step of a restore.
-READ_CHUNK_BYTES = 8 << 20
+READ_CHUNK_BYTES = 4 << 20
 #: Threads checking files in parallel during a restore's first pass.
 RESTORE_THREADS = max(1, min(2, os.cpu_count() or 1))
 
@@ -202,6 +202,7 @@ def save_table(
     count = max(1, nshards) if nshards >= 0 else default_nshards(size)
     clock = table.max_update_ts
     expire_seconds = expire_seconds_by_slot(table.config.slot_expire_time_config)
+    shortest = int(expire_seconds.min())
     optimizers = _training_optimizers(table)
     bounds = [size * k // count for k in range(count + 1)]
     paths = [part_name(basename, shard_index, k, count) for k in range(count)]
@@ -214,9 +215,10 @@ def save_table(
             writers.append(writer)
             for start in range(bounds[k], bounds[k + 1], SAVE_CHUNK_ROWS):
                 cols = table.export_columns(start, min(start + SAVE_CHUNK_ROWS, bounds[k + 1]))
-                expired = expired_mask(cols.ids, cols.timestamps, clock, expire_seconds)
-                if expired.any():
-                    cols = _select(cols, ~expired)
+                if _may_expire(cols.timestamps, clock, shortest):
+                    expired = expired_mask(cols.ids, cols.timestamps, clock, expire_seconds)
+                    if expired.any():
+                        cols = _select(cols, ~expired)
                 n = cols.ids.shape[0]
                 if n == 0:
                     continue
@@ -243,6 +245,22 @@ def save_table(
     return SaveResult(paths, entries, facts)
 
 
+def _may_expire(timestamps: npt.NDArray[np.int64], clock: int, shortest: int) -> bool:
+    """Whether any of these entries could be expired at ``clock`` (else the per-id
+    expiry test is skipped): the oldest one's age reaches the shortest expire time.
+
+    Ages are taken as :func:`expired_mask` takes them (int64 ``clock - ts``); when that
+    could wrap around for a timestamp of the chunk, the answer is yes.
+    """
+    if timestamps.size == 0:
+        return False
+    oldest, newest = int(timestamps.min()), int(timestamps.max())
+    lo, hi = -(1 << 63), (1 << 63) - 1
+    if not (lo <= clock - oldest <= hi and lo <= clock - newest <= hi):
+        return True
+    return clock - oldest >= shortest
+
+
 class _WriteBehind:
     """Frames (CRCs) and writes encoded chunks on a helper thread, overlapping encoding.
 
@@ -252,7 +270,7 @@ class _WriteBehind:
     ``close`` (which fsyncs) finds little left to write.
     """
 
-    def __init__(self, depth: int = 2) -> None:
+    def __init__(self, depth: int = 1) -> None:
         self._pending: queue.Queue[_Chunk | None] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._syncs: list[threading.Thread] = []
@@ -267,7 +285,7 @@ class _WriteBehind:
                     if buffer is None or offsets is None:
                         self._start_sync(writer.tmp_path)
                     else:
-                        writer.write_frames(frame_record_runs(buffer, offsets), n)
+                        writer.write_frames(frame_record_runs_array(buffer, offsets), n)
                 except BaseException as e:  # handed to the saving thread
                     self._error = e
 
@@ -769,8 +787,7 @@ def _distinct(table: EmbeddingHashTable, entries: DecodedEntries, rows: Ids
               ) -> tuple[EntryColumns, npt.NDArray[np.int64]]:
     """Columns of the records ``rows``, keeping the last record of each id."""
     ids = entries.ids[rows]
-    ordered = np.sort(ids)
-    if bool((ordered[1:] == ordered[:-1]).any()):
+    if has_duplicates(ids):
         # Keep the last record of each id (files of one table never repeat an id).
         _, last_in_reversed = np.unique(ids[::-1], return_index=True)
         rows = np.sort(rows[rows.size - 1 - last_in_reversed])

@@ -212,11 +212,13 @@ class TFRecordWriter:
         for record in records:
             self.write(record)
 
-    def write_frames(self, framed: bytes, count: int) -> None:
-        """Append ``count`` records already framed by :func:`frame_records`."""
-        self._out().write(framed)
+    def write_frames(self, framed: bytes | Bytes, count: int) -> None:
+        """Append ``count`` records already framed by :func:`frame_records` (bytes, or a
+        contiguous ``uint8`` array such as :func:`frame_record_runs_array` returns)."""
+        data = framed.data if isinstance(framed, np.ndarray) else framed
+        self._out().write(data)
         self.records_written += count
-        self.bytes_written += len(framed)
+        self.bytes_written += framed.nbytes if isinstance(framed, np.ndarray) else len(framed)
         self.crc32c = google_crc32c.extend(self.crc32c, framed)
 
     def facts(self) -> FileFacts:
@@ -247,10 +249,15 @@ class TFRecordWriter:
     def abort(self) -> None:
         """Discard everything written; remove the temporary file. Idempotent."""
         f, self._file = self._file, None
-        if f is not None:
-            f.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.tmp_path)
+        try:
+            if f is not None:
+                # Closing flushes what is buffered, which fails again on a full disk;
+                # that data is being discarded anyway.
+                with contextlib.suppress(OSError):
+                    f.close()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.tmp_path)
 
     def __enter__(self) -> TFRecordWriter:
         return self
@@ -392,7 +399,7 @@ def read_records(path: str | os.PathLike[str]) -> Iterator[bytes]:
 # A mismatch is then located record by record so the error names the damaged record.
 # =====================================================================================
 
-__all__ += ["frame_record_runs", "read_framed_runs"]
+__all__ += ["frame_record_runs", "frame_record_runs_array", "read_framed_runs"]
 
 _ALL_ONES = 0xFFFFFFFF
 _UNIT = np.left_shift(np.uint32(1), np.arange(32, dtype=np.uint32))
@@ -512,14 +519,20 @@ def frame_record_runs(buffer: npt.ArrayLike, offsets: npt.ArrayLike) -> bytes:
 
     :raises ValueError: malformed ``buffer``/``offsets``.
     """
+    return frame_record_runs_array(buffer, offsets).tobytes()
+
+
+def frame_record_runs_array(buffer: npt.ArrayLike, offsets: npt.ArrayLike) -> Bytes:
+    """:func:`frame_record_runs` as a ``uint8`` array (no copy into a ``bytes``), for
+    :meth:`TFRecordWriter.write_frames`."""
     buf, offs = _check_buffer(buffer, offsets)
     n = offs.size - 1
     if n == 0:
-        return b""
+        return np.zeros(0, dtype=np.uint8)
     lengths = np.diff(offs)
     cuts = np.flatnonzero(lengths[1:] != lengths[:-1]) + 1
     if cuts.size > max(16, n // 64):
-        return frame_records(buf, offs)
+        return np.frombuffer(frame_records(buf, offs), dtype=np.uint8)
     value = google_crc32c.value
     bounds = offs.tolist()
     out = np.empty(int(offs[-1] - offs[0]) + _OVERHEAD * n, dtype=np.uint8)
@@ -542,7 +555,7 @@ def frame_record_runs(buffer: npt.ArrayLike, offsets: npt.ArrayLike) -> bytes:
             _mask_array(data_crc).astype("<u4").view(np.uint8).reshape(count, 4)
         )
         pos += count * period
-    return out.tobytes()
+    return out
 
 
 _Run = tuple[int, int, int]  # (byte position of the first header, data length, count)

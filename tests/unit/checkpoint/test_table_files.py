@@ -27,6 +27,7 @@ from ps_server.checkpoint.table_files import (
 )
 from ps_server.checkpoint.tfrecord import (
     frame_record_runs,
+    frame_record_runs_array,
     frame_records,
     read_framed,
     read_framed_runs,
@@ -650,6 +651,8 @@ def test_run_framing_matches_record_by_record_framing(tmp_path: Path, lengths: l
     data, offsets = framed_case(lengths)
     framed = frame_record_runs(data, offsets)
     assert framed == frame_records(data, offsets)
+    as_array = frame_record_runs_array(data, offsets)
+    assert as_array.dtype == np.uint8 and as_array.tobytes() == framed
     path = tmp_path / "f"
     path.write_bytes(framed)
     want = [data[a:b].tobytes() for a, b in itertools.pairwise(offsets)]
