@@ -250,7 +250,10 @@ class IdIndex:
                 self._add_level(_slots_for(reached, level, old))
             self._reached[level] = reached
             slots = self._levels[level]
-            pos = self._slot_of(self._ids[rows], level)
+            # Level 0 is always given a run of consecutive rows (appended ones, or every
+            # row on a rebuild), whose ids are a slice of the column: no gather.
+            keys = self._ids[rows[0] : rows[0] + rows.size] if level == 0 else self._ids[rows]
+            pos = self._slot_of(keys, level)
             free = np.flatnonzero(slots[pos] < 0)
             # Several rows may aim at one free slot: one write lands, the others go on.
             at, cand = pos[free], rows[free]
