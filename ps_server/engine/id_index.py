@@ -12,9 +12,18 @@ the first level whose slot for it was free when it was inserted. So:
   compare over a shrinking set;
 * an insert writes every pending id into its slot of the current level at once; one
   id per slot wins, the others move down a level;
-* each level keeps at least twice as many slots as the ids that ever reached it, so
-  about 21% of the ids reaching a level go further and the number of levels grows
-  with ``log(n) / log(4.7)`` (7 for 65,536 ids, 12 for 100 million).
+* level 0 keeps at least 1.875 slots per id that ever reached it and the deeper
+  levels 1.5, so about 22% of the ids go past level 0 and 27% of those reaching a
+  deeper level go further: 9 levels for 65,536 ids, 11 for 4 million (the deeper
+  levels are read by a fifth of a lookup's ids, so they trade load for memory);
+* a level has any number of slots (no power of two): one built for more ids than
+  doubling it would hold (the first build, a bulk insert such as a restore,
+  ``reserve`` or a large first insert, the rebuild after eviction) gets exactly the
+  slots those ids need, about 9.4 bytes per id in all (rounding level 0 up to a
+  power of two took 8 to 16 bytes per id at level 0 alone, 11 in all for 1M ids); a
+  level that overflows by a smaller batch doubles, rounded up to a power of two, so
+  a table growing batch by batch rebuilds each id about once per doubling and
+  follows the same sizes whatever its first batch.
 
 A level only fills until the whole index is rebuilt (growth, :meth:`keep_rows`), so
 an empty slot seen by a lookup stays proof of absence. Growing level ``k`` rebuilds it
@@ -24,10 +33,13 @@ Compared with linear probing at the same load this reads at most one slot per le
 instead of a run of slots, and batches resolve in a few fixed rounds instead of one
 round per probe step (the longest run decides how many); the price is the deeper
 levels, about 0.3 slots more per id. Slot hashes are multiply / xor-shift / multiply
-with splitmix64's constants on the id plus a per-level constant, keeping the top bits.
+with splitmix64's constants on the id plus a per-level constant; the top 32 bits
+are scaled to the level's size (``(top * slots) >> 32``, Lemire's fast range).
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import numpy.typing as npt
@@ -37,18 +49,42 @@ from ps_server.engine.types import Ids, Rows
 _MUL1 = np.uint64(0x9E3779B97F4A7C15)
 _MUL2 = np.uint64(0xBF58476D1CE4E5B9)
 _LEVEL_SEED = 0x632BE59BD9B4E019
-_MIN_BITS = 4
-#: Slots per id that reached a level (the inverse of its maximum load).
-_SLOTS_PER_ID = 2
+_MIN_SLOTS = 16
+#: Slots per id that reached a level, as a fraction (the inverse of its maximum load):
+#: 1.875 at level 0, which every lookup reads, 1.5 below it, which only the ~22% of
+#: ids displaced from level 0 read (27% of those go one level further instead of the
+#: 21% that 2 slots per id would send, for a quarter less memory).
+_SLOTS_PER_ID = ((15, 8), (3, 2))
+#: A level that overflows is rebuilt with at least this many times its old slots.
+_GROWTH = 2
+_U32 = np.uint64(32)
 
 Slots = npt.NDArray[np.int32]
 
 
-def _bits_for(n: int) -> int:
-    bits = _MIN_BITS
-    while (1 << bits) < _SLOTS_PER_ID * n:
-        bits += 1
-    return bits
+def _slots_for(n: int, level: int, old: int = 0) -> int:
+    """Slots of level ``level`` built for ``n`` ids, replacing one of ``old`` slots.
+
+    A level built for more ids than its doubling would hold (a first level, a bulk
+    insert, a rebuild after eviction) gets exactly the slots those ids need; one that
+    overflows by a smaller batch doubles, rounded up to a power of two so that a
+    table growing batch by batch follows the same sizes whatever its first batch.
+    """
+    num, den = _SLOTS_PER_ID[min(level, 1)]
+    need = max(_MIN_SLOTS, -(-num * n // den))
+    grown = _GROWTH * old
+    return need if need >= grown else 1 << (grown - 1).bit_length()
+
+
+@functools.cache
+def _level_seed(level: int) -> np.uint64:
+    return np.uint64(level * _LEVEL_SEED % (1 << 64))
+
+
+def _overflows(n: int, level: int, slots: int) -> bool:
+    """Whether ``n`` ids are more than level ``level`` of ``slots`` slots may hold."""
+    num, den = _SLOTS_PER_ID[min(level, 1)]
+    return num * n > den * slots
 
 
 class IdIndex:
@@ -56,21 +92,21 @@ class IdIndex:
 
     :param capacity_hint: ids expected; the id column and the levels are sized for
         it (each level for a quarter of the ids reaching the one above, more than the
-        21% that do), so inserting that many rarely needs a rebuild.
+        ~22% that do while the hint holds), so inserting that many rarely needs a
+        rebuild.
     """
 
     def __init__(self, capacity_hint: int = 0) -> None:
         self._size = 0
         self._ids: Ids = np.zeros(max(16, capacity_hint), dtype=np.int64)
         self._levels: list[Slots] = []
-        self._bits: list[int] = []
+        #: ``_sizes[k]``: slots of level ``k`` as a uint64 (the fast-range multiplier).
+        self._sizes: list[np.uint64] = []
         #: ``_reached[k]``: ids placed at level ``k`` or below since it was built.
         self._reached: list[int] = []
         reach = capacity_hint
         while not self._levels or reach:
-            self._bits.append(_bits_for(reach))
-            self._levels.append(np.full(1 << self._bits[-1], -1, dtype=np.int32))
-            self._reached.append(0)
+            self._add_level(_slots_for(reach, len(self._levels)))
             reach //= 4
 
     @property
@@ -99,11 +135,18 @@ class IdIndex:
 
     def _slot_of(self, ids: Ids, level: int) -> npt.NDArray[np.int64]:
         h = ids.view(np.uint64)
-        h = h * _MUL1 if level == 0 else (h + np.uint64(level * _LEVEL_SEED % (1 << 64))) * _MUL1
+        h = h * _MUL1 if level == 0 else (h + _level_seed(level)) * _MUL1
         h ^= h >> np.uint64(29)
         h *= _MUL2
-        h >>= np.uint64(64 - self._bits[level])
+        h >>= _U32
+        h *= self._sizes[level]
+        h >>= _U32
         return h.view(np.int64)
+
+    def _add_level(self, slots: int) -> None:
+        self._levels.append(np.full(slots, -1, dtype=np.int32))
+        self._sizes.append(np.uint64(slots))
+        self._reached.append(0)
 
     def find(self, ids: Ids) -> Rows:
         """Rows of ``ids`` (``-1`` where absent); duplicates allowed."""
@@ -111,24 +154,24 @@ class IdIndex:
         if n == 0 or self._size == 0:
             return np.full(n, -1, dtype=np.int64)
         id_col = self._ids
-        # An empty slot (-1) reads the last id of the column; `occupied` discards it.
+        # An empty slot (-1) reads the last id of the column, and whether that matches
+        # or not its row stays -1: so `got` is the row where the slot holds the id and
+        # -1 elsewhere, and the ids to carry down are those whose slot is occupied by
+        # another id (cand >= 0 but got == -1, i.e. cand != got).
         cand = np.take(self._levels[0], self._slot_of(ids, 0)).astype(np.int64)
-        occupied = cand >= 0
-        hit = occupied & (np.take(id_col, cand) == ids)
-        rows = np.where(hit, cand, -1)
-        todo = np.flatnonzero(occupied & ~hit)
+        rows = np.where(np.take(id_col, cand) == ids, cand, -1)
+        todo = np.flatnonzero(cand != rows)
         if not todo.size:
             return rows
         pending = ids[todo]
         for level in range(1, len(self._levels)):
             cand = np.take(self._levels[level], self._slot_of(pending, level)).astype(np.int64)
-            occupied = cand >= 0
-            hit = occupied & (np.take(id_col, cand) == pending)
-            rows[todo[hit]] = cand[hit]
-            further = occupied & ~hit
-            todo, pending = todo[further], pending[further]
-            if not todo.size:
+            got = np.where(np.take(id_col, cand) == pending, cand, -1)
+            rows[todo] = got  # the rows of `todo` were -1: hits land, the others stay
+            further = np.flatnonzero(cand != got)
+            if not further.size:
                 break
+            todo, pending = todo[further], pending[further]
         return rows
 
     def insert_new(self, ids: Ids) -> Rows:
@@ -172,7 +215,7 @@ class IdIndex:
         kept = self._ids[: self._size][keep]
         self._size = kept.shape[0]
         self._ids[: self._size] = kept
-        del self._levels[:], self._bits[:], self._reached[:]
+        del self._levels[:], self._sizes[:], self._reached[:]
         self._place(np.arange(self._size, dtype=np.int64), 0)
 
     def clear(self) -> None:
@@ -190,25 +233,32 @@ class IdIndex:
         """Give ``rows`` (distinct ids, in no level yet) slots from ``level`` down."""
         while rows.size:
             reached = rows.size + (self._reached[level] if level < len(self._levels) else 0)
-            if level == len(self._levels) or (
-                _SLOTS_PER_ID * reached > self._levels[level].shape[0]
+            if level == len(self._levels) or _overflows(
+                reached, level, self._levels[level].shape[0]
             ):
                 # (Re)build this level for everything that reaches it, and redo the
                 # levels below: their ids were displaced by this level's old layout.
-                rows = np.concatenate([self._rows_at_or_below(level), rows])
-                del self._levels[level:], self._bits[level:], self._reached[level:]
+                old = self._levels[level].shape[0] if level < len(self._levels) else 0
+                if level == 0:
+                    # Every row is placed or being placed: take them in column order,
+                    # which reads the id column sequentially instead of row by row.
+                    rows = np.arange(self._size, dtype=np.int64)
+                else:
+                    rows = np.concatenate([self._rows_at_or_below(level), rows])
+                del self._levels[level:], self._sizes[level:], self._reached[level:]
                 reached = rows.size
-                bits = _bits_for(reached)
-                self._levels.append(np.full(1 << bits, -1, dtype=np.int32))
-                self._bits.append(bits)
-                self._reached.append(0)
+                self._add_level(_slots_for(reached, level, old))
             self._reached[level] = reached
             slots = self._levels[level]
-            pos = self._slot_of(self._ids[rows], level)
+            # Level 0 is always given a run of consecutive rows (appended ones, or every
+            # row on a rebuild), whose ids are a slice of the column: no gather.
+            keys = self._ids[rows[0] : rows[0] + rows.size] if level == 0 else self._ids[rows]
+            pos = self._slot_of(keys, level)
             free = np.flatnonzero(slots[pos] < 0)
             # Several rows may aim at one free slot: one write lands, the others go on.
-            slots[pos[free]] = rows[free].astype(np.int32)
-            won = free[slots[pos[free]] == rows[free]]
+            at, cand = pos[free], rows[free]
+            slots[at] = cand
+            won = free[slots[at] == cand]
             stays = np.ones(rows.size, dtype=bool)
             stays[won] = False
             rows = rows[stays]

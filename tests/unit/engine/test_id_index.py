@@ -143,3 +143,38 @@ def test_empty_inputs() -> None:
     assert index.insert_new(none).shape == (0,)
     rows, before = index.find_or_insert(none)
     assert rows.shape == (0,) and before == 0
+
+
+def test_a_bulk_insert_sizes_its_levels_exactly() -> None:
+    """One large insert (a restore, a first fill) builds every level for exactly the
+    ids that reach it: under 9.5 bytes of slots per id, where rounding level 0 up to
+    a power of two took 11 for a million ids. Lookups stay exact."""
+    rng = np.random.default_rng(11)
+    for n in (65_536, 1_000_000):
+        ids = rng.choice(I64.max, size=n, replace=False).astype(np.int64)
+        index = IdIndex()
+        index.insert_new(ids)
+        slot_bytes = index.nbytes() - index.row_capacity * 8
+        assert index.row_capacity == n
+        assert 4 * 1.875 * n <= slot_bytes < 9.5 * n
+        np.testing.assert_array_equal(index.find(ids[::-1]), np.arange(n)[::-1])
+        absent = rng.integers(I64.min, I64.max, size=50_000, dtype=np.int64)
+        absent = absent[~np.isin(absent, ids)]
+        assert (index.find(absent) == -1).all()
+
+
+def test_growth_after_a_bulk_insert_doubles_to_powers_of_two() -> None:
+    """After a bulk insert, small batches grow a level by doubling rounded up to a
+    power of two, so two indexes that started differently end on the same sizes."""
+    rng = np.random.default_rng(12)
+    ids = rng.choice(I64.max, size=600_000, replace=False).astype(np.int64)
+    first = IdIndex()
+    first.insert_new(ids[:100_000])
+    second = IdIndex()
+    second.insert_new(ids[:130_000])
+    for index, start in ((first, 100_000), (second, 130_000)):
+        for s in range(start, ids.size, 20_000):
+            index.insert_new(ids[s:s + 20_000])
+        np.testing.assert_array_equal(index.find(ids), np.arange(ids.size))
+    level0 = [idx._levels[0].shape[0] for idx in (first, second)]
+    assert level0[0] == level0[1] == 1 << 21  # 600,000 ids x 1.875 < 2**21
