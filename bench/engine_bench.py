@@ -168,6 +168,7 @@ def headline(entries: int, repeats: int) -> dict[str, float]:
     before = rss()
     ada = filled(configs.adagrad(), ada_n)
     ada_bytes = (rss() - before) / ada_n
+    ada_payload = ada.entry_bytes
     ada_picks = [rng.integers(0, ada_n, BATCH) for _ in range(16)]
     ada_batches = [all_ids[p] for p in ada_picks]
 
@@ -236,7 +237,7 @@ def headline(entries: int, repeats: int) -> dict[str, float]:
     print(f"  first insert  {1e6 / t_insert:14,.0f} ids/s   (1M new ids via apply_gradients;"
           f" lookup rate {rate:,.0f} ids/s)")
     print(f"  memory        SGD {sgd_bytes:6.1f} B/entry (payload {sgd.entry_bytes} B, target "
-          f"<= 150), Adagrad {ada_bytes:6.1f} B/entry (payload {ada.entry_bytes} B, target "
+          f"<= 150), Adagrad {ada_bytes:6.1f} B/entry (payload {ada_payload} B, target "
           "<= 260) (resident growth while filling)")
     return {
         "lookup_ratio": t_gather / t_lookup,
