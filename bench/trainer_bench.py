@@ -20,8 +20,20 @@ time, not wall), shard CPU per call (the server processes, from
 1.0 = as fast as the echo) and for client CPU (our CPU / echo CPU). All cases are
 interleaved round by round, so they see the same load.
 
-Usage: ``python bench/trainer_bench.py [--quick] [--shards 1,2] [--repeats R]``;
-``--quick`` (CI) finishes well under a minute.
+Against TFRA: when the side venv ``.venv-tfra`` exists (``bash scripts/tfra_venv.sh``:
+TensorFlow 2.16.2 + TensorFlow Recommenders-Addons 0.8.1; the project never depends on
+TensorFlow) or ``--tfra PYTHON`` names an interpreter that has them, the bench also times
+three trainer workloads through the sync ``Table`` API -- ``lookup``, an SGD step
+(``lookup`` + ``apply_gradients``) and an Adagrad step (the same on a second, Adagrad,
+table) -- and runs ``bench/tfra_peer.py`` with that interpreter for the same workloads on
+TFRA dynamic-embedding tables placed on 1 and 2 local TensorFlow ps tasks, called from a
+worker over TensorFlow's gRPC runtime (same table size, dim, batch, optimizers and
+learning rate; both sides warm). It prints ours / TFRA per workload and shard count
+(TFRA p50 / our p50: above 1 = we are faster). The peer runs after our calls, while our
+servers sit idle. ``--quick`` skips it unless ``--tfra`` is given, so CI needs no TensorFlow.
+
+Usage: ``python bench/trainer_bench.py [--quick] [--shards 1,2] [--repeats R]
+[--tfra PYTHON | --no-tfra]``; ``--quick`` (CI) finishes well under a minute.
 """
 
 from __future__ import annotations
@@ -29,7 +41,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -52,6 +66,7 @@ from bench.service_bench import (
 )
 from ps_client import PsClient
 from ps_client.testing import local_cluster
+from ps_server.engine import configs
 
 BATCH = 65_536
 DIM = 32
@@ -59,6 +74,11 @@ ROWS = 1_000_000
 FILL_BATCH = 1 << 17
 OPS = ("lookup", "apply_gradients")
 ECHO_MODES = ("sync", "aio")
+LEARNING_RATE = 0.01
+ADAGRAD_INITIAL_ACCUMULATOR = 0.1
+TFRA_WORKLOADS = ("lookup", "sgd_step", "adagrad_step")
+ROOT = Path(__file__).resolve().parents[1]
+TFRA_VENV_PYTHON = ROOT / ".venv-tfra" / "bin" / "python"
 
 
 class SyncEcho:
@@ -105,7 +125,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few repeats (CI)")
     parser.add_argument("--shards", default="1,2", help="comma-separated shard counts")
     parser.add_argument("--repeats", type=int, default=0, help="timed calls per case")
+    parser.add_argument("--tfra", default="", metavar="PYTHON",
+                        help="python with TF 2.16.2 + TFRA 0.8.1 (default: .venv-tfra's, "
+                             "if it exists and not --quick)")
+    parser.add_argument("--no-tfra", action="store_true", help="skip the TFRA comparison")
     args = parser.parse_args()
+    tfra_python = tfra_interpreter(args.tfra, args.quick, args.no_tfra)
     counts = [int(x) for x in args.shards.split(",")]
     repeats = args.repeats or (8 if args.quick else 40)
     warmup = 2 if args.quick else 5
@@ -123,6 +148,7 @@ def main() -> None:
         loop_echo = EchoClient(stack.enter_context(echo_servers(n_max)))
         stack.callback(loop_echo.close)
         ours: dict[tuple[str, int], tuple[Callable[[], object], list[int]]] = {}
+        trainer: dict[int, Trainer] = {}
         for n in counts:
             rng = np.random.default_rng(n)
             cluster = stack.enter_context(local_cluster(n))
@@ -135,6 +161,7 @@ def main() -> None:
             ours["lookup", n] = (functools.partial(table.lookup, batch), pids)
             ours["apply_gradients", n] = (
                 functools.partial(table.apply_gradients, batch, grads, 1), pids)
+            trainer[n] = Trainer(client, table, ids, batch, grads, pids)
         rows: list[tuple[Result, dict[str, Result]]] = []
         for op in OPS:
             up, down = up_down[op]
@@ -152,8 +179,97 @@ def main() -> None:
                                   loop_echo.pids[:n]))
                 rows.append((mine, bases))
             measure_interleaved(cases, warmup, repeats)
-    print(f"load average after: {os.getloadavg()[0]:.2f}\n")
-    report(rows)
+        print(f"load average after: {os.getloadavg()[0]:.2f}\n")
+        report(rows)
+        if tfra_python is None:
+            print("\nTFRA comparison skipped: run `bash scripts/tfra_venv.sh` (or pass "
+                  "--tfra PYTHON) and run without --quick to compare with TFRA 0.8.1.")
+            return
+        compare_tfra(tfra_python, trainer, warmup, repeats)
+
+
+def tfra_interpreter(flag: str, quick: bool, off: bool) -> str | None:
+    """The python that runs ``bench/tfra_peer.py``, or None to skip the comparison."""
+    if off:
+        return None
+    if flag:
+        return flag
+    if not quick and TFRA_VENV_PYTHON.exists():
+        return str(TFRA_VENV_PYTHON)
+    return None
+
+
+class Trainer:
+    """One shard count's cluster, SGD table and batch, as the trainer workloads use them."""
+
+    def __init__(self, client: PsClient, table: object, ids: np.ndarray, batch: np.ndarray,
+                 grads: np.ndarray, pids: list[int]) -> None:
+        self.client, self.table, self.ids = client, table, ids
+        self.batch, self.grads, self.pids = batch, grads, pids
+
+    def workloads(self, rng: np.random.Generator) -> dict[str, Callable[[], object]]:
+        """lookup, SGD step and Adagrad step (on a second table, filled like the first)."""
+        ada = self.client.create_table(
+            configs.table_config(DIM, optimizer=configs.adagrad(ADAGRAD_INITIAL_ACCUMULATOR)),
+            learning_rate_fns=(LEARNING_RATE,))
+        ada_ids = fill(ada, rng)
+        ada_batch = rng.choice(ada_ids, size=BATCH, replace=False)
+        table, batch, grads = self.table, self.batch, self.grads
+
+        def step(t: object, b: np.ndarray) -> None:
+            t.lookup(b)  # type: ignore[attr-defined]
+            t.apply_gradients(b, grads, 1)  # type: ignore[attr-defined]
+
+        return {"lookup": functools.partial(table.lookup, batch),  # type: ignore[attr-defined]
+                "sgd_step": functools.partial(step, table, batch),
+                "adagrad_step": functools.partial(step, ada, ada_batch)}
+
+
+def run_peer(python: str, n_ps: int, warmup: int, repeats: int) -> dict[str, float] | None:
+    """``bench/tfra_peer.py`` on ``n_ps`` ps tasks: its p50 ms per workload (None if it
+    failed; its last stderr lines are printed)."""
+    cmd = [python, str(ROOT / "bench" / "tfra_peer.py"), "--ps", str(n_ps),
+           "--warmup", str(warmup), "--repeats", str(repeats)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        print(f"  tfra_peer --ps {n_ps} failed: {exc}")
+        return None
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = "\n    ".join(proc.stderr.strip().splitlines()[-5:])
+        print(f"  tfra_peer --ps {n_ps} failed (exit {proc.returncode}):\n    {tail}")
+        return None
+    out = json.loads(lines[-1])
+    return {w: float(out[w]) for w in TFRA_WORKLOADS}
+
+
+def compare_tfra(python: str, trainer: dict[int, Trainer], warmup: int, repeats: int) -> None:
+    """Our three trainer workloads, interleaved, then the TFRA peer at each shard count."""
+    print(f"\nagainst TFRA ({python}): lookup, SGD step (lookup + apply_gradients), Adagrad "
+          f"step; {repeats} timed calls each after {warmup} warm-up")
+    mine: dict[tuple[str, int], Result] = {}
+    cases: list[Case] = []
+    for n, t in trainer.items():
+        for w, fn in t.workloads(np.random.default_rng(100 + n)).items():
+            mine[w, n] = Result(w, n, 0)
+            cases.append(Case(mine[w, n], fn, t.pids))
+    measure_interleaved(cases, warmup, repeats)
+    peer = {n: run_peer(python, n, warmup, repeats) for n in trainer}
+    head = f"{'workload':<14}{'shards':>7}{'ours p50 ms':>13}{'TFRA p50 ms':>13}{'ours/TFRA':>11}"
+    print(head)
+    print("-" * len(head))
+    for w in TFRA_WORKLOADS:
+        for n in trainer:
+            ours_ms = mine[w, n].pct(50) * 1e3
+            theirs = peer[n]
+            if theirs is None:
+                print(f"{w:<14}{n:>7}{ours_ms:>13.2f}{'-':>13}{'-':>11}")
+                continue
+            print(f"{w:<14}{n:>7}{ours_ms:>13.2f}{theirs[w]:>13.2f}"
+                  f"{theirs[w] / ours_ms:>10.2f}x")
+    print("ours/TFRA = TFRA p50 / our p50 (above 1 = faster than TFRA; issue 15 target: "
+          ">= 1.5x on every workload at 1 and 2 shards)")
 
 
 def report(rows: list[tuple[Result, dict[str, Result]]]) -> None:
