@@ -16,7 +16,9 @@ ids of the table and one ``tf.function`` call each:
 * ``adagrad_step``: the same on a second table with Adagrad (initial accumulator 0.1),
   whose slot tables TFRA places next to the shards.
 
-Prints one JSON object: ``{"ps": n, "lookup": p50_ms, "sgd_step": ..., "adagrad_step": ...}``
+With ``--rounds`` it serves single calls instead (``bench/trainer_bench.py`` interleaves
+them with its own, so both see the same load). Otherwise it prints one JSON object:
+``{"ps": n, "lookup": p50_ms, "sgd_step": ..., "adagrad_step": ...}``
 plus the per-call samples under ``"samples_ms"``.
 
 Usage: ``.venv-tfra/bin/python bench/tfra_peer.py --ps 2 [--repeats 20] [--warmup 3]``
@@ -71,6 +73,9 @@ def main() -> None:
     parser.add_argument("--ps", type=int, default=1, help="parameter-server tasks")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per workload")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", action="store_true",
+                        help="serve calls on stdin: after a ready line, each input line names "
+                             "a workload; it runs once and its time (ms) is printed")
     parser.add_argument("--serve-ps", type=int, default=-1, help=argparse.SUPPRESS)
     parser.add_argument("--spec", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -84,7 +89,9 @@ def main() -> None:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
              for i in range(args.ps)]
     try:
-        print(json.dumps(run(spec, args.ps, args.repeats, args.warmup)), flush=True)
+        out = run(spec, args.ps, -1 if args.rounds else args.repeats, args.warmup)
+        if out:
+            print(json.dumps(out), flush=True)
     finally:
         for p in procs:
             p.kill()
@@ -156,6 +163,16 @@ def run(spec: dict[str, list[str]], n_ps: int, repeats: int, warmup: int) -> dic
         after = var.lookup(batch).numpy()
         if not np.allclose(after, want(before), rtol=1e-4, atol=1e-6):
             raise SystemExit(f"tfra_peer: {var.name} was not updated as expected")
+    out: dict[str, object] = {"ps": n_ps, "tensorflow": tf.__version__,
+                              "tfra": tfra.__version__}
+    if repeats < 0:  # --rounds: the caller interleaves these calls with its own
+        print(json.dumps({"ready": True, **out}), flush=True)
+        for line in sys.stdin:
+            fn = calls[line.strip()]
+            t0 = time.perf_counter()
+            fn()
+            print(f"{(time.perf_counter() - t0) * 1e3:.4f}", flush=True)
+        return {}
     samples: dict[str, list[float]] = {k: [] for k in calls}
     for _ in range(warmup):
         for fn in calls.values():
@@ -165,8 +182,6 @@ def run(spec: dict[str, list[str]], n_ps: int, repeats: int, warmup: int) -> dic
             t0 = time.perf_counter()
             fn()
             samples[name].append((time.perf_counter() - t0) * 1e3)
-    out: dict[str, object] = {"ps": n_ps, "tensorflow": tf.__version__,
-                              "tfra": tfra.__version__}
     for name, s in samples.items():
         out[name] = float(np.percentile(s, 50))
     out["samples_ms"] = {k: [round(x, 3) for x in v] for k, v in samples.items()}

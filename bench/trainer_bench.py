@@ -29,8 +29,10 @@ table) -- and runs ``bench/tfra_peer.py`` with that interpreter for the same wor
 TFRA dynamic-embedding tables placed on 1 and 2 local TensorFlow ps tasks, called from a
 worker over TensorFlow's gRPC runtime (same table size, dim, batch, optimizers and
 learning rate; both sides warm). It prints ours / TFRA per workload and shard count
-(TFRA p50 / our p50: above 1 = we are faster). The peer runs after our calls, while our
-servers sit idle. ``--quick`` skips it unless ``--tfra`` is given, so CI needs no TensorFlow.
+(TFRA p50 / our p50: above 1 = we are faster). The peer serves one call per request
+(``--rounds``, timed inside the peer), so its calls interleave with ours round by round
+and see the same load. ``--quick`` skips it unless ``--tfra`` is given, so CI needs no
+TensorFlow.
 
 Usage: ``python bench/trainer_bench.py [--quick] [--shards 1,2] [--repeats R]
 [--tfra PYTHON | --no-tfra]``; ``--quick`` (CI) finishes well under a minute.
@@ -45,6 +47,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -225,27 +228,44 @@ class Trainer:
                 "adagrad_step": functools.partial(step, ada, ada_batch)}
 
 
-def run_peer(python: str, n_ps: int, warmup: int, repeats: int) -> dict[str, float] | None:
-    """``bench/tfra_peer.py`` on ``n_ps`` ps tasks: its p50 ms per workload (None if it
-    failed; its last stderr lines are printed)."""
-    cmd = [python, str(ROOT / "bench" / "tfra_peer.py"), "--ps", str(n_ps),
-           "--warmup", str(warmup), "--repeats", str(repeats)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        print(f"  tfra_peer --ps {n_ps} failed: {exc}")
-        return None
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = "\n    ".join(proc.stderr.strip().splitlines()[-5:])
-        print(f"  tfra_peer --ps {n_ps} failed (exit {proc.returncode}):\n    {tail}")
-        return None
-    out = json.loads(lines[-1])
-    return {w: float(out[w]) for w in TFRA_WORKLOADS}
+class Peer:
+    """``bench/tfra_peer.py --rounds`` on ``n_ps`` ps tasks: one call per request, timed
+    by the peer itself (ms), so its calls interleave with ours round by round."""
+
+    def __init__(self, python: str, n_ps: int) -> None:
+        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in close())
+        self.proc = subprocess.Popen(
+            [python, str(ROOT / "bench" / "tfra_peer.py"), "--ps", str(n_ps), "--rounds"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
+        for line in self.stdout:  # TFRA prints notes on stdout while it loads
+            if line.startswith("{") and json.loads(line).get("ready"):
+                return
+        self.log.seek(0)
+        tail = "\n    ".join(self.log.read().strip().splitlines()[-5:])
+        raise RuntimeError(f"tfra_peer --ps {n_ps} failed (exit {self.proc.wait()}):\n"
+                           f"    {tail}")
+
+    def call(self, workload: str) -> float:
+        """One call of ``workload``; its time in seconds."""
+        self.stdin.write(workload + "\n")
+        self.stdin.flush()
+        return float(self.stdout.readline()) / 1e3
+
+    def close(self) -> None:
+        self.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
 
 
 def compare_tfra(python: str, trainer: dict[int, Trainer], warmup: int, repeats: int) -> None:
-    """Our three trainer workloads, interleaved, then the TFRA peer at each shard count."""
+    """Our three trainer workloads and the TFRA peer's at each shard count, interleaved
+    round by round (every case once per round)."""
     print(f"\nagainst TFRA ({python}): lookup, SGD step (lookup + apply_gradients), Adagrad "
           f"step; {repeats} timed calls each after {warmup} warm-up")
     mine: dict[tuple[str, int], Result] = {}
@@ -254,20 +274,33 @@ def compare_tfra(python: str, trainer: dict[int, Trainer], warmup: int, repeats:
         for w, fn in t.workloads(np.random.default_rng(100 + n)).items():
             mine[w, n] = Result(w, n, 0)
             cases.append(Case(mine[w, n], fn, t.pids))
-    measure_interleaved(cases, warmup, repeats)
-    peer = {n: run_peer(python, n, warmup, repeats) for n in trainer}
+    theirs: dict[tuple[str, int], list[float]] = {}
+    with contextlib.ExitStack() as stack:
+        peers: dict[int, Peer] = {}
+        for n in trainer:
+            try:
+                peers[n] = Peer(python, n)
+            except (OSError, RuntimeError) as exc:
+                print(f"  {exc}")
+                continue
+            stack.callback(peers[n].close)
+        for n, peer in peers.items():
+            for w in TFRA_WORKLOADS:
+                theirs[w, n] = []
+                cases.append(Case(Result(f"tfra {w}", n, 0), functools.partial(
+                    lambda p, w_, out: out.append(p.call(w_)), peer, w, theirs[w, n]), []))
+        measure_interleaved(cases, warmup, repeats)
     head = f"{'workload':<14}{'shards':>7}{'ours p50 ms':>13}{'TFRA p50 ms':>13}{'ours/TFRA':>11}"
     print(head)
     print("-" * len(head))
     for w in TFRA_WORKLOADS:
         for n in trainer:
             ours_ms = mine[w, n].pct(50) * 1e3
-            theirs = peer[n]
-            if theirs is None:
+            if (w, n) not in theirs:
                 print(f"{w:<14}{n:>7}{ours_ms:>13.2f}{'-':>13}{'-':>11}")
                 continue
-            print(f"{w:<14}{n:>7}{ours_ms:>13.2f}{theirs[w]:>13.2f}"
-                  f"{theirs[w] / ours_ms:>10.2f}x")
+            tfra_ms = float(np.median(theirs[w, n][-repeats:])) * 1e3
+            print(f"{w:<14}{n:>7}{ours_ms:>13.2f}{tfra_ms:>13.2f}{tfra_ms / ours_ms:>10.2f}x")
     print("ours/TFRA = TFRA p50 / our p50 (above 1 = faster than TFRA; issue 15 target: "
           ">= 1.5x on every workload at 1 and 2 shards)")
 
