@@ -15,6 +15,7 @@ order, and the answers are put back where Monolith's single process would put th
 from __future__ import annotations
 
 import operator
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -189,25 +190,57 @@ def dedup(ids: Ids) -> tuple[Ids, Positions | None]:
 _FIB_HASH: Final = np.uint64(0x9E3779B97F4A7C15)
 """2**64 / golden ratio: Fibonacci hashing spreads any id pattern over the top bits."""
 
+_scratch = threading.local()
+
+
+def _reused(name: str, size: int, dtype: type[Any]) -> Any:
+    """This thread's reusable array ``name`` cut to ``size`` elements (contents
+    undefined). Kept between calls: fresh arrays of a big batch's size cost more in
+    page faults (memory new to the process each time) than the whole check in warm ones.
+    """
+    array: npt.NDArray[Any] | None = getattr(_scratch, name, None)
+    if array is None or array.shape[0] < size:
+        array = np.empty(size, dtype=dtype)
+        setattr(_scratch, name, array)
+    return array[:size]
+
 
 def _may_repeat(ids: Ids) -> bool:
     """False when no id of ``ids`` repeats; True when one does (or, under 1024 ids,
     may: the caller's sort decides).
 
-    Equal ids fall in one bucket of a table of ``8 * len(ids)`` buckets, so only the
-    ids sharing a bucket with another (about 12% of distinct ids) need sorting; that
-    settles a batch without duplicates several times faster than sorting it all.
+    Every id writes its position into its bucket of a table of about ``8 * len(ids)``
+    buckets (Fibonacci hashing); one position per bucket survives. Equal ids share a
+    bucket, so a repeat is either an overwritten id equal to its bucket's survivor or
+    two overwritten ids equal to each other: only the overwritten ids (about 6% of
+    distinct ids) are compared and sorted. The table needs no clearing (every bucket
+    read was written by this call), so it is reused, as are the hashes and positions:
+    at 65,536 ids this is about twice as fast as counting buckets in fresh memory.
     """
     n = ids.shape[0]
-    if n < 1024:
+    if n < 1024 or n >= 1 << 31:
         return True  # a sort of so few costs less than the buckets
     bits = (8 * n - 1).bit_length()
-    bucket = ((ids.view(np.uint64) * _FIB_HASH) >> np.uint64(64 - bits)).astype(np.intp)
-    crowded = np.bincount(bucket, minlength=1 << bits)[bucket] > 1
-    if not crowded.any():
+    hashes: npt.NDArray[np.uint64] = _reused("hashes", n, np.uint64)
+    np.multiply(ids.view(np.uint64), _FIB_HASH, out=hashes)
+    np.right_shift(hashes, np.uint64(64 - bits), out=hashes)
+    bucket = hashes.view(np.intp)
+    table: npt.NDArray[np.int32] = _reused("table", 1 << bits, np.int32)
+    order: npt.NDArray[np.int32] | None = getattr(_scratch, "order", None)
+    if order is None or order.shape[0] < n:
+        order = np.arange(n, dtype=np.int32)
+        _scratch.order = order
+    order = order[:n]
+    table[bucket] = order
+    survivor = table[bucket]
+    lost = np.flatnonzero(survivor != order)
+    if lost.shape[0] == 0:
         return False
-    suspects = np.sort(ids[crowded])
-    return bool((suspects[1:] == suspects[:-1]).any())
+    lost_ids = ids[lost]
+    if bool((lost_ids == ids[survivor[lost]]).any()):
+        return True
+    lost_ids.sort()
+    return bool((lost_ids[1:] == lost_ids[:-1]).any())
 
 
 def partition(ids: Ids, num_shards: int) -> list[Positions]:

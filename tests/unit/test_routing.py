@@ -248,3 +248,26 @@ def test_dedup_of_large_batches_finds_every_duplicate(n: int) -> None:
         uniq, inverse = dedup(ids)
         assert inverse is not None and uniq.size == n - 1
         np.testing.assert_array_equal(uniq[inverse], ids)
+
+
+def test_dedup_agrees_with_unique_on_random_batches() -> None:
+    # The bucket check reuses its tables between calls, so batches of growing and
+    # shrinking sizes follow each other; small id ranges crowd the buckets (repeats
+    # between ids that lost their bucket, and with its survivor), wide ones do not.
+    rng = np.random.default_rng(15)
+    for trial in range(300):
+        n = int(rng.integers(900, 9000))
+        span = int(rng.choice([2 * n, 50 * n, 2**62]))
+        ids = rng.integers(-span, span, n, dtype=np.int64)
+        if trial % 2:
+            ids = rng.permutation(np.unique(ids))
+        if trial % 3 == 0:
+            ids[rng.integers(ids.size)] = ids[rng.integers(ids.size)]
+        uniq, inverse = dedup(ids)
+        expected = np.unique(ids)
+        if expected.size == ids.size:
+            assert inverse is None and uniq is ids
+        else:
+            assert inverse is not None
+            np.testing.assert_array_equal(uniq, expected)
+            np.testing.assert_array_equal(uniq[inverse], ids)
