@@ -293,14 +293,23 @@ class RowAssembly:
         self._out_rows = row_items(self.out)
         self._expansion: list[tuple[Positions, Positions]] | None = None
 
-    def add(self, shard: int, rows: Floats) -> None:
-        """Place ``rows`` (``float32[len(positions[shard]), dim]``), shard ``shard``'s answer."""
+    def add(self, shard: int, rows: Floats, *, owned: bool = False) -> None:
+        """Place ``rows`` (``float32[len(positions[shard]), dim]``), shard ``shard``'s answer.
+
+        :param owned: ``rows`` is the caller's to give away (writable, C-contiguous,
+            referenced nowhere else): when it is the whole answer already in order (one
+            shard, no duplicates) it becomes :attr:`out` as it is, with no copy.
+        """
         pos = self.positions[shard]
         if pos.size == 0 or self.dim == 0:
             return
         if len(self.positions) == 1:  # one shard answered every unique id, in order
             if self.inverse is None:
-                np.copyto(self.out, rows)
+                if owned and rows.shape == self.out.shape and rows.dtype == np.float32:
+                    self.out = rows
+                    self._out_rows = None
+                else:
+                    np.copyto(self.out, rows)
             else:
                 np.take(rows, self.inverse, axis=0, out=self.out, mode="wrap")
             return

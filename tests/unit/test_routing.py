@@ -271,3 +271,14 @@ def test_dedup_agrees_with_unique_on_random_batches() -> None:
             assert inverse is not None
             np.testing.assert_array_equal(uniq, expected)
             np.testing.assert_array_equal(uniq[inverse], ids)
+
+
+def test_assembly_takes_an_owned_lone_answer_as_it_is() -> None:
+    answer = np.arange(12, dtype=np.float32).reshape(4, 3)
+    rows = RowAssembly([np.arange(4, dtype=np.int64)], None, 3)
+    rows.add(0, answer, owned=True)
+    assert rows.out is answer
+    copied = RowAssembly([np.arange(4, dtype=np.int64)], None, 3)
+    copied.add(0, answer)
+    assert copied.out is not answer
+    np.testing.assert_array_equal(copied.out, answer)
