@@ -192,17 +192,35 @@ _FIB_HASH: Final = np.uint64(0x9E3779B97F4A7C15)
 
 _scratch = threading.local()
 
+#: Largest scratch array (elements) a thread keeps between calls: 4 MiB of bucket
+#: table, enough for batches of up to 131,072 ids; bigger batches take fresh memory.
+_REUSE_MAX: Final = 1 << 20
+
 
 def _reused(name: str, size: int, dtype: type[Any]) -> Any:
     """This thread's reusable array ``name`` cut to ``size`` elements (contents
-    undefined). Kept between calls: fresh arrays of a big batch's size cost more in
-    page faults (memory new to the process each time) than the whole check in warm ones.
+    undefined), or a fresh one beyond :data:`_REUSE_MAX`. Kept between calls: fresh
+    arrays of a big batch's size cost more in page faults (memory new to the process
+    each time) than the whole check in warm ones.
     """
+    if size > _REUSE_MAX:
+        return np.empty(size, dtype=dtype)
     array: npt.NDArray[Any] | None = getattr(_scratch, name, None)
     if array is None or array.shape[0] < size:
         array = np.empty(size, dtype=dtype)
         setattr(_scratch, name, array)
     return array[:size]
+
+
+def _positions(n: int) -> npt.NDArray[np.int32]:
+    """``arange(n)`` as int32, this thread's copy when reused."""
+    if n > _REUSE_MAX:
+        return np.arange(n, dtype=np.int32)
+    cached: npt.NDArray[np.int32] | None = getattr(_scratch, "positions", None)
+    if cached is None or cached.shape[0] < n:
+        cached = np.arange(n, dtype=np.int32)
+        _scratch.positions = cached
+    return cached[:n]
 
 
 def _may_repeat(ids: Ids) -> bool:
@@ -218,19 +236,17 @@ def _may_repeat(ids: Ids) -> bool:
     at 65,536 ids this is about twice as fast as counting buckets in fresh memory.
     """
     n = ids.shape[0]
-    if n < 1024 or n >= 1 << 31:
+    if n < 1024:
         return True  # a sort of so few costs less than the buckets
+    if n >= 1 << 31:
+        return True  # positions past int32: left to the sort
     bits = (8 * n - 1).bit_length()
     hashes: npt.NDArray[np.uint64] = _reused("hashes", n, np.uint64)
     np.multiply(ids.view(np.uint64), _FIB_HASH, out=hashes)
     np.right_shift(hashes, np.uint64(64 - bits), out=hashes)
-    bucket = hashes.view(np.intp)
+    bucket = hashes.view(np.int64)  # < 2**bits: the same values as signed
     table: npt.NDArray[np.int32] = _reused("table", 1 << bits, np.int32)
-    order: npt.NDArray[np.int32] | None = getattr(_scratch, "order", None)
-    if order is None or order.shape[0] < n:
-        order = np.arange(n, dtype=np.int32)
-        _scratch.order = order
-    order = order[:n]
+    order = _positions(n)
     table[bucket] = order
     survivor = table[bucket]
     lost = np.flatnonzero(survivor != order)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ps_client import routing
 from ps_client.errors import PsInvalidArgument
 from ps_client.routing import (
     FusedRoute,
@@ -250,12 +251,18 @@ def test_dedup_of_large_batches_finds_every_duplicate(n: int) -> None:
         np.testing.assert_array_equal(uniq[inverse], ids)
 
 
-def test_dedup_agrees_with_unique_on_random_batches() -> None:
-    # The bucket check reuses its tables between calls, so batches of growing and
-    # shrinking sizes follow each other; small id ranges crowd the buckets (repeats
-    # between ids that lost their bucket, and with its survivor), wide ones do not.
+@pytest.mark.parametrize("reuse", [True, False], ids=["reused", "fresh"])
+def test_dedup_agrees_with_unique_on_random_batches(
+    reuse: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The bucket check reuses its tables between calls (up to a size; past it, fresh
+    # ones), so batches of growing and shrinking sizes follow each other; small id
+    # ranges crowd the buckets (repeats between ids that lost their bucket, and with
+    # its survivor), wide ones do not.
+    if not reuse:
+        monkeypatch.setattr(routing, "_REUSE_MAX", 0)
     rng = np.random.default_rng(15)
-    for trial in range(300):
+    for trial in range(200):
         n = int(rng.integers(900, 9000))
         span = int(rng.choice([2 * n, 50 * n, 2**62]))
         ids = rng.integers(-span, span, n, dtype=np.int64)
