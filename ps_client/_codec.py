@@ -145,3 +145,44 @@ def read_rows(
 ) -> npt.NDArray[np.float32]:
     """:func:`read_floats` viewed as ``float32[n, dim]``."""
     return read_floats(buf, response, name, n * dim, what, wire).reshape(n, dim)
+
+
+#: Smallest payload :func:`adopt` hands out in place: below it a copy costs next to
+#: nothing, and a tiny ``bytes`` may be shared (CPython keeps one of each single byte).
+ADOPT_MIN_BYTES = 1 << 16
+
+
+class _Adopted:
+    """Owner of an array over a received ``bytes``: numpy reads the memory from
+    ``__array_interface__`` and keeps this object (so the bytes) alive as the array's base."""
+
+    __slots__ = ("__array_interface__", "_buf")
+
+    def __init__(self, view: npt.NDArray[Any], buf: bytes) -> None:
+        self._buf = buf
+        self.__array_interface__ = {
+            "version": 3, "shape": view.shape, "typestr": view.dtype.str, "strides": None,
+            "data": (view.__array_interface__["data"][0], False),  # False: writable
+        }
+
+
+def adopt(view: npt.NDArray[Any], buf: bytes) -> npt.NDArray[Any] | None:
+    """``view`` (a C-contiguous, aligned read-only view into ``buf``, as
+    :func:`read_rows` gives) made writable in place, no copy; or None when it does not
+    qualify (``buf`` not a ``bytes``, the view unaligned or under
+    :data:`ADOPT_MIN_BYTES`), for the caller to copy.
+
+    The array keeps ``buf`` alive and writes into it: only for an answer the caller
+    received itself and nothing else keeps (gRPC hands each answer out as a fresh
+    ``bytes`` and never touches it again), never for request bytes, which a retry may
+    resend.
+    """
+    if (type(buf) is not bytes or view.nbytes < ADOPT_MIN_BYTES
+            or not (view.flags.c_contiguous and view.flags.aligned)):
+        return None
+    start = view.__array_interface__["data"][0]
+    base = np.frombuffer(buf, dtype=np.uint8).__array_interface__["data"][0]
+    if not base <= start <= start + view.nbytes <= base + len(buf):
+        return None  # not a view of buf
+    out: npt.NDArray[Any] = np.asarray(_Adopted(view, buf))
+    return out

@@ -15,6 +15,7 @@ order, and the answers are put back where Monolith's single process would put th
 from __future__ import annotations
 
 import operator
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -189,25 +190,73 @@ def dedup(ids: Ids) -> tuple[Ids, Positions | None]:
 _FIB_HASH: Final = np.uint64(0x9E3779B97F4A7C15)
 """2**64 / golden ratio: Fibonacci hashing spreads any id pattern over the top bits."""
 
+_scratch = threading.local()
+
+#: Largest scratch array (elements) a thread keeps between calls: 4 MiB of bucket
+#: table, enough for batches of up to 131,072 ids; bigger batches take fresh memory.
+_REUSE_MAX: Final = 1 << 20
+
+
+def _reused(name: str, size: int, dtype: type[Any]) -> Any:
+    """This thread's reusable array ``name`` cut to ``size`` elements (contents
+    undefined), or a fresh one beyond :data:`_REUSE_MAX`. Kept between calls: fresh
+    arrays of a big batch's size cost more in page faults (memory new to the process
+    each time) than the whole check in warm ones.
+    """
+    if size > _REUSE_MAX:
+        return np.empty(size, dtype=dtype)
+    array: npt.NDArray[Any] | None = getattr(_scratch, name, None)
+    if array is None or array.shape[0] < size:
+        array = np.empty(size, dtype=dtype)
+        setattr(_scratch, name, array)
+    return array[:size]
+
+
+def _positions(n: int) -> npt.NDArray[np.int32]:
+    """``arange(n)`` as int32, this thread's copy when reused."""
+    if n > _REUSE_MAX:
+        return np.arange(n, dtype=np.int32)
+    cached: npt.NDArray[np.int32] | None = getattr(_scratch, "positions", None)
+    if cached is None or cached.shape[0] < n:
+        cached = np.arange(n, dtype=np.int32)
+        _scratch.positions = cached
+    return cached[:n]
+
 
 def _may_repeat(ids: Ids) -> bool:
     """False when no id of ``ids`` repeats; True when one does (or, under 1024 ids,
     may: the caller's sort decides).
 
-    Equal ids fall in one bucket of a table of ``8 * len(ids)`` buckets, so only the
-    ids sharing a bucket with another (about 12% of distinct ids) need sorting; that
-    settles a batch without duplicates several times faster than sorting it all.
+    Every id writes its position into its bucket of a table of about ``8 * len(ids)``
+    buckets (Fibonacci hashing); one position per bucket survives. Equal ids share a
+    bucket, so a repeat is either an overwritten id equal to its bucket's survivor or
+    two overwritten ids equal to each other: only the overwritten ids (about 6% of
+    distinct ids) are compared and sorted. The table needs no clearing (every bucket
+    read was written by this call), so it is reused, as are the hashes and positions:
+    at 65,536 ids this is about twice as fast as counting buckets in fresh memory.
     """
     n = ids.shape[0]
     if n < 1024:
         return True  # a sort of so few costs less than the buckets
+    if n >= 1 << 31:
+        return True  # positions past int32: left to the sort
     bits = (8 * n - 1).bit_length()
-    bucket = ((ids.view(np.uint64) * _FIB_HASH) >> np.uint64(64 - bits)).astype(np.intp)
-    crowded = np.bincount(bucket, minlength=1 << bits)[bucket] > 1
-    if not crowded.any():
+    hashes: npt.NDArray[np.uint64] = _reused("hashes", n, np.uint64)
+    np.multiply(ids.view(np.uint64), _FIB_HASH, out=hashes)
+    np.right_shift(hashes, np.uint64(64 - bits), out=hashes)
+    bucket = hashes.view(np.int64)  # < 2**bits: the same values as signed
+    table: npt.NDArray[np.int32] = _reused("table", 1 << bits, np.int32)
+    order = _positions(n)
+    table[bucket] = order
+    survivor = table[bucket]
+    lost = np.flatnonzero(survivor != order)
+    if lost.shape[0] == 0:
         return False
-    suspects = np.sort(ids[crowded])
-    return bool((suspects[1:] == suspects[:-1]).any())
+    lost_ids = ids[lost]
+    if bool((lost_ids == ids[survivor[lost]]).any()):
+        return True
+    lost_ids.sort()
+    return bool((lost_ids[1:] == lost_ids[:-1]).any())
 
 
 def partition(ids: Ids, num_shards: int) -> list[Positions]:
@@ -221,9 +270,17 @@ def partition(ids: Ids, num_shards: int) -> list[Positions]:
     return partition_by(shard_of(ids, num_shards), num_shards)
 
 
+#: Up to this many groups :func:`partition_by` makes one pass per group rather than a sort.
+_FEW_GROUPS: Final = 4
+
+
 def partition_by(owners: npt.NDArray[np.int64], num_groups: int) -> list[Positions]:
     """Positions of each group's members (``owners[i]`` in ``[0, num_groups)``), each
     in increasing order."""
+    if num_groups <= _FEW_GROUPS:
+        # One compare and one nonzero pass per group beats a sort for so few
+        # (2 groups of 65,536: 3x faster).
+        return [np.flatnonzero(owners == g) for g in range(num_groups)]
     # A stable sort of 16-bit keys is a radix sort in numpy: linear time.
     keys = owners.astype(np.uint16) if num_groups <= 1 << 16 else owners
     order = np.argsort(keys, kind="stable")
@@ -260,14 +317,23 @@ class RowAssembly:
         self._out_rows = row_items(self.out)
         self._expansion: list[tuple[Positions, Positions]] | None = None
 
-    def add(self, shard: int, rows: Floats) -> None:
-        """Place ``rows`` (``float32[len(positions[shard]), dim]``), shard ``shard``'s answer."""
+    def add(self, shard: int, rows: Floats, *, owned: bool = False) -> None:
+        """Place ``rows`` (``float32[len(positions[shard]), dim]``), shard ``shard``'s answer.
+
+        :param owned: ``rows`` is the caller's to give away (writable, C-contiguous,
+            referenced nowhere else): when it is the whole answer already in order (one
+            shard, no duplicates) it becomes :attr:`out` as it is, with no copy.
+        """
         pos = self.positions[shard]
         if pos.size == 0 or self.dim == 0:
             return
         if len(self.positions) == 1:  # one shard answered every unique id, in order
             if self.inverse is None:
-                np.copyto(self.out, rows)
+                if owned and rows.shape == self.out.shape and rows.dtype == np.float32:
+                    self.out = rows
+                    self._out_rows = None
+                else:
+                    np.copyto(self.out, rows)
             else:
                 np.take(rows, self.inverse, axis=0, out=self.out, mode="wrap")
             return

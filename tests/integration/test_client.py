@@ -145,6 +145,23 @@ def test_assign_lookup_with_duplicates_and_negative_ids(client: PsClient) -> Non
     assert t.lookup([]).shape == (0, 2)
 
 
+def test_lookups_are_writable_and_independent(client: PsClient) -> None:
+    # A big lookup of distinct ids from one shard is handed out in place over the
+    # answer's bytes: it must be writable, survive later calls, and share nothing.
+    t = client.create_table(table_config((4,)))
+    ids = np.arange(20_000, dtype=np.int64) * 3 - 7
+    vals = np.arange(ids.size * 4, dtype=f32).reshape(-1, 4)
+    t.assign(ids, vals)
+    first = t.lookup(ids)
+    second = t.lookup(ids)
+    assert first.flags.writeable and second.flags.writeable
+    first[:] = -1
+    for _ in range(3):
+        np.testing.assert_array_equal(t.lookup(ids[::-1]), vals[::-1])
+    np.testing.assert_array_equal(second, vals)
+    assert (first == -1).all()
+
+
 def test_fan_out_hands_over_each_answer_and_raises_after_all(client: PsClient) -> None:
     """each(on_answer=...) sees every shard's answer (what lookups place rows with);
     a failing hand-over counts as that shard's failure, raised once all calls ended."""

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 
 from protos import ps_service_pb2 as pb
-from ps_client._codec import Gather, encode_request, read_floats, read_rows
+from ps_client._codec import ADOPT_MIN_BYTES, Gather, adopt, encode_request, read_floats, read_rows
 from ps_client.errors import PsInternal
 
 
@@ -93,3 +95,33 @@ def test_large_tensors_start_aligned_and_read_back_aligned() -> None:
     np.testing.assert_array_equal(rows, grads)
     assert rows.base is not None and (rows.ctypes.data - np.frombuffer(answer, np.uint8).ctypes.data
                                       ) % 16 == 0
+
+
+def test_adopted_answer_is_writable_in_place_and_keeps_its_bytes() -> None:
+    values = np.linspace(-1, 1, 4096 * 8, dtype=np.float32).reshape(4096, 8)
+    answer = encode_request(pb.LookupResponse(), values=values)
+    rows = read_rows(answer, pb.LookupResponse, "values", 4096, 8, "Lookup")
+    mine = adopt(rows, answer)
+    assert mine is not None and mine.flags.writeable and mine.flags.c_contiguous
+    assert mine.ctypes.data == rows.ctypes.data  # the same memory: no copy
+    np.testing.assert_array_equal(mine, values)
+    del answer, rows
+    gc.collect()
+    mine[0, 0] = 5.0  # the bytes are still alive, held by the array
+    assert mine[0, 0] == 5.0
+    part = mine[10:20]
+    del mine
+    gc.collect()
+    np.testing.assert_array_equal(part, values[10:20])
+
+
+def test_adopt_declines_small_foreign_or_unaligned_views() -> None:
+    small = np.arange(16, dtype=np.float32)
+    answer = encode_request(pb.LookupResponse(), values=small)
+    rows = read_rows(answer, pb.LookupResponse, "values", 16, 1, "Lookup")
+    assert adopt(rows, answer) is None  # under ADOPT_MIN_BYTES: the caller copies
+    big = np.zeros(ADOPT_MIN_BYTES, dtype=np.uint8)
+    other = bytes(ADOPT_MIN_BYTES + 8)
+    assert adopt(np.frombuffer(other, np.float32), bytearray(other)) is None  # type: ignore[arg-type]
+    assert adopt(np.frombuffer(big.tobytes(), np.float32), other) is None  # not a view of it
+    assert adopt(np.frombuffer(other, np.uint8)[1:-7].view(np.float32), other) is None

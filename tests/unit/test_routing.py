@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ps_client import routing
 from ps_client.errors import PsInvalidArgument
 from ps_client.routing import (
     FusedRoute,
@@ -248,3 +249,43 @@ def test_dedup_of_large_batches_finds_every_duplicate(n: int) -> None:
         uniq, inverse = dedup(ids)
         assert inverse is not None and uniq.size == n - 1
         np.testing.assert_array_equal(uniq[inverse], ids)
+
+
+@pytest.mark.parametrize("reuse", [True, False], ids=["reused", "fresh"])
+def test_dedup_agrees_with_unique_on_random_batches(
+    reuse: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The bucket check reuses its tables between calls (up to a size; past it, fresh
+    # ones), so batches of growing and shrinking sizes follow each other; small id
+    # ranges crowd the buckets (repeats between ids that lost their bucket, and with
+    # its survivor), wide ones do not.
+    if not reuse:
+        monkeypatch.setattr(routing, "_REUSE_MAX", 0)
+    rng = np.random.default_rng(15)
+    for trial in range(200):
+        n = int(rng.integers(900, 9000))
+        span = int(rng.choice([2 * n, 50 * n, 2**62]))
+        ids = rng.integers(-span, span, n, dtype=np.int64)
+        if trial % 2:
+            ids = rng.permutation(np.unique(ids))
+        if trial % 3 == 0:
+            ids[rng.integers(ids.size)] = ids[rng.integers(ids.size)]
+        uniq, inverse = dedup(ids)
+        expected = np.unique(ids)
+        if expected.size == ids.size:
+            assert inverse is None and uniq is ids
+        else:
+            assert inverse is not None
+            np.testing.assert_array_equal(uniq, expected)
+            np.testing.assert_array_equal(uniq[inverse], ids)
+
+
+def test_assembly_takes_an_owned_lone_answer_as_it_is() -> None:
+    answer = np.arange(12, dtype=np.float32).reshape(4, 3)
+    rows = RowAssembly([np.arange(4, dtype=np.int64)], None, 3)
+    rows.add(0, answer, owned=True)
+    assert rows.out is answer
+    copied = RowAssembly([np.arange(4, dtype=np.int64)], None, 3)
+    copied.add(0, answer)
+    assert copied.out is not answer
+    np.testing.assert_array_equal(copied.out, answer)
