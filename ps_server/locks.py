@@ -55,16 +55,29 @@ class SharedExclusiveLock:
             if not fut.done():
                 fut.set_result(None)
 
+    def _shared_may_enter(self) -> bool:
+        return not self._exclusive and not self._exclusive_waiting
+
+    async def acquire_shared(self) -> None:
+        """Enter as a shared holder (pair with :meth:`release_shared`). Uncontended,
+        this returns without suspending."""
+        if not self._shared_may_enter():
+            await self._wait_until(self._shared_may_enter)
+        self._shared += 1
+
+    def release_shared(self) -> None:
+        """Leave as a shared holder."""
+        self._shared -= 1
+        if not self._shared:
+            self._wake()
+
     @contextlib.asynccontextmanager
     async def shared(self) -> AsyncIterator[None]:
-        await self._wait_until(lambda: not self._exclusive and not self._exclusive_waiting)
-        self._shared += 1
+        await self.acquire_shared()
         try:
             yield
         finally:
-            self._shared -= 1
-            if not self._shared:
-                self._wake()
+            self.release_shared()
 
     @contextlib.asynccontextmanager
     async def exclusive(self) -> AsyncIterator[None]:
@@ -89,8 +102,7 @@ class ShardLocks:
         self._gate = SharedExclusiveLock()
         self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
 
-    @contextlib.asynccontextmanager
-    async def hold(
+    def hold(
         self,
         shard: Shard,
         *,
@@ -98,7 +110,7 @@ class ShardLocks:
         table_filters: bool = False,
         filters: Iterable[str] = (),
         exclusive: bool = False,
-    ) -> AsyncIterator[None]:
+    ) -> contextlib.AbstractAsyncContextManager[None]:
         """Hold what a piece of work on ``shard`` needs, for the ``async with`` body.
 
         :param tables: tables the work touches (each must exist).
@@ -109,19 +121,58 @@ class ShardLocks:
             exist (checked inside the gate, so a concurrent creation is seen).
         """
         if exclusive:
-            async with self._gate.exclusive():
-                yield
-            return
-        async with self._gate.shared(), contextlib.AsyncExitStack() as held:
-            keys: set[tuple[str, str]] = set()
-            for name in tables:
-                slot = shard.table_slot(name)
-                keys.add(("table", name))
-                if table_filters and slot.hash_filter:
-                    keys.add(("filter", slot.hash_filter))
-            for name in filters:
-                shard.hash_filter(name)
-                keys.add(("filter", name))
-            for key in sorted(keys):
-                await held.enter_async_context(self._locks[key])
-            yield
+            return self._gate.exclusive()
+        return _Held(self, shard, tables, table_filters, filters)
+
+
+class _Held:
+    """The shared gate plus the table and filter locks of one piece of work, as an
+    async context manager (a plain class: every data call takes one, and a generator
+    based one costs several times more; uncontended, entering never suspends)."""
+
+    __slots__ = ("_filters", "_held", "_locks", "_shard", "_table_filters", "_tables")
+
+    def __init__(self, locks: ShardLocks, shard: Shard, tables: Iterable[str],
+                 table_filters: bool, filters: Iterable[str]) -> None:
+        self._locks = locks
+        self._shard = shard
+        self._tables = tables
+        self._table_filters = table_filters
+        self._filters = filters
+        self._held: list[asyncio.Lock] = []
+
+    def _keys(self) -> list[tuple[str, str]]:
+        shard = self._shard
+        keys: set[tuple[str, str]] = set()
+        for name in self._tables:
+            slot = shard.table_slot(name)
+            keys.add(("table", name))
+            if self._table_filters and slot.hash_filter:
+                keys.add(("filter", slot.hash_filter))
+        for name in self._filters:
+            shard.hash_filter(name)
+            keys.add(("filter", name))
+        return sorted(keys)
+
+    async def __aenter__(self) -> None:
+        gate = self._locks._gate
+        await gate.acquire_shared()
+        held = self._held
+        try:
+            locks = self._locks._locks
+            for key in self._keys():
+                lock = locks[key]
+                await lock.acquire()
+                held.append(lock)
+        except BaseException:
+            self._release()
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        held = self._held
+        while held:
+            held.pop().release()
+        self._locks._gate.release_shared()

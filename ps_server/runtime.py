@@ -47,7 +47,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Protocol, TypeVar
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 from google.protobuf.message import Message
 
@@ -211,6 +211,68 @@ def keep_freed_memory() -> bool:
     return ok
 
 
+class _Job(Generic[_T]):
+    """One piece of engine work handed to the executor, answered on the event loop.
+
+    Lighter than ``loop.run_in_executor`` plus ``asyncio.shield`` (one future instead
+    of three chained ones, one callback per call): the worker thread runs ``work``
+    and hands its result or exception to the loop, which sets :attr:`future` unless
+    the caller was cancelled meanwhile, and marks the job ended either way.
+
+    :param check: ``check(rpc, result)`` runs on the worker thread after ``work``
+        when ``rpc`` is not None (the answer's size limit).
+    """
+
+    __slots__ = ("_check", "_ended", "_ended_waiter", "_loop", "_rpc", "_work", "future")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, work: Callable[[], _T],
+                 rpc: str | None, check: Callable[[str, object], None]) -> None:
+        self._loop = loop
+        self._work = work
+        self._rpc = rpc
+        self._check = check
+        self._ended = False
+        self._ended_waiter: asyncio.Future[None] | None = None
+        self.future: asyncio.Future[_T] = loop.create_future()
+
+    def run(self) -> None:
+        """On the worker thread: run the work, hand its outcome to the loop."""
+        try:
+            result = self._work()
+            if self._rpc is not None:
+                self._check(self._rpc, result)
+        except BaseException as e:  # handed to the awaiting coroutine, as an executor does
+            self._hand_over(None, e)
+            return
+        self._hand_over(result, None)
+
+    def _hand_over(self, result: Any, error: BaseException | None) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            self._loop.call_soon_threadsafe(self._deliver, result, error)
+
+    def _deliver(self, result: Any, error: BaseException | None) -> None:
+        self._ended = True
+        waiter = self._ended_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        future = self.future
+        if future.cancelled():
+            return
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+    async def ended(self) -> None:
+        """Return once the work ended, whatever cancellations arrive meanwhile."""
+        if self._ended:
+            return
+        waiter = self._ended_waiter = self._loop.create_future()
+        while not self._ended:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([waiter])
+
+
 class ShardRuntime:
     """Execution, locks, exactly-once, paths and operations of one :class:`Shard`.
 
@@ -354,20 +416,13 @@ class ShardRuntime:
             )
 
     async def _execute(self, rpc: str, work: Callable[[], _T], *, checked: bool = True) -> _T:
-        def sized() -> _T:
-            result = work()
-            self._check_size(rpc, result)
-            return result
-
-        fut = asyncio.get_running_loop().run_in_executor(self.executor,
-                                                         sized if checked else work)
+        job = _Job(asyncio.get_running_loop(), work, rpc if checked else None, self._check_size)
+        self.executor.submit(job.run)
         try:
-            return await asyncio.shield(fut)
+            return await job.future
         except asyncio.CancelledError:
             # The engine call cannot be interrupted: keep the locks until it is done.
-            while not fut.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait([fut])
+            await job.ended()
             raise
 
     def path(self, path: str, what: str, *, prefix: bool = True) -> str:

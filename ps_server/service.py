@@ -379,8 +379,11 @@ def add_servicer_to_server(servicer: ParameterServerServicer, server: Any) -> No
 
     Like the generated ``add_ParameterServerServicer_to_server``, except that the
     :data:`~protos.contract.BULK_RPCS` parse their requests with
-    :class:`~ps_server.codec.BulkRequestParser` and every answer may be pre-encoded
-    ``bytes`` (:func:`~ps_server.codec.to_wire`).
+    :class:`~ps_server.codec.BulkRequestParser`, every answer may be pre-encoded
+    ``bytes`` (:func:`~ps_server.codec.to_wire`), and the methods are not registered
+    with ``add_registered_method_handlers``: grpc.aio waits on one pending request
+    per registered method for every call it accepts (see ``ps_server.server``), and
+    the generic handler serves the same methods.
     """
     handlers = {}
     for method in contract.DATA_SERVICE.methods:
@@ -397,4 +400,3 @@ def add_servicer_to_server(servicer: ParameterServerServicer, server: Any) -> No
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
     )
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
