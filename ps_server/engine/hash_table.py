@@ -350,8 +350,18 @@ class EmbeddingHashTable:
         for seg in self.layout.segments:
             if seg.optimizer is not None:
                 seg.optimizer.check_step(step)
+        # Whether the rows to step are known distinct (then no duplicate search later):
+        # deduplicated ids are; otherwise, when every id is present, one marking pass
+        # over the found rows settles it and spares both the repeat check and the
+        # optimizer's duplicate search.
+        distinct = enable_dedup
+        found: Rows | None = None
         if not enable_dedup:
-            self.check_repeats(ids_)
+            found = self._index.find(ids_)
+            if ids_.size and bool((found >= 0).all()):
+                distinct = self._rows_distinct(found)
+            if not distinct:
+                self.check_repeats(ids_)
         if ids_.size == 0:
             self._advance_clock(req)
             return
@@ -366,7 +376,7 @@ class EmbeddingHashTable:
             ids_, g = uniq[order], summed
         else:
             counts = np.ones(ids_.shape[0], dtype=np.uint32)
-        rows = self._index.find(ids_)
+        rows = self._index.find(ids_) if found is None else found
         self._check_capacity(ids_, rows)
         self._advance_clock(req)
         admitted = self._gate_each(ids_, rows, counts)
@@ -379,7 +389,8 @@ class EmbeddingHashTable:
             self.layout.optimize_entrywise(self._values, self._states, rows, g, lrs, step)
         else:
             for seg, state, lr in zip(self.layout.segments, self._states, lrs, strict=True):
-                self._optimize_segment(seg, state, rows, g[:, seg.columns], float(lr), step)
+                self._optimize_segment(seg, state, rows, g[:, seg.columns], float(lr), step,
+                                       distinct=distinct)
         self._timestamps[rows] = np.uint32(req & _UINT32_MASK)
 
     # ------------------------------------------------------- bulk state access
@@ -709,13 +720,35 @@ class EmbeddingHashTable:
             rows = self._index.find(ids)
         return ids, vals, rows
 
+    def _rows_distinct(self, rows: Rows) -> bool:
+        """Whether no row repeats in ``rows`` (valid rows), in O(len(rows)).
+
+        The timestamp column serves as scratch: each row's slot gets the position of
+        its last occurrence, and a row repeats iff some position reads back another's.
+        The timestamps are put back before returning. Cheaper than hashing the ids
+        (has_duplicates, repeated_more_than): three gathers/scatters of uint32."""
+        n = rows.shape[0]
+        if n < 2:
+            return True
+        if n > _UINT32_MASK:
+            return not has_duplicates(rows)
+        ts = self._timestamps
+        old = ts.take(rows)
+        mark = np.arange(n, dtype=np.uint32)
+        ts.put(rows, mark)
+        same = bool(np.array_equal(ts.take(rows), mark))
+        ts.put(rows, old)
+        return same
+
     def _optimize_segment(
-        self, seg: Segment, state: State, rows: Rows, grads: Floats, lr: float, step: int
+        self, seg: Segment, state: State, rows: Rows, grads: Floats, lr: float, step: int,
+        *, distinct: bool = False,
     ) -> None:
         assert seg.optimizer is not None
         view = self._values[:, seg.columns]
         if isinstance(seg.retriever, RawRetriever):
-            seg.optimizer.apply_sequential(view, state, rows, np.ascontiguousarray(grads), lr, step)
+            seg.optimizer.apply_sequential(view, state, rows, np.ascontiguousarray(grads), lr,
+                                           step, distinct=distinct)
             return
         # A transforming retriever's backward reads the current value, so each wave
         # (k-th occurrence of every row) is transformed then applied.

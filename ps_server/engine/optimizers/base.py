@@ -102,11 +102,14 @@ class Optimizer(abc.ABC):
         grads: Floats,
         lr: float,
         global_step: int,
+        *,
+        distinct: bool = False,
     ) -> None:
         """Apply one step per (row, grad) pair, in order, duplicates included.
 
         ``values`` is the segment's storage view ``[capacity, dim]`` and ``state`` the
-        full state storage; ``rows`` may repeat.
+        full state storage; ``rows`` may repeat, unless the caller knows they do not
+        and says so with ``distinct`` (the duplicate search is then skipped).
 
         Optimizers with a run form (:meth:`has_run_form`) step every row through all
         its occurrences at once (:func:`apply_in_runs`). The others are applied in
@@ -116,7 +119,7 @@ class Optimizer(abc.ABC):
         """
         if rows.size == 0:
             return
-        if not has_duplicates(rows):
+        if distinct or not has_duplicates(rows):
             self._apply_rows(values, state, rows, grads, lr, global_step)
             return
         if self.has_run_form():

@@ -257,3 +257,29 @@ def test_has_duplicates_is_exact(n: int) -> None:
             twice = rows.copy()
             twice[b] = twice[a]
             assert has_duplicates(twice)
+
+
+def test_present_ids_found_distinct_or_repeated_by_marking_rows() -> None:
+    """When every id is present, apply_gradients settles duplicates from the found rows
+    (the timestamp column as scratch): distinct batches, repeated ones and refused ones
+    give the sequential bits and leave no trace in the timestamps."""
+    table = EmbeddingHashTable(configs.table_config(2, optimizer=ADAM), name="t")
+    base = np.arange(3000, dtype=np.int64) * 7
+    table.assign(base, np.ones((3000, 2), np.float32), req_time=5)
+    ref = EmbeddingHashTable(configs.table_config(2, optimizer=ADAM), name="ref")
+    ref.assign(base, np.ones((3000, 2), np.float32), req_time=5)
+    rng = np.random.default_rng(3)
+    for ids in (rng.permutation(base)[:2000], np.r_[base[:1500], base[:1500]]):
+        grads = rng.standard_normal((ids.size, 2)).astype(np.float32)
+        table.apply_gradients(ids, grads, [0.1], 1, req_time=9)
+        # The reference steps each occurrence alone, in order.
+        for k in range(ids.size):
+            ref.apply_gradients(ids[k : k + 1], grads[k : k + 1], [0.1], 1, req_time=9)
+        assert table.lookup(base).tobytes() == ref.lookup(base).tobytes()
+        assert table._timestamps[:3000].tolist() == ref._timestamps[:3000].tolist()
+    before = table._timestamps.copy(), table.lookup(base)
+    hot = np.r_[np.full(REPEAT_FLOOR + 1, base[5]), base[10:20]]
+    with pytest.raises(ResourceExhaustedError, match=f"id {base[5]} occurs"):
+        table.apply_gradients(hot, np.ones((hot.size, 2), np.float32), [0.1], 1, req_time=11)
+    assert table._timestamps.tolist() == before[0].tolist()
+    assert table.lookup(base).tobytes() == before[1].tobytes()
