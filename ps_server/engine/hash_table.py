@@ -356,11 +356,15 @@ class EmbeddingHashTable:
         # optimizer's duplicate search.
         distinct = enable_dedup
         found: Rows | None = None
+        repeated: Mask | None = None
         if not enable_dedup:
             found = self._index.find(ids_)
             if ids_.size and bool((found >= 0).all()):
-                distinct = self._rows_distinct(found)
-            if not distinct:
+                repeated = self._repeated_positions(found)
+                distinct = repeated is None
+                if repeated is not None:
+                    self.check_repeats(ids_, suspects=ids_[repeated])
+            else:
                 self.check_repeats(ids_)
         if ids_.size == 0:
             self._advance_clock(req)
@@ -390,7 +394,7 @@ class EmbeddingHashTable:
         else:
             for seg, state, lr in zip(self.layout.segments, self._states, lrs, strict=True):
                 self._optimize_segment(seg, state, rows, g[:, seg.columns], float(lr), step,
-                                       distinct=distinct)
+                                       distinct=distinct, repeated=repeated)
         self._timestamps[rows] = np.uint32(req & _UINT32_MASK)
 
     # ------------------------------------------------------- bulk state access
@@ -570,16 +574,19 @@ class EmbeddingHashTable:
         cost, _ = self.repeat_cost()
         return max(self.repeat_floor, n // cost) if cost else None
 
-    def check_repeats(self, ids: Ids) -> None:
+    def check_repeats(self, ids: Ids, *, suspects: Ids | None = None) -> None:
         """Refuse, before any change, a request repeating one id more often than
-        :meth:`repeat_limit` allows for its size."""
+        :meth:`repeat_limit` allows for its size.
+
+        :param suspects: when known, the ids of ``ids`` that may repeat, with all
+            their occurrences (the others occur once): only they are counted."""
         if ids.size <= self.repeat_floor:
             return
         cost, names = self.repeat_cost()
         if not cost:
             return
         limit = max(self.repeat_floor, ids.size // cost)
-        hot = repeated_more_than(ids, limit)
+        hot = repeated_more_than(ids if suspects is None else suspects, limit)
         if hot is not None:
             count, worst = hot
             raise ResourceExhaustedError(
@@ -720,35 +727,40 @@ class EmbeddingHashTable:
             rows = self._index.find(ids)
         return ids, vals, rows
 
-    def _rows_distinct(self, rows: Rows) -> bool:
-        """Whether no row repeats in ``rows`` (valid rows), in O(len(rows)).
+    def _repeated_positions(self, rows: Rows) -> Mask | None:
+        """The positions of ``rows`` (valid rows) whose row occurs more than once, or
+        None when no row repeats; O(len(rows)), no hashing or sorting.
 
         The timestamp column serves as scratch: each row's slot gets the position of
-        its last occurrence, and a row repeats iff some position reads back another's.
-        The timestamps are put back before returning. Cheaper than hashing the ids
-        (has_duplicates, repeated_more_than): three gathers/scatters of uint32."""
+        one of its occurrences (the last written), so a position reading back another
+        is an occurrence of a repeated row, and what it reads is one more. The
+        timestamps are put back before returning."""
         n = rows.shape[0]
         if n < 2:
-            return True
+            return None
         if n > _UINT32_MASK:
-            return not has_duplicates(rows)
+            return np.ones(n, dtype=bool) if has_duplicates(rows) else None
         ts = self._timestamps
         old = ts.take(rows)
         mark = np.arange(n, dtype=np.uint32)
         ts.put(rows, mark)
-        same = bool(np.array_equal(ts.take(rows), mark))
+        back = ts.take(rows)
         ts.put(rows, old)
-        return same
+        repeated = back != mark
+        if not repeated.any():
+            return None
+        repeated[back[repeated]] = True
+        return repeated
 
     def _optimize_segment(
         self, seg: Segment, state: State, rows: Rows, grads: Floats, lr: float, step: int,
-        *, distinct: bool = False,
+        *, distinct: bool = False, repeated: Mask | None = None,
     ) -> None:
         assert seg.optimizer is not None
         view = self._values[:, seg.columns]
         if isinstance(seg.retriever, RawRetriever):
             seg.optimizer.apply_sequential(view, state, rows, np.ascontiguousarray(grads), lr,
-                                           step, distinct=distinct)
+                                           step, distinct=distinct, repeated=repeated)
             return
         # A transforming retriever's backward reads the current value, so each wave
         # (k-th occurrence of every row) is transformed then applied.

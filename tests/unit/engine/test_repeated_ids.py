@@ -279,7 +279,26 @@ def test_present_ids_found_distinct_or_repeated_by_marking_rows() -> None:
         assert table._timestamps[:3000].tolist() == ref._timestamps[:3000].tolist()
     before = table._timestamps.copy(), table.lookup(base)
     hot = np.r_[np.full(REPEAT_FLOOR + 1, base[5]), base[10:20]]
-    with pytest.raises(ResourceExhaustedError, match=f"id {base[5]} occurs"):
+    with pytest.raises(ResourceExhaustedError,
+                       match=f"id {base[5]} occurs {REPEAT_FLOOR + 1} times"):
         table.apply_gradients(hot, np.ones((hot.size, 2), np.float32), [0.1], 1, req_time=11)
     assert table._timestamps.tolist() == before[0].tolist()
     assert table.lookup(base).tobytes() == before[1].tobytes()
+
+
+def test_repeated_positions_are_exactly_the_occurrences_of_repeated_rows() -> None:
+    table = EmbeddingHashTable(configs.table_config(2, optimizer=ADAM), name="t")
+    table.assign(np.arange(500, dtype=np.int64), np.ones((500, 2), np.float32), req_time=4)
+    ts = table._timestamps.copy()
+    rng = np.random.default_rng(5)
+    for n, high in ((1, 500), (2, 1), (300, 500), (400, 20), (500, 500)):
+        rows = rng.integers(0, high, n).astype(np.int64)
+        got = table._repeated_positions(rows)
+        _, inverse, counts = np.unique(rows, return_inverse=True, return_counts=True)
+        want = counts[inverse] > 1
+        if not want.any():
+            assert got is None
+        else:
+            assert got is not None and got.tolist() == want.tolist()
+        assert table._timestamps.tolist() == ts.tolist()
+    assert table._repeated_positions(np.arange(500, dtype=np.int64)) is None
