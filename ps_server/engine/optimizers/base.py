@@ -123,7 +123,7 @@ class Optimizer(abc.ABC):
         """
         if rows.size == 0:
             return
-        if distinct or not has_duplicates(rows):
+        if distinct or not (has_duplicates(rows) if repeated is None else repeated.any()):
             self._apply_rows(values, state, rows, grads, lr, global_step)
             return
         if self.has_run_form():
