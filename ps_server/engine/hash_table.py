@@ -350,22 +350,13 @@ class EmbeddingHashTable:
         for seg in self.layout.segments:
             if seg.optimizer is not None:
                 seg.optimizer.check_step(step)
-        # Whether the rows to step are known distinct (then no duplicate search later):
-        # deduplicated ids are; otherwise, when every id is present, one marking pass
-        # over the found rows settles it and spares both the repeat check and the
-        # optimizer's duplicate search.
-        distinct = enable_dedup
         found: Rows | None = None
-        repeated: Mask | None = None
         if not enable_dedup:
             found = self._index.find(ids_)
             if ids_.size and bool((found >= 0).all()):
-                repeated = self._repeated_positions(found)
-                distinct = repeated is None
-                if repeated is not None:
-                    self.check_repeats(ids_, suspects=ids_[repeated])
-            else:
-                self.check_repeats(ids_)
+                self._apply_present(ids_, found, g, lrs, step, req)
+                return
+            self.check_repeats(ids_)
         if ids_.size == 0:
             self._advance_clock(req)
             return
@@ -394,7 +385,30 @@ class EmbeddingHashTable:
         else:
             for seg, state, lr in zip(self.layout.segments, self._states, lrs, strict=True):
                 self._optimize_segment(seg, state, rows, g[:, seg.columns], float(lr), step,
-                                       distinct=distinct, repeated=repeated)
+                                       distinct=enable_dedup)
+        self._timestamps[rows] = np.uint32(req & _UINT32_MASK)
+
+    def _apply_present(self, ids: Ids, rows: Rows, grads: Floats,
+                       lrs: npt.NDArray[np.float32], step: int, req: int) -> None:
+        """apply_gradients (without dedup) when every id is present: no filter, no
+        insert, and duplicates settled once from the rows (:meth:`_mark_rows`), which
+        spares both the repeat check's and the optimizer's hashing of the batch."""
+        old, repeated = self._mark_rows(rows)
+        try:
+            if repeated is not None:
+                self.check_repeats(ids, suspects=ids[repeated])
+            self._advance_clock(req)
+            if self.layout.entrywise:  # monolith_quirks with stochastic rounding
+                self.layout.optimize_entrywise(self._values, self._states, rows, grads, lrs,
+                                               step)
+            else:
+                for seg, state, lr in zip(self.layout.segments, self._states, lrs,
+                                          strict=True):
+                    self._optimize_segment(seg, state, rows, grads[:, seg.columns], float(lr),
+                                           step, distinct=repeated is None, repeated=repeated)
+        except BaseException:
+            self._timestamps.put(rows, old)  # the marks never outlive the call
+            raise
         self._timestamps[rows] = np.uint32(req & _UINT32_MASK)
 
     # ------------------------------------------------------- bulk state access
@@ -727,30 +741,29 @@ class EmbeddingHashTable:
             rows = self._index.find(ids)
         return ids, vals, rows
 
-    def _repeated_positions(self, rows: Rows) -> Mask | None:
-        """The positions of ``rows`` (valid rows) whose row occurs more than once, or
-        None when no row repeats; O(len(rows)), no hashing or sorting.
+    def _mark_rows(self, rows: Rows) -> tuple[npt.NDArray[np.uint32], Mask | None]:
+        """Find, in O(len(rows)) without hashing or sorting, the positions of ``rows``
+        (valid rows) whose row occurs more than once (None when no row repeats).
 
         The timestamp column serves as scratch: each row's slot gets the position of
         one of its occurrences (the last written), so a position reading back another
-        is an occurrence of a repeated row, and what it reads is one more. The
-        timestamps are put back before returning."""
+        is an occurrence of a repeated row, and what it reads is one more. The marks
+        are left in place: returns the old timestamps, which the caller must write
+        back or overwrite before returning (apply_gradients sets them to the request
+        time anyway)."""
         n = rows.shape[0]
-        if n < 2:
-            return None
-        if n > _UINT32_MASK:
-            return np.ones(n, dtype=bool) if has_duplicates(rows) else None
         ts = self._timestamps
         old = ts.take(rows)
+        if n > _UINT32_MASK:
+            return old, (np.ones(n, dtype=bool) if has_duplicates(rows) else None)
         mark = np.arange(n, dtype=np.uint32)
         ts.put(rows, mark)
         back = ts.take(rows)
-        ts.put(rows, old)
         repeated = back != mark
         if not repeated.any():
-            return None
+            return old, None
         repeated[back[repeated]] = True
-        return repeated
+        return old, repeated
 
     def _optimize_segment(
         self, seg: Segment, state: State, rows: Rows, grads: Floats, lr: float, step: int,

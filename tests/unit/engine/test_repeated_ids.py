@@ -286,14 +286,16 @@ def test_present_ids_found_distinct_or_repeated_by_marking_rows() -> None:
     assert table.lookup(base).tobytes() == before[1].tobytes()
 
 
-def test_repeated_positions_are_exactly_the_occurrences_of_repeated_rows() -> None:
+def test_marking_finds_exactly_the_occurrences_of_repeated_rows() -> None:
     table = EmbeddingHashTable(configs.table_config(2, optimizer=ADAM), name="t")
     table.assign(np.arange(500, dtype=np.int64), np.ones((500, 2), np.float32), req_time=4)
     ts = table._timestamps.copy()
     rng = np.random.default_rng(5)
     for n, high in ((1, 500), (2, 1), (300, 500), (400, 20), (500, 500)):
         rows = rng.integers(0, high, n).astype(np.int64)
-        got = table._repeated_positions(rows)
+        old, got = table._mark_rows(rows)
+        assert old.tolist() == ts[rows].tolist()
+        table._timestamps.put(rows, old)
         _, inverse, counts = np.unique(rows, return_inverse=True, return_counts=True)
         want = counts[inverse] > 1
         if not want.any():
@@ -301,4 +303,23 @@ def test_repeated_positions_are_exactly_the_occurrences_of_repeated_rows() -> No
         else:
             assert got is not None and got.tolist() == want.tolist()
         assert table._timestamps.tolist() == ts.tolist()
-    assert table._repeated_positions(np.arange(500, dtype=np.int64)) is None
+    assert table._mark_rows(np.arange(500, dtype=np.int64))[1] is None
+
+
+def test_present_ids_apply_that_fails_midway_restores_the_timestamps(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    table = EmbeddingHashTable(configs.table_config(2, optimizer=configs.sgd()), name="t")
+    ids = np.arange(100, dtype=np.int64)
+    table.assign(ids, np.ones((100, 2), np.float32), req_time=7)
+    ts = table._timestamps.copy()
+    opt = table.layout.segments[0].optimizer
+    assert opt is not None
+
+    def boom(*args: Any, **kwargs: Any) -> None:
+        raise MemoryError("no room")
+
+    monkeypatch.setattr(opt, "apply_sequential", boom)
+    with pytest.raises(MemoryError):
+        table.apply_gradients(np.r_[ids, ids[:3]], np.ones((103, 2), np.float32), [0.1],
+                              req_time=9)
+    assert table._timestamps.tolist() == ts.tolist()
