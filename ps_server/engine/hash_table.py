@@ -407,7 +407,7 @@ class EmbeddingHashTable:
                     self._optimize_segment(seg, state, rows, grads[:, seg.columns], float(lr),
                                            step, distinct=repeated is None, repeated=repeated)
         except BaseException:
-            self._timestamps.put(rows, old)  # the marks never outlive the call
+            self._timestamps[rows] = old  # the marks never outlive the call
             raise
         self._timestamps[rows] = np.uint32(req & _UINT32_MASK)
 
@@ -753,12 +753,12 @@ class EmbeddingHashTable:
         time anyway)."""
         n = rows.shape[0]
         ts = self._timestamps
-        old = ts.take(rows)
+        old = ts[rows]
         if n > _UINT32_MASK:
             return old, (np.ones(n, dtype=bool) if has_duplicates(rows) else None)
         mark = np.arange(n, dtype=np.uint32)
-        ts.put(rows, mark)
-        back = ts.take(rows)
+        ts[rows] = mark  # fancy indexing: several times faster than put/take on 1-D
+        back = ts[rows]
         repeated = back != mark
         if not repeated.any():
             return old, None

@@ -295,7 +295,7 @@ def test_marking_finds_exactly_the_occurrences_of_repeated_rows() -> None:
         rows = rng.integers(0, high, n).astype(np.int64)
         old, got = table._mark_rows(rows)
         assert old.tolist() == ts[rows].tolist()
-        table._timestamps.put(rows, old)
+        table._timestamps[rows] = old
         _, inverse, counts = np.unique(rows, return_inverse=True, return_counts=True)
         want = counts[inverse] > 1
         if not want.any():
