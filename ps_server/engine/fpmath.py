@@ -36,9 +36,15 @@ _F32_HALFWAY = np.uint64(1 << 28)  # ... when the float64 is a float32 halfway p
 _F32_MIN_NORMAL = 2.0**-126
 
 
-def fma32(a: Any, b: Any, c: Any) -> npt.NDArray[np.float32]:
+def fma32(a: Any, b: Any, c: Any, out: npt.NDArray[np.float32] | None = None
+          ) -> npt.NDArray[np.float32]:
     """``a*b + c`` with one rounding to float32 (inputs are taken as float32; they
     broadcast).
+
+    :param out: a C-contiguous ``float32`` array of the broadcast shape to write the
+        result into (and return), saving an allocation and a copy when the caller has
+        a buffer; it may be one of the inputs (the result then goes through a
+        temporary).
 
     The float64 ``s = a*b + c`` rounded to float32 is already the FMA unless ``s`` is
     a float32 halfway point (its 29 low mantissa bits ``1000…0``) or in float32's
@@ -47,20 +53,35 @@ def fma32(a: Any, b: Any, c: Any) -> npt.NDArray[np.float32]:
     :data:`FMA_BLOCK` elements keep the float64 scratch in cache.
     """
     a32, b32, c32 = (np.asarray(x, dtype=np.float32) for x in (a, b, c))
+    if out is not None:
+        if not (out.dtype == np.float32 and out.flags.c_contiguous
+                and out.shape == np.broadcast_shapes(a32.shape, b32.shape, c32.shape)):
+            raise ValueError("fma32: out must be C-contiguous float32 of the result's shape")
+        if any(np.shares_memory(out, x) for x in (a32, b32, c32)):
+            out[...] = fma32(a32, b32, c32)
+            return out
     if (a32.ndim == 0 and a32 == 0) or (b32.ndim == 0 and b32 == 0):
         # A zero factor (e.g. a weight decay of 0): the float32 product is exact (±0,
         # or NaN against inf/NaN), so adding c rounds once, as the FMA does.
         with np.errstate(invalid="ignore"):
+            if out is not None:
+                np.multiply(a32, b32, out=out)
+                np.add(out, c32, out=out)
+                return out
             return np.asarray(a32 * b32 + c32, dtype=np.float32)
     if a32.size <= _SMALL and b32.size <= _SMALL and c32.size <= _SMALL:
-        return _fma32_small(a32, b32, c32)
+        small = _fma32_small(a32, b32, c32)
+        if out is None:
+            return small
+        out[...] = small
+        return out
     square = a32 is b32 and a32.ndim > 0  # fma32(g, g, c): widen g once
     shape = np.broadcast_shapes(a32.shape, b32.shape, c32.shape)
     flat = [x if x.ndim == 0 else np.broadcast_to(x, shape).reshape(-1) for x in (a32, b32, c32)]
     if flat[0].ndim == 0 and flat[1].ndim != 0:
         flat[0], flat[1] = flat[1], flat[0]  # a scalar factor goes second
     n = int(np.prod(shape, dtype=np.int64))
-    out = np.empty(n, dtype=np.float32)
+    result = np.empty(n, dtype=np.float32) if out is None else out.reshape(-1)
     size = min(FMA_BLOCK, max(n, 1))
     scratch = np.empty(size, dtype=np.float64)
     other = np.empty(size, dtype=np.float64)
@@ -93,7 +114,7 @@ def fma32(a: Any, b: Any, c: Any) -> npt.NDArray[np.float32]:
                 np.add(s, t, out=s)
             else:
                 np.add(s, fc, out=s)
-            o = out[lo:hi]
+            o = result[lo:hi]
             np.copyto(o, s, casting="same_kind")
             # Float32 halfway points: the 29 mantissa bits a float32 drops are 1000...0.
             bits = t.view(np.uint64)  # t is free again
@@ -110,7 +131,7 @@ def fma32(a: Any, b: Any, c: Any) -> npt.NDArray[np.float32]:
                 at = np.flatnonzero(suspect)
                 pick = [x if x.ndim == 0 else x[lo:hi][at] for x in (xa, xb, xc)]
                 o[at] = _fma32_exact(*pick)
-    return out.reshape(shape)
+    return result.reshape(shape) if out is None else out
 
 
 #: Inputs up to this many elements take :func:`_fma32_small`: a few numpy calls on

@@ -350,7 +350,12 @@ class EmbeddingHashTable:
         for seg in self.layout.segments:
             if seg.optimizer is not None:
                 seg.optimizer.check_step(step)
+        found: Rows | None = None
         if not enable_dedup:
+            found = self._index.find(ids_)
+            if ids_.size and bool((found >= 0).all()):
+                self._apply_present(ids_, found, g, lrs, step, req)
+                return
             self.check_repeats(ids_)
         if ids_.size == 0:
             self._advance_clock(req)
@@ -366,7 +371,7 @@ class EmbeddingHashTable:
             ids_, g = uniq[order], summed
         else:
             counts = np.ones(ids_.shape[0], dtype=np.uint32)
-        rows = self._index.find(ids_)
+        rows = self._index.find(ids_) if found is None else found
         self._check_capacity(ids_, rows)
         self._advance_clock(req)
         admitted = self._gate_each(ids_, rows, counts)
@@ -379,7 +384,31 @@ class EmbeddingHashTable:
             self.layout.optimize_entrywise(self._values, self._states, rows, g, lrs, step)
         else:
             for seg, state, lr in zip(self.layout.segments, self._states, lrs, strict=True):
-                self._optimize_segment(seg, state, rows, g[:, seg.columns], float(lr), step)
+                self._optimize_segment(seg, state, rows, g[:, seg.columns], float(lr), step,
+                                       distinct=enable_dedup)
+        self._timestamps[rows] = np.uint32(req & _UINT32_MASK)
+
+    def _apply_present(self, ids: Ids, rows: Rows, grads: Floats,
+                       lrs: npt.NDArray[np.float32], step: int, req: int) -> None:
+        """apply_gradients (without dedup) when every id is present: no filter, no
+        insert, and duplicates settled once from the rows (:meth:`_mark_rows`), which
+        spares both the repeat check's and the optimizer's hashing of the batch."""
+        old, repeated = self._mark_rows(rows)
+        try:
+            if repeated is not None:
+                self.check_repeats(ids, suspects=ids[repeated])
+            self._advance_clock(req)
+            if self.layout.entrywise:  # monolith_quirks with stochastic rounding
+                self.layout.optimize_entrywise(self._values, self._states, rows, grads, lrs,
+                                               step)
+            else:
+                for seg, state, lr in zip(self.layout.segments, self._states, lrs,
+                                          strict=True):
+                    self._optimize_segment(seg, state, rows, grads[:, seg.columns], float(lr),
+                                           step, distinct=repeated is None, repeated=repeated)
+        except BaseException:
+            self._timestamps[rows] = old  # the marks never outlive the call
+            raise
         self._timestamps[rows] = np.uint32(req & _UINT32_MASK)
 
     # ------------------------------------------------------- bulk state access
@@ -559,16 +588,19 @@ class EmbeddingHashTable:
         cost, _ = self.repeat_cost()
         return max(self.repeat_floor, n // cost) if cost else None
 
-    def check_repeats(self, ids: Ids) -> None:
+    def check_repeats(self, ids: Ids, *, suspects: Ids | None = None) -> None:
         """Refuse, before any change, a request repeating one id more often than
-        :meth:`repeat_limit` allows for its size."""
+        :meth:`repeat_limit` allows for its size.
+
+        :param suspects: when known, the ids of ``ids`` that may repeat, with all
+            their occurrences (the others occur once): only they are counted."""
         if ids.size <= self.repeat_floor:
             return
         cost, names = self.repeat_cost()
         if not cost:
             return
         limit = max(self.repeat_floor, ids.size // cost)
-        hot = repeated_more_than(ids, limit)
+        hot = repeated_more_than(ids if suspects is None else suspects, limit)
         if hot is not None:
             count, worst = hot
             raise ResourceExhaustedError(
@@ -709,13 +741,39 @@ class EmbeddingHashTable:
             rows = self._index.find(ids)
         return ids, vals, rows
 
+    def _mark_rows(self, rows: Rows) -> tuple[npt.NDArray[np.uint32], Mask | None]:
+        """Find, in O(len(rows)) without hashing or sorting, the positions of ``rows``
+        (valid rows) whose row occurs more than once (None when no row repeats).
+
+        The timestamp column serves as scratch: each row's slot gets the position of
+        one of its occurrences (the last written), so a position reading back another
+        is an occurrence of a repeated row, and what it reads is one more. The marks
+        are left in place: returns the old timestamps, which the caller must write
+        back or overwrite before returning (apply_gradients sets them to the request
+        time anyway)."""
+        n = rows.shape[0]
+        ts = self._timestamps
+        old = ts[rows]
+        if n > _UINT32_MASK:
+            return old, (np.ones(n, dtype=bool) if has_duplicates(rows) else None)
+        mark = np.arange(n, dtype=np.uint32)
+        ts[rows] = mark  # fancy indexing: several times faster than put/take on 1-D
+        back = ts[rows]
+        repeated = back != mark
+        if not repeated.any():
+            return old, None
+        repeated[back[repeated]] = True
+        return old, repeated
+
     def _optimize_segment(
-        self, seg: Segment, state: State, rows: Rows, grads: Floats, lr: float, step: int
+        self, seg: Segment, state: State, rows: Rows, grads: Floats, lr: float, step: int,
+        *, distinct: bool = False, repeated: Mask | None = None,
     ) -> None:
         assert seg.optimizer is not None
         view = self._values[:, seg.columns]
         if isinstance(seg.retriever, RawRetriever):
-            seg.optimizer.apply_sequential(view, state, rows, np.ascontiguousarray(grads), lr, step)
+            seg.optimizer.apply_sequential(view, state, rows, np.ascontiguousarray(grads), lr,
+                                           step, distinct=distinct, repeated=repeated)
             return
         # A transforming retriever's backward reads the current value, so each wave
         # (k-th occurrence of every row) is transformed then applied.

@@ -102,11 +102,18 @@ class Optimizer(abc.ABC):
         grads: Floats,
         lr: float,
         global_step: int,
+        *,
+        distinct: bool = False,
+        repeated: npt.NDArray[np.bool_] | None = None,
     ) -> None:
         """Apply one step per (row, grad) pair, in order, duplicates included.
 
         ``values`` is the segment's storage view ``[capacity, dim]`` and ``state`` the
-        full state storage; ``rows`` may repeat.
+        full state storage; ``rows`` may repeat, unless the caller knows they do not
+        and says so with ``distinct`` (the duplicate search is then skipped). A caller
+        that knows which positions may repeat passes them as ``repeated`` (a mask
+        covering every occurrence of every repeated row; the others occur once), so
+        only those are sorted.
 
         Optimizers with a run form (:meth:`has_run_form`) step every row through all
         its occurrences at once (:func:`apply_in_runs`). The others are applied in
@@ -116,14 +123,14 @@ class Optimizer(abc.ABC):
         """
         if rows.size == 0:
             return
-        if not has_duplicates(rows):
+        if distinct or not (has_duplicates(rows) if repeated is None else repeated.any()):
             self._apply_rows(values, state, rows, grads, lr, global_step)
             return
         if self.has_run_form():
-            apply_in_runs(self, values, state, rows, grads, lr, global_step)
+            apply_in_runs(self, values, state, rows, grads, lr, global_step, repeated)
             return
         if self.rows_independent:
-            self._apply_compact_waves(values, state, rows, grads, lr, global_step)
+            self._apply_compact_waves(values, state, rows, grads, lr, global_step, repeated)
             return
         for wave in occurrence_waves(rows):
             self._apply_rows(values, state, rows[wave], grads[wave], lr, global_step)
@@ -141,14 +148,14 @@ class Optimizer(abc.ABC):
         grads: Floats,
         lr: float,
         global_step: int,
+        repeated: npt.NDArray[np.bool_] | None = None,
     ) -> None:
         """Waves on one gathered copy of the touched rows: rows are ordered by number of
         occurrences (most first), so wave k steps a prefix of the copy in place, and
         the copy is scattered back once. Only the rows sharing a hash bucket with
-        another are sorted to count them; the rest occur once and close the copy."""
-        bits = (4 * rows.size - 1).bit_length()
-        bucket = _bucket_of(rows, bits)
-        shared = np.bincount(bucket, minlength=1 << bits)[bucket] > 1
+        another (or in ``repeated``, when given) are sorted to count them; the rest
+        occur once and close the copy."""
+        shared = _maybe_repeated(rows) if repeated is None else repeated
         suspects = np.flatnonzero(shared)
         alone = np.flatnonzero(~shared)
         order = suspects[np.argsort(rows[suspects], kind="stable")]
@@ -293,6 +300,14 @@ def occurrence_waves(rows: Rows) -> list[npt.NDArray[np.intp]]:
     return np.split(by_rank, np.cumsum(np.bincount(rank))[:-1])
 
 
+def _maybe_repeated(rows: Rows) -> npt.NDArray[np.bool_]:
+    """Positions whose row shares a hash bucket (of about ``4 * len(rows)``) with
+    another position's: every occurrence of a repeated row, and some others."""
+    bits = (4 * rows.size - 1).bit_length()
+    bucket = _bucket_of(rows, bits)
+    return np.asarray(np.bincount(bucket, minlength=1 << bits)[bucket] > 1)
+
+
 _FIB_HASH = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio (Fibonacci hashing)
 
 
@@ -343,6 +358,7 @@ def apply_in_runs(
     grads: Floats,
     lr: float,
     global_step: int,
+    repeated: npt.NDArray[np.bool_] | None = None,
 ) -> None:
     """One step per (row, grad) pair in order, through ``optimizer.apply_run``.
 
@@ -351,11 +367,10 @@ def apply_in_runs(
     padded with zeros (at most twice the class's occurrences), so the cost is a
     handful of numpy passes per class whatever the multiplicities. Rows met once take
     one plain step together; only the rows sharing a hash bucket with another are
-    sorted to find them (a batch with a few hot rows is not sorted whole).
+    sorted to find them (a batch with a few hot rows is not sorted whole); a caller
+    that knows the positions that may repeat passes them as ``repeated``.
     """
-    bits = (4 * rows.size - 1).bit_length()
-    bucket = _bucket_of(rows, bits)
-    shared = np.bincount(bucket, minlength=1 << bits)[bucket] > 1
+    shared = _maybe_repeated(rows) if repeated is None else repeated
     suspects = np.flatnonzero(shared)
     order = suspects[np.argsort(rows[suspects], kind="stable")]
     sorted_rows = rows[order]
@@ -365,7 +380,8 @@ def apply_in_runs(
     # Rows met once: those alone in their bucket, and class 1 among the suspects.
     once = np.concatenate([np.flatnonzero(~shared), order[starts[classes == 1]]])
     if once.size:
-        optimizer._apply_rows(values, state, rows[once], grads[once], lr, global_step)
+        optimizer._apply_rows(values, state, np.take(rows, once), np.take(grads, once, axis=0),
+                              lr, global_step)
     for e in np.unique(classes[classes > 1]):
         picked = np.flatnonzero(classes == e)
         n_occ = counts[picked]

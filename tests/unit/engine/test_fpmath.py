@@ -311,3 +311,24 @@ def test_fma32_of_a_square_widens_once_and_rounds_once(monkeypatch: pytest.Monke
     got = fma32(g, g, c)
     assert np.array_equal(got.view(np.uint32), exact_fma(g, g, c).view(np.uint32))
     assert np.array_equal(got.view(np.uint32), fma32(g, g.copy(), c).view(np.uint32))
+
+
+@pytest.mark.parametrize("n", [5, fpmath.FMA_BLOCK + 3])
+def test_fma32_writes_into_out_even_when_out_is_an_input(n: int) -> None:
+    rng = np.random.default_rng(n + 1)
+    ha, hb, hc = halfway_cases(rng, n)
+    want = fpmath._fma32_exact(ha, hb, hc)
+    out = np.empty(n, dtype=np.float32)
+    assert fma32(ha, hb, hc, out=out) is out
+    assert np.array_equal(out.view(np.uint32), want.view(np.uint32))
+    c = hc.copy()
+    assert fma32(ha, hb, c, out=c) is c  # aliasing the addend
+    assert np.array_equal(c.view(np.uint32), want.view(np.uint32))
+    w = rng.standard_normal((n, 1)).astype(np.float32)
+    out2 = np.empty((n, 1), dtype=np.float32)
+    fma32(np.float32(-0.1), w, w, out=out2)
+    assert np.array_equal(out2, fpmath._fma32_exact(np.float32(-0.1), w, w))
+    fma32(np.float32(0.0), w, w, out=out2)  # zero-factor path
+    assert np.array_equal(out2, w)
+    with pytest.raises(ValueError):
+        fma32(ha, hb, hc, out=np.empty(n + 1, dtype=np.float32))

@@ -257,3 +257,69 @@ def test_has_duplicates_is_exact(n: int) -> None:
             twice = rows.copy()
             twice[b] = twice[a]
             assert has_duplicates(twice)
+
+
+def test_present_ids_found_distinct_or_repeated_by_marking_rows() -> None:
+    """When every id is present, apply_gradients settles duplicates from the found rows
+    (the timestamp column as scratch): distinct batches, repeated ones and refused ones
+    give the sequential bits and leave no trace in the timestamps."""
+    table = EmbeddingHashTable(configs.table_config(2, optimizer=ADAM), name="t")
+    base = np.arange(3000, dtype=np.int64) * 7
+    table.assign(base, np.ones((3000, 2), np.float32), req_time=5)
+    ref = EmbeddingHashTable(configs.table_config(2, optimizer=ADAM), name="ref")
+    ref.assign(base, np.ones((3000, 2), np.float32), req_time=5)
+    rng = np.random.default_rng(3)
+    for ids in (rng.permutation(base)[:2000], np.r_[base[:1500], base[:1500]]):
+        grads = rng.standard_normal((ids.size, 2)).astype(np.float32)
+        table.apply_gradients(ids, grads, [0.1], 1, req_time=9)
+        # The reference steps each occurrence alone, in order.
+        for k in range(ids.size):
+            ref.apply_gradients(ids[k : k + 1], grads[k : k + 1], [0.1], 1, req_time=9)
+        assert table.lookup(base).tobytes() == ref.lookup(base).tobytes()
+        assert table._timestamps[:3000].tolist() == ref._timestamps[:3000].tolist()
+    before = table._timestamps.copy(), table.lookup(base)
+    hot = np.r_[np.full(REPEAT_FLOOR + 1, base[5]), base[10:20]]
+    with pytest.raises(ResourceExhaustedError,
+                       match=f"id {base[5]} occurs {REPEAT_FLOOR + 1} times"):
+        table.apply_gradients(hot, np.ones((hot.size, 2), np.float32), [0.1], 1, req_time=11)
+    assert table._timestamps.tolist() == before[0].tolist()
+    assert table.lookup(base).tobytes() == before[1].tobytes()
+
+
+def test_marking_finds_exactly_the_occurrences_of_repeated_rows() -> None:
+    table = EmbeddingHashTable(configs.table_config(2, optimizer=ADAM), name="t")
+    table.assign(np.arange(500, dtype=np.int64), np.ones((500, 2), np.float32), req_time=4)
+    ts = table._timestamps.copy()
+    rng = np.random.default_rng(5)
+    for n, high in ((1, 500), (2, 1), (300, 500), (400, 20), (500, 500)):
+        rows = rng.integers(0, high, n).astype(np.int64)
+        old, got = table._mark_rows(rows)
+        assert old.tolist() == ts[rows].tolist()
+        table._timestamps[rows] = old
+        _, inverse, counts = np.unique(rows, return_inverse=True, return_counts=True)
+        want = counts[inverse] > 1
+        if not want.any():
+            assert got is None
+        else:
+            assert got is not None and got.tolist() == want.tolist()
+        assert table._timestamps.tolist() == ts.tolist()
+    assert table._mark_rows(np.arange(500, dtype=np.int64))[1] is None
+
+
+def test_present_ids_apply_that_fails_midway_restores_the_timestamps(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    table = EmbeddingHashTable(configs.table_config(2, optimizer=configs.sgd()), name="t")
+    ids = np.arange(100, dtype=np.int64)
+    table.assign(ids, np.ones((100, 2), np.float32), req_time=7)
+    ts = table._timestamps.copy()
+    opt = table.layout.segments[0].optimizer
+    assert opt is not None
+
+    def boom(*args: Any, **kwargs: Any) -> None:
+        raise MemoryError("no room")
+
+    monkeypatch.setattr(opt, "apply_sequential", boom)
+    with pytest.raises(MemoryError):
+        table.apply_gradients(np.r_[ids, ids[:3]], np.ones((103, 2), np.float32), [0.1],
+                              req_time=9)
+    assert table._timestamps.tolist() == ts.tolist()
