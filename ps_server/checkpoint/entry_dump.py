@@ -76,6 +76,15 @@ Offsets = npt.NDArray[np.int64]
 
 # Target bytes per group chunk: bounds temporaries while keeping numpy calls large.
 _CHUNK_BYTES = 1 << 24
+# Bytes of the scratch matrix records are written through (about a CPU cache's worth).
+_SCRATCH_BYTES = 1 << 19
+# Records per block when reading: bounds the temporaries of a template check.
+_BLOCK_BYTES = 1 << 21
+# The high bit of every byte of a word, and the high bits a varint of k bytes has.
+_HIGH_BITS = 0x8080808080808080
+_VARINT_HIGH = np.array(
+    [0] + [sum(0x80 << (8 * j) for j in range(k - 1)) for k in range(1, 8)], np.uint64
+)
 # Runs of at least this many equal-length records are read through a template.
 _MIN_RUN = 128
 # Records left over by the runs are read grouped by length when a length has this many.
@@ -322,6 +331,7 @@ def encode_entry_dumps(
         column[...] = length
     # Varints equal in every record are part of the template (written once per layout).
     same = [bool(v.min() == v.max()) for v in varints]
+    same_len = [bool(k.min() == k.max()) for k in lengths]
 
     def write(rec: Buffer, sel: slice | Ids, first: int, ts: bool = True) -> None:
         # The first record written whole gives every constant byte of the layout;
@@ -338,6 +348,10 @@ def encode_entry_dumps(
     # one matrix and scattered to the record offsets, then each timestamp length's
     # tails; otherwise each layout is written as a matrix and scattered.
     ts_bytes = len(_TS_TAG) + lengths[-1]
+    if not same_len[-1] and all(same_len[:-1]):
+        _encode_heads(buffer, offsets, signature, values, codecs, states, varints, ids, same,
+                      int(record_len[0] - ts_bytes[0]))
+        return buffer, offsets
     for a, b in _spans(offsets, int(record_len.max())):
         region = buffer[offsets[a] : offsets[b]]
         sig = signature[a:b]
@@ -371,6 +385,50 @@ def encode_entry_dumps(
             write(rec, local + a, a + int(local[0]))
             _windows(region, size)[starts[local]] = rec
     return buffer, offsets
+
+
+def _encode_heads(
+    buffer: Buffer,
+    offsets: Offsets,
+    signature: npt.NDArray[np.uint8],
+    values: npt.NDArray[Any],
+    codecs: list[_SegmentCodec],
+    states: list[State],
+    varints: list[npt.NDArray[np.uint64]],
+    ids: Ids | None,
+    same: list[bool],
+    head: int,
+) -> None:
+    """Write records that differ only in the length of their timestamp (the usual
+    mix: 0 beside real times); every record's first ``head`` bytes share one layout.
+
+    The heads are written a block of records at a time into one small scratch
+    matrix (cache-sized; its constant bytes are written once, each block only
+    overwrites the payload), each block copied to its records' offsets (one
+    contiguous copy per record); then each timestamp length's tails.
+    """
+    n = offsets.size - 1
+    layout = [int(x) for x in signature[0]]
+    rows = min(n, max(1, _SCRATCH_BYTES // max(head, 1)))
+    scratch = np.empty((rows, head), np.uint8)
+    _write_records(scratch[:1], slice(0, 1), layout, values, codecs, states, varints, ids,
+                   None, False)
+    scratch[1:] = scratch[0]
+    heads = _windows(buffer, head)
+    for a in range(0, n, rows):
+        b = min(n, a + rows)
+        block = scratch[: b - a]
+        end = _write_records(block, slice(a, b), layout, values, codecs, states, varints, ids,
+                             same, False)
+        assert end == head, "layout arithmetic out of step with the writer"
+        heads[offsets[a:b]] = block
+    ts_lens = signature[:, -1]
+    for k in np.unique(ts_lens).tolist():
+        idx = np.flatnonzero(ts_lens == k)
+        tail = np.empty((idx.size, len(_TS_TAG) + k), np.uint8)
+        pos = _put_const(tail, 0, _TS_TAG)
+        put_varints(tail, pos, varints[-1][idx], k)
+        _windows(buffer, tail.shape[1])[offsets[idx] + head] = tail
 
 
 def _write_records(
@@ -649,6 +707,9 @@ class _Template:
     words: tuple[tuple[int, np.uint64, np.uint64], ...]
     floats: tuple[tuple[int, bytes, int], ...]  # (start, tag, width) per float piece
     values: tuple[tuple[int, int], ...]  # (start, byte length) per value varint
+    # Every checked byte (float tags included) as a row of 8-byte words: mask and
+    # expected of words 0 .. length // 8 - 1, then of the word ending the record.
+    row_words: tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64], np.uint64, np.uint64]
 
 
 def _template(
@@ -676,7 +737,8 @@ def _template(
         mask[at : at + k] = 0x80
     expected = buffer[start : start + length] & mask
     return _Template(
-        length, has_id, mask, expected, _words(mask, expected), tuple(floats), tuple(values)
+        length, has_id, mask, expected, _words(mask, expected), tuple(floats), tuple(values),
+        _row_words(mask, expected, tuple(floats)),
     )
 
 
@@ -701,6 +763,32 @@ def _words(mask: Buffer, expected: Buffer) -> tuple[tuple[int, np.uint64, np.uin
     return tuple(words)
 
 
+def _row_words(
+    mask: Buffer, expected: Buffer, floats: tuple[tuple[int, bytes, int], ...]
+) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64], np.uint64, np.uint64]:
+    """:attr:`_Template.row_words` of a template (its float tags added to the mask)."""
+    length = mask.size
+    full_mask = mask.copy()
+    full_expected = expected.copy()
+    for at, tag, width in floats:
+        step = len(tag) + 4
+        for j, byte in enumerate(tag):
+            full_mask[at + j : at + width * step : step] = 0xFF
+            full_expected[at + j : at + width * step : step] = byte
+    padded_mask = np.zeros(max(length, 8), np.uint8)
+    padded_mask[:length] = full_mask
+    padded_expected = np.zeros(max(length, 8), np.uint8)
+    padded_expected[:length] = full_expected
+    words = length // 8
+    last = slice(max(length, 8) - 8, max(length, 8))
+    return (
+        padded_mask[: words * 8].view("<u8").copy(),
+        padded_expected[: words * 8].view("<u8").copy(),
+        padded_mask[last].view("<u8")[0],
+        padded_expected[last].view("<u8")[0],
+    )
+
+
 def _head(tpl: _Template) -> _Template:
     """The template of the records' bytes before ``last_update_ts_sec`` (its tag and
     varint are the last bytes of a record): the part that a timestamp of another
@@ -709,23 +797,30 @@ def _head(tpl: _Template) -> _Template:
     head = at - len(_TS_TAG)
     mask, expected = tpl.mask[:head], tpl.expected[:head]
     return _Template(
-        head, tpl.has_id, mask, expected, _words(mask, expected), tpl.floats, tpl.values[:-1]
+        head, tpl.has_id, mask, expected, _words(mask, expected), tpl.floats, tpl.values[:-1],
+        _row_words(mask, expected, tpl.floats),
     )
 
 
 def _fitting(tpl: _Template, rec: Buffer) -> npt.NDArray[np.bool_] | None:
     """Which rows of ``rec`` ``[m, tpl.length]`` fit the template; None if all do."""
     if tpl.length < 8:  # too short for words: compare bytes
-        eq = (rec & tpl.mask) == tpl.expected
-        return None if eq.all() else eq.all(axis=1)
+        checks: list[npt.NDArray[np.bool_]] = [(rec & tpl.mask) == tpl.expected]
+        for at, tag, width in tpl.floats:
+            step = len(tag) + 4
+            for j, byte in enumerate(tag):
+                checks.append(_strided(rec, at + j, width, step, "u1") == byte)
+    else:
+        # Every checked byte at once: the rows as 8-byte words (unaligned views).
+        m, length = rec.shape
+        word_mask, word_expected, last_mask, last_expected = tpl.row_words
+        words = np.ndarray((m, length // 8), "<u8", buffer=rec, strides=(length, 8))
+        masked = np.bitwise_and(words, word_mask)
+        checks = [masked == word_expected]
+        if length % 8:
+            last = _strided(rec, length - 8, 1, 8, "<u8")[:, 0]
+            checks.append((last & last_mask) == last_expected)
     good: npt.NDArray[np.bool_] | None = None
-    checks: list[npt.NDArray[np.bool_]] = []
-    for at, word_mask, word in tpl.words:
-        checks.append((_strided(rec, at, 1, 8, "<u8")[:, 0] & word_mask) == word)
-    for at, tag, width in tpl.floats:
-        step = len(tag) + 4
-        for j, byte in enumerate(tag):
-            checks.append(_strided(rec, at + j, width, step, "u1") == byte)
     for eq in checks:
         if not eq.all():
             rows = eq if eq.ndim == 1 else np.all(eq, axis=1)
@@ -758,7 +853,7 @@ def _read_runs(
             templates[length] = tpl
         if tpl is None:
             continue
-        most = max(1, _CHUNK_BYTES // length)
+        most = max(1, _BLOCK_BYTES // length)
         for c in range(a, b, most):
             d = min(b, c + most)
             rec = buffer[offsets[c] : offsets[d]].reshape(d - c, length)
@@ -803,26 +898,27 @@ def _read_heads(
     head = _head(tpl)
     size = head.length
     tails = offsets[rest + 1] - offsets[rest] - size
-    cand = rest[(tails >= len(_TS_TAG) + 1) & (tails <= len(_TS_TAG) + 10)]
+    # Tails of up to 8 bytes are read as the 8-byte word ending their record.
+    cand = rest[(tails >= len(_TS_TAG) + 1) & (tails <= 8) & (offsets[rest + 1] >= 8)]
     windows = _windows(buffer, size)
-    most = max(1, _CHUNK_BYTES // max(size, 1))
+    words = np.ndarray((buffer.size - 7,), "<u8", buffer=buffer, strides=(1,))
+    most = max(1, _BLOCK_BYTES // max(size, 1))
     for c in range(0, cand.size, most):
         idx = cand[c : c + most]
         starts = offsets[idx]
         rec = windows[starts]
         fit = _fitting(head, rec)
         good = np.ones(idx.size, np.bool_) if fit is None else fit
-        lens = offsets[idx + 1] - starts - size
-        ts = np.zeros(idx.size, np.uint64)
-        for k in np.unique(lens).tolist():
-            sel = np.flatnonzero(lens == k)
-            tail = _windows(buffer, k)[starts[sel] + size]
-            ok = tail[:, 0] == _TS_TAG[0]
-            if k > 2:
-                ok &= (tail[:, 1 : k - 1] >= 0x80).all(axis=1)
-            ok &= tail[:, k - 1] < 0x80
-            good[sel] &= ok
-            ts[sel] = varint_values(tail[:, 1:])
+        ends = offsets[idx + 1]
+        lens = ends - starts - size
+        # The tail's bytes at the top of the word, shifted down: tag, then the varint.
+        tail = words[ends - 8] >> ((8 - lens) * 8).astype(np.uint64)
+        good &= (tail & np.uint64(0xFF)) == _TS_TAG[0]
+        raw = tail >> np.uint64(8)
+        good &= (raw & np.uint64(_HIGH_BITS)) == _VARINT_HIGH[lens - len(_TS_TAG)]
+        ts = raw & np.uint64(0x7F)
+        for j in range(1, 7):
+            ts |= ((raw >> np.uint64(8 * j)) & np.uint64(0x7F)) << np.uint64(7 * j)
         rows: slice | Ids
         if good.all():
             rows = slice(None)
@@ -871,7 +967,7 @@ def _read_scattered(
         if tpl is None:
             continue
         windows = _windows(buffer, length)
-        most = max(1, _CHUNK_BYTES // length)
+        most = max(1, _BLOCK_BYTES // length)
         for c in range(0, idx.size, most):
             dest = idx[c : c + most]
             rec = windows[offsets[dest]]
