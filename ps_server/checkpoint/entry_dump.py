@@ -408,6 +408,15 @@ def _encode_heads(
     contiguous copy per record); then each timestamp length's tails.
     """
     n = offsets.size - 1
+    # Tails of up to 8 bytes first, each as the 8-byte word ending its record: the
+    # word's lower bytes fall in the record's own head, written over below.
+    ts_lens = signature[:, -1].astype(np.int64)
+    ends = offsets[1:]
+    short = (ts_lens + len(_TS_TAG) <= 8) & (ends - 8 >= offsets[:-1])
+    if short.all():
+        _put_tail_words(buffer, ends, varints[-1], ts_lens)
+    elif short.any():
+        _put_tail_words(buffer, ends[short], varints[-1][short], ts_lens[short])
     layout = [int(x) for x in signature[0]]
     rows = min(n, max(1, _SCRATCH_BYTES // max(head, 1)))
     scratch = np.empty((rows, head), np.uint8)
@@ -422,13 +431,28 @@ def _encode_heads(
                              same, False)
         assert end == head, "layout arithmetic out of step with the writer"
         heads[offsets[a:b]] = block
-    ts_lens = signature[:, -1]
-    for k in np.unique(ts_lens).tolist():
-        idx = np.flatnonzero(ts_lens == k)
+    if short.all():
+        return
+    for k in np.unique(ts_lens[~short]).tolist():
+        idx = np.flatnonzero((ts_lens == k) & ~short)
         tail = np.empty((idx.size, len(_TS_TAG) + k), np.uint8)
         pos = _put_const(tail, 0, _TS_TAG)
         put_varints(tail, pos, varints[-1][idx], k)
         _windows(buffer, tail.shape[1])[offsets[idx] + head] = tail
+
+
+def _put_tail_words(buffer: Buffer, ends: Offsets, raw: npt.NDArray[np.uint64],
+                    lens: npt.NDArray[np.int64]) -> None:
+    """Write each timestamp tag and varint (``lens`` bytes, at most 7) as the top bytes
+    of the 8-byte word ending at ``ends``; the word's other bytes are garbage."""
+    word = np.full(raw.size, _TS_TAG[0], np.uint64)
+    for j in range(7):
+        byte = (raw >> np.uint64(7 * j)) & np.uint64(0x7F)
+        byte |= np.where(j < lens - 1, np.uint64(0x80), np.uint64(0))
+        byte[j >= lens] = 0
+        word |= byte << np.uint64(8 * (j + 1))
+    word <<= ((8 - len(_TS_TAG) - lens) * 8).astype(np.uint64)
+    np.ndarray((buffer.size - 7,), "<u8", buffer=buffer, strides=(1,))[ends - 8] = word
 
 
 def _write_records(
