@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -734,6 +734,11 @@ class _Template:
     # Every checked byte (float tags included) as a row of 8-byte words: mask and
     # expected of words 0 .. length // 8 - 1, then of the word ending the record.
     row_words: tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64], np.uint64, np.uint64]
+    # Mask and expected bytes of ``m`` records back to back, as 4-byte words, by ``m``
+    # (filled on use, for records whose length is a multiple of 4).
+    tiles: dict[int, tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint32]]] = field(
+        default_factory=dict, compare=False
+    )
 
 
 def _template(
@@ -787,11 +792,10 @@ def _words(mask: Buffer, expected: Buffer) -> tuple[tuple[int, np.uint64, np.uin
     return tuple(words)
 
 
-def _row_words(
+def _full_bytes(
     mask: Buffer, expected: Buffer, floats: tuple[tuple[int, bytes, int], ...]
-) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64], np.uint64, np.uint64]:
-    """:attr:`_Template.row_words` of a template (its float tags added to the mask)."""
-    length = mask.size
+) -> tuple[Buffer, Buffer]:
+    """Mask and expected bytes of a template with its float tags added."""
     full_mask = mask.copy()
     full_expected = expected.copy()
     for at, tag, width in floats:
@@ -799,6 +803,27 @@ def _row_words(
         for j, byte in enumerate(tag):
             full_mask[at + j : at + width * step : step] = 0xFF
             full_expected[at + j : at + width * step : step] = byte
+    return full_mask, full_expected
+
+
+def _tiles(tpl: _Template, m: int) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint32]]:
+    """``m`` copies of the template's full mask and expected bytes, as ``<u4`` words."""
+    got = tpl.tiles.get(m)
+    if got is None:
+        if len(tpl.tiles) > 4:
+            tpl.tiles.clear()
+        full_mask, full_expected = _full_bytes(tpl.mask, tpl.expected, tpl.floats)
+        got = (np.tile(full_mask, m).view("<u4"), np.tile(full_expected, m).view("<u4"))
+        tpl.tiles[m] = got
+    return got
+
+
+def _row_words(
+    mask: Buffer, expected: Buffer, floats: tuple[tuple[int, bytes, int], ...]
+) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64], np.uint64, np.uint64]:
+    """:attr:`_Template.row_words` of a template (its float tags added to the mask)."""
+    length = mask.size
+    full_mask, full_expected = _full_bytes(mask, expected, floats)
     padded_mask = np.zeros(max(length, 8), np.uint8)
     padded_mask[:length] = full_mask
     padded_expected = np.zeros(max(length, 8), np.uint8)
@@ -835,8 +860,15 @@ def _fitting(tpl: _Template, rec: Buffer) -> npt.NDArray[np.bool_] | None:
             for j, byte in enumerate(tag):
                 checks.append(_strided(rec, at + j, width, step, "u1") == byte)
     else:
-        # Every checked byte at once: the rows as 8-byte words (unaligned views).
         m, length = rec.shape
+        if length % 4 == 0 and rec.flags.c_contiguous:
+            # The usual case, all rows fitting, in one pass: the block as 4-byte words
+            # against the template repeated.
+            tile_mask, tile_expected = _tiles(tpl, m)
+            if np.array_equal(np.bitwise_and(rec.reshape(-1).view("<u4"), tile_mask),
+                              tile_expected):
+                return None
+        # Every checked byte at once: the rows as 8-byte words (unaligned views).
         word_mask, word_expected, last_mask, last_expected = tpl.row_words
         words = np.ndarray((m, length // 8), "<u8", buffer=rec, strides=(length, 8))
         masked = np.bitwise_and(words, word_mask)
