@@ -79,7 +79,7 @@ _CHUNK_BYTES = 1 << 24
 # Bytes of the scratch matrix records are written through (about a CPU cache's worth).
 _SCRATCH_BYTES = 1 << 19
 # Records per block when reading: bounds the temporaries of a template check.
-_BLOCK_BYTES = 1 << 21
+_BLOCK_BYTES = 1 << 20
 # The high bit of every byte of a word, and the high bits a varint of k bytes has.
 _HIGH_BITS = 0x8080808080808080
 _VARINT_HIGH = np.array(
@@ -348,7 +348,10 @@ def encode_entry_dumps(
     # one matrix and scattered to the record offsets, then each timestamp length's
     # tails; otherwise each layout is written as a matrix and scattered.
     ts_bytes = len(_TS_TAG) + lengths[-1]
-    if not same_len[-1] and all(same_len[:-1]):
+    if all(same_len):
+        _encode_blocks(buffer, offsets, signature, values, codecs, states, varints, ids, same)
+        return buffer, offsets
+    if all(same_len[:-1]):
         _encode_heads(buffer, offsets, signature, values, codecs, states, varints, ids, same,
                       int(record_len[0] - ts_bytes[0]))
         return buffer, offsets
@@ -385,6 +388,35 @@ def encode_entry_dumps(
             write(rec, local + a, a + int(local[0]))
             _windows(region, size)[starts[local]] = rec
     return buffer, offsets
+
+
+def _encode_blocks(
+    buffer: Buffer,
+    offsets: Offsets,
+    signature: npt.NDArray[np.uint8],
+    values: npt.NDArray[Any],
+    codecs: list[_SegmentCodec],
+    states: list[State],
+    varints: list[npt.NDArray[np.uint64]],
+    ids: Ids | None,
+    same: list[bool],
+) -> None:
+    """Write records that all share one layout, a block at a time through a
+    cache-sized scratch matrix (constant bytes written once), each block copied
+    to the buffer in one piece."""
+    n = offsets.size - 1
+    length = int(offsets[1] - offsets[0])
+    layout = [int(x) for x in signature[0]]
+    rows = min(n, max(1, _SCRATCH_BYTES // max(length, 1)))
+    scratch = np.empty((rows, length), np.uint8)
+    _write_records(scratch[:1], slice(0, 1), layout, values, codecs, states, varints, ids, None)
+    scratch[1:] = scratch[0]
+    out = buffer.reshape(n, length)
+    for a in range(0, n, rows):
+        b = min(n, a + rows)
+        block = scratch[: b - a]
+        _write_records(block, slice(a, b), layout, values, codecs, states, varints, ids, same)
+        out[a:b] = block
 
 
 def _encode_heads(
@@ -445,12 +477,18 @@ def _put_tail_words(buffer: Buffer, ends: Offsets, raw: npt.NDArray[np.uint64],
                     lens: npt.NDArray[np.int64]) -> None:
     """Write each timestamp tag and varint (``lens`` bytes, at most 7) as the top bytes
     of the 8-byte word ending at ``ends``; the word's other bytes are garbage."""
-    word = np.full(raw.size, _TS_TAG[0], np.uint64)
-    for j in range(7):
-        byte = (raw >> np.uint64(7 * j)) & np.uint64(0x7F)
-        byte |= np.where(j < lens - 1, np.uint64(0x80), np.uint64(0))
-        byte[j >= lens] = 0
-        word |= byte << np.uint64(8 * (j + 1))
+    # The varint's 7-bit groups spread one per byte (bytes past its length are 0,
+    # varints being as short as possible), its continuation bits, then the tag.
+    word = raw & np.uint64(0x7F)
+    group = np.empty_like(raw)
+    for j in range(1, 7):
+        np.right_shift(raw, np.uint64(7 * j), out=group)
+        group &= np.uint64(0x7F)
+        group <<= np.uint64(8 * j)
+        word |= group
+    word |= _VARINT_HIGH[lens]
+    word <<= np.uint64(8)
+    word |= np.uint64(_TS_TAG[0])
     word <<= ((8 - len(_TS_TAG) - lens) * 8).astype(np.uint64)
     np.ndarray((buffer.size - 7,), "<u8", buffer=buffer, strides=(1,))[ends - 8] = word
 
@@ -734,8 +772,8 @@ class _Template:
     # Every checked byte (float tags included) as a row of 8-byte words: mask and
     # expected of words 0 .. length // 8 - 1, then of the word ending the record.
     row_words: tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64], np.uint64, np.uint64]
-    # Mask and expected bytes of ``m`` records back to back, as 4-byte words, by ``m``
-    # (filled on use, for records whose length is a multiple of 4).
+    # Mask and expected bytes of a block of records back to back, as 4-byte words
+    # (under key 0, filled on use, for records whose length is a multiple of 4).
     tiles: dict[int, tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint32]]] = field(
         default_factory=dict, compare=False
     )
@@ -807,15 +845,19 @@ def _full_bytes(
 
 
 def _tiles(tpl: _Template, m: int) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint32]]:
-    """``m`` copies of the template's full mask and expected bytes, as ``<u4`` words."""
-    got = tpl.tiles.get(m)
-    if got is None:
-        if len(tpl.tiles) > 4:
-            tpl.tiles.clear()
+    """``m`` copies of the template's full mask and expected bytes, as ``<u4`` words.
+
+    One pair is kept per template, for a block's worth of records (or ``m`` if more):
+    fewer records take a prefix of it.
+    """
+    got = tpl.tiles.get(0)
+    words = m * tpl.length // 4
+    if got is None or got[0].size < words:
         full_mask, full_expected = _full_bytes(tpl.mask, tpl.expected, tpl.floats)
-        got = (np.tile(full_mask, m).view("<u4"), np.tile(full_expected, m).view("<u4"))
-        tpl.tiles[m] = got
-    return got
+        rows = max(m, _BLOCK_BYTES // max(tpl.length, 1))
+        got = (np.tile(full_mask, rows).view("<u4"), np.tile(full_expected, rows).view("<u4"))
+        tpl.tiles[0] = got
+    return got[0][:words], got[1][:words]
 
 
 def _row_words(
