@@ -880,15 +880,17 @@ def _row_words(
     )
 
 
-def _head(tpl: _Template) -> _Template:
+def _head(tpl: _Template, width: int) -> _Template:
     """The template of the records' bytes before ``last_update_ts_sec`` (its tag and
     varint are the last bytes of a record): the part that a timestamp of another
-    length does not move."""
+    length does not move; ``width`` bytes long, the bytes past it unchecked."""
     at, _ = tpl.values[-1]
     head = at - len(_TS_TAG)
-    mask, expected = tpl.mask[:head], tpl.expected[:head]
+    mask = np.zeros(width, np.uint8)
+    expected = np.zeros(width, np.uint8)
+    mask[:head], expected[:head] = tpl.mask[:head], tpl.expected[:head]
     return _Template(
-        head, tpl.has_id, mask, expected, _words(mask, expected), tpl.floats, tpl.values[:-1],
+        width, tpl.has_id, mask, expected, _words(mask, expected), tpl.floats, tpl.values[:-1],
         _row_words(mask, expected, tpl.floats),
     )
 
@@ -993,12 +995,16 @@ def _read_heads(
                     codecs, dim)
     if tpl is None:
         return
-    head = _head(tpl)
-    size = head.length
+    size = tpl.values[-1][0] - len(_TS_TAG)
+    # Heads are gathered a multiple of 4 bytes wide (checked as 4-byte words), the
+    # bytes past them (their tail, maybe the next record) unchecked.
+    width = size if size < 8 else -(-size // 4) * 4
+    head = _head(tpl, width)
     tails = offsets[rest + 1] - offsets[rest] - size
     # Tails of up to 8 bytes are read as the 8-byte word ending their record.
-    cand = rest[(tails >= len(_TS_TAG) + 1) & (tails <= 8) & (offsets[rest + 1] >= 8)]
-    windows = _windows(buffer, size)
+    cand = rest[(tails >= len(_TS_TAG) + 1) & (tails <= 8) & (offsets[rest + 1] >= 8)
+                & (offsets[rest] + width <= buffer.size)]
+    windows = _windows(buffer, width)
     words = np.ndarray((buffer.size - 7,), "<u8", buffer=buffer, strides=(1,))
     most = max(1, _BLOCK_BYTES // max(size, 1))
     for c in range(0, cand.size, most):
