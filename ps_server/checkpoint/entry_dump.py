@@ -269,6 +269,39 @@ def encode_entry_dumps(
     :raises DimMismatchError: shapes disagree with each other or with the segments.
     :raises ConfigError: an optimizer's slots do not match the dump schema.
     """
+    buffer, offsets = _encode(values, segments, timestamps, ids, None)
+    assert offsets is not None
+    return buffer, offsets
+
+
+def encode_entry_dump_rows(
+    values: Floats,
+    segments: Sequence[tuple[Optimizer, State]],
+    timestamps: npt.NDArray[np.int64],
+    ids: Ids | None,
+    margins: tuple[int, int],
+) -> tuple[Buffer, Offsets | None]:
+    """:func:`encode_entry_dumps`, with room around each record when all records
+    have the same length (one layout: the usual case of uniform timestamps).
+
+    Then returns ``(rows, None)``: ``rows`` is ``uint8[n, before + length + after]``
+    for ``margins == (before, after)``, record ``i`` at ``rows[i, before:before +
+    length]``, the margins left uninitialized (for a container's framing, e.g.
+    TFRecord's header and CRC, written without copying the records again).
+    Otherwise returns what :func:`encode_entry_dumps` does.
+
+    :raises: as :func:`encode_entry_dumps`.
+    """
+    return _encode(values, segments, timestamps, ids, margins)
+
+
+def _encode(
+    values: Floats,
+    segments: Sequence[tuple[Optimizer, State]],
+    timestamps: npt.NDArray[np.int64],
+    ids: Ids | None,
+    margins: tuple[int, int] | None,
+) -> tuple[Buffer, Offsets | None]:
     values = np.asarray(values)
     if values.ndim != 2:
         raise DimMismatchError(f"values must be [n, dim], got shape {values.shape}")
@@ -323,15 +356,24 @@ def encode_entry_dumps(
     )
     offsets = np.zeros(n + 1, np.int64)
     np.cumsum(record_len, out=offsets[1:])
-    buffer = np.empty(int(offsets[-1]), np.uint8)
     if n == 0:
-        return buffer, offsets
+        return np.empty(0, np.uint8), offsets
     signature = np.empty((n, len(lengths)), np.uint8)
     for column, length in zip(signature.T, lengths, strict=True):
         column[...] = length
     # Varints equal in every record are part of the template (written once per layout).
     same = [bool(v.min() == v.max()) for v in varints]
     same_len = [bool(k.min() == k.max()) for k in lengths]
+    if all(same_len):
+        size = int(record_len[0])
+        before, after = margins or (0, 0)
+        rows = np.empty((n, before + size + after), np.uint8)
+        _encode_blocks(rows[:, before : before + size], signature, values, codecs, states,
+                       varints, ids, same)
+        if margins is not None:
+            return rows, None
+        return rows.reshape(-1), offsets
+    buffer = np.empty(int(offsets[-1]), np.uint8)
 
     def write(rec: Buffer, sel: slice | Ids, first: int, ts: bool = True) -> None:
         # The first record written whole gives every constant byte of the layout;
@@ -348,9 +390,6 @@ def encode_entry_dumps(
     # one matrix and scattered to the record offsets, then each timestamp length's
     # tails; otherwise each layout is written as a matrix and scattered.
     ts_bytes = len(_TS_TAG) + lengths[-1]
-    if all(same_len):
-        _encode_blocks(buffer, offsets, signature, values, codecs, states, varints, ids, same)
-        return buffer, offsets
     if all(same_len[:-1]):
         _encode_heads(buffer, offsets, signature, values, codecs, states, varints, ids, same,
                       int(record_len[0] - ts_bytes[0]))
@@ -391,8 +430,7 @@ def encode_entry_dumps(
 
 
 def _encode_blocks(
-    buffer: Buffer,
-    offsets: Offsets,
+    out: Buffer,
     signature: npt.NDArray[np.uint8],
     values: npt.NDArray[Any],
     codecs: list[_SegmentCodec],
@@ -401,17 +439,15 @@ def _encode_blocks(
     ids: Ids | None,
     same: list[bool],
 ) -> None:
-    """Write records that all share one layout, a block at a time through a
-    cache-sized scratch matrix (constant bytes written once), each block copied
-    to the buffer in one piece."""
-    n = offsets.size - 1
-    length = int(offsets[1] - offsets[0])
+    """Write records that all share one layout into the rows of ``out`` ``[n, length]``
+    (maybe a view with longer rows), a block at a time through a cache-sized scratch
+    matrix (constant bytes written once), each block copied in one piece."""
+    n, length = out.shape
     layout = [int(x) for x in signature[0]]
     rows = min(n, max(1, _SCRATCH_BYTES // max(length, 1)))
     scratch = np.empty((rows, length), np.uint8)
     _write_records(scratch[:1], slice(0, 1), layout, values, codecs, states, varints, ids, None)
     scratch[1:] = scratch[0]
-    out = buffer.reshape(n, length)
     for a in range(0, n, rows):
         b = min(n, a + rows)
         block = scratch[: b - a]
