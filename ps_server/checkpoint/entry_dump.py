@@ -78,8 +78,10 @@ Offsets = npt.NDArray[np.int64]
 _CHUNK_BYTES = 1 << 24
 # Bytes of the scratch matrix records are written through (about a CPU cache's worth).
 _SCRATCH_BYTES = 1 << 19
+# Bytes of records a template's repeated mask covers (see _tiles).
+_TILE_BYTES = 1 << 16
 # Records per block when reading: bounds the temporaries of a template check.
-_BLOCK_BYTES = 1 << 20
+_BLOCK_BYTES = 1 << 19
 # The high bit of every byte of a word, and the high bits a varint of k bytes has.
 _HIGH_BITS = 0x8080808080808080
 _VARINT_HIGH = np.array(
@@ -808,8 +810,8 @@ class _Template:
     # Every checked byte (float tags included) as a row of 8-byte words: mask and
     # expected of words 0 .. length // 8 - 1, then of the word ending the record.
     row_words: tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64], np.uint64, np.uint64]
-    # Mask and expected bytes of a block of records back to back, as 4-byte words
-    # (under key 0, filled on use, for records whose length is a multiple of 4).
+    # Mask and expected bytes of a few records back to back, as 4-byte words (under
+    # key 0, filled on use, for records whose length is a multiple of 4).
     tiles: dict[int, tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint32]]] = field(
         default_factory=dict, compare=False
     )
@@ -880,20 +882,16 @@ def _full_bytes(
     return full_mask, full_expected
 
 
-def _tiles(tpl: _Template, m: int) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint32]]:
-    """``m`` copies of the template's full mask and expected bytes, as ``<u4`` words.
-
-    One pair is kept per template, for a block's worth of records (or ``m`` if more):
-    fewer records take a prefix of it.
-    """
+def _tiles(tpl: _Template) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint32]]:
+    """The template's full mask and expected bytes repeated for ``_TILE_BYTES`` worth
+    of records, as ``<u4`` words (kept on the template)."""
     got = tpl.tiles.get(0)
-    words = m * tpl.length // 4
-    if got is None or got[0].size < words:
+    if got is None:
         full_mask, full_expected = _full_bytes(tpl.mask, tpl.expected, tpl.floats)
-        rows = max(m, _BLOCK_BYTES // max(tpl.length, 1))
+        rows = max(1, _TILE_BYTES // max(tpl.length, 1))
         got = (np.tile(full_mask, rows).view("<u4"), np.tile(full_expected, rows).view("<u4"))
         tpl.tiles[0] = got
-    return got[0][:words], got[1][:words]
+    return got
 
 
 def _row_words(
@@ -944,9 +942,14 @@ def _fitting(tpl: _Template, rec: Buffer) -> npt.NDArray[np.bool_] | None:
         if length % 4 == 0 and rec.flags.c_contiguous:
             # The usual case, all rows fitting, in one pass: the block as 4-byte words
             # against the template repeated.
-            tile_mask, tile_expected = _tiles(tpl, m)
-            if np.array_equal(np.bitwise_and(rec.reshape(-1).view("<u4"), tile_mask),
-                              tile_expected):
+            tile_mask, tile_expected = _tiles(tpl)
+            flat = rec.reshape(-1).view("<u4")
+            whole = flat.size // tile_mask.size * tile_mask.size
+            tiled = flat[:whole].reshape(-1, tile_mask.size)
+            rest = flat[whole:]
+            if bool((np.bitwise_and(tiled, tile_mask) == tile_expected).all()) and bool(
+                (np.bitwise_and(rest, tile_mask[: rest.size]) == tile_expected[: rest.size]).all()
+            ):
                 return None
         # Every checked byte at once: the rows as 8-byte words (unaligned views).
         word_mask, word_expected, last_mask, last_expected = tpl.row_words
