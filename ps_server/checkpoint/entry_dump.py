@@ -21,16 +21,22 @@ bytes). Serialization is by field number, which is also the order written here.
 Only varints change a record's length (timestamps, int64 scalars and the length
 prefixes above them). Records are therefore grouped by the byte length of every
 varint they contain (their *layout*); all records of a layout share the position of
-every byte, so each group is written or read as a ``uint8[m, record_len]`` matrix —
-a view of the flat buffer when the group's records are consecutive, which is the
-usual case of uniform timestamps. Tagged floats are moved through unaligned strided
-views of that matrix (``float32[m, width]`` with strides ``(record_len, tag + 4)``),
-one copy per piece, no byte gathers.
+every byte, so each group is written or read as a ``uint8[m, record_len]`` matrix.
+Tagged floats are moved through unaligned strided views of that matrix
+(``float32[m, width]`` with strides ``(record_len, tag + 4)``), one copy per piece,
+no byte gathers. When every record has one layout (uniform timestamps) or only the
+timestamp's length differs (0 beside real times), records are written a block at a
+time into a cache-sized scratch matrix whose constant bytes are written once, and
+each block is copied out (in one piece, or one row per record); the timestamp tails
+of the second case are written as the 8-byte word ending each record.
 
 Decoding reads long runs of consecutive equal-length records through a *template*:
 the first record of the run is walked, and every byte that is not payload (tags,
-length prefixes, continuation bits of the value varints) must equal the template's;
-records that fit are read with strided views, the others are left for the walk. The
+length prefixes, continuation bits of the value varints) must equal the template's
+(checked for a block of records in one pass, as 4-byte words against the template's
+mask repeated); records that fit are read with strided views, the others are left
+for the walk. Records differing only in their timestamp's length are read through
+the template of their common head, their tails as the 8-byte word ending each. The
 walk follows every remaining record's framing in lockstep (tags and varints, all
 records at once), then reads the fixed-width parts per layout group and checks their
 tags. Records written any other way (packed floats, other field order, missing or
