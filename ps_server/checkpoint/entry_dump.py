@@ -21,16 +21,22 @@ bytes). Serialization is by field number, which is also the order written here.
 Only varints change a record's length (timestamps, int64 scalars and the length
 prefixes above them). Records are therefore grouped by the byte length of every
 varint they contain (their *layout*); all records of a layout share the position of
-every byte, so each group is written or read as a ``uint8[m, record_len]`` matrix —
-a view of the flat buffer when the group's records are consecutive, which is the
-usual case of uniform timestamps. Tagged floats are moved through unaligned strided
-views of that matrix (``float32[m, width]`` with strides ``(record_len, tag + 4)``),
-one copy per piece, no byte gathers.
+every byte, so each group is written or read as a ``uint8[m, record_len]`` matrix.
+Tagged floats are moved through unaligned strided views of that matrix
+(``float32[m, width]`` with strides ``(record_len, tag + 4)``), one copy per piece,
+no byte gathers. When every record has one layout (uniform timestamps) or only the
+timestamp's length differs (0 beside real times), records are written a block at a
+time into a cache-sized scratch matrix whose constant bytes are written once, and
+each block is copied out (in one piece, or one row per record); the timestamp tails
+of the second case are written as the 8-byte word ending each record.
 
 Decoding reads long runs of consecutive equal-length records through a *template*:
 the first record of the run is walked, and every byte that is not payload (tags,
-length prefixes, continuation bits of the value varints) must equal the template's;
-records that fit are read with strided views, the others are left for the walk. The
+length prefixes, continuation bits of the value varints) must equal the template's
+(checked for a block of records in one pass, as 4-byte words against the template's
+mask repeated); records that fit are read with strided views, the others are left
+for the walk. Records differing only in their timestamp's length are read through
+the template of their common head, their tails as the 8-byte word ending each. The
 walk follows every remaining record's framing in lockstep (tags and varints, all
 records at once), then reads the fixed-width parts per layout group and checks their
 tags. Records written any other way (packed floats, other field order, missing or
@@ -42,7 +48,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -76,6 +82,17 @@ Offsets = npt.NDArray[np.int64]
 
 # Target bytes per group chunk: bounds temporaries while keeping numpy calls large.
 _CHUNK_BYTES = 1 << 24
+# Bytes of the scratch matrix records are written through (about a CPU cache's worth).
+_SCRATCH_BYTES = 1 << 19
+# Bytes of records a template's repeated mask covers (see _tiles).
+_TILE_BYTES = 1 << 16
+# Records per block when reading: bounds the temporaries of a template check.
+_BLOCK_BYTES = 1 << 19
+# The high bit of every byte of a word, and the high bits a varint of k bytes has.
+_HIGH_BITS = 0x8080808080808080
+_VARINT_HIGH = np.array(
+    [0] + [sum(0x80 << (8 * j) for j in range(k - 1)) for k in range(1, 8)], np.uint64
+)
 # Runs of at least this many equal-length records are read through a template.
 _MIN_RUN = 128
 # Records left over by the runs are read grouped by length when a length has this many.
@@ -260,6 +277,39 @@ def encode_entry_dumps(
     :raises DimMismatchError: shapes disagree with each other or with the segments.
     :raises ConfigError: an optimizer's slots do not match the dump schema.
     """
+    buffer, offsets = _encode(values, segments, timestamps, ids, None)
+    assert offsets is not None
+    return buffer, offsets
+
+
+def encode_entry_dump_rows(
+    values: Floats,
+    segments: Sequence[tuple[Optimizer, State]],
+    timestamps: npt.NDArray[np.int64],
+    ids: Ids | None,
+    margins: tuple[int, int],
+) -> tuple[Buffer, Offsets | None]:
+    """:func:`encode_entry_dumps`, with room around each record when all records
+    have the same length (one layout: the usual case of uniform timestamps).
+
+    Then returns ``(rows, None)``: ``rows`` is ``uint8[n, before + length + after]``
+    for ``margins == (before, after)``, record ``i`` at ``rows[i, before:before +
+    length]``, the margins left uninitialized (for a container's framing, e.g.
+    TFRecord's header and CRC, written without copying the records again).
+    Otherwise returns what :func:`encode_entry_dumps` does.
+
+    :raises: as :func:`encode_entry_dumps`.
+    """
+    return _encode(values, segments, timestamps, ids, margins)
+
+
+def _encode(
+    values: Floats,
+    segments: Sequence[tuple[Optimizer, State]],
+    timestamps: npt.NDArray[np.int64],
+    ids: Ids | None,
+    margins: tuple[int, int] | None,
+) -> tuple[Buffer, Offsets | None]:
     values = np.asarray(values)
     if values.ndim != 2:
         raise DimMismatchError(f"values must be [n, dim], got shape {values.shape}")
@@ -314,14 +364,24 @@ def encode_entry_dumps(
     )
     offsets = np.zeros(n + 1, np.int64)
     np.cumsum(record_len, out=offsets[1:])
-    buffer = np.empty(int(offsets[-1]), np.uint8)
     if n == 0:
-        return buffer, offsets
+        return np.empty(0, np.uint8), offsets
     signature = np.empty((n, len(lengths)), np.uint8)
     for column, length in zip(signature.T, lengths, strict=True):
         column[...] = length
     # Varints equal in every record are part of the template (written once per layout).
     same = [bool(v.min() == v.max()) for v in varints]
+    same_len = [bool(k.min() == k.max()) for k in lengths]
+    if all(same_len):
+        size = int(record_len[0])
+        before, after = margins or (0, 0)
+        rows = np.empty((n, before + size + after), np.uint8)
+        _encode_blocks(rows[:, before : before + size], signature, values, codecs, states,
+                       varints, ids, same)
+        if margins is not None:
+            return rows, None
+        return rows.reshape(-1), offsets
+    buffer = np.empty(int(offsets[-1]), np.uint8)
 
     def write(rec: Buffer, sel: slice | Ids, first: int, ts: bool = True) -> None:
         # The first record written whole gives every constant byte of the layout;
@@ -338,6 +398,10 @@ def encode_entry_dumps(
     # one matrix and scattered to the record offsets, then each timestamp length's
     # tails; otherwise each layout is written as a matrix and scattered.
     ts_bytes = len(_TS_TAG) + lengths[-1]
+    if all(same_len[:-1]):
+        _encode_heads(buffer, offsets, signature, values, codecs, states, varints, ids, same,
+                      int(record_len[0] - ts_bytes[0]))
+        return buffer, offsets
     for a, b in _spans(offsets, int(record_len.max())):
         region = buffer[offsets[a] : offsets[b]]
         sig = signature[a:b]
@@ -371,6 +435,106 @@ def encode_entry_dumps(
             write(rec, local + a, a + int(local[0]))
             _windows(region, size)[starts[local]] = rec
     return buffer, offsets
+
+
+def _encode_blocks(
+    out: Buffer,
+    signature: npt.NDArray[np.uint8],
+    values: npt.NDArray[Any],
+    codecs: list[_SegmentCodec],
+    states: list[State],
+    varints: list[npt.NDArray[np.uint64]],
+    ids: Ids | None,
+    same: list[bool],
+) -> None:
+    """Write records that all share one layout into the rows of ``out`` ``[n, length]``
+    (maybe a view with longer rows), a block at a time through a cache-sized scratch
+    matrix (constant bytes written once), each block copied in one piece."""
+    n, length = out.shape
+    layout = [int(x) for x in signature[0]]
+    rows = min(n, max(1, _SCRATCH_BYTES // max(length, 1)))
+    scratch = np.empty((rows, length), np.uint8)
+    _write_records(scratch[:1], slice(0, 1), layout, values, codecs, states, varints, ids, None)
+    scratch[1:] = scratch[0]
+    for a in range(0, n, rows):
+        b = min(n, a + rows)
+        block = scratch[: b - a]
+        _write_records(block, slice(a, b), layout, values, codecs, states, varints, ids, same)
+        out[a:b] = block
+
+
+def _encode_heads(
+    buffer: Buffer,
+    offsets: Offsets,
+    signature: npt.NDArray[np.uint8],
+    values: npt.NDArray[Any],
+    codecs: list[_SegmentCodec],
+    states: list[State],
+    varints: list[npt.NDArray[np.uint64]],
+    ids: Ids | None,
+    same: list[bool],
+    head: int,
+) -> None:
+    """Write records that differ only in the length of their timestamp (the usual
+    mix: 0 beside real times); every record's first ``head`` bytes share one layout.
+
+    The heads are written a block of records at a time into one small scratch
+    matrix (cache-sized; its constant bytes are written once, each block only
+    overwrites the payload), each block copied to its records' offsets (one
+    contiguous copy per record); then each timestamp length's tails.
+    """
+    n = offsets.size - 1
+    # Tails of up to 8 bytes first, each as the 8-byte word ending its record: the
+    # word's lower bytes fall in the record's own head, written over below.
+    ts_lens = signature[:, -1].astype(np.int64)
+    ends = offsets[1:]
+    short = (ts_lens + len(_TS_TAG) <= 8) & (ends - 8 >= offsets[:-1])
+    if short.all():
+        _put_tail_words(buffer, ends, varints[-1], ts_lens)
+    elif short.any():
+        _put_tail_words(buffer, ends[short], varints[-1][short], ts_lens[short])
+    layout = [int(x) for x in signature[0]]
+    rows = min(n, max(1, _SCRATCH_BYTES // max(head, 1)))
+    scratch = np.empty((rows, head), np.uint8)
+    _write_records(scratch[:1], slice(0, 1), layout, values, codecs, states, varints, ids,
+                   None, False)
+    scratch[1:] = scratch[0]
+    heads = _windows(buffer, head)
+    for a in range(0, n, rows):
+        b = min(n, a + rows)
+        block = scratch[: b - a]
+        end = _write_records(block, slice(a, b), layout, values, codecs, states, varints, ids,
+                             same, False)
+        assert end == head, "layout arithmetic out of step with the writer"
+        heads[offsets[a:b]] = block
+    if short.all():
+        return
+    for k in np.unique(ts_lens[~short]).tolist():
+        idx = np.flatnonzero((ts_lens == k) & ~short)
+        tail = np.empty((idx.size, len(_TS_TAG) + k), np.uint8)
+        pos = _put_const(tail, 0, _TS_TAG)
+        put_varints(tail, pos, varints[-1][idx], k)
+        _windows(buffer, tail.shape[1])[offsets[idx] + head] = tail
+
+
+def _put_tail_words(buffer: Buffer, ends: Offsets, raw: npt.NDArray[np.uint64],
+                    lens: npt.NDArray[np.int64]) -> None:
+    """Write each timestamp tag and varint (``lens`` bytes, at most 7) as the top bytes
+    of the 8-byte word ending at ``ends``; the word's other bytes are garbage."""
+    # The varint's 7-bit groups spread one per byte (bytes past its length are 0,
+    # varints being as short as possible), its continuation bits, then the tag.
+    word = raw & np.uint64(0x7F)
+    group = np.empty_like(raw)
+    for j in range(1, 7):
+        np.right_shift(raw, np.uint64(7 * j), out=group)
+        group &= np.uint64(0x7F)
+        group <<= np.uint64(8 * j)
+        word |= group
+    word |= _VARINT_HIGH[lens]
+    word <<= np.uint64(8)
+    word |= np.uint64(_TS_TAG[0])
+    word <<= ((8 - len(_TS_TAG) - lens) * 8).astype(np.uint64)
+    np.ndarray((buffer.size - 7,), "<u8", buffer=buffer, strides=(1,))[ends - 8] = word
 
 
 def _write_records(
@@ -649,6 +813,14 @@ class _Template:
     words: tuple[tuple[int, np.uint64, np.uint64], ...]
     floats: tuple[tuple[int, bytes, int], ...]  # (start, tag, width) per float piece
     values: tuple[tuple[int, int], ...]  # (start, byte length) per value varint
+    # Every checked byte (float tags included) as a row of 8-byte words: mask and
+    # expected of words 0 .. length // 8 - 1, then of the word ending the record.
+    row_words: tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64], np.uint64, np.uint64]
+    # Mask and expected bytes of a few records back to back, as 4-byte words (under
+    # key 0, filled on use, for records whose length is a multiple of 4).
+    tiles: dict[int, tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint32]]] = field(
+        default_factory=dict, compare=False
+    )
 
 
 def _template(
@@ -676,7 +848,8 @@ def _template(
         mask[at : at + k] = 0x80
     expected = buffer[start : start + length] & mask
     return _Template(
-        length, has_id, mask, expected, _words(mask, expected), tuple(floats), tuple(values)
+        length, has_id, mask, expected, _words(mask, expected), tuple(floats), tuple(values),
+        _row_words(mask, expected, tuple(floats)),
     )
 
 
@@ -701,31 +874,98 @@ def _words(mask: Buffer, expected: Buffer) -> tuple[tuple[int, np.uint64, np.uin
     return tuple(words)
 
 
-def _head(tpl: _Template) -> _Template:
+def _full_bytes(
+    mask: Buffer, expected: Buffer, floats: tuple[tuple[int, bytes, int], ...]
+) -> tuple[Buffer, Buffer]:
+    """Mask and expected bytes of a template with its float tags added."""
+    full_mask = mask.copy()
+    full_expected = expected.copy()
+    for at, tag, width in floats:
+        step = len(tag) + 4
+        for j, byte in enumerate(tag):
+            full_mask[at + j : at + width * step : step] = 0xFF
+            full_expected[at + j : at + width * step : step] = byte
+    return full_mask, full_expected
+
+
+def _tiles(tpl: _Template) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint32]]:
+    """The template's full mask and expected bytes repeated for ``_TILE_BYTES`` worth
+    of records, as ``<u4`` words (kept on the template)."""
+    got = tpl.tiles.get(0)
+    if got is None:
+        full_mask, full_expected = _full_bytes(tpl.mask, tpl.expected, tpl.floats)
+        rows = max(1, _TILE_BYTES // max(tpl.length, 1))
+        got = (np.tile(full_mask, rows).view("<u4"), np.tile(full_expected, rows).view("<u4"))
+        tpl.tiles[0] = got
+    return got
+
+
+def _row_words(
+    mask: Buffer, expected: Buffer, floats: tuple[tuple[int, bytes, int], ...]
+) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64], np.uint64, np.uint64]:
+    """:attr:`_Template.row_words` of a template (its float tags added to the mask)."""
+    length = mask.size
+    full_mask, full_expected = _full_bytes(mask, expected, floats)
+    padded_mask = np.zeros(max(length, 8), np.uint8)
+    padded_mask[:length] = full_mask
+    padded_expected = np.zeros(max(length, 8), np.uint8)
+    padded_expected[:length] = full_expected
+    words = length // 8
+    last = slice(max(length, 8) - 8, max(length, 8))
+    return (
+        padded_mask[: words * 8].view("<u8").copy(),
+        padded_expected[: words * 8].view("<u8").copy(),
+        padded_mask[last].view("<u8")[0],
+        padded_expected[last].view("<u8")[0],
+    )
+
+
+def _head(tpl: _Template, width: int) -> _Template:
     """The template of the records' bytes before ``last_update_ts_sec`` (its tag and
     varint are the last bytes of a record): the part that a timestamp of another
-    length does not move."""
+    length does not move; ``width`` bytes long, the bytes past it unchecked."""
     at, _ = tpl.values[-1]
     head = at - len(_TS_TAG)
-    mask, expected = tpl.mask[:head], tpl.expected[:head]
+    mask = np.zeros(width, np.uint8)
+    expected = np.zeros(width, np.uint8)
+    mask[:head], expected[:head] = tpl.mask[:head], tpl.expected[:head]
     return _Template(
-        head, tpl.has_id, mask, expected, _words(mask, expected), tpl.floats, tpl.values[:-1]
+        width, tpl.has_id, mask, expected, _words(mask, expected), tpl.floats, tpl.values[:-1],
+        _row_words(mask, expected, tpl.floats),
     )
 
 
 def _fitting(tpl: _Template, rec: Buffer) -> npt.NDArray[np.bool_] | None:
     """Which rows of ``rec`` ``[m, tpl.length]`` fit the template; None if all do."""
     if tpl.length < 8:  # too short for words: compare bytes
-        eq = (rec & tpl.mask) == tpl.expected
-        return None if eq.all() else eq.all(axis=1)
+        checks: list[npt.NDArray[np.bool_]] = [(rec & tpl.mask) == tpl.expected]
+        for at, tag, width in tpl.floats:
+            step = len(tag) + 4
+            for j, byte in enumerate(tag):
+                checks.append(_strided(rec, at + j, width, step, "u1") == byte)
+    else:
+        m, length = rec.shape
+        if length % 4 == 0 and rec.flags.c_contiguous:
+            # The usual case, all rows fitting, in one pass: the block as 4-byte words
+            # against the template repeated.
+            tile_mask, tile_expected = _tiles(tpl)
+            flat = rec.reshape(-1).view("<u4")
+            whole = flat.size // tile_mask.size * tile_mask.size
+            tiled = flat[:whole].reshape(-1, tile_mask.size)
+            rest = flat[whole:]
+            if bool((np.bitwise_and(tiled, tile_mask) == tile_expected).all()) and bool(
+                (np.bitwise_and(rest, tile_mask[: rest.size]) == tile_expected[: rest.size]).all()
+            ):
+                return None
+        # Every checked byte at once: the rows as 8-byte words (unaligned views).
+        word_mask, word_expected, last_mask, last_expected = tpl.row_words
+        words = np.ndarray((m, length // 8), "<u8", buffer=rec, strides=(length, 8))
+        masked = np.bitwise_and(words, word_mask)
+        checks = [masked == word_expected]
+        if length % 8:
+            last = _strided(rec, length - 8, 1, 8, "<u8")[:, 0]
+            checks.append((last & last_mask) == last_expected)
     good: npt.NDArray[np.bool_] | None = None
-    checks: list[npt.NDArray[np.bool_]] = []
-    for at, word_mask, word in tpl.words:
-        checks.append((_strided(rec, at, 1, 8, "<u8")[:, 0] & word_mask) == word)
-    for at, tag, width in tpl.floats:
-        step = len(tag) + 4
-        for j, byte in enumerate(tag):
-            checks.append(_strided(rec, at + j, width, step, "u1") == byte)
     for eq in checks:
         if not eq.all():
             rows = eq if eq.ndim == 1 else np.all(eq, axis=1)
@@ -758,7 +998,7 @@ def _read_runs(
             templates[length] = tpl
         if tpl is None:
             continue
-        most = max(1, _CHUNK_BYTES // length)
+        most = max(1, _BLOCK_BYTES // length)
         for c in range(a, b, most):
             d = min(b, c + most)
             rec = buffer[offsets[c] : offsets[d]].reshape(d - c, length)
@@ -800,29 +1040,34 @@ def _read_heads(
                     codecs, dim)
     if tpl is None:
         return
-    head = _head(tpl)
-    size = head.length
+    size = tpl.values[-1][0] - len(_TS_TAG)
+    # Heads are gathered a multiple of 4 bytes wide (checked as 4-byte words), the
+    # bytes past them (their tail, maybe the next record) unchecked.
+    width = size if size < 8 else -(-size // 4) * 4
+    head = _head(tpl, width)
     tails = offsets[rest + 1] - offsets[rest] - size
-    cand = rest[(tails >= len(_TS_TAG) + 1) & (tails <= len(_TS_TAG) + 10)]
-    windows = _windows(buffer, size)
-    most = max(1, _CHUNK_BYTES // max(size, 1))
+    # Tails of up to 8 bytes are read as the 8-byte word ending their record.
+    cand = rest[(tails >= len(_TS_TAG) + 1) & (tails <= 8) & (offsets[rest + 1] >= 8)
+                & (offsets[rest] + width <= buffer.size)]
+    windows = _windows(buffer, width)
+    words = np.ndarray((buffer.size - 7,), "<u8", buffer=buffer, strides=(1,))
+    most = max(1, _BLOCK_BYTES // max(size, 1))
     for c in range(0, cand.size, most):
         idx = cand[c : c + most]
         starts = offsets[idx]
         rec = windows[starts]
         fit = _fitting(head, rec)
         good = np.ones(idx.size, np.bool_) if fit is None else fit
-        lens = offsets[idx + 1] - starts - size
-        ts = np.zeros(idx.size, np.uint64)
-        for k in np.unique(lens).tolist():
-            sel = np.flatnonzero(lens == k)
-            tail = _windows(buffer, k)[starts[sel] + size]
-            ok = tail[:, 0] == _TS_TAG[0]
-            if k > 2:
-                ok &= (tail[:, 1 : k - 1] >= 0x80).all(axis=1)
-            ok &= tail[:, k - 1] < 0x80
-            good[sel] &= ok
-            ts[sel] = varint_values(tail[:, 1:])
+        ends = offsets[idx + 1]
+        lens = ends - starts - size
+        # The tail's bytes at the top of the word, shifted down: tag, then the varint.
+        tail = words[ends - 8] >> ((8 - lens) * 8).astype(np.uint64)
+        good &= (tail & np.uint64(0xFF)) == _TS_TAG[0]
+        raw = tail >> np.uint64(8)
+        good &= (raw & np.uint64(_HIGH_BITS)) == _VARINT_HIGH[lens - len(_TS_TAG)]
+        ts = raw & np.uint64(0x7F)
+        for j in range(1, 7):
+            ts |= ((raw >> np.uint64(8 * j)) & np.uint64(0x7F)) << np.uint64(7 * j)
         rows: slice | Ids
         if good.all():
             rows = slice(None)
@@ -871,7 +1116,7 @@ def _read_scattered(
         if tpl is None:
             continue
         windows = _windows(buffer, length)
-        most = max(1, _CHUNK_BYTES // length)
+        most = max(1, _BLOCK_BYTES // length)
         for c in range(0, idx.size, most):
             dest = idx[c : c + most]
             rec = windows[offsets[dest]]

@@ -61,13 +61,15 @@ from ps_server.checkpoint.entry_dump import (
     DecodedEntries,
     check_entry_dumps,
     decode_entry_dumps,
-    encode_entry_dumps,
+    encode_entry_dump_rows,
 )
 from ps_server.checkpoint.monolith_multi import MultiTableCheckpoint, MultiTablePart
 from ps_server.checkpoint.tfrecord import (
+    FRAME_MARGINS,
     FileFacts,
     TFRecordWriter,
     frame_record_runs_array,
+    frame_rows,
     read_framed_runs,
 )
 from ps_server.engine.expiry import expire_seconds_by_slot, expired_mask
@@ -222,11 +224,14 @@ def save_table(
                 n = cols.ids.shape[0]
                 if n == 0:
                     continue
-                buffer, offsets = encode_entry_dumps(
+                # Records of one length come back framed in place but for their
+                # headers and CRCs (written by the write-behind thread).
+                buffer, offsets = encode_entry_dump_rows(
                     cols.values,
                     list(zip(optimizers, cols.states, strict=True)),
                     cols.timestamps,
                     cols.ids,
+                    FRAME_MARGINS,
                 )
                 behind.write(writer, buffer, offsets, n)
                 entries += n
@@ -282,8 +287,10 @@ class _WriteBehind:
             if self._error is None:
                 writer, buffer, offsets, n = item
                 try:
-                    if buffer is None or offsets is None:
+                    if buffer is None:
                         self._start_sync(writer.tmp_path)
+                    elif offsets is None:
+                        writer.write_frames(frame_rows(buffer), n)
                     else:
                         writer.write_frames(frame_record_runs_array(buffer, offsets), n)
                 except BaseException as e:  # handed to the saving thread
@@ -300,8 +307,9 @@ class _WriteBehind:
             raise self._error
 
     def write(self, writer: TFRecordWriter, buffer: npt.NDArray[np.uint8],
-              offsets: npt.NDArray[np.int64], n: int) -> None:
-        """Queue ``n`` encoded records (``buffer``/``offsets``) for ``writer``."""
+              offsets: npt.NDArray[np.int64] | None, n: int) -> None:
+        """Queue ``n`` encoded records for ``writer``: ``buffer``/``offsets``, or with
+        ``offsets`` None rows to frame in place (see :func:`encode_entry_dump_rows`)."""
         self._raise()
         self._pending.put((writer, buffer, offsets, n))
 

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 import pytest
+from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -23,9 +24,11 @@ from ps_server.checkpoint import entry_dump
 from ps_server.checkpoint.entry_dump import (
     check_entry_dumps,
     decode_entry_dumps,
+    encode_entry_dump_rows,
     encode_entry_dumps,
     split_records,
 )
+from ps_server.checkpoint.tfrecord import FRAME_MARGINS, frame_record_runs_array, frame_rows
 from ps_server.engine.optimizers.base import (
     Optimizer,
     State,
@@ -901,3 +904,91 @@ def test_interleaved_layouts_equal_protobuf(
     assert 3 in slow_rows
     assert len(walked_rows) < n // 4  # nearly every record read through a template
     assert np.array_equal(check_entry_dumps(buf2, off2, opts, values.shape[1]), out.ids)
+
+
+# ---------------------------------------------------------------- block paths
+
+
+TS_MIXES = {
+    # Only the timestamp's length differs: heads through the scratch, tails as words.
+    "zero_or_real": np.array([0, 1_700_000_000], np.int64),
+    "one_to_ten_bytes": np.array([0, 300, 1 << 35, 1 << 49, -1], np.int64),
+    "uniform": np.array([1_700_000_000], np.int64),
+}
+
+
+@pytest.mark.parametrize("with_ids", [True, False])
+@pytest.mark.parametrize("layout", ["adagrad", "adam", "batch_softmax|sgd|adagrad"])
+@pytest.mark.parametrize("mix", sorted(TS_MIXES))
+def test_block_paths_match_protobuf_and_round_trip(layout: str, mix: str, with_ids: bool,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # Small scratch and blocks, so that a batch spans many of them.
+    monkeypatch.setattr(entry_dump, "_SCRATCH_BYTES", 4096)
+    monkeypatch.setattr(entry_dump, "_BLOCK_BYTES", 8192)
+    monkeypatch.setattr(entry_dump, "_TILE_BYTES", 1024)
+    rng = np.random.default_rng(len(layout) + len(mix))
+    n = 1500
+    values, segments, _ = build(LAYOUTS[layout], n, rng)
+    for opt, state in segments:  # int64 scalars of one length: only ts lengths differ
+        for slot in opt.slots():
+            if slot.dtype == np.int64:
+                state[slot.name][:] = 5
+    pool = TS_MIXES[mix]
+    ts = pool[rng.integers(0, pool.size, n)]
+    ids = rng.integers(I64.min, I64.max, n, dtype=np.int64) if with_ids else None
+    buf, off = encode_entry_dumps(values, segments, ts, ids)
+    assert split_records(buf, off) == [
+        protobuf_record(i, values, segments, ts, ids) for i in range(n)
+    ]
+    optimizers = [opt for opt, _ in segments]
+    dim = values.shape[1]
+    out = decode_entry_dumps(buf, off, optimizers, dim)
+    assert np.array_equal(out.values, values)
+    assert np.array_equal(out.timestamps, ts)
+    assert np.array_equal(check_entry_dumps(buf, off, optimizers, dim), out.ids)
+    assert np.array_equal(out.ids, ids if ids is not None else np.zeros(n, np.int64))
+    for (_, state), got in zip(segments, out.states, strict=True):
+        for name in state:
+            assert np.array_equal(got[name], state[name])
+    # Framed in place: the same file bytes as framing the flat records.
+    rows, rows_off = encode_entry_dump_rows(values, segments, ts, ids, FRAME_MARGINS)
+    framed = frame_rows(rows) if rows_off is None else frame_record_runs_array(rows, rows_off)
+    assert (rows_off is None) == (mix == "uniform")
+    assert framed.tobytes() == frame_record_runs_array(buf, off).tobytes()
+
+
+@pytest.mark.parametrize("byte", ["tag", "continuation", "head"])
+def test_damaged_mixed_record_reads_as_protobuf_does(byte: str) -> None:
+    """A record whose tail or head does not fit the template leaves the block path;
+    what it decodes to (or raises) is what protobuf makes of it."""
+    rng = np.random.default_rng(3)
+    n = 600
+    values, segments, _ = build(LAYOUTS["adagrad"], n, rng)
+    ts = np.where(rng.random(n) < 0.5, 0, 1_700_000_000).astype(np.int64)
+    ids = rng.integers(I64.min, I64.max, n, dtype=np.int64)
+    buf, off = encode_entry_dumps(values, segments, ts, ids)
+    i = int(np.flatnonzero(ts)[100])
+    end = int(off[i + 1])
+    if byte == "tag":
+        buf[end - 6] = 0x28  # field 5 (unknown) instead of the timestamp's 4
+    elif byte == "continuation":
+        buf[end - 2] &= 0x7F  # the varint ends early: one byte too many in the record
+    else:
+        buf[int(off[i]) + 9] = 0x1D  # num's first tag as field 3 fixed32 (unknown)
+    record = buf[off[i] : off[i + 1]].tobytes()
+    optimizers = [opt for opt, _ in segments]
+    try:
+        msg = eht.EntryDump.FromString(record)
+    except DecodeError:  # whatever protobuf rejects, decoding must reject too
+        with pytest.raises(CheckpointCorruptError, match=f"record {i} "):
+            decode_entry_dumps(buf, off, optimizers, 4)
+        with pytest.raises(CheckpointCorruptError, match=f"record {i} "):
+            check_entry_dumps(buf, off, optimizers, 4)
+        return
+    out = decode_entry_dumps(buf, off, optimizers, 4)
+    assert out.timestamps[i] == msg.last_update_ts_sec
+    assert out.num_lengths[i] == len(msg.num)
+    assert np.array_equal(out.values[i, : len(msg.num)], np.array(msg.num, np.float32))
+    keep = np.arange(n) != i
+    assert np.array_equal(out.timestamps[keep], ts[keep])
+    assert np.array_equal(out.values[keep], values[keep])
