@@ -18,7 +18,7 @@ import numpy.typing as npt
 
 from protos import embedding_hash_table_pb2 as eht
 from protos import ps_service_pb2 as pb
-from protos.wire import FLOAT32, FLOAT_WIRES, narrow, row_items, widen, wire_of
+from protos.wire import FLOAT32, FLOAT_WIRES, narrow, widen, wire_of
 from ps_client._codec import Gather, adopt, encode_request, read_half_rows, read_rows
 from ps_client.errors import PsInvalidArgument
 from ps_client.learning_rate_functions import LearningRate, evaluate_learning_rates
@@ -104,8 +104,9 @@ def float_wire(wire_dtype: Any) -> tuple[pb.FloatWire, np.dtype[Any]]:
 
 class _HalfRows:
     """Shards' half-wire answers put into the caller's order, widened to float32 once
-    at the end: rows are placed as 2-byte items (half the bytes a float32 placement
-    moves), and a single shard's answer is widened straight from the received bytes."""
+    at the end: several shards' rows are joined and gathered as 2-byte items
+    (:class:`ps_client.routing.RowAssembly`, half the bytes a float32 placement moves),
+    and a single shard's answer is widened straight from the received bytes."""
 
     def __init__(self, positions: Sequence[npt.NDArray[np.int64]],
                  inverse: npt.NDArray[np.int64] | None, dim: int, wire: np.dtype[Any]) -> None:
@@ -114,25 +115,21 @@ class _HalfRows:
         self.dim = dim
         self.wire = wire
         self.count = sum(int(p.shape[0]) for p in positions)
-        self.unique: npt.NDArray[Any] | None = None
+        self._joined: RowAssembly | None = None
         if len(positions) > 1:
-            self.unique = np.empty((self.count, dim), dtype=wire)
-        self._rows = row_items(self.unique) if self.unique is not None else None
+            self._joined = RowAssembly(positions, inverse, dim, dtype=wire)
         self._only: npt.NDArray[Any] | None = None
 
     def add(self, shard: int, rows: npt.NDArray[Any]) -> None:
-        pos = self.positions[shard]
-        if pos.size == 0 or self.dim == 0:
-            return
-        if self._rows is None:  # one shard answered every unique id, in order
-            self._only = rows
-            return
-        items = row_items(np.ascontiguousarray(rows))
-        assert items is not None
-        np.put(self._rows, pos, items, mode="wrap")  # positions are valid rows
+        if self._joined is not None:
+            self._joined.add(shard, rows)
+        elif self.positions[shard].size and self.dim:
+            self._only = rows  # one shard answered every unique id, in order
 
     def widened(self) -> npt.NDArray[np.float32]:
-        rows = self.unique if self.unique is not None else self._only
+        if self._joined is not None:
+            return widen(self._joined.out, self.wire)
+        rows = self._only
         if rows is None:  # no rows, or rows of no floats
             rows = np.zeros((self.count, self.dim), dtype=self.wire)
         if self.inverse is not None:
