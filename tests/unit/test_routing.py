@@ -104,6 +104,23 @@ def test_partition_keeps_order_per_shard() -> None:
     assert partition(ids, 1)[0].tolist() == list(range(7))
 
 
+@pytest.mark.parametrize("num_shards", [2, 3, 4, 5, 8])
+def test_partition_is_floormod_at_int64_extremes(num_shards: int) -> None:
+    # 2 and 4 shards route by the low byte; the others through shard_of.
+    rng = np.random.default_rng(num_shards)
+    ids = np.concatenate([
+        np.array([-(2**63), -(2**63) + 1, -257, -256, -255, -1, 0, 1, 255, 256, 2**63 - 1],
+                 dtype=np.int64),
+        rng.integers(-(2**63), 2**63 - 1, size=5000, dtype=np.int64),
+    ])
+    pos = partition(ids, num_shards)
+    assert len(pos) == num_shards
+    want = np.array([int(i) % num_shards for i in ids.tolist()])  # Python's % is floormod
+    for s, p in enumerate(pos):
+        assert p.dtype == np.int64
+        assert p.tolist() == np.flatnonzero(want == s).tolist()
+
+
 def shard_answers(uniq: np.ndarray, positions: list[np.ndarray]) -> list[np.ndarray]:
     """What each shard answers for its unique ids, in the order sent: row [id, 2 id]."""
     return [np.stack([uniq[p], 2 * uniq[p]], axis=1).astype(np.float32) for p in positions]
