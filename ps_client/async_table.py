@@ -120,9 +120,9 @@ class _HalfRows:
             self._joined = RowAssembly(positions, inverse, dim, dtype=wire)
         self._only: npt.NDArray[Any] | None = None
 
-    def add(self, shard: int, rows: npt.NDArray[Any]) -> None:
+    def add(self, shard: int, rows: npt.NDArray[Any], *, owned: bool = False) -> None:
         if self._joined is not None:
-            self._joined.add(shard, rows)
+            self._joined.add(shard, rows, owned=owned)
         elif self.positions[shard].size and self.dim:
             self._only = rows  # one shard answered every unique id, in order
 
@@ -205,21 +205,24 @@ class AsyncTable:
         what = f"Lookup of {self.name!r}"
         if wire != FLOAT32:
             half = _HalfRows(positions, inverse, dim, wire)
-            await self._transport.each(
-                "Lookup", requests,
-                on_answer=lambda shard, answer: half.add(shard, read_half_rows(
-                    answer, pb.LookupResponse, "values", positions[shard].size, dim, what,
-                    wire)))
+
+            def place_half(shard: int, answer: bytes) -> None:
+                got = read_half_rows(answer, pb.LookupResponse, "values",
+                                     positions[shard].size, dim, what, wire)
+                mine = adopt(got, answer) if inverse is None else None
+                half.add(shard, got if mine is None else mine, owned=mine is not None)
+
+            await self._transport.each("Lookup", requests, on_answer=place_half)
             return half.widened()
         rows = RowAssembly(positions, inverse, dim)
-        single = inverse is None and len(positions) == 1
 
         def place(shard: int, answer: bytes) -> None:
             got = read_rows(answer, pb.LookupResponse, "values", positions[shard].size,
                             dim, what)
-            # The answer's bytes are this call's alone: a lone shard's rows, already
-            # in order, are handed out in place rather than copied (8 MiB at 65,536 x 32).
-            mine = adopt(got, answer) if single else None
+            # The answer's bytes are this call's alone: rows of unique ids are handed
+            # over in place rather than copied (a lone shard's, already in order, become
+            # the result: 8 MiB at 65,536 x 32; several shards' are scattered from them).
+            mine = adopt(got, answer) if inverse is None else None
             if mine is None:
                 rows.add(shard, got)
             else:
