@@ -18,7 +18,7 @@ import numpy.typing as npt
 
 from protos import embedding_hash_table_pb2 as eht
 from protos import ps_service_pb2 as pb
-from protos.wire import FLOAT32, FLOAT_WIRES, narrow, row_items, widen, wire_of
+from protos.wire import FLOAT32, FLOAT_WIRES, narrow, widen, wire_of
 from ps_client._codec import Gather, adopt, encode_request, read_half_rows, read_rows
 from ps_client.errors import PsInvalidArgument
 from ps_client.learning_rate_functions import LearningRate, evaluate_learning_rates
@@ -104,8 +104,9 @@ def float_wire(wire_dtype: Any) -> tuple[pb.FloatWire, np.dtype[Any]]:
 
 class _HalfRows:
     """Shards' half-wire answers put into the caller's order, widened to float32 once
-    at the end: rows are placed as 2-byte items (half the bytes a float32 placement
-    moves), and a single shard's answer is widened straight from the received bytes."""
+    at the end: several shards' rows are joined and gathered as 2-byte items
+    (:class:`ps_client.routing.RowAssembly`, half the bytes a float32 placement moves),
+    and a single shard's answer is widened straight from the received bytes."""
 
     def __init__(self, positions: Sequence[npt.NDArray[np.int64]],
                  inverse: npt.NDArray[np.int64] | None, dim: int, wire: np.dtype[Any]) -> None:
@@ -114,25 +115,21 @@ class _HalfRows:
         self.dim = dim
         self.wire = wire
         self.count = sum(int(p.shape[0]) for p in positions)
-        self.unique: npt.NDArray[Any] | None = None
+        self._joined: RowAssembly | None = None
         if len(positions) > 1:
-            self.unique = np.empty((self.count, dim), dtype=wire)
-        self._rows = row_items(self.unique) if self.unique is not None else None
+            self._joined = RowAssembly(positions, inverse, dim, dtype=wire)
         self._only: npt.NDArray[Any] | None = None
 
-    def add(self, shard: int, rows: npt.NDArray[Any]) -> None:
-        pos = self.positions[shard]
-        if pos.size == 0 or self.dim == 0:
-            return
-        if self._rows is None:  # one shard answered every unique id, in order
-            self._only = rows
-            return
-        items = row_items(np.ascontiguousarray(rows))
-        assert items is not None
-        np.put(self._rows, pos, items, mode="wrap")  # positions are valid rows
+    def add(self, shard: int, rows: npt.NDArray[Any], *, owned: bool = False) -> None:
+        if self._joined is not None:
+            self._joined.add(shard, rows, owned=owned)
+        elif self.positions[shard].size and self.dim:
+            self._only = rows  # one shard answered every unique id, in order
 
     def widened(self) -> npt.NDArray[np.float32]:
-        rows = self.unique if self.unique is not None else self._only
+        if self._joined is not None:
+            return widen(self._joined.out, self.wire)
+        rows = self._only
         if rows is None:  # no rows, or rows of no floats
             rows = np.zeros((self.count, self.dim), dtype=self.wire)
         if self.inverse is not None:
@@ -208,21 +205,24 @@ class AsyncTable:
         what = f"Lookup of {self.name!r}"
         if wire != FLOAT32:
             half = _HalfRows(positions, inverse, dim, wire)
-            await self._transport.each(
-                "Lookup", requests,
-                on_answer=lambda shard, answer: half.add(shard, read_half_rows(
-                    answer, pb.LookupResponse, "values", positions[shard].size, dim, what,
-                    wire)))
+
+            def place_half(shard: int, answer: bytes) -> None:
+                got = read_half_rows(answer, pb.LookupResponse, "values",
+                                     positions[shard].size, dim, what, wire)
+                mine = adopt(got, answer) if inverse is None else None
+                half.add(shard, got if mine is None else mine, owned=mine is not None)
+
+            await self._transport.each("Lookup", requests, on_answer=place_half)
             return half.widened()
         rows = RowAssembly(positions, inverse, dim)
-        single = inverse is None and len(positions) == 1
 
         def place(shard: int, answer: bytes) -> None:
             got = read_rows(answer, pb.LookupResponse, "values", positions[shard].size,
                             dim, what)
-            # The answer's bytes are this call's alone: a lone shard's rows, already
-            # in order, are handed out in place rather than copied (8 MiB at 65,536 x 32).
-            mine = adopt(got, answer) if single else None
+            # The answer's bytes are this call's alone: rows of unique ids are handed
+            # over in place rather than copied (a lone shard's, already in order, become
+            # the result: 8 MiB at 65,536 x 32; several shards' are scattered from them).
+            mine = adopt(got, answer) if inverse is None else None
             if mine is None:
                 rows.add(shard, got)
             else:

@@ -104,6 +104,23 @@ def test_partition_keeps_order_per_shard() -> None:
     assert partition(ids, 1)[0].tolist() == list(range(7))
 
 
+@pytest.mark.parametrize("num_shards", [2, 3, 4, 5, 8])
+def test_partition_is_floormod_at_int64_extremes(num_shards: int) -> None:
+    # 2 and 4 shards route by the low byte; the others through shard_of.
+    rng = np.random.default_rng(num_shards)
+    ids = np.concatenate([
+        np.array([-(2**63), -(2**63) + 1, -257, -256, -255, -1, 0, 1, 255, 256, 2**63 - 1],
+                 dtype=np.int64),
+        rng.integers(-(2**63), 2**63 - 1, size=5000, dtype=np.int64),
+    ])
+    pos = partition(ids, num_shards)
+    assert len(pos) == num_shards
+    want = np.array([int(i) % num_shards for i in ids.tolist()])  # Python's % is floormod
+    for s, p in enumerate(pos):
+        assert p.dtype == np.int64
+        assert p.tolist() == np.flatnonzero(want == s).tolist()
+
+
 def shard_answers(uniq: np.ndarray, positions: list[np.ndarray]) -> list[np.ndarray]:
     """What each shard answers for its unique ids, in the order sent: row [id, 2 id]."""
     return [np.stack([uniq[p], 2 * uniq[p]], axis=1).astype(np.float32) for p in positions]
@@ -125,6 +142,40 @@ def test_lookup_round_trip_dedup_partition_assemble(num_shards: int, arrival: st
             rows.add(s, part)
         assert rows.out.tolist() == [[float(i), 2.0 * i] for i in ids]
         assert rows.out.flags.writeable and rows.out.dtype == np.float32
+
+
+@pytest.mark.parametrize("block_bytes", [8, 24, 1 << 20])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_assembly_scatters_unique_rows_block_by_block(
+    monkeypatch: pytest.MonkeyPatch, block_bytes: int, dtype: type
+) -> None:
+    # Blocks of 1, 3 and all rows (dim 2 of 4 or 2 bytes); answers owned, read-only
+    # or strided, in any arrival order, some shards empty.
+    monkeypatch.setattr(routing, "_SCATTER_BLOCK_BYTES", block_bytes)
+    rng = np.random.default_rng(block_bytes)
+    uniq = rng.permutation(np.arange(-300, 300, 3, dtype=np.int64))
+    for num_shards in (2, 4, 6):
+        positions = partition(uniq, num_shards)
+        rows = RowAssembly(positions, None, 2, dtype=dtype)
+        answers = [a.astype(dtype) for a in shard_answers(uniq, positions)]
+        for s in rng.permutation(num_shards).tolist():
+            a = answers[s]
+            if s % 3 == 0:
+                rows.add(s, a, owned=True)
+            elif s % 3 == 1:
+                a.flags.writeable = False
+                rows.add(s, a)
+            else:
+                rows.add(s, np.asfortranarray(a))
+        assert rows.out.dtype == dtype and rows.out.flags.writeable
+        np.testing.assert_array_equal(
+            rows.out, np.stack([uniq, 2 * uniq], axis=1).astype(dtype))
+
+
+def test_assembly_refuses_an_answer_of_the_wrong_shape() -> None:
+    rows = RowAssembly(partition(np.arange(6, dtype=np.int64), 2), None, 3)
+    with pytest.raises(ValueError, match="rows for 3 ids of dim 3"):
+        rows.add(0, np.zeros((2, 3), dtype=np.float32))
 
 
 def test_assembly_of_read_only_answers_and_empty_shards() -> None:
