@@ -1191,6 +1191,7 @@ def decode_framed_entry_dumps(
     dim: int,
     *,
     columns: bool,
+    templates: dict[int, Any] | None = None,
 ) -> tuple[Ids, DecodedEntries | None] | None:
     """Decode TFRecord-framed records in their frames, without copying them out first.
 
@@ -1203,6 +1204,10 @@ def decode_framed_entry_dumps(
     with :func:`decode_entry_dumps` / :func:`check_entry_dumps`, which decide and
     word every error. The frames' CRCs are not looked at (the reader checked them).
 
+    :param templates: kept by the caller between calls on chunks of one file for one
+        table (same ``margins``, optimizers and dim): the templates found so far, by
+        record length. One is reused only if the run's first record fits it (as
+        :func:`decode_entry_dumps` reuses them between runs).
     :returns: the ids and, with ``columns``, the decoded entries (None without).
     """
     before, after = margins
@@ -1218,10 +1223,15 @@ def decode_framed_entry_dumps(
         done = 0
         for start, length, count in runs:
             period = before + length + after
-            tpl = _template(buf, start + before, length, codecs, dim)
-            if tpl is None:
-                return None
-            framed = _framed_template(tpl, before, period)
+            framed = templates.get(length) if templates is not None else None
+            first = buf[start : start + period].reshape(1, period)
+            if framed is None or _fitting(framed, first) is not None:
+                tpl = _template(buf, start + before, length, codecs, dim)
+                if tpl is None:
+                    return None
+                framed = _framed_template(tpl, before, period)
+                if templates is not None:
+                    templates[length] = framed
             most = max(1, _BLOCK_BYTES // period)
             for c in range(0, count, most):
                 d = min(count, c + most)

@@ -725,10 +725,11 @@ def _framed_file_chunks(
     in their frames where :func:`decode_framed_entry_dumps` can; any other chunk is
     copied out of its frames and decoded (and its errors reported) as before."""
     first = 0
+    templates: dict[int, Any] = {}  # record layouts seen in this file, by length
     for buf, runs in read_framed_chunks(path, READ_CHUNK_BYTES):
         n = sum(count for _, _, count in runs)
         got = decode_framed_entry_dumps(buf, runs, FRAME_MARGINS, training, table.dim,
-                                        columns=columns)
+                                        columns=columns, templates=templates)
         if got is None:
             # Decoded (and any error reported) from a copy, before the next read.
             yield from _decoded_chunks(table, path, iter([run_payloads(buf, runs)]), training,

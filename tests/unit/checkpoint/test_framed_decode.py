@@ -68,13 +68,14 @@ def compare_chunks(table: EmbeddingHashTable, path: str) -> int:
     """Decode every chunk both ways; returns how many chunks were decoded in frames."""
     optimizers = table_files._training_optimizers(table)
     in_frames = 0
+    templates: dict[int, object] = {}  # shared across the chunks, as restore does
     for buf, runs in read_framed_chunks(path, 1 << 16):
         payloads, offsets = run_payloads(buf, runs)
         want = decode_entry_dumps(payloads, offsets, optimizers, table.dim)
         got = decode_framed_entry_dumps(buf, runs, FRAME_MARGINS, optimizers, table.dim,
-                                        columns=True)
+                                        columns=True, templates=templates)
         checked = decode_framed_entry_dumps(buf, runs, FRAME_MARGINS, optimizers, table.dim,
-                                            columns=False)
+                                            columns=False, templates=templates)
         if got is None:
             assert checked is None
             continue
@@ -104,6 +105,20 @@ def test_uniform_records_decode_in_frames_as_copied(tmp_path: Path) -> None:
 def test_mixed_lengths_fall_back_to_copies(tmp_path: Path) -> None:
     table = adagrad_table(5000, zero_ts_every=3)
     compare_chunks(table, saved(tmp_path, table))  # chunks decoded either way agree
+
+
+def test_templates_kept_between_chunks_follow_layout_changes(tmp_path: Path) -> None:
+    """Long runs of one layout, then another (other timestamps, ids and values), then the
+    first again: chunks decoded in frames with the templates of earlier chunks agree."""
+    table = adagrad_table(3000)
+    other = adagrad_table(3000, seed=5)
+    other.assign_add(other.export_columns().ids[:1000], np.ones((1000, 4), np.float32),
+                     req_time=5)  # a 1-byte timestamp: shorter records
+    (tmp_path / "o").mkdir()
+    a, b = records_of(saved(tmp_path, table)), records_of(saved(tmp_path / "o", other))
+    path = str(tmp_path / "mixed-00000-of-00001")
+    write_records(path, a[:1200] + b + a[1200:])
+    assert compare_chunks(table, path) > 0
 
 
 def test_restore_of_mixed_and_uniform_files_matches_the_table(tmp_path: Path) -> None:
