@@ -821,6 +821,8 @@ class _Template:
     tiles: dict[int, tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint32]]] = field(
         default_factory=dict, compare=False
     )
+    # Where the id's 8 bytes start (after its tag; later in a template of framed records).
+    id_at: int = len(_ID_TAG)
 
 
 def _template(
@@ -1135,7 +1137,7 @@ def _take(tpl: _Template, rec: Buffer, rows: slice | Ids, dest: slice | Ids, sin
           ) -> None:
     """Copy the fields of the fitting rows ``rows`` of ``rec`` to records ``dest``."""
     if tpl.has_id:
-        sinks.ids[dest] = _strided(rec, len(_ID_TAG), 1, 8, "<i8")[rows, 0]
+        sinks.ids[dest] = _strided(rec, tpl.id_at, 1, 8, "<i8")[rows, 0]
     if sinks.floats is None or sinks.ints is None:
         return
     for (at, tag, width), target in zip(tpl.floats, sinks.floats, strict=True):
@@ -1176,7 +1178,91 @@ def decode_entry_dumps(
     n = max(0, np.asarray(offsets).size - 1)
     # Values and dumped state are left uninitialized: every record's are written,
     # the protobuf path starting from init_state (see _decode_walked).
-    out = DecodedEntries(
+    out = _new_entries(n, segment_optimizers, dim)
+    _decode(buffer, offsets, segment_optimizers, dim, out)
+    return out
+
+
+def decode_framed_entry_dumps(
+    buf: Buffer,
+    runs: Sequence[tuple[int, int, int]],
+    margins: tuple[int, int],
+    segment_optimizers: Sequence[Optimizer],
+    dim: int,
+    *,
+    columns: bool,
+    templates: dict[int, Any] | None = None,
+) -> tuple[Ids, DecodedEntries | None] | None:
+    """Decode TFRecord-framed records in their frames, without copying them out first.
+
+    Only the common case is taken: every run (``(position of the first frame, record
+    length, count)``, frames back to back, ``margins`` = framing bytes before and after
+    each record) is at least ``_MIN_RUN`` records long and every record fits the
+    template of the run's first record, read exactly as :func:`decode_entry_dumps`
+    reads such runs. Anything else (short runs, a record not fitting, any error)
+    returns None and nothing is reported: the caller decodes a copy of the records
+    with :func:`decode_entry_dumps` / :func:`check_entry_dumps`, which decide and
+    word every error. The frames' CRCs are not looked at (the reader checked them).
+
+    :param templates: kept by the caller between calls on chunks of one file for one
+        table (same ``margins``, optimizers and dim): the templates found so far, by
+        record length. One is reused only if the run's first record fits it (as
+        :func:`decode_entry_dumps` reuses them between runs).
+    :returns: the ids and, with ``columns``, the decoded entries (None without).
+    """
+    before, after = margins
+    n = sum(count for _, _, count in runs)
+    if n == 0 or any(count < _MIN_RUN or length == 0 for _, length, count in runs):
+        return None
+    try:
+        _check_dims(segment_optimizers, dim)
+        codecs = [_segment_codec(k, opt) for k, opt in enumerate(segment_optimizers)]
+        out = _new_entries(n, segment_optimizers, dim) if columns else None
+        ids = out.ids if out is not None else np.zeros(n, np.int64)
+        sinks = _sinks(codecs, ids, out)
+        done = 0
+        for start, length, count in runs:
+            period = before + length + after
+            framed = templates.get(length) if templates is not None else None
+            first = buf[start : start + period].reshape(1, period)
+            if framed is None or _fitting(framed, first) is not None:
+                tpl = _template(buf, start + before, length, codecs, dim)
+                if tpl is None:
+                    return None
+                framed = _framed_template(tpl, before, period)
+                if templates is not None:
+                    templates[length] = framed
+            most = max(1, _BLOCK_BYTES // period)
+            for c in range(0, count, most):
+                d = min(count, c + most)
+                rec = buf[start + c * period : start + d * period].reshape(d - c, period)
+                if _fitting(framed, rec) is not None:
+                    return None
+                _take(framed, rec, slice(None), slice(done + c, done + d), sinks)
+            done += count
+    except Exception:  # the copying path decides and reports
+        return None
+    return ids, out
+
+
+def _framed_template(tpl: _Template, before: int, period: int) -> _Template:
+    """``tpl`` for records read in their frames: ``before`` unchecked bytes ahead of
+    each record and the rest of ``period`` after it unchecked (the framing)."""
+    mask = np.zeros(period, np.uint8)
+    expected = np.zeros(period, np.uint8)
+    mask[before : before + tpl.length] = tpl.mask
+    expected[before : before + tpl.length] = tpl.expected
+    floats = tuple((at + before, tag, width) for at, tag, width in tpl.floats)
+    values = tuple((at + before, k) for at, k in tpl.values)
+    return _Template(
+        period, tpl.has_id, mask, expected, _words(mask, expected), floats, values,
+        _row_words(mask, expected, floats), id_at=tpl.id_at + before,
+    )
+
+
+def _new_entries(n: int, segment_optimizers: Sequence[Optimizer], dim: int) -> DecodedEntries:
+    """Columns for ``n`` decoded records (values and dumped state uninitialized)."""
+    return DecodedEntries(
         ids=np.zeros(n, np.int64),
         values=np.empty((n, dim), np.float32),
         num_lengths=np.full(n, dim, np.int64),
@@ -1184,8 +1270,6 @@ def decode_entry_dumps(
         has_state=np.ones(n, np.bool_),
         timestamps=np.empty(n, np.int64),
     )
-    _decode(buffer, offsets, segment_optimizers, dim, out)
-    return out
 
 
 def _unset_state(opt: Optimizer, n: int) -> State:

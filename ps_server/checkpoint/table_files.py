@@ -61,6 +61,7 @@ from ps_server.checkpoint.entry_dump import (
     DecodedEntries,
     check_entry_dumps,
     decode_entry_dumps,
+    decode_framed_entry_dumps,
     encode_entry_dump_rows,
 )
 from ps_server.checkpoint.monolith_multi import MultiTableCheckpoint, MultiTablePart
@@ -70,7 +71,9 @@ from ps_server.checkpoint.tfrecord import (
     TFRecordWriter,
     frame_record_runs_array,
     frame_rows,
+    read_framed_chunks,
     read_framed_runs,
+    run_payloads,
 )
 from ps_server.engine.expiry import expire_seconds_by_slot, expired_mask
 from ps_server.engine.hash_table import EmbeddingHashTable, EntryColumns
@@ -704,12 +707,50 @@ def _file_chunks(
 ) -> Iterator[tuple[Ids, DecodedEntries | None]]:
     """The records of ``path`` chunk by chunk: their ids and, with ``columns``, all of
     them decoded (else only checked); errors name the file."""
-    first = 0
     training = None if table.layout.serving else _training_optimizers(table)
+    if training is not None and not isinstance(path, MultiTablePart):
+        yield from _framed_file_chunks(table, path, training, columns=columns)
+        return
     framed = (
         path.framed(READ_CHUNK_BYTES) if isinstance(path, MultiTablePart)
         else read_framed_runs(path, READ_CHUNK_BYTES)
     )
+    yield from _decoded_chunks(table, path, framed, training, columns=columns)
+
+
+def _framed_file_chunks(
+    table: EmbeddingHashTable, path: str, training: list[Optimizer], *, columns: bool
+) -> Iterator[tuple[Ids, DecodedEntries | None]]:
+    """:func:`_file_chunks` of a table file for a TRAINING table: records are decoded
+    in their frames where :func:`decode_framed_entry_dumps` can; any other chunk is
+    copied out of its frames and decoded (and its errors reported) as before."""
+    first = 0
+    templates: dict[int, Any] = {}  # record layouts seen in this file, by length
+    for buf, runs in read_framed_chunks(path, READ_CHUNK_BYTES):
+        n = sum(count for _, _, count in runs)
+        got = decode_framed_entry_dumps(buf, runs, FRAME_MARGINS, training, table.dim,
+                                        columns=columns, templates=templates)
+        if got is None:
+            # Decoded (and any error reported) from a copy, before the next read.
+            yield from _decoded_chunks(table, path, iter([run_payloads(buf, runs)]), training,
+                                       columns=columns, first=first)
+        else:
+            yield got
+        first += n
+
+
+def _decoded_chunks(
+    table: EmbeddingHashTable,
+    path: str,
+    framed: Iterator[tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]],
+    training: list[Optimizer] | None,
+    *,
+    columns: bool,
+    first: int = 0,
+) -> Iterator[tuple[Ids, DecodedEntries | None]]:
+    """The chunks ``framed`` (record data and offsets) of ``path`` decoded (or, without
+    ``columns``, checked); errors name the file and the records (``first`` is the
+    position of the first record of ``framed`` in the file)."""
     for buffer, offsets in framed:
         n = offsets.shape[0] - 1
         where = f"{path}: records {first}..{first + n - 1}"

@@ -399,8 +399,8 @@ def read_records(path: str | os.PathLike[str]) -> Iterator[bytes]:
 # A mismatch is then located record by record so the error names the damaged record.
 # =====================================================================================
 
-__all__ += ["FRAME_MARGINS", "frame_record_runs", "frame_record_runs_array", "frame_rows",
-            "read_framed_runs"]
+__all__ += ["FRAME_MARGINS", "FramedRun", "frame_record_runs", "frame_record_runs_array",
+            "frame_rows", "read_framed_chunks", "read_framed_runs", "run_payloads"]
 
 #: Bytes of TFRecord framing before and after each record's data (header; data CRC).
 FRAME_MARGINS = (_HEADER_BYTES, _OVERHEAD - _HEADER_BYTES)
@@ -714,6 +714,26 @@ def read_framed_runs(
         before the damage may have been yielded already: consume everything before acting.
     :raises OSError: the file cannot be opened or read.
     """
+    for data, runs in read_framed_chunks(path, chunk_bytes):
+        yield _payloads(data, runs)
+
+
+FramedRun = tuple[int, int, int]
+"""A run of framed records of one data length: (byte position of the first record's
+header in the chunk, data length, record count); records follow each other at a
+stride of the data length plus :data:`FRAME_MARGINS`."""
+
+
+def read_framed_chunks(
+    path: str | os.PathLike[str], chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[tuple[Bytes, list[FramedRun]]]:
+    """:func:`read_framed_runs` without copying the records out of their frames.
+
+    Yields each chunk's bytes as read (frames included) with its complete records as
+    :data:`FramedRun` runs, every CRC already verified (same checks, same errors).
+    The bytes are a view of a buffer that the next read overwrites: use them before
+    asking for the next chunk. :func:`run_payloads` copies a chunk's record data out.
+    """
     name = os.fspath(path)
     chunk_bytes = max(int(chunk_bytes), _HEADER_BYTES)
     length_crc: dict[int, int] = {}
@@ -741,7 +761,7 @@ def read_framed_runs(
                                          length_crc)
             if runs:
                 _check_runs(data, runs, base, name, checker)
-                yield _payloads(data, runs)
+                yield data, runs
             have = end - pos
             buf[:have] = buf[pos:end]
             base += pos
@@ -758,6 +778,12 @@ def read_framed_runs(
                         )
                     raise _corrupt(name, base, problem)
                 return
+
+
+def run_payloads(buf: Bytes, runs: list[FramedRun]) -> tuple[Bytes, Offsets]:
+    """The data of the records of ``runs`` in ``buf`` (a chunk of
+    :func:`read_framed_chunks`), concatenated (a copy), and their offsets."""
+    return _payloads(buf, runs)
 
 
 def file_facts(path: str | os.PathLike[str], chunk_bytes: int = DEFAULT_CHUNK_BYTES
