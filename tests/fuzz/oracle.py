@@ -245,18 +245,51 @@ def decode_ids(t: pb.Tensor) -> np.ndarray | None:
     return np.frombuffer(t.data, dtype="<i8").astype(np.int64)
 
 
-def decode_floats(t: pb.Tensor, rows: int | None = None) -> np.ndarray | None:
+#: ``FloatWire`` (ps_service.proto): bytes per value of float32, float16, bfloat16.
+WIRE_BYTES = {0: 4, 1: 2, 2: 2}
+
+
+def widen_wire(raw: bytes, wire: int) -> np.ndarray:
+    """float32 values of ``raw`` sent as ``FloatWire`` ``wire``: IEEE binary16 for
+    float16, the top half of a float32 for bfloat16."""
+    if wire == 1:
+        return np.frombuffer(raw, dtype="<f2").astype(np.float32)
+    if wire == 2:
+        return (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+    return np.frombuffer(raw, dtype="<f4").astype(np.float32)
+
+
+def narrow_wire(values: np.ndarray, wire: int) -> bytes:
+    """``values`` in ``FloatWire`` ``wire``, rounded to nearest, ties to even (the
+    documented rounding); NaN stays a quiet NaN."""
+    a = np.ascontiguousarray(values, dtype=np.float32)
+    if wire == 1:
+        return a.astype("<f2").tobytes()
+    if wire == 2:
+        u = a.view(np.uint32).astype(np.uint64)
+        top = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+        nan = np.isnan(a)
+        top[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)
+        return top.astype("<u2").tobytes()
+    return a.astype("<f4").tobytes()
+
+
+def decode_floats(t: pb.Tensor, rows: int | None = None, wire: int = 0
+                  ) -> np.ndarray | None:
     """float32 array of a Tensor per the contract (1-D or 2-D; with ``rows``, one row
-    per id), None if it breaks it."""
+    per id; values sent as ``FloatWire`` ``wire``), None if it breaks it."""
+    if wire not in WIRE_BYTES:
+        return None
     shape = list(t.shape)
     if not shape:
         if t.data:
             return None
         shape = [0]
-    if len(shape) > 2 or any(d < 0 for d in shape) or len(t.data) != 4 * math.prod(shape):
+    if len(shape) > 2 or any(d < 0 for d in shape) or (
+            len(t.data) != WIRE_BYTES[wire] * math.prod(shape)):
         return None
     try:
-        arr = np.frombuffer(t.data, dtype="<f4").astype(np.float32).reshape(shape)
+        arr = widen_wire(t.data, wire).reshape(shape)
     except ValueError:  # no data, but a dimension no array can have
         return None
     if rows is not None:
@@ -272,10 +305,11 @@ def fits_rows(arr: np.ndarray, n: int, dim: int) -> bool:
     return arr.shape == (n, dim) or (arr.ndim == 1 and arr.size == n * dim)
 
 
-def tensor(arr: np.ndarray) -> pb.Tensor:
+def tensor(arr: np.ndarray, wire: int = 0) -> pb.Tensor:
     a = np.ascontiguousarray(arr)
-    dtype = "<i8" if a.dtype.kind in "iu" else "<f4"
-    return pb.Tensor(data=a.astype(dtype).tobytes(), shape=list(a.shape))
+    if a.dtype.kind in "iu":
+        return pb.Tensor(data=a.astype("<i8").tobytes(), shape=list(a.shape))
+    return pb.Tensor(data=narrow_wire(a, wire), shape=list(a.shape))
 
 
 # ---------------------------------------------------------------- the harness
@@ -476,11 +510,11 @@ def a_lookup(h: Harness, m: pb.LookupRequest) -> Expected:
     codes: set[grpc.StatusCode] = set()
     table = _table(h, m.table, codes)
     ids = decode_ids(m.ids)
-    if ids is None:
+    if ids is None or m.values_wire not in WIRE_BYTES:
         codes.add(Code.INVALID_ARGUMENT)
     if codes:
         return rejected(codes)
-    return answer(pb.LookupResponse(values=tensor(table.lookup(ids))))
+    return answer(pb.LookupResponse(values=tensor(table.lookup(ids), m.values_wire)))
 
 
 def a_lookup_entry(h: Harness, m: pb.LookupEntryRequest) -> Expected:
@@ -515,7 +549,8 @@ def a_apply_gradients(h: Harness, m: pb.ApplyGradientsRequest) -> Expected:
     codes: set[grpc.StatusCode] = set()
     table = _table(h, m.table, codes, training=True)
     ids = decode_ids(m.ids)
-    grads = None if ids is None else decode_floats(m.grads, rows=ids.shape[0])
+    grads = None if ids is None else decode_floats(m.grads, rows=ids.shape[0],
+                                                   wire=m.grads_wire)
     if grads is None or (table is not None and not fits_rows(grads, ids.size, table.dim)):
         codes.add(Code.INVALID_ARGUMENT)
     if table is not None and len(m.learning_rates) != table.num_segments:
@@ -546,20 +581,22 @@ def a_fused_lookup(h: Harness, m: pb.FusedLookupRequest) -> Expected:
     codes: set[grpc.StatusCode] = set()
     ids = decode_ids(m.ids)
     _fused_common(h, m.tables, m.blocks, ids, codes)
+    if m.values_wire not in WIRE_BYTES:
+        codes.add(Code.INVALID_ARGUMENT)
     if codes:
         return rejected(codes)
     blocks = [(b.table_index, b.num_ids) for b in m.blocks]
     ok, values = attempt(lambda: h.ref.fused_lookup(list(m.tables), blocks, ids))
     if not ok:
         return rejected({values})
-    return answer(pb.FusedLookupResponse(values=tensor(values)))
+    return answer(pb.FusedLookupResponse(values=tensor(values, m.values_wire)))
 
 
 def a_fused_optimize(h: Harness, m: pb.FusedOptimizeRequest) -> Expected:
     codes: set[grpc.StatusCode] = set()
     ids = decode_ids(m.ids)
     found = _fused_common(h, m.tables, m.blocks, ids, codes)
-    grads = decode_floats(m.grads)
+    grads = decode_floats(m.grads, wire=m.grads_wire)
     if grads is None:
         codes.add(Code.INVALID_ARGUMENT)
     if m.req_time < 0:

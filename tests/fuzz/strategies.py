@@ -23,6 +23,7 @@ from tests.fuzz.oracle import (
     METHODS,
     T0,
     TABLES,
+    narrow_wire,
     tensor,
 )
 
@@ -136,11 +137,26 @@ def tag() -> st.SearchStrategy[pb.RequestTag]:
                      seq=st.integers(0, 2**64 - 1))
 
 
+#: A ``FloatWire`` for values or gradients: mostly float32 (unset), sometimes float16,
+#: bfloat16 or a number the enum does not have.
+float_wires = st.sampled_from([0, 0, 0, 0, 0, 1, 2, 3])
+
+
+def send_grads_as(m: Message, wire_number: int) -> None:
+    """Set ``m.grads_wire`` and re-encode its float32 ``grads`` (when their byte count
+    allows it) in that wire, so the half formats travel well-formed too."""
+    m.grads_wire = wire_number
+    if wire_number in (1, 2) and m.HasField("grads") and len(m.grads.data) % 4 == 0:
+        m.grads.data = narrow_wire(np.frombuffer(m.grads.data, dtype="<f4"), wire_number)
+
+
 @st.composite
 def lookup_calls(draw: st.DrawFn) -> tuple[str, Message]:
     method = draw(st.sampled_from(["Lookup", "LookupEntry"]))
     m = METHODS[method][1](table=draw(table_names))
     set_tensor(m, "ids", draw(wire(draw(id_arrays(big_one_in=40)))))
+    if method == "Lookup":
+        m.values_wire = draw(float_wires)
     return method, m
 
 
@@ -170,6 +186,7 @@ def apply_calls(draw: st.DrawFn) -> tuple[str, Message]:
         enable_dedup=draw(st.booleans()), req_time=draw(req_times), tag=draw(tag()))
     set_tensor(m, "ids", draw(wire(ids)))
     set_tensor(m, "grads", draw(wire(draw(rows_for(ids.size, name)))))
+    send_grads_as(m, draw(float_wires))
     return "ApplyGradients", m
 
 
@@ -198,7 +215,7 @@ def fused_calls(draw: st.DrawFn) -> tuple[str, Message]:
     lookup = draw(st.booleans())
     tables, blocks, ids, grads = draw(fused_parts(big_one_in=40 if lookup else 0))
     if lookup:
-        m = pb.FusedLookupRequest(tables=tables, blocks=blocks)
+        m = pb.FusedLookupRequest(tables=tables, blocks=blocks, values_wire=draw(float_wires))
         set_tensor(m, "ids", draw(wire(ids)))
         return "FusedLookup", m
     lrs = draw(rates(sum(2 if t == "two" else 1 for t in tables)))
@@ -208,6 +225,7 @@ def fused_calls(draw: st.DrawFn) -> tuple[str, Message]:
         req_time=draw(req_times), tag=draw(tag()))
     set_tensor(m, "ids", draw(wire(ids)))
     set_tensor(m, "grads", draw(wire(grads)))
+    send_grads_as(m, draw(float_wires))
     return "FusedOptimize", m
 
 
